@@ -1,0 +1,239 @@
+"""``TransformerConfig`` with Megatron-Core's field names, composed from per-concern parts.
+
+``ModelConfig`` (shapes, norms, activations, init), ``MoEConfig`` (router, dispatcher, experts)
+and ``ParallelConfig`` (TP/PP/EP/CP sizes, sequence parallel, precision) each validate their own
+fields; ``TransformerConfig`` inherits all three, so every field is a flat attribute as in
+Megatron (``config.num_moe_experts``, ``config.moe_router_topk``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+DISPATCHER_TYPES = ("allgather", "alltoall", "ipc")
+DROP_POLICIES = ("probs", "position")
+GROUPED_GEMM_BACKENDS = ("auto", "torch", "grouped_gemm", "te", "loop", "reference")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    kv_channels: int | None = None
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    qk_layernorm: bool = False
+    gated_linear_unit: bool = True
+    activation_func: Callable = F.silu
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    init_method_std: float = 0.02
+    apply_residual_connection_post_layernorm: bool = False
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    position_embedding_type: str = "rope"
+    seq_length: int = 128
+    vocab_size: int | None = None
+    share_embeddings_and_output_weights: bool = False
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    fp16: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+
+    def _validate_model(self) -> None:
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set kv_channels explicitly or change the sizes")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_query_groups={self.num_query_groups}")
+        _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("position_embedding_type", self.position_embedding_type,
+                      ("rope", "learned_absolute", "none"))
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are mutually exclusive; pick one")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"recompute_granularity={self.recompute_granularity!r} must be "
+                             "'full', 'selective' or None")
+
+
+@dataclass
+class MoEConfig:
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_input_jitter_eps: float | None = None
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_dtype: str = "fp32"
+    moe_token_dispatcher_type: str = "allgather"
+    moe_grouped_gemm: bool = False
+    moe_grouped_gemm_backend: str = "auto"
+    moe_expert_capacity_factor: float | None = None
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_token_drop_policy: str = "probs"
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    moe_shared_expert_overlap: bool = False
+    moe_layer_freq: int | list[int] = 1
+    moe_permute_fusion: bool = False
+    moe_router_fusion: bool = False
+    moe_layer_recompute: bool = False
+
+    def _validate_moe(self) -> None:
+        if self.num_moe_experts is None:
+            return
+        if self.num_moe_experts < 1:
+            raise ValueError(f"num_moe_experts={self.num_moe_experts} must be >= 1")
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+            raise ValueError(
+                f"moe_router_topk={self.moe_router_topk} must be between 1 and num_moe_experts="
+                f"{self.num_moe_experts}")
+        _check_choice("moe_router_score_function", self.moe_router_score_function,
+                      ROUTER_SCORE_FUNCTIONS)
+        _check_choice("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
+                      LOAD_BALANCING_TYPES)
+        _check_choice("moe_token_dispatcher_type", self.moe_token_dispatcher_type,
+                      DISPATCHER_TYPES)
+        _check_choice("moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
+        _check_choice("moe_grouped_gemm_backend", self.moe_grouped_gemm_backend,
+                      GROUPED_GEMM_BACKENDS)
+        if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
+            raise ValueError("moe_router_pre_softmax needs moe_router_score_function='softmax'")
+        if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
+            raise ValueError("set both moe_router_num_groups and moe_router_group_topk, or neither")
+        if self.moe_router_num_groups is not None:
+            g, gk = self.moe_router_num_groups, self.moe_router_group_topk
+            if self.num_moe_experts % g:
+                raise ValueError(f"num_moe_experts={self.num_moe_experts} must be divisible by "
+                                 f"moe_router_num_groups={g}")
+            if not 1 <= gk <= g:
+                raise ValueError(f"moe_router_group_topk={gk} must be in [1, {g}]")
+            if self.moe_router_topk > gk * (self.num_moe_experts // g):
+                raise ValueError(
+                    f"moe_router_topk={self.moe_router_topk} exceeds the experts in the "
+                    f"{gk} selected groups ({gk * (self.num_moe_experts // g)})")
+        if self.moe_expert_capacity_factor is not None:
+            if self.moe_expert_capacity_factor <= 0:
+                raise ValueError("moe_expert_capacity_factor must be > 0 (or None for dropless)")
+        elif self.moe_pad_expert_input_to_capacity:
+            raise ValueError("moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor")
+        if self.moe_router_load_balancing_type == "sinkhorn" and self.moe_router_topk != 1 \
+                and self.moe_router_score_function != "softmax":
+            raise ValueError("sinkhorn load balancing needs the softmax score function")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    sequence_parallel: bool = False
+
+    def _validate_parallel(self) -> None:
+        tp = self.tensor_model_parallel_size
+        if self.sequence_parallel and tp == 1:
+            # Megatron silently turns SP off at TP=1; we do the same (numerics are unchanged).
+            self.sequence_parallel = False
+        if self.expert_tensor_parallel_size is None:
+            self.expert_tensor_parallel_size = tp
+
+
+@dataclass
+class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig):
+    """All model, MoE and parallel settings, validated at construction."""
+
+    def __post_init__(self):
+        self._validate_model()
+        self._validate_parallel()
+        self._validate_moe()
+        self._validate_divisibility()
+
+    def _validate_divisibility(self) -> None:
+        tp = self.tensor_model_parallel_size
+        checks = [("num_attention_heads", self.num_attention_heads, tp),
+                  ("num_query_groups", self.num_query_groups, tp),
+                  ("ffn_hidden_size", self.ffn_hidden_size, tp)]
+        if self.num_moe_experts is not None:
+            checks.append(("num_moe_experts", self.num_moe_experts,
+                           self.expert_model_parallel_size))
+            checks.append(("moe_ffn_hidden_size", self.moe_ffn_hidden_size,
+                           self.expert_tensor_parallel_size))
+            if self.moe_shared_expert_intermediate_size:
+                checks.append(("moe_shared_expert_intermediate_size",
+                               self.moe_shared_expert_intermediate_size, tp))
+        if self.vocab_size is not None:
+            checks.append(("vocab_size", self.vocab_size, tp))
+        for name, value, div in checks:
+            if value % div:
+                raise ValueError(f"{name}={value} is not divisible by the parallel size {div}; "
+                                 f"choose a {name} that is a multiple of {div}")
+        if self.expert_model_parallel_size > 1 and tp > 1 and not self.sequence_parallel:
+            raise ValueError("with expert and tensor parallelism together, sequence_parallel "
+                             "must be on (as in Megatron-Core): pass --sequence-parallel")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def moe_layer_pattern(self) -> list[bool]:
+        """``[num_layers]`` booleans: which layers use the MoE MLP (from ``moe_layer_freq``)."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            if freq < 1:
+                raise ValueError(f"moe_layer_freq={freq} must be >= 1")
+            return [i % freq == 0 for i in range(self.num_layers)]
+        if len(freq) != self.num_layers:
+            raise ValueError(f"moe_layer_freq lists {len(freq)} layers but num_layers="
+                             f"{self.num_layers}")
+        return [bool(x) for x in freq]
+
+    def replace(self, **changes) -> TransformerConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return TransformerConfig(**values)
