@@ -18,7 +18,7 @@ ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 DISPATCHER_TYPES = ("allgather", "alltoall", "ipc")
 DROP_POLICIES = ("probs", "position")
-GROUPED_GEMM_BACKENDS = ("auto", "torch", "grouped_gemm", "te", "loop", "reference")
+GROUPED_GEMM_BACKENDS = ("auto", "torch", "grouped_gemm", "te", "bmm", "loop")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 

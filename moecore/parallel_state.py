@@ -137,6 +137,7 @@ GROUP_KINDS: dict[str, tuple[str, str]] = {
     "data_parallel": ("dense", "dp"),
     "data_parallel_with_cp": ("dense", "cp-dp"),
     "context_parallel": ("dense", "cp"),
+    "tensor_and_context_parallel": ("dense", "tp-cp"),
     "tensor_and_data_parallel_with_cp": ("dense", "tp-cp-dp"),
     "model_parallel": ("dense", "tp-pp"),
     "expert_model_parallel": ("expert", "ep"),
