@@ -12,9 +12,9 @@ All groups live on one :class:`ParallelState`; the module-level getters read the
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,21 +58,15 @@ def generate_rank_groups(
     if prod != world_size:
         desc = " x ".join(f"{t}={full[t]}" for t in tokens)
         raise ValueError(f"parallel sizes {desc} multiply to {prod}, not the world size {world_size}")
-    strides, s = {}, 1
-    for t in tokens:
-        strides[t] = s
-        s *= full[t]
-    inner = [t for t in tokens if t in dims]
-    outer = [t for t in tokens if t not in dims]
-    groups = []
-    for oc in itertools.product(*[range(full[t]) for t in reversed(outer)]):
-        base = sum(c * strides[t] for c, t in zip(oc, reversed(outer)))
-        ranks = []
-        for ic in itertools.product(*[range(full[t]) for t in reversed(inner)]):
-            ranks.append(base + sum(c * strides[t] for c, t in zip(ic, reversed(inner))))
-        groups.append(sorted(ranks))
-    groups.sort(key=lambda g: g[0])
-    return groups
+    # Axis 0 of the grid is the slowest (last) token; a rank's value is its global rank.
+    grid = np.arange(world_size).reshape([full[t] for t in reversed(tokens)])
+    axis = {t: len(tokens) - 1 - i for i, t in enumerate(tokens)}
+    inner = [axis[t] for t in tokens if t in dims]
+    outer = [axis[t] for t in tokens if t not in dims]
+    group_size = int(np.prod([full[t] for t in dims])) if dims else 1
+    groups = np.sort(grid.transpose(outer + inner).reshape(-1, group_size), axis=1)
+    groups = groups[np.argsort(groups[:, 0], kind="stable")]
+    return groups.tolist()
 
 
 @dataclass(frozen=True)

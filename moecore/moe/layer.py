@@ -1,0 +1,69 @@
+"""MoELayer: router -> dispatcher -> experts -> combine (+ shared experts).
+
+Data flow for hidden [S, B, H] (S is the local shard under sequence parallel), T = S*B:
+router: probs [T, E] fp32 + routing_map [T, E] (aux losses attached through autograd)
+-> dispatcher.dispatch: tokens [N, H] grouped by local expert, tokens_per_expert [E_local]
+-> experts: one grouped GEMM per projection over all local experts
+-> dispatcher.combine: rows back to their tokens, weighted by probs, summed over top-k [T, H]
+-> + shared experts (dense MLP on every token) -> [S, B, H].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moecore.config import TransformerConfig
+from moecore.moe.dispatcher import DISPATCHERS
+from moecore.moe.experts import GroupedMLP, SequentialMLP
+from moecore.moe.router import TopKRouter
+from moecore.moe.shared_experts import SharedExpertMLP
+from moecore.parallel_state import ParallelState, get_parallel_state
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts MLP. ``forward(hidden [S, B, H]) -> (out [S, B, H], None)``.
+
+    ``last_stats`` after each forward: ``tokens_per_expert`` [E] (over the router's reduce
+    group), ``dropped_tokens``, and the router's loss values, for logging.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int | None = None,
+                 parallel_state: ParallelState | None = None):
+        super().__init__()
+        if not config.is_moe:
+            raise ValueError("MoELayer needs config.num_moe_experts to be set")
+        self.config = config
+        self.layer_number = layer_number
+        ps = parallel_state or get_parallel_state()
+        if ps.ep_size != config.expert_model_parallel_size or (
+                ps.etp_size != config.expert_tensor_parallel_size):
+            raise ValueError(
+                f"config asks for expert_model_parallel_size={config.expert_model_parallel_size}"
+                f", expert_tensor_parallel_size={config.expert_tensor_parallel_size} but the "
+                f"parallel state has ep={ps.ep_size}, etp={ps.etp_size}; pass the same sizes to "
+                "initialize_model_parallel and the config")
+        self.num_local_experts = config.num_moe_experts // ps.ep_size
+        self.router = TopKRouter(config, layer_number=layer_number, parallel_state=ps)
+        expert_cls = GroupedMLP if config.moe_grouped_gemm else SequentialMLP
+        self.experts = expert_cls(self.num_local_experts, config, parallel_state=ps)
+        dispatcher_type = config.moe_token_dispatcher_type
+        if dispatcher_type not in DISPATCHERS:
+            raise ValueError(
+                f"moe_token_dispatcher_type={dispatcher_type!r} is not available; use one of "
+                f"{sorted(DISPATCHERS)}")
+        self.token_dispatcher = DISPATCHERS[dispatcher_type](config, parallel_state=ps)
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size:
+            self.shared_experts = SharedExpertMLP(config, parallel_state=ps)
+        self.last_stats: dict = {}
+
+    def forward(self, hidden: torch.Tensor):
+        probs, routing_map = self.router(hidden)
+        tokens, tokens_per_expert = self.token_dispatcher.dispatch(hidden, probs, routing_map)
+        expert_out, _ = self.experts(tokens, tokens_per_expert)
+        out = self.token_dispatcher.combine(expert_out)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden)
+        self.last_stats = dict(getattr(self.router, "last_stats", {}))
+        return out, None

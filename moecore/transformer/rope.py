@@ -1,0 +1,79 @@
+"""Rotary position embedding (RoPE) in Megatron's non-interleaved ``rotate_half`` convention.
+
+The rotated part of each head vector (its first ``rotary_percent * head_dim`` channels) is split
+in two halves ``x1, x2``; channel ``i`` of ``x1`` and channel ``i`` of ``x2`` form one rotating
+pair with frequency ``base ** (-2i / rot_dim)``. This is the layout Hugging Face Llama/Mixtral
+use, so their q/k projection weights load without permuting rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces the rotation angles; :func:`apply_rotary_pos_emb` applies them.
+
+    Args:
+        kv_channels: head dimension ``d``.
+        rotary_percent: fraction of ``d`` that is rotated (the rest passes through unchanged).
+        rotary_base: the ``theta`` of RoPE.
+    """
+
+    def __init__(self, kv_channels: int, rotary_percent: float = 1.0,
+                 rotary_base: float = 10000.0):
+        super().__init__()
+        dim = int(kv_channels * rotary_percent)
+        if not 0.0 < rotary_percent <= 1.0 or dim < 2 or dim % 2:
+            raise ValueError(
+                f"rotary_percent={rotary_percent} of kv_channels={kv_channels} gives {dim} "
+                "rotated channels; it must be an even number >= 2 (pick rotary_percent so that "
+                "kv_channels * rotary_percent is even)")
+        self.dim = dim
+        self.rotary_base = float(rotary_base)
+        inv_freq = 1.0 / (self.rotary_base ** (
+            torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        # Not persistent: it is a pure function of the config, so checkpoints need not carry it.
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, seq_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Angles ``[S, B or 1, 1, rot_dim]`` (fp32), ``cat(freqs, freqs)`` as Megatron builds them.
+
+        ``position_ids`` ``[B, S]`` selects each token's position (default ``0..S-1`` for every
+        sequence, returned with a broadcast batch dimension of 1).
+        """
+        inv_freq = self.inv_freq.float()
+        if position_ids is None:
+            pos = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq)[:, None, None, :]  # [S, 1, 1, rot/2]
+        else:
+            if position_ids.dim() != 2 or position_ids.shape[1] != seq_len:
+                raise ValueError(f"position_ids must be [batch, {seq_len}], got "
+                                 f"{tuple(position_ids.shape)}")
+            pos = position_ids.t().to(device=inv_freq.device, dtype=torch.float32)  # [S, B]
+            freqs = (pos[..., None] * inv_freq)[:, :, None, :]  # [S, B, 1, rot/2]
+        return torch.cat((freqs, freqs), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``t`` ``[S, B, heads, d]`` by angles ``freqs`` ``[S, B or 1, 1, rot_dim]``.
+
+    The first ``rot_dim`` channels are rotated; the rest pass through. The rotation is done in
+    fp32 and cast back to ``t.dtype`` so bf16 runs do not lose the angle precision at long S.
+    """
+    rot_dim = freqs.shape[-1]
+    if rot_dim > t.shape[-1]:
+        raise ValueError(f"rotary dim {rot_dim} exceeds the head dim {t.shape[-1]}")
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    cos, sin = freqs.cos(), freqs.sin()
+    rot = t_rot.float() * cos + _rotate_half(t_rot.float()) * sin
+    rot = rot.to(t.dtype)
+    if t_pass.shape[-1] == 0:
+        return rot
+    return torch.cat((rot, t_pass), dim=-1)
