@@ -1,10 +1,11 @@
 """RMSNorm and LayerNorm over the last dimension, with a fused-kernel backend when one exists.
 
-Backends, in ``auto`` preference order: ``te`` (Transformer Engine), ``apex`` (apex fused norms),
-``torch`` (``torch.nn.functional.rms_norm`` / ``layer_norm``, always available). The choice is made
-once per process from ``MOECORE_NORM_BACKEND`` (``auto`` by default) or :func:`set_norm_backend`,
-and logged once. The fused backends only run CUDA tensors; a CPU tensor always takes the torch path
-(the fused kernels have no CPU implementation), which keeps CPU tests and GPU runs on one module.
+Backends (registries ``RMS_NORM_BACKENDS`` / ``LAYER_NORM_BACKENDS`` in :mod:`moecore.backends`),
+in ``auto`` preference order: ``te`` (Transformer Engine), ``apex`` (apex fused norms), ``torch``
+(``torch.nn.functional.rms_norm`` / ``layer_norm``, always available). The name comes from
+:func:`set_norm_backend` or ``MOECORE_NORM_BACKEND`` (``auto`` by default); the backend is
+resolved once per process and device type (the fused ones need CUDA tensors, so CPU tensors
+resolve to ``torch`` under ``auto``) and logged once.
 
 Each norm owns its ``weight`` (and LayerNorm's ``bias``); a backend only computes with them, so
 checkpoints and optimizers see the same parameters whichever backend runs.
@@ -12,66 +13,71 @@ checkpoints and optimizers see the same parameters whichever backend runs.
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from moecore.backends import AUTO, Backend, BackendRegistry
 
-NORM_BACKENDS = ("auto", "te", "apex", "torch")
+NORM_BACKENDS = (AUTO, "te", "apex", "torch")
 
 
-def _torch_rms_norm(x, weight, eps):
+def _torch_rms_norm(norm, x):
     if hasattr(F, "rms_norm"):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     xf = x.float()  # torch < 2.4 has no F.rms_norm: same math, fp32 statistics
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return (y * norm.weight.float()).to(x.dtype)
 
 
-def _torch_layer_norm(x, weight, bias, eps):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def _torch_layer_norm(norm, x):
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
 
-def _apex_available() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "apex fused norms need CUDA"
+def _cuda_ctx(device: str = "cpu", **_) -> tuple[bool, str]:
+    if device != "cuda":
+        return False, f"the fused kernels run CUDA tensors only (this tensor is on {device})"
+    return True, ""
+
+
+def _apex_available(**ctx) -> tuple[bool, str]:
+    ok, why = _cuda_ctx(**ctx)
+    if not ok:
+        return ok, why
     try:
         import apex.normalization.fused_layer_norm  # noqa: F401
     except ImportError as e:
-        return False, f"apex is not installed ({e})"
+        return False, f"apex is not installed ({e}); build NVIDIA apex with --cuda_ext"
     return True, ""
 
 
-def _apex_rms_norm(x, weight, eps):
+def _apex_rms_norm(norm, x):
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine
 
-    return fused_rms_norm_affine(x, weight, (x.shape[-1],), eps)
+    return fused_rms_norm_affine(x, norm.weight, (x.shape[-1],), norm.eps)
 
 
-def _apex_layer_norm(x, weight, bias, eps):
+def _apex_layer_norm(norm, x):
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
 
-    return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
+    return fused_layer_norm_affine(x, norm.weight, norm.bias, (x.shape[-1],), norm.eps)
 
 
-def _te_available() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "Transformer Engine norms need CUDA"
+def _te_available(**ctx) -> tuple[bool, str]:
+    ok, why = _cuda_ctx(**ctx)
+    if not ok:
+        return ok, why
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as e:
-        return False, f"transformer_engine is not installed ({e})"
+        return False, f"transformer_engine is not installed ({e}); pip install transformer-engine"
     return True, ""
 
 
-def _te_module(norm: _NormBase):
-    """A TE norm module computing with ``norm``'s own parameters (built once, on first use)."""
+def _te_norm(norm, x):
+    """Run a TE norm module that computes with ``norm``'s own parameters (built on first use)."""
     te_mod = norm.__dict__.get("_te_module")
     if te_mod is None:
         import transformer_engine.pytorch as te
@@ -84,67 +90,44 @@ def _te_module(norm: _NormBase):
         if getattr(norm, "bias", None) is not None:
             te_mod.bias = norm.bias
         norm.__dict__["_te_module"] = te_mod  # not a submodule: no duplicate parameter names
-    return te_mod
+    return te_mod(x)
 
 
-def _te_rms_norm(x, weight, eps, norm=None):
-    return _te_module(norm)(x)
+RMS_NORM_BACKENDS = BackendRegistry("rms_norm")
+LAYER_NORM_BACKENDS = BackendRegistry("layer_norm")
+for _reg, _apex_fn, _torch_fn in ((RMS_NORM_BACKENDS, _apex_rms_norm, _torch_rms_norm),
+                                  (LAYER_NORM_BACKENDS, _apex_layer_norm, _torch_layer_norm)):
+    _reg.register(Backend("te", _te_available, _te_norm, description="Transformer Engine"))
+    _reg.register(Backend("apex", _apex_available, _apex_fn, description="apex fused norm"))
+    _reg.register(Backend("torch", lambda **ctx: (True, ""), _torch_fn,
+                          description="torch.nn.functional"))
+
+_REQUESTED: str | None = None
+_RESOLVED: dict[tuple[str, str], Backend] = {}
 
 
-def _te_layer_norm(x, weight, bias, eps, norm=None):
-    return _te_module(norm)(x)
+def set_norm_backend(name: str) -> None:
+    """Choose the norm backend for this process: ``auto``, ``te``, ``apex`` or ``torch``.
 
-
-@dataclass(frozen=True)
-class NormBackend:
-    name: str
-    is_available: Callable[[], tuple[bool, str]]
-    rms_norm: Callable
-    layer_norm: Callable
-    needs_module: bool = False  # TE computes through a module object, not a pure function
-
-
-_BACKENDS = {
-    "te": NormBackend("te", _te_available, _te_rms_norm, _te_layer_norm, needs_module=True),
-    "apex": NormBackend("apex", _apex_available, _apex_rms_norm, _apex_layer_norm),
-    "torch": NormBackend("torch", lambda: (True, ""), _torch_rms_norm, _torch_layer_norm),
-}
-_SELECTED: NormBackend | None = None
-
-
-def set_norm_backend(name: str) -> NormBackend:
-    """Choose the norm backend for this process (``auto``, ``te``, ``apex`` or ``torch``).
-
-    An explicit name that is not available raises ``ValueError`` with the reason.
+    A named backend that cannot run a tensor raises ``BackendUnavailableError`` (a
+    ``ValueError``) with the reason at that tensor's first norm.
     """
-    global _SELECTED
+    global _REQUESTED
     if name not in NORM_BACKENDS:
         raise ValueError(f"norm backend {name!r} is unknown; choose one of {list(NORM_BACKENDS)}")
-    if name == "auto":
-        reasons = []
-        for cand in ("te", "apex", "torch"):
-            ok, why = _BACKENDS[cand].is_available()
-            if ok:
-                chosen = _BACKENDS[cand]
-                break
-            reasons.append(f"{cand}: {why}")
-        logger.info("norm backend: %s (auto; skipped %s)", chosen.name, "; ".join(reasons) or "-")
-    else:
-        chosen = _BACKENDS[name]
-        ok, why = chosen.is_available()
-        if not ok:
-            raise ValueError(f"norm backend {name!r} is not available: {why}; use 'torch' or "
-                             "'auto'")
-        logger.info("norm backend: %s", name)
-    _SELECTED = chosen
-    return chosen
+    _REQUESTED = name
+    _RESOLVED.clear()
 
 
-def get_norm_backend() -> NormBackend:
-    """The selected backend, chosen (and logged) on the first call."""
-    if _SELECTED is None:
-        return set_norm_backend(os.environ.get("MOECORE_NORM_BACKEND", "auto"))
-    return _SELECTED
+def _resolve(registry: BackendRegistry, x: torch.Tensor) -> Backend:
+    if _REQUESTED is None:
+        set_norm_backend(os.environ.get("MOECORE_NORM_BACKEND", AUTO))
+    key = (registry.op, x.device.type)
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        backend = registry.select(_REQUESTED, device=x.device.type)
+        _RESOLVED[key] = backend
+    return backend
 
 
 class _NormBase(nn.Module):
@@ -158,10 +141,6 @@ class _NormBase(nn.Module):
         # is a partial sum that the trainer must all-reduce over the TP group.
         self.weight.sequence_parallel = sequence_parallel
 
-    def _backend(self, x: torch.Tensor) -> NormBackend:
-        backend = get_norm_backend()
-        return backend if x.is_cuda else _BACKENDS["torch"]
-
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
 
@@ -174,10 +153,7 @@ class RMSNorm(_NormBase):
         super().__init__(hidden_size, eps, params_dtype, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._backend(x)
-        if b.needs_module:
-            return b.rms_norm(x, self.weight, self.eps, norm=self)
-        return b.rms_norm(x, self.weight, self.eps)
+        return _resolve(RMS_NORM_BACKENDS, x).fn(self, x)
 
 
 class LayerNorm(_NormBase):
@@ -190,10 +166,7 @@ class LayerNorm(_NormBase):
         self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._backend(x)
-        if b.needs_module:
-            return b.layer_norm(x, self.weight, self.bias, self.eps, norm=self)
-        return b.layer_norm(x, self.weight, self.bias, self.eps)
+        return _resolve(LAYER_NORM_BACKENDS, x).fn(self, x)
 
 
 def build_norm(config, hidden_size: int, sequence_parallel: bool | None = None) -> _NormBase:

@@ -1,0 +1,251 @@
+"""Forward+backward time of one MoELayer against a dense-GEMM equivalent, per model shape.
+
+For each config (hidden H, expert FFN F, experts E, top-k k, tokens T) it times:
+
+- the whole ``moecore.moe.MoELayer`` (router -> alltoall dispatcher -> GroupedMLP -> combine),
+  bf16, dropless, no aux loss, random inputs routed by random (balanced in expectation) router
+  weights;
+- the *dense equivalent*: the same ``T * k`` rows through ONE dense SwiGLU MLP of size H, F, i.e.
+  the same expert FLOPs as one big GEMM chain, the best the grouped GEMMs could do.
+
+Reported: layer ms, dense ms, ratio dense/layer (1.0 = the MoE layer costs no more than its
+FLOPs in dense GEMMs), expert TFLOP/s = ``6 * T * k * 3 * H * F / layer time``, and peak memory.
+``--backends`` instead times ``grouped_mm`` alone (the first expert projection, mixtral shapes)
+for every available backend against a dense matmul of the same FLOPs.
+
+    python benchmarks/moe_layer.py --json out.json          # CUDA, the three model shapes
+    python benchmarks/moe_layer.py --backends               # grouped-GEMM backends only
+    python benchmarks/moe_layer.py --device cpu --tiny      # smoke run on CPU
+
+Timing: CUDA events around each iteration, warm-up iterations first, the median of the
+repeats; fresh random inputs are drawn before each iteration, outside the timed region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moecore.config import TransformerConfig  # noqa: E402
+from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
+
+CONFIGS = {
+    "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2, tokens=8192),
+    "deepseek": dict(hidden=2048, ffn=1408, experts=64, topk=6, tokens=16384),
+    "olmoe": dict(hidden=2048, ffn=1024, experts=64, topk=8, tokens=16384),
+}
+TINY = {"tiny": dict(hidden=64, ffn=96, experts=4, topk=2, tokens=256)}
+
+
+def median_ms(step, setup, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``step(*setup())`` in ms; ``setup`` runs outside the timed region."""
+    times = []
+    for i in range(warmup + repeats):
+        args = setup()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            step(*args)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            step(*args)
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def make_config(shape: dict, dtype: torch.dtype, gemm_backend: str) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=1, hidden_size=shape["hidden"], num_attention_heads=1,
+        num_moe_experts=shape["experts"], moe_ffn_hidden_size=shape["ffn"],
+        moe_router_topk=shape["topk"], moe_grouped_gemm=True, moe_grouped_gemm_backend=gemm_backend,
+        moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0, gated_linear_unit=True, activation_func=F.silu,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype)
+
+
+def time_layer(shape, device, dtype, args) -> dict:
+    from moecore.moe.layer import MoELayer
+
+    config = make_config(shape, dtype, args.gemm_backend)
+    h, tokens = shape["hidden"], shape["tokens"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        layer = MoELayer(config)
+        # Random router: iid N(0, 1) logits per expert, so routing is balanced in expectation.
+        with torch.no_grad():
+            layer.router.weight.normal_(0.0, h ** -0.5)
+
+    def setup():
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(tokens, 1, h, device=device, dtype=dtype, requires_grad=True)
+        return x, torch.randn(tokens, 1, h, device=device, dtype=dtype)
+
+    def step(x, dy):
+        out, _ = layer(x)
+        out.backward(dy)
+
+    _peak_reset(device)
+    ms = median_ms(step, setup, device, args.warmup, args.repeats)
+    backend = getattr(layer.experts, "backend", None)
+    return {"layer_ms": ms, "layer_peak_gib": _peak_gib(device),
+            "gemm_backend": backend.name if backend is not None else "sequential"}
+
+
+def time_dense_equivalent(shape, device, dtype, args) -> dict:
+    """``T * k`` rows through one dense SwiGLU MLP (H -> 2F -> F -> H), forward + backward."""
+    h, f, rows = shape["hidden"], shape["ffn"], shape["tokens"] * shape["topk"]
+    w1 = (torch.randn(h, 2 * f, device=device, dtype=dtype) * 0.02).requires_grad_()
+    w2 = (torch.randn(f, h, device=device, dtype=dtype) * 0.02).requires_grad_()
+
+    def setup():
+        w1.grad = w2.grad = None
+        x = torch.randn(rows, h, device=device, dtype=dtype, requires_grad=True)
+        return x, torch.randn(rows, h, device=device, dtype=dtype)
+
+    def step(x, dy):
+        gate, up = (x @ w1).chunk(2, dim=-1)
+        ((F.silu(gate) * up) @ w2).backward(dy)
+
+    _peak_reset(device)
+    ms = median_ms(step, setup, device, args.warmup, args.repeats)
+    return {"dense_ms": ms, "dense_peak_gib": _peak_gib(device)}
+
+
+def expert_flops(shape) -> float:
+    """Expert MLP FLOPs, fwd + bwd: forward is 2*Tk*H*2F + 2*Tk*F*H = 6*Tk*H*F, backward twice
+    that, so ``3 * 6 * T * k * H * F``."""
+    return 6.0 * shape["tokens"] * shape["topk"] * 3 * shape["hidden"] * shape["ffn"]
+
+
+def run_layers(args, device, dtype) -> list[dict]:
+    shapes = TINY if args.tiny else {k: CONFIGS[k] for k in args.configs}
+    results = []
+    for name, shape in shapes.items():
+        row = {"config": name, **shape}
+        row.update(time_layer(shape, device, dtype, args))
+        row.update(time_dense_equivalent(shape, device, dtype, args))
+        row["ratio_dense_over_layer"] = row["dense_ms"] / row["layer_ms"]
+        row["expert_tflops"] = expert_flops(shape) / (row["layer_ms"] * 1e-3) / 1e12
+        results.append(row)
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    return results
+
+
+def run_backends(args, device, dtype) -> list[dict]:
+    """``grouped_mm`` of the first expert projection (x [T*k, H] @ w [E, H, 2F]), fwd + bwd,
+    per available backend, against one dense ``[T*k, H] @ [H, 2F]`` of the same FLOPs."""
+    shape = TINY["tiny"] if args.tiny else CONFIGS["mixtral"]
+    e, h, f = shape["experts"], shape["hidden"], shape["ffn"]
+    rows = shape["tokens"] * shape["topk"]
+    flops = 3 * 2.0 * rows * h * 2 * f
+    w = (torch.randn(e, h, 2 * f, device=device, dtype=dtype) * 0.02).requires_grad_()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def setup():
+        w.grad = None
+        counts = torch.bincount(torch.randint(0, e, (rows,), generator=gen), minlength=e)
+        x = torch.randn(rows, h, device=device, dtype=dtype, requires_grad=True)
+        return x, counts, torch.randn(rows, 2 * f, device=device, dtype=dtype)
+
+    results = []
+    for name in GROUPED_GEMM.available(device=device, dtype=dtype):
+        backend = GROUPED_GEMM.get(name)
+
+        def step(x, counts, dy, backend=backend):
+            grouped_mm(x, w, counts, backend).backward(dy)
+
+        _peak_reset(device)
+        ms = median_ms(step, setup, device, args.warmup, args.repeats)
+        results.append({"backend": name, "ms": ms, "tflops": flops / ms / 1e9,
+                        "peak_gib": _peak_gib(device)})
+        print(json.dumps(results[-1]), flush=True)
+    dense_w = w[0].detach().clone().requires_grad_()
+
+    def dense_step(x, counts, dy):
+        (x @ dense_w).backward(dy)
+
+    ms = median_ms(dense_step, setup, device, args.warmup, args.repeats)
+    results.append({"backend": "dense matmul", "ms": ms, "tflops": flops / ms / 1e9,
+                    "peak_gib": None})
+    for r in results:
+        r["ratio_dense_over_backend"] = ms / r["ms"]
+    return results
+
+
+def print_tables(layers: list[dict], backends: list[dict]) -> None:
+    if layers:
+        print(f"\n{'config':<10}{'layer ms':>10}{'dense ms':>10}{'dense/layer':>12}"
+              f"{'expert TFLOP/s':>16}{'peak GiB':>10}  backend")
+        for r in layers:
+            peak = f"{r['layer_peak_gib']:.2f}" if r["layer_peak_gib"] is not None else "-"
+            print(f"{r['config']:<10}{r['layer_ms']:>10.2f}{r['dense_ms']:>10.2f}"
+                  f"{r['ratio_dense_over_layer']:>12.2f}{r['expert_tflops']:>16.1f}{peak:>10}"
+                  f"  {r['gemm_backend']}")
+    if backends:
+        print(f"\n{'grouped_mm backend':<20}{'ms':>10}{'TFLOP/s':>10}{'dense/backend':>15}")
+        for r in backends:
+            print(f"{r['backend']:<20}{r['ms']:>10.2f}{r['tflops']:>10.1f}"
+                  f"{r['ratio_dense_over_backend']:>15.2f}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        type=lambda s: [c for c in s.split(",") if c])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape (CPU smoke run)")
+    parser.add_argument("--backends", action="store_true",
+                        help="time grouped_mm backends alone instead of the layer")
+    parser.add_argument("--gemm-backend", default="auto", help="moe_grouped_gemm_backend")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available; use --device cpu --tiny")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dtype": str(dtype), "warmup": args.warmup,
+              "repeats": args.repeats, "layers": [], "backends": []}
+    if args.backends:
+        report["backends"] = run_backends(args, device, dtype)
+    else:
+        report["layers"] = run_layers(args, device, dtype)
+    print_tables(report["layers"], report["backends"])
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Character-level Shakespeare MoE (nanoGPT's shakespeare_char, with 8 experts, top-2).
+# Full size (~9.8M active parameters) on a GPU; a small, quick version on CPU.
+# Extra arguments are passed to pretrain_gpt.py (e.g. --train-iters 100).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=$(python examples/shakespeare_moe/prepare.py ${SHAKESPEARE_INPUT:+--input "$SHAKESPEARE_INPUT"} | tail -n 1)
+if [ "$DATA" = "MOCK" ]; then
+  DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 66)
+else
+  DATA_ARGS=(--data-path "$DATA" --split 90,10,0 --tokenizer-type CharacterTokenizer
+             --vocab-file "$(dirname "$DATA")/vocab.json")
+fi
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  SIZE=(--num-layers 6 --hidden-size 384 --num-attention-heads 6 --seq-length 256
+        --max-position-embeddings 256 --ffn-hidden-size 1536 --moe-ffn-hidden-size 448
+        --micro-batch-size 64 --global-batch-size 64 --train-iters 5000
+        --lr-warmup-iters 100 --lr-decay-iters 5000 --eval-interval 250 --eval-iters 200
+        --hidden-dropout 0.2 --attention-dropout 0.2 --bf16 --moe-grouped-gemm)
+else
+  SIZE=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
+        --max-position-embeddings 64 --ffn-hidden-size 256 --moe-ffn-hidden-size 64
+        --micro-batch-size 16 --global-batch-size 16 --train-iters 60
+        --lr-warmup-iters 10 --lr-decay-iters 60 --eval-interval 30 --eval-iters 4
+        --hidden-dropout 0.0 --attention-dropout 0.0 --moe-grouped-gemm)
+fi
+exec python pretrain_gpt.py "${SIZE[@]}" "${DATA_ARGS[@]}" \
+  --num-experts 8 --moe-router-topk 2 --moe-router-load-balancing-type aux_loss \
+  --moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --moe-token-dispatcher-type alltoall \
+  --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope \
+  --untie-embeddings-and-output-weights --init-method-std 0.02 \
+  --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --weight-decay 0.1 \
+  --adam-beta1 0.9 --adam-beta2 0.99 --clip-grad 1.0 --log-interval 10 --seed 1337 \
+  --make-vocab-size-divisible-by 1 "$@"

@@ -1,0 +1,422 @@
+"""Argparse parser of ``pretrain_gpt.py``: Megatron-LM's flag names, defaults and groups.
+
+Three kinds of Megatron flags exist here:
+
+* supported flags behave as in Megatron-LM;
+* :data:`NOOP_FLAGS` are accepted and harmless: they select a Megatron kernel or fusion that has
+  no counterpart here (or is always on), so the run is the same with or without them. They are
+  listed in ``--help`` with ``[no effect in moecore]`` and reported once at start-up;
+* :data:`UNSUPPORTED_FLAGS` are Megatron features we do not implement: using one stops parsing
+  with a message naming the flag. Any other unknown flag fails as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from moecore.arguments.validation import _moe_freq_type, validate_args
+from moecore.config import DISPATCHER_TYPES, GROUPED_GEMM_BACKENDS
+
+UNSUPPORTED_FLAGS: dict[str, str] = {
+    "--fp8-format": "FP8 training", "--fp8-recipe": "FP8 training",
+    "--fp8-param-gather": "FP8 training", "--fp4-format": "FP4 training",
+    "--tp-comm-overlap": "TP communication/GEMM overlap (Transformer Engine userbuffers)",
+    "--moe-extended-tp": "deprecated in Megatron; use --expert-tensor-parallel-size",
+    "--moe-enable-deepep": "DeepEP dispatch", "--moe-use-upcycling": "dense-to-MoE upcycling",
+    "--moe-router-padding-for-fp8": "FP8 training",
+    "--moe-apply-probs-on-input": "probs-before-activation routing",
+    "--moe-router-force-load-balancing": "forced balanced routing (benchmark only)",
+    "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
+    "--delay-wgrad-compute": "delayed wgrad", "--multi-latent-attention": "MLA",
+    "--mtp-num-layers": "multi-token prediction",
+    "--num-layers-per-virtual-pipeline-stage": "virtual pipeline stages",
+    "--num-virtual-stages-per-pipeline-rank": "virtual pipeline stages",
+    "--use-torch-fsdp2": "FSDP", "--use-megatron-fsdp": "FSDP",
+    "--yaml-cfg": "YAML configs", "--spec": "custom module specs",
+    "--retro-project-dir": "Retro", "--cpu-offloading-num-layers": "activation CPU offload",
+    "--optimizer-cpu-offload": "optimizer CPU offload",
+    "--use-precision-aware-optimizer": "precision-aware optimizer",
+    "--enable-cuda-graph": "CUDA graphs", "--cuda-graph-impl": "CUDA graphs",
+    "--external-cuda-graph": "CUDA graphs", "--use-legacy-models": "legacy (non-core) models",
+    "--is-hybrid-model": "hybrid Mamba models", "--hybrid-override-pattern": "hybrid models",
+    "--heterogeneous-layers-config-path": "heterogeneous layers",
+    "--rampup-batch-size": "batch-size ramp-up", "--window-size": "sliding-window attention",
+    "--calculate-per-token-loss": "per-token loss normalisation",
+    "--data-parallel-random-init": "per-DP-rank random init",
+    "--init-method-xavier-uniform": "Xavier init", "--decoupled-lr": "decoupled embedding LR",
+    "--apply-query-key-layer-scaling": "QK layer scaling",
+    "--fp32-residual-connection": "fp32 residual stream",
+    "--use-checkpoint-args": "overriding args from a checkpoint",
+    "--async-save": "asynchronous checkpoint saves",
+    "--train-data-path": "separate per-split data paths (use --data-path with --split)",
+    "--valid-data-path": "separate per-split data paths (use --data-path with --split)",
+    "--test-data-path": "separate per-split data paths (use --data-path with --split)",
+    "--reset-position-ids": "per-document position ids",
+    "--reset-attention-mask": "per-document attention masks",
+    "--log-num-zeros-in-grad": "counting zero gradients", "--profile": "nsys profiling hooks",
+    "--use-pytorch-profiler": "the torch profiler hook",
+    "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
+    "--rotary-seq-len-interpolation-factor": "rope interpolation",
+    "--embedding-init-method-std": "a separate embedding init std",
+    "--no-rope-freq": "per-layer no-rope patterns", "--sgd-momentum": "the SGD optimizer",
+}
+
+NOOP_FLAGS: list[str] = []  # filled by _noop(); each is accepted and changes nothing here
+
+# Megatron's choices for --tokenizer-type; the ones moecore builds are in data.tokenizers.
+_MEGATRON_TOKENIZERS = ("BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer",
+                        "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                        "HuggingFaceTokenizer", "Llama2Tokenizer", "TikTokenizer",
+                        "MultimodalTokenizer", "NullTokenizer", "CharacterTokenizer")
+
+
+class _Unsupported(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        kw.pop("nargs", None)
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is a Megatron-LM flag that moecore does not support "
+                     f"({UNSUPPORTED_FLAGS[option_string]}); remove it from the command line")
+
+
+def _noop(group, flag: str, why: str, **kw) -> None:
+    NOOP_FLAGS.append(flag) if flag not in NOOP_FLAGS else None
+    kw.setdefault("action", "store_true")
+    group.add_argument(flag, help=f"[no effect in moecore] {why}", **kw)
+
+
+# ---- parser ------------------------------------------------------------------------------------
+def _add_network_size_args(p):
+    g = p.add_argument_group(title="network size")
+    g.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers.")
+    g.add_argument("--hidden-size", type=int, default=None, help="Transformer hidden size.")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="FFN hidden size; 4*hidden (or Megatron's 8/3 rule with --swiglu).")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="Per-head dimension; hidden_size // num_attention_heads if unset.")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=["learned_absolute", "rope", "none"])
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="Deprecated alias of --position-embedding-type rope.")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
+                   help="Disable learned absolute position embeddings (rope is unaffected).")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
+    g.add_argument("--openai-gelu", action="store_true", help="tanh-approximated GeLU.")
+    g.add_argument("--squared-relu", action="store_true")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    _noop(g, "--attention-backend", "attention always runs through torch SDPA, which picks "
+          "its own kernel", action="store", default="auto")
+    _noop(g, "--apply-layernorm-1p", "(accepted for scripts; LayerNorm is standard here)")
+
+
+def _add_regularization_args(p):
+    g = p.add_argument_group(title="regularization")
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant",
+                   choices=["constant", "linear", "cosine"])
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="Clip the global L2 gradient norm to this value (0 disables).")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _add_training_args(p):
+    g = p.add_argument_group(title="training")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Multiple of micro-batch-size x data-parallel size; defaults to their "
+                        "product (one micro-batch per step).")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Shorthand for --recompute-granularity selective.")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="Exit after an iteration divisible by this value (saving first).")
+    g.add_argument("--exit-duration-in-mins", type=int, default=None)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--optimizer", default="adam", choices=["adam"])
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad")
+    g.add_argument("--empty-unused-memory-level", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="torch.use_deterministic_algorithms(True).")
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="(moecore) Where to train; cuda when available.")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="(moecore) Peak TFLOP/s per device for MFU; a table by GPU name if unset.")
+    for flag, why in [
+        ("--use-mcore-models", "moecore models are the Megatron-Core ones"),
+        ("--no-masked-softmax-fusion", "attention uses torch SDPA, no masked-softmax kernel"),
+        ("--no-bias-gelu-fusion", "no fused bias-gelu kernel here"),
+        ("--no-bias-swiglu-fusion", "no fused bias-swiglu kernel here"),
+        ("--no-bias-dropout-fusion", "no fused bias-dropout kernel here"),
+        ("--no-rope-fusion", "no fused rope kernel here"),
+        ("--no-gradient-accumulation-fusion", "grads always accumulate in fp32 main grads"),
+        ("--no-async-tensor-model-parallel-allreduce", "deprecated in Megatron too"),
+        ("--no-persist-layer-norm", "no persistent layer-norm kernel here"),
+        ("--use-flash-attn", "torch SDPA selects flash attention when it can"),
+        ("--cross-entropy-loss-fusion", "vocab-parallel CE is one implementation"),
+        ("--manual-gc", "Python's default GC is used"),
+        ("--use-cpu-initialization", "weights are always drawn as full master tensors first"),
+        ("--distribute-saved-activations", "recompute keeps whole activations"),
+    ]:
+        _noop(g, flag, why)
+    _noop(g, "--dataloader-type", "the Megatron 'single' sampler is always used",
+          action="store", default=None, choices=["single", "cyclic", "external"])
+    _noop(g, "--train-sync-interval", "no CPU/GPU sync throttling", action="store", type=int,
+          default=None)
+    _noop(g, "--manual-gc-interval", "see --manual-gc", action="store", type=int, default=0)
+
+
+def _add_initialization_args(p):
+    g = p.add_argument_group(title="initialization")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+
+
+def _add_learning_rate_args(p):
+    g = p.add_argument_group(title="learning rate")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   action="store_true", dest="override_opt_param_scheduler")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler")
+
+
+def _add_checkpointing_args(p):
+    g = p.add_argument_group(title="checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true", default=None)
+    g.add_argument("--no-save-rng", action="store_true", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--no-load-optim", action="store_true", default=None)
+    g.add_argument("--no-load-rng", action="store_true", default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="Load the model only (no optimizer/RNG) and restart at iteration 0.")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch"],
+                   help="Per-rank torch files (Megatron's 'torch' layout).")
+    _noop(g, "--no-initialization", "initialisation is cheap at the sizes run here",
+          dest="perform_initialization", action="store_false")
+    _noop(g, "--auto-detect-ckpt-format", "there is one checkpoint format")
+
+
+def _add_mixed_precision_args(p):
+    g = p.add_argument_group(title="mixed precision")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="Static loss scale for fp16; dynamic scaling when unset.")
+    g.add_argument("--initial-loss-scale", type=float, default=2**32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    for flag, why in [
+        ("--accumulate-allreduce-grads-in-fp32", "grads are always accumulated and reduced in "
+         "fp32"),
+        ("--attention-softmax-in-fp32", "SDPA handles softmax precision"),
+        ("--fp16-lm-cross-entropy", "cross entropy always runs in fp32"),
+        ("--grad-reduce-in-bf16", "grads are always reduced in fp32 (more precise)"),
+    ]:
+        _noop(g, flag, why)
+
+
+def _add_distributed_args(p):
+    g = p.add_argument_group(title="distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                   help="nccl on CUDA, gloo on CPU when unset.")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
+                   help="Rank order tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp.")
+    g.add_argument("--local-rank", type=int, default=int(os.getenv("LOCAL_RANK", "0")))
+    _noop(g, "--ddp-bucket-size", "gradients are reduced in one flat buffer per group",
+          action="store", type=int, default=None)
+    _noop(g, "--ddp-average-in-collective", "the averaging result is identical")
+    _noop(g, "--no-overlap-p2p-communication", "no pipeline here", dest="overlap_p2p_comm",
+          action="store_false")
+
+
+def _add_validation_args(p):
+    g = p.add_argument_group(title="validation")
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--skip-train", action="store_true")
+
+
+def _add_data_args(p):
+    g = p.add_argument_group(title="data and dataloader")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="A prefix, or weight/prefix pairs 'w1 p1 w2 p2'.")
+    g.add_argument("--split", default=None, help="train,valid,test proportions; '969,30,1'.")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers.")
+    _noop(g, "--data-cache-path", "index caches live beside the data", action="store",
+          default=None)
+    _noop(g, "--no-mmap-bin-files", ".bin files are always memory-mapped",
+          dest="mmap_bin_files", action="store_false")
+    _noop(g, "--no-create-attention-mask-in-dataloader", "attention is causal by construction",
+          dest="create_attention_mask_in_dataloader", action="store_false")
+
+
+def _add_tokenizer_args(p):
+    g = p.add_argument_group(title="tokenizer")
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--tokenizer-type", default=None, choices=list(_MEGATRON_TOKENIZERS))
+    g.add_argument("--tokenizer-model", default=None)
+
+
+def _add_moe_args(p):
+    g = p.add_argument_group(title="moe")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-layer-freq", type=_moe_freq_type, default=1,
+                   help="Int N (every N-th layer is MoE) or a pattern like '([0]*1+[1]*3)*4'.")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-overlap", action="store_true")
+    g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument("--moe-grouped-gemm-backend", default="auto",
+                   choices=list(GROUPED_GEMM_BACKENDS), help="(moecore) grouped GEMM backend.")
+    g.add_argument("--moe-layer-recompute", action="store_true")
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+    g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
+    g.add_argument("--moe-router-fusion", action="store_true")
+    g.add_argument("--moe-router-score-function", default="softmax",
+                   choices=["softmax", "sigmoid"])
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-pre-softmax", action="store_true")
+    g.add_argument("--moe-router-num-groups", type=int, default=None)
+    g.add_argument("--moe-router-group-topk", type=int, default=None)
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-input-jitter-eps", type=float, default=None)
+    g.add_argument("--moe-per-layer-logging", action="store_true")
+    g.add_argument("--moe-token-dispatcher-type", default="allgather",
+                   choices=list(DISPATCHER_TYPES) + ["flex"])
+    g.add_argument("--moe-permute-fusion", action="store_true")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    g.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])
+    _noop(g, "--moe-use-legacy-grouped-gemm", "one GroupedMLP; pick the kernel with "
+          "--moe-grouped-gemm-backend")
+
+
+def _add_logging_args(p):
+    g = p.add_argument_group(title="logging")
+    g.add_argument("--log-params-norm", action="store_true")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000)
+    g.add_argument("--no-log-loss-scale-to-tensorboard", action="store_false",
+                   dest="log_loss_scale_to_tensorboard")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--wandb-project", default="")
+    g.add_argument("--wandb-entity", default="")
+    g.add_argument("--wandb-exp-name", default="")
+    g.add_argument("--wandb-save-dir", default="")
+    g.add_argument("--logging-level", type=int, default=None)
+    _noop(g, "--log-throughput", "tokens/s and MFU are always logged")
+    _noop(g, "--timing-log-level", "only the iteration time is measured", action="store",
+          type=int, default=0)
+    for flag in ("--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
+                 "--log-world-size-to-tensorboard"):
+        _noop(g, flag, "not recorded")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser, grouped as Megatron-LM's (``--help`` shows the groups)."""
+    p = argparse.ArgumentParser(description="moecore GPT pretraining (Megatron-LM flags)",
+                                usage="%(prog)s [flags]  (--help lists them by group)",
+                                allow_abbrev=False)
+    for add in (_add_network_size_args, _add_regularization_args, _add_training_args,
+                _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
+                _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
+                _add_data_args, _add_tokenizer_args, _add_moe_args, _add_logging_args):
+        add(p)
+    g = p.add_argument_group(title="unsupported Megatron-LM flags (rejected with a message)")
+    for flag in UNSUPPORTED_FLAGS:
+        g.add_argument(flag, action=_Unsupported, help=argparse.SUPPRESS)
+    return p
+
+
+def _noop_flags_given(argv: list[str]) -> list[str]:
+    given = []
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if name in NOOP_FLAGS and name not in given:
+            given.append(name)
+    return given
+
+
+def parse_args(argv: list[str] | None = None, validate: bool = True,
+               world_size: int | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (``sys.argv[1:]`` when None) and, with ``validate``, check and complete it.
+
+    Errors (unknown or unsupported flags, inconsistent values) exit through ``parser.error``
+    with a message naming the flag, as argparse does. ``world_size`` defaults to the
+    ``WORLD_SIZE`` environment variable (torchrun), else 1.
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.noop_flags_given = _noop_flags_given(argv)
+    if validate:
+        try:
+            validate_args(args, world_size=world_size)
+        except ValueError as e:
+            parser.error(str(e))
+    return args

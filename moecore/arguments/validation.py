@@ -1,0 +1,342 @@
+"""Validation of parsed flags (Megatron's ``validate_args``) and the mapping to
+:class:`~moecore.config.TransformerConfig`; ``--moe-layer-freq`` pattern parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+
+import torch
+import torch.nn.functional as F
+
+from moecore.config import TransformerConfig
+
+# ---- --moe-layer-freq ------------------------------------------------------------------------
+_MAX_PATTERN_LEN = 100_000
+
+
+def _eval_pattern_node(node, text: str):
+    if isinstance(node, ast.Expression):
+        return _eval_pattern_node(node.body, text)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.List):
+        return [_check_int(_eval_pattern_node(e, text), text) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _eval_pattern_node(node.left, text), _eval_pattern_node(node.right, text)
+        if isinstance(node.op, ast.Add):
+            if isinstance(left, list) != isinstance(right, list):
+                raise ValueError(f"moe-layer-freq pattern {text!r}: '+' joins two lists or two "
+                                 "integers, not a list and an integer")
+            out = left + right
+        else:
+            if isinstance(left, list) and isinstance(right, list):
+                raise ValueError(f"moe-layer-freq pattern {text!r}: cannot multiply two lists")
+            n = right if isinstance(left, list) else left
+            size = len(left if isinstance(left, list) else right) * n \
+                if isinstance(left, list) or isinstance(right, list) else 1
+            if size > _MAX_PATTERN_LEN:
+                raise ValueError(f"moe-layer-freq pattern {text!r} expands to {size} entries "
+                                 f"(limit {_MAX_PATTERN_LEN})")
+            out = left * right
+        return out
+    raise ValueError(
+        f"moe-layer-freq pattern {text!r} may only contain integer lists, integers, '+', '*' "
+        f"and parentheses (found {type(node).__name__}); e.g. '([0]*1+[1]*3)*4'")
+
+
+def _check_int(v, text):
+    if not isinstance(v, int) or v not in (0, 1):
+        raise ValueError(f"moe-layer-freq pattern {text!r}: list entries must be 0 (dense) or "
+                         f"1 (MoE), got {v!r}")
+    return v
+
+
+def parse_moe_layer_freq(value: int | str) -> int | list[int]:
+    """Megatron's ``--moe-layer-freq``: an int ``N`` (every N-th layer is MoE, from layer 0) or a
+    list expression such as ``([0]*1+[1]*3)*4`` giving 0/1 per layer.
+
+    The expression is parsed with :mod:`ast` and only integer lists, integers, ``+`` and ``*``
+    are evaluated (never ``eval``).
+    """
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if "[" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"moe-layer-freq {text!r} is neither an integer nor a list "
+                             "pattern like '([0]*1+[1]*3)*4'") from None
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"moe-layer-freq pattern {text!r} is not a valid expression: {e.msg}") \
+            from None
+    out = _eval_pattern_node(tree, text)
+    if not isinstance(out, list):
+        raise ValueError(f"moe-layer-freq pattern {text!r} must evaluate to a list")
+    return out
+
+
+def _moe_freq_type(value: str):
+    try:
+        return parse_moe_layer_freq(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ---- validation --------------------------------------------------------------------------------
+def _not_supported_yet(args) -> None:
+    later = [("--use-distributed-optimizer", args.use_distributed_optimizer),
+             ("--overlap-grad-reduce", args.overlap_grad_reduce),
+             ("--overlap-param-gather", args.overlap_param_gather)]
+    for flag, on in later:
+        if on:
+            raise ValueError(f"{flag} is not supported yet (the distributed optimizer is planned "
+                             "for a later release); remove it — training without it gives the "
+                             "same result with more optimizer memory per rank")
+    if args.pipeline_model_parallel_size != 1:
+        raise ValueError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is "
+                         "not supported yet; use 1 (pipeline parallelism is planned)")
+    if args.context_parallel_size != 1:
+        raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not "
+                         "supported yet; use 1")
+    if args.moe_token_dispatcher_type == "flex":
+        raise ValueError("--moe-token-dispatcher-type flex (DeepEP) is not supported; use "
+                         "alltoall, allgather or ipc")
+    from moecore.data.tokenizers import TOKENIZER_TYPES
+
+    if args.tokenizer_type is not None and args.tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported; choose one "
+                         f"of {list(TOKENIZER_TYPES)}")
+
+
+def _validate_model_shape(args) -> None:
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is required")
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if not args.add_position_embedding and args.position_embedding_type == "learned_absolute":
+        args.position_embedding_type = "none"
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and \
+            args.max_position_embeddings < args.seq_length:
+        raise ValueError(f"--max-position-embeddings {args.max_position_embeddings} is smaller "
+                         f"than --seq-length {args.seq_length}")
+    if args.ffn_hidden_size is None:
+        # Megatron keeps SwiGLU's parameter count near 4h*h*2 with two input projections.
+        args.ffn_hidden_size = (int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu
+                                else 4 * args.hidden_size)
+        if args.ffn_hidden_size == 0:
+            raise ValueError(f"--swiglu with --hidden-size {args.hidden_size} gives "
+                             "ffn_hidden_size 0 by Megatron's rule; pass --ffn-hidden-size")
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by "
+                         f"--num-attention-heads {args.num_attention_heads}; pass --kv-channels")
+    if sum([args.swiglu, args.squared_relu, args.openai_gelu]) > 1:
+        raise ValueError("--swiglu, --squared-relu and --openai-gelu are mutually exclusive")
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+
+
+def _validate_parallel(args, world_size: int) -> None:
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline "
+                         f"({pp}) x context ({cp}) parallel sizes = {tp * pp * cp}")
+    if world_size % (etp * ep * pp):
+        raise ValueError(f"world size {world_size} is not divisible by expert-tensor ({etp}) x "
+                         f"expert-model ({ep}) x pipeline ({pp}) parallel sizes = "
+                         f"{etp * ep * pp}; change --expert-model-parallel-size or the ranks")
+    if ep > 1 and args.num_experts is None:
+        raise ValueError(f"--expert-model-parallel-size {ep} needs --num-experts")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # Megatron does the same: SP is a no-op at TP=1
+    args.world_size = world_size
+    args.data_parallel_size = world_size // (tp * pp * cp)
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
+
+
+def _validate_batch_and_schedule(args) -> None:
+    if args.micro_batch_size is None:
+        raise ValueError("--micro-batch-size is required")
+    dp, mbs = args.data_parallel_size, args.micro_batch_size
+    if args.global_batch_size is None:
+        args.global_batch_size = mbs * dp
+    if args.global_batch_size % (mbs * dp):
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size {mbs} x data-parallel size {dp} = {mbs * dp}; use a multiple "
+            f"of {mbs * dp}")
+    args.num_microbatches = args.global_batch_size // (mbs * dp)
+    if not args.skip_train and (args.train_iters is None) == (args.train_samples is None):
+        raise ValueError("pass exactly one of --train-iters and --train-samples")
+    if args.lr is None:
+        raise ValueError("--lr is required")
+    if args.train_iters is not None:
+        if args.lr_decay_iters is None:
+            args.lr_decay_iters = args.train_iters
+        if args.lr_warmup_samples:
+            raise ValueError("--lr-warmup-samples goes with --train-samples; use "
+                             "--lr-warmup-iters with --train-iters")
+        if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+            raise ValueError("pass only one of --lr-warmup-fraction and --lr-warmup-iters")
+    elif args.train_samples is not None:
+        if args.lr_decay_samples is None:
+            args.lr_decay_samples = args.train_samples
+        if args.lr_warmup_iters:
+            raise ValueError("--lr-warmup-iters goes with --train-iters; use "
+                             "--lr-warmup-samples with --train-samples")
+        if args.lr_warmup_fraction is not None and args.lr_warmup_samples:
+            raise ValueError("pass only one of --lr-warmup-fraction and --lr-warmup-samples")
+        args.train_iters = -(-args.train_samples // args.global_batch_size)
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.start_weight_decay is None:
+        args.start_weight_decay = args.weight_decay
+    if args.end_weight_decay is None:
+        args.end_weight_decay = args.weight_decay
+    if args.weight_decay_incr_style == "constant" and \
+            args.start_weight_decay != args.end_weight_decay:
+        raise ValueError("--start-weight-decay and --end-weight-decay differ but "
+                         "--weight-decay-incr-style is constant")
+    if args.eval_interval is not None and args.eval_interval <= 0:
+        raise ValueError(f"--eval-interval {args.eval_interval} must be > 0")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save DIR")
+
+
+def _validate_precision_and_data(args) -> None:
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 are mutually exclusive")
+    if args.loss_scale is not None and not args.fp16:
+        raise ValueError("--loss-scale only applies with --fp16")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    if args.fp16 and args.device == "cpu":
+        raise ValueError("--fp16 needs a GPU (fp16 matmuls on CPU are very slow and lossy); "
+                         "use --bf16 or fp32 on CPU")
+    if not args.mock_data and not args.data_path:
+        raise ValueError("pass --data-path PREFIX (or weight/prefix pairs) or --mock-data")
+    if args.tokenizer_type is None and not (args.mock_data and args.vocab_size):
+        raise ValueError("pass --tokenizer-type (with --tokenizer-model/--vocab-file) or, with "
+                         "--mock-data, --vocab-size")
+    if args.split is None:
+        args.split = "969, 30, 1"
+
+
+def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
+    """Check cross-flag consistency and fill derived values, as Megatron's ``validate_args``.
+
+    Sets ``world_size``, ``data_parallel_size``, ``num_microbatches``, default
+    ``global_batch_size``, ``ffn_hidden_size``, ``max_position_embeddings``, ``lr_decay_*``,
+    ``device``. Raises ``ValueError`` naming the flags and the fix.
+    """
+    if world_size is None:
+        world_size = int(os.getenv("WORLD_SIZE", "1"))
+    _not_supported_yet(args)
+    _validate_model_shape(args)
+    _validate_precision_and_data(args)
+    _validate_parallel(args, world_size)
+    _validate_batch_and_schedule(args)
+    if args.num_experts is not None:
+        pattern = args.moe_layer_freq
+        if isinstance(pattern, list) and len(pattern) != args.num_layers:
+            raise ValueError(f"--moe-layer-freq pattern has {len(pattern)} entries but "
+                             f"--num-layers is {args.num_layers}")
+    transformer_config_from_args(args)  # the config validates shapes against parallel sizes
+    return args
+
+
+# ---- TransformerConfig ---------------------------------------------------------------------------
+def _activation(args):
+    if args.swiglu:
+        return F.silu
+    if args.squared_relu:
+        return lambda x: torch.pow(F.relu(x), 2)
+    if args.openai_gelu:
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu
+
+
+def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
+    """Map validated args to :class:`TransformerConfig` (Megatron's ``core_transformer_config``).
+
+    ``vocab_size`` is ``args.padded_vocab_size`` when the trainer has set it (after building the
+    tokenizer), else None.
+    """
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size, kv_channels=args.kv_channels,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
+        qk_layernorm=args.qk_layernorm, gated_linear_unit=args.swiglu,
+        activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias, init_method_std=args.init_method_std,
+        apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
+        rotary_base=float(args.rotary_base), rotary_percent=args.rotary_percent,
+        position_embedding_type=args.position_embedding_type, seq_length=args.seq_length,
+        vocab_size=getattr(args, "padded_vocab_size", None),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        params_dtype=dtype, bf16=args.bf16, fp16=args.fp16,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_input_jitter_eps=args.moe_input_jitter_eps,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_router_dtype=args.moe_router_dtype or "fp32",
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_grouped_gemm_backend=args.moe_grouped_gemm_backend,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_overlap=args.moe_shared_expert_overlap,
+        moe_layer_freq=args.moe_layer_freq, moe_permute_fusion=args.moe_permute_fusion,
+        moe_router_fusion=args.moe_router_fusion, moe_layer_recompute=args.moe_layer_recompute,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+    )
+
+
+def args_to_dict(args: argparse.Namespace) -> dict:
+    """Plain-Python view of ``args`` (str/int/float/bool/None/lists) for checkpoints and logs."""
+    out = {}
+    for k, v in sorted(vars(args).items()):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(
+                x is None or isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = repr(v)
+    return out

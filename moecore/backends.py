@@ -1,0 +1,127 @@
+"""A small registry of interchangeable implementations ("backends") of one accelerated op.
+
+Each op (grouped GEMM, permute, norm, attention, ...) keeps one :class:`BackendRegistry`. A
+:class:`Backend` is a name, an ``is_available(**ctx) -> (ok, reason)`` probe and the function
+itself. ``ctx`` carries what availability depends on (for example ``device=`` and ``dtype=``);
+probes must accept and ignore keys they do not use.
+
+Selection is explicit (a backend name from a config field or flag) or ``"auto"`` (the first
+backend of the registry's preference order that is available and whose ``auto_ok`` accepts the
+context). A requested backend that is not available raises :class:`BackendUnavailableError`
+with the probe's reason, which names what to install or change. The chosen backend is logged
+once per process per op on the ``"moecore"`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger("moecore")
+
+AUTO = "auto"
+
+# (op, backend) pairs already logged by this process.
+_LOGGED: set[tuple[str, str]] = set()
+
+
+class BackendUnavailableError(ValueError, ImportError):
+    """A backend was requested by name but cannot run here.
+
+    Subclasses both ``ValueError`` (a bad setting) and ``ImportError`` (usually a missing
+    package), so callers may catch either.
+    """
+
+
+def _always(**ctx) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``is_available(**ctx) -> (bool, reason)``: the reason is empty when available, else it says
+    what is missing and how to get it. ``auto_ok(**ctx) -> bool`` narrows when ``"auto"`` may pick
+    this backend (an available backend can still be a poor default, e.g. a slow fallback).
+    """
+
+    name: str
+    is_available: Callable[..., tuple[bool, str]]
+    fn: Callable
+    auto_ok: Callable[..., bool] = _always
+    description: str = ""
+
+
+class BackendRegistry:
+    """Backends of one op, in ``"auto"`` preference order (registration order by default)."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self._backends: dict[str, Backend] = {}
+
+    def register(self, backend: Backend) -> Backend:
+        if backend.name == AUTO or backend.name in self._backends:
+            raise ValueError(f"{self.op}: backend name {backend.name!r} is reserved or taken")
+        self._backends[backend.name] = backend
+        return backend
+
+    def names(self) -> list[str]:
+        return list(self._backends)
+
+    def get(self, name: str) -> Backend:
+        if name not in self._backends:
+            raise ValueError(f"unknown {self.op} backend {name!r}; choose one of "
+                             f"{[AUTO, *self._backends]}")
+        return self._backends[name]
+
+    def availability(self, **ctx) -> dict[str, tuple[bool, str]]:
+        """``{name: (available, reason)}`` for every backend under ``ctx``."""
+        return {name: b.is_available(**ctx) for name, b in self._backends.items()}
+
+    def available(self, **ctx) -> list[str]:
+        return [name for name, (ok, _) in self.availability(**ctx).items() if ok]
+
+    def select(self, requested: str = AUTO, *, auto_order: Sequence[str] | None = None,
+               log: bool = True, **ctx) -> Backend:
+        """Resolve ``requested`` (a name or ``"auto"``) to a backend that can run under ``ctx``.
+
+        Raises ``ValueError`` for an unknown name, :class:`BackendUnavailableError` when the named
+        backend (or, for auto, every backend) is unavailable.
+        """
+        if requested == AUTO:
+            chosen = self._select_auto(auto_order or self.names(), ctx)
+        else:
+            chosen = self.get(requested)
+            ok, reason = chosen.is_available(**ctx)
+            if not ok:
+                raise BackendUnavailableError(
+                    f"{self.op} backend {requested!r} is not available: {reason}. "
+                    f"Available here: {self.available(**ctx) or 'none'} (or use {AUTO!r}).")
+        if log:
+            log_choice(self.op, chosen.name, requested, ctx)
+        return chosen
+
+    def _select_auto(self, order: Sequence[str], ctx: dict) -> Backend:
+        reasons = []
+        for name in order:
+            backend = self.get(name)
+            ok, reason = backend.is_available(**ctx)
+            if ok and backend.auto_ok(**ctx):
+                return backend
+            reasons.append(f"{name}: {reason or 'not a good default here'}")
+        raise BackendUnavailableError(
+            f"no {self.op} backend can run here ({_describe(ctx)}): " + "; ".join(reasons))
+
+
+def _describe(ctx: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(ctx.items())) or "no context"
+
+
+def log_choice(op: str, name: str, requested: str, ctx: dict) -> None:
+    """Log ``op -> name`` the first time this process picks it."""
+    if (op, name) in _LOGGED:
+        return
+    _LOGGED.add((op, name))
+    logger.info("%s backend: %s (requested %r; %s)", op, name, requested, _describe(ctx))

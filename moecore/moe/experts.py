@@ -1,0 +1,208 @@
+"""Expert MLPs: ``GroupedMLP`` (one grouped GEMM per projection) and ``SequentialMLP`` (one
+small MLP per expert, the readable reference). Both map expert-grouped rows ``[N, H]`` with
+``tokens_per_expert [E_local]`` to ``([N, H], None)`` and hold identical weights (transposed).
+
+Sharding: this rank holds global experts ``ep_rank * E_local ... + E_local - 1`` and, under
+expert tensor parallelism (ETP), a ``1/etp`` slice of every expert's FFN dimension. The output is
+then this rank's partial sum; the dispatcher reduces it over the ETP group.
+
+Initialisation gives the same *global* weights at any EP/ETP layout: every rank draws every
+expert's full ``[H, 2F]`` (then ``[F, H]``) matrix in order from the default generator and keeps
+its shard. Cost: each rank draws all experts' weights once at construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moecore.backends import BackendUnavailableError
+from moecore.config import TransformerConfig
+from moecore.moe.grouped_gemm import default_compute_device, grouped_mm, select_backend
+from moecore.parallel_state import ParallelState, get_parallel_state
+
+
+def _expert_layout(num_local_experts: int, config: TransformerConfig, ps: ParallelState):
+    """Validate sizes; return ``(first_global_expert, ffn_shard)``."""
+    if config.num_moe_experts is None or num_local_experts * ps.ep_size != config.num_moe_experts:
+        raise ValueError(
+            f"num_local_experts={num_local_experts} x expert parallel size {ps.ep_size} must equal "
+            f"num_moe_experts={config.num_moe_experts}; pass num_moe_experts // ep_size")
+    ffn = config.moe_ffn_hidden_size
+    if ffn % ps.etp_size:
+        raise ValueError(f"moe_ffn_hidden_size={ffn} is not divisible by the expert tensor "
+                         f"parallel size {ps.etp_size}; choose a multiple of {ps.etp_size}")
+    if config.add_bias_linear:
+        raise ValueError("expert MLPs have no bias (as Megatron-Core's GroupedMLP); set "
+                         "add_bias_linear=False (--disable-bias-linear)")
+    return ps.ep_rank * num_local_experts, ffn // ps.etp_size
+
+
+def init_expert_weights(num_local_experts: int, config: TransformerConfig, ps: ParallelState):
+    """This rank's shards of the global expert weights, drawn in fp32 on the default device.
+
+    Returns ``w1 [E_local, H, 2F/etp]`` (gated: ``[gate_r | up_r]``) or ``[E_local, H, F/etp]``,
+    and ``w2 [E_local, F/etp, H]``. All of ``w1`` is drawn (expert 0..E-1, each ``[H, 2F]`` from
+    ``normal(0, init_method_std)``) before ``w2`` (each ``[F, H]`` with the scaled output std
+    ``init_method_std / sqrt(2 * num_layers)``), so every layout consumes the generator alike.
+    """
+    first, shard = _expert_layout(num_local_experts, config, ps)
+    hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
+    gated = config.gated_linear_unit
+    cols = slice(ps.etp_rank * shard, (ps.etp_rank + 1) * shard)
+    local = range(first, first + num_local_experts)
+    w1, w2 = [], []
+    for e in range(config.num_moe_experts):
+        full = torch.empty(hidden, (2 if gated else 1) * ffn).normal_(0, config.init_method_std)
+        if e in local:
+            w1.append(torch.cat([full[:, :ffn][:, cols], full[:, ffn:][:, cols]], dim=1)
+                      if gated else full[:, cols])
+    std2 = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    for e in range(config.num_moe_experts):
+        full = torch.empty(ffn, hidden).normal_(0, std2)
+        if e in local:
+            w2.append(full[cols, :])
+    return torch.stack(w1), torch.stack(w2)
+
+
+def _mark_expert_param(param: nn.Parameter, partition_dim: int, stride: int = 1) -> None:
+    # Megatron-Core's markers: no all-reduce over the full data-parallel group; the gradient is
+    # synced over the expert-data-parallel group instead. The partition attributes describe the
+    # ETP shard (for checkpoint resharding).
+    param.allreduce = False
+    param.expert_parallel = True
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = stride
+
+
+def _activation(config: TransformerConfig, h: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` on ``[.., 2F]`` (gated, as ``[gate | up]``) or ``act(h)``."""
+    if config.gated_linear_unit:
+        gate, up = torch.chunk(h, 2, dim=-1)
+        return config.activation_func(gate) * up
+    return config.activation_func(h)
+
+
+def _check_counts(tokens_per_expert: torch.Tensor, num_local_experts: int) -> None:
+    if tokens_per_expert.shape != (num_local_experts,):
+        raise ValueError(f"tokens_per_expert has shape {tuple(tokens_per_expert.shape)}; "
+                         f"expected [{num_local_experts}] (one count per local expert)")
+
+
+class GroupedMLP(nn.Module):
+    """All local experts' MLPs as two grouped GEMMs.
+
+    Parameters: ``weight1 [E_local, H, 2F/etp]`` (gated; ``[E_local, H, F/etp]`` otherwise) and
+    ``weight2 [E_local, F/etp, H]``, in ``config.params_dtype``. The GEMM backend comes from
+    ``config.moe_grouped_gemm_backend`` (see ``moecore.moe.grouped_gemm``), resolved here.
+    """
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig,
+                 parallel_state: ParallelState | None = None):
+        super().__init__()
+        ps = parallel_state or get_parallel_state()
+        self.config = config
+        self.num_local_experts = num_local_experts
+        w1, w2 = init_expert_weights(num_local_experts, config, ps)
+        self.weight1 = nn.Parameter(w1.to(config.params_dtype))
+        self.weight2 = nn.Parameter(w2.to(config.params_dtype))
+        _mark_expert_param(self.weight1, 2, 2 if config.gated_linear_unit else 1)
+        _mark_expert_param(self.weight2, 1)
+        self.backend_name = config.moe_grouped_gemm_backend
+        self._backends: dict = {}
+        self.backend = self._resolve_at_construction(
+            torch.bfloat16 if config.bf16 else config.params_dtype)
+
+    def _resolve(self, device: torch.device, dtype: torch.dtype):
+        key = (device.type, dtype)
+        if key not in self._backends:
+            self._backends[key] = select_backend(self.backend_name, device, dtype)
+        return self._backends[key]
+
+    def _resolve_at_construction(self, dtype: torch.dtype):
+        """Pick the backend for where the weights will run; a named backend that cannot run
+        there raises now. Weights built on the CPU may be moved to the GPU later, so then the
+        GPU is tried first and the CPU accepted too."""
+        device = self.weight1.device
+        candidates = [device]
+        if device.type == "cpu" and default_compute_device().type != "cpu":
+            candidates = [default_compute_device(), device]
+        errors = []
+        for candidate in candidates:
+            try:
+                return self._resolve(candidate, dtype)
+            except BackendUnavailableError as exc:
+                errors.append(exc)
+        raise errors[0]
+
+    def forward(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor):
+        """``permuted [N, H]`` grouped by local expert, ``tokens_per_expert [E_local]`` int64
+        (host or device) -> ``(out [N, H], None)``; under ETP ``out`` is a partial sum."""
+        _check_counts(tokens_per_expert, self.num_local_experts)
+        backend = self._resolve(permuted.device, permuted.dtype)
+        h = grouped_mm(permuted, self.weight1, tokens_per_expert, backend)
+        h = _activation(self.config, h)
+        return grouped_mm(h, self.weight2, tokens_per_expert, backend), None
+
+
+class _ExpertLinear(nn.Module):
+    """``y = x @ weight.T`` with ``weight [out, in]`` (no bias)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``linear_fc1.weight [2F/etp, H]`` (gated) -> activation ->
+    ``linear_fc2.weight [H, F/etp]``."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.linear_fc1 = _ExpertLinear(w1)
+        self.linear_fc2 = _ExpertLinear(w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(_activation(self.config, self.linear_fc1(x)))
+
+
+class SequentialMLP(nn.Module):
+    """Reference experts: a Python loop over local experts, one small MLP each.
+
+    Same initialisation as :class:`GroupedMLP`: ``local_experts[i].linear_fc1.weight`` equals
+    ``GroupedMLP.weight1[i].T`` and ``linear_fc2.weight`` equals ``weight2[i].T``.
+    """
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig,
+                 parallel_state: ParallelState | None = None):
+        super().__init__()
+        ps = parallel_state or get_parallel_state()
+        self.config = config
+        self.num_local_experts = num_local_experts
+        w1, w2 = init_expert_weights(num_local_experts, config, ps)
+        dtype = config.params_dtype
+        self.local_experts = nn.ModuleList(
+            ExpertMLP(w1[i].t().contiguous().to(dtype), w2[i].t().contiguous().to(dtype), config)
+            for i in range(num_local_experts))
+        for expert in self.local_experts:
+            _mark_expert_param(expert.linear_fc1.weight, 0,
+                               2 if config.gated_linear_unit else 1)
+            _mark_expert_param(expert.linear_fc2.weight, 1)
+
+    def forward(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor):
+        """Same contract as :meth:`GroupedMLP.forward`."""
+        _check_counts(tokens_per_expert, self.num_local_experts)
+        counts = tokens_per_expert.tolist()
+        if sum(counts) != permuted.shape[0]:
+            raise ValueError(f"tokens_per_expert sums to {sum(counts)} but there are "
+                             f"{permuted.shape[0]} rows")
+        chunks = torch.split(permuted, counts)
+        out = torch.cat([expert(chunk) for expert, chunk in zip(self.local_experts, chunks)])
+        return out, None

@@ -1,0 +1,116 @@
+"""Permute routed tokens into expert-major order and back (pure torch, no loop over experts).
+
+``permute`` turns tokens [T, H] and a routing map [T, E] into rows [N, H] grouped by expert
+(expert 0's rows first, each expert's rows in token order), as Megatron-Core does: the token
+indices are ``arange(T)`` masked by ``routing_map.T``. ``unpermute`` weights every row by its
+probability and sums the rows of each token back into [T, H].
+
+Determinism: the scatter-add in ``unpermute`` (and the backward of the gather in ``permute``)
+uses atomics on CUDA; run with ``torch.use_deterministic_algorithms(True)`` for bitwise
+reproducible sums (PyTorch then switches ``index_add_`` to a sort-based kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD_INDEX = -1  # sorted_indices value of a padding row (pad-to-capacity mode)
+
+
+def _check_routing(tokens: torch.Tensor, routing_map: torch.Tensor, probs) -> None:
+    if tokens.dim() != 2 or routing_map.dim() != 2 or routing_map.shape[0] != tokens.shape[0]:
+        raise ValueError(f"permute needs tokens [T, H] and routing_map [T, E]; got "
+                         f"{tuple(tokens.shape)} and {tuple(routing_map.shape)}")
+    if probs is not None and probs.shape != routing_map.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} must have routing_map's shape "
+                         f"{tuple(routing_map.shape)}")
+
+
+def permute(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None = None,
+            capacity: int | None = None):
+    """Group the routed copies of ``tokens`` by expert.
+
+    Args:
+        tokens: ``[T, H]``.
+        routing_map: ``[T, E]`` bool (or 0/1), token ``t`` goes to expert ``e`` where true.
+        probs: optional ``[T, E]`` routing weights; the selected ones travel with their rows.
+        capacity: pad to capacity: every expert gets exactly ``capacity`` rows (its routed
+            tokens in token order, then zero rows). An expert routed more than ``capacity``
+            tokens keeps its first ``capacity`` ones; drop by score beforehand
+            (``moe/capacity.py``) to choose which.
+
+    Returns:
+        ``(permuted [N, H], permuted_probs [N] | None, sorted_indices [N] int64,
+        tokens_per_expert [E] int64)``. Dropless: ``N = routing_map.sum()`` (a host sync, as
+        the output size depends on it). With ``capacity``: ``N = E * capacity``, padding rows
+        have ``sorted_indices == -1`` and probability 0, ``tokens_per_expert`` is all
+        ``capacity``, and nothing syncs with the host.
+    """
+    _check_routing(tokens, routing_map, probs)
+    if capacity is not None:
+        return _permute_padded(tokens, routing_map, probs, capacity)
+    num_tokens, num_experts = routing_map.shape
+    mask = routing_map.bool().T.contiguous()  # [E, T]: expert-major row order
+    token_ids = torch.arange(num_tokens, device=tokens.device).expand(num_experts, -1)
+    sorted_indices = token_ids.masked_select(mask)
+    permuted = tokens.index_select(0, sorted_indices)
+    permuted_probs = probs.T.contiguous().masked_select(mask) if probs is not None else None
+    tokens_per_expert = mask.sum(dim=1, dtype=torch.int64)
+    return permuted, permuted_probs, sorted_indices, tokens_per_expert
+
+
+def _permute_padded(tokens, routing_map, probs, capacity: int):
+    if capacity < 0:
+        raise ValueError(f"capacity={capacity} must be >= 0")
+    num_tokens, num_experts = routing_map.shape
+    device = tokens.device
+    mask = routing_map.bool().T  # [E, T]
+    # Slot of each routed token inside its expert's block (0-based, in token order).
+    slot = torch.cumsum(mask, dim=1) - 1
+    keep = mask & (slot < capacity)
+    # Scatter every (expert, token) pair to its row; pairs not kept go to a dump slot at the end.
+    # No nonzero()/masked_select: the output size is fixed, so nothing syncs with the host.
+    dump = num_experts * capacity
+    expert_base = torch.arange(num_experts, device=device).unsqueeze(1) * capacity
+    dest = torch.where(keep, expert_base + slot, dump)
+    token_ids = torch.arange(num_tokens, device=device).expand(num_experts, -1)
+    sorted_indices = torch.full((dump + 1,), PAD_INDEX, dtype=torch.int64, device=device)
+    sorted_indices = sorted_indices.scatter(0, dest.reshape(-1), token_ids.reshape(-1))[:dump]
+    valid = sorted_indices != PAD_INDEX
+    gathered = tokens.index_select(0, sorted_indices.clamp(min=0))
+    permuted = gathered.masked_fill(~valid[:, None], 0)
+    permuted_probs = None
+    if probs is not None:
+        row_expert = torch.arange(num_experts, device=device).repeat_interleave(capacity)
+        picked = probs[sorted_indices.clamp(min=0), row_expert]
+        permuted_probs = picked.masked_fill(~valid, 0)
+    tokens_per_expert = torch.full((num_experts,), capacity, dtype=torch.int64, device=device)
+    return permuted, permuted_probs, sorted_indices, tokens_per_expert
+
+
+def unpermute(permuted: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: int,
+              permuted_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum every row of ``permuted`` [N, H] (times ``permuted_probs`` [N] when given) into its
+    token ``sorted_indices`` [N]; rows with index -1 (padding) are ignored. Returns ``[T, H]``
+    in ``permuted``'s dtype.
+
+    Precision: rows are weighted and summed in fp32 when ``permuted`` is 16-bit (top-k sums of
+    bf16 lose bits otherwise, as they would in Megatron-Core where fp32 probs promote the
+    product), then cast back once.
+    """
+    if permuted.dim() != 2 or sorted_indices.shape != permuted.shape[:1]:
+        raise ValueError(f"unpermute needs permuted [N, H] and sorted_indices [N]; got "
+                         f"{tuple(permuted.shape)} and {tuple(sorted_indices.shape)}")
+    if permuted_probs is not None and permuted_probs.shape != sorted_indices.shape:
+        raise ValueError(f"permuted_probs {tuple(permuted_probs.shape)} must be [N] = "
+                         f"{tuple(sorted_indices.shape)}")
+    acc_dtype = torch.float32 if permuted.element_size() < 4 else permuted.dtype
+    rows = permuted.to(acc_dtype)
+    if permuted_probs is not None:
+        rows = rows * permuted_probs.to(acc_dtype).unsqueeze(-1)
+    # Padding rows go to an extra dump row, so nothing from them (even NaN from never-written
+    # kernel output) reaches a real token, and no host sync is needed to find them.
+    index = torch.where(sorted_indices < 0, num_tokens, sorted_indices)
+    out = rows.new_zeros(num_tokens + 1, permuted.shape[1])
+    out = out.index_add(0, index, rows)
+    return out[:num_tokens].to(permuted.dtype)

@@ -1,0 +1,375 @@
+"""Top-k MoE router: scores, expert selection, token dropping and load-balancing losses.
+
+``TopKRouter(hidden [S, B, H]) -> (probs [T, E], routing_map [T, E] bool)``, ``T = S * B``:
+logits (fp32) -> z-loss -> softmax/sigmoid scores -> (group-limited) top-k, optionally biased
+by the aux-loss-free expert bias, or Sinkhorn (S-BASE) -> capacity dropping -> load-balancing
+loss. Losses reach the router weight through :class:`MoEAuxLossAutoScaler` attached to
+``probs``; callers never add them to the main loss.
+
+Sharded tokens: under sequence parallel (TP > 1) or context parallel each rank routes only its
+slice of the micro-batch. Expert counts are summed over the *shard group*
+(``tensor_and_context_parallel`` with SP, else ``context_parallel``) so each rank's loss is its
+share of the micro-batch loss, and the shares' gradients add up (the trainer all-reduces the
+router weight's grad over TP because ``weight.sequence_parallel`` is set).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moecore.config import TransformerConfig
+from moecore.moe.capacity import apply_token_drop, get_capacity
+from moecore.moe.losses import (
+    MoEAuxLossAutoScaler,
+    MoELossTracker,
+    sequence_load_balancing_loss_func,
+    switch_load_balancing_loss_func,
+    z_loss_func,
+)
+from moecore.moe.sinkhorn import sinkhorn
+from moecore.parallel_state import ParallelState, get_parallel_state
+
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over ``group`` without autograd (counts); ``None`` means one rank."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_topk: int):
+    """Top-k restricted to the ``group_topk`` best of ``num_groups`` contiguous expert groups.
+
+    A group's score is the sum of its top ``max(1, topk // group_topk)`` scores (DeepSeek-V3,
+    Megatron-Core; the ``max`` keeps ``topk < group_topk`` meaningful).
+
+    Args:
+        scores: ``[T, E]``, higher is better.
+    Returns:
+        ``(values [T, topk], indices [T, topk])`` like :func:`torch.topk`.
+    """
+    t, e = scores.shape
+    per_group = max(1, topk // group_topk)
+    group_scores = scores.view(t, num_groups, e // num_groups).topk(per_group, dim=-1)[0].sum(-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, group_idx, True)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, num_groups, e // num_groups).reshape(t, e)
+    return torch.topk(scores.masked_fill(~expert_mask, float("-inf")), k=topk, dim=-1)
+
+
+def topk_routing_with_score_function(
+    logits: torch.Tensor, topk: int, *, score_function: str = "softmax",
+    use_pre_softmax: bool = False, num_groups: int | None = None,
+    group_topk: int | None = None, scaling_factor: float | None = None,
+    expert_bias: torch.Tensor | None = None,
+):
+    """Select ``topk`` experts per token and their weights.
+
+    softmax: ``use_pre_softmax`` -> weights are ``softmax(logits)`` over all experts at the
+    selected ones; else a softmax over the ``topk`` selected logits only (sums to 1).
+    sigmoid: weights are ``sigmoid(logits)`` at the selected experts, normalised to sum 1 when
+    ``topk > 1``. ``expert_bias [E]`` is added to the selection scores (the logits for
+    post-softmax, the probabilities otherwise) but never to the weights. ``scaling_factor``
+    multiplies the weights.
+
+    Args:
+        logits: ``[T, E]``.
+    Returns:
+        ``(probs [T, E], routing_map [T, E] bool)``; probs is 0 off the selected experts.
+    """
+    def select(scores):
+        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+        if group_topk:
+            idx = group_limited_topk(biased, topk, num_groups, group_topk)[1]
+        else:
+            idx = torch.topk(biased, k=topk, dim=-1)[1]
+        return torch.gather(scores, 1, idx), idx
+
+    if score_function == "softmax":
+        if use_pre_softmax:
+            weights, idx = select(torch.softmax(logits, dim=-1))
+        else:
+            top_logits, idx = select(logits)
+            weights = torch.softmax(top_logits, dim=-1)
+    elif score_function == "sigmoid":
+        weights, idx = select(torch.sigmoid(logits))
+        if topk > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")
+    if scaling_factor:
+        weights = weights * scaling_factor
+    probs = torch.zeros_like(logits).scatter(1, idx, weights)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+    return probs, routing_map
+
+
+def scores_for_aux_loss(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """``[T, E]`` probabilities of all experts for the balance loss: softmax, or sigmoid
+    normalised to sum 1 per token (Megatron-Core)."""
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    scores = torch.sigmoid(logits)
+    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def sinkhorn_routing(logits: torch.Tensor, topk: int, training: bool):
+    """S-BASE routing: in training pick top-k of the Sinkhorn-balanced logits, in eval plain
+    top-k; weights are ``sigmoid`` (top-1) or ``softmax`` over all experts of the original
+    logits at the picked experts. Returns ``(probs [T, E], routing_map [T, E] bool)``."""
+    activated = torch.sigmoid(logits) if topk == 1 else torch.softmax(logits, dim=-1)
+    select_on = sinkhorn(logits) if training else activated.detach()
+    idx = torch.topk(select_on, k=topk, dim=1)[1]
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+    return activated * routing_map, routing_map
+
+
+def _router_dtype(config: TransformerConfig) -> torch.dtype:
+    if config.moe_router_dtype in (None, "fp32"):
+        # float64 models (gradcheck) keep float64; everything else routes in fp32.
+        return torch.float64 if config.params_dtype == torch.float64 else torch.float32
+    if config.moe_router_dtype == "fp64":
+        return torch.float64
+    raise ValueError(f"moe_router_dtype={config.moe_router_dtype!r} is not supported; use "
+                     "'fp32' or 'fp64'")
+
+
+def _validate(config: TransformerConfig) -> None:
+    if not config.is_moe:
+        raise ValueError("TopKRouter needs config.num_moe_experts to be set")
+    _router_dtype(config)
+    if config.moe_router_load_balancing_type == "sinkhorn" and (
+            config.moe_router_enable_expert_bias or config.moe_router_num_groups):
+        raise ValueError("sinkhorn routing uses neither the expert bias nor group-limited "
+                         "routing; turn off moe_router_enable_expert_bias and "
+                         "moe_router_num_groups, or use another moe_router_load_balancing_type")
+
+
+class TopKRouter(nn.Module):
+    """Megatron-Core's top-k router. ``forward(hidden [S, B, H] or [T, H])`` returns
+    ``(probs [T, E], routing_map [T, E] bool)`` in the router dtype (fp32; fp64 for fp64 models).
+
+    After each forward:
+      * ``last_capacity``: rows per expert when ``moe_expert_capacity_factor`` is set (computed
+        from this rank's ``T * topk``), else ``None``; dispatchers pad to it under
+        ``moe_pad_expert_input_to_capacity``. ``routing_map`` never contains padding.
+      * ``last_stats``: ``tokens_per_expert`` [E] (summed over the shard group, before
+        dropping), ``dropped_tokens`` (int64 scalar, same group), and this rank's share of
+        ``load_balancing_loss`` / ``z_loss`` without their coefficients (as logged).
+    Loss values also go to :class:`MoELossTracker` when ``layer_number`` is set.
+
+    Buffers with ``moe_router_enable_expert_bias``: ``expert_bias`` [E] fp32 (added to the
+    selection scores only) and ``local_tokens_per_expert`` [E] fp32, the counts since the last
+    :func:`update_expert_bias`.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int | None = None,
+                 parallel_state: ParallelState | None = None):
+        super().__init__()
+        _validate(config)
+        self.config = config
+        self.layer_number = layer_number
+        self.parallel_state = parallel_state or get_parallel_state()
+        self.num_experts = config.num_moe_experts
+        self.topk = config.moe_router_topk
+        self.routing_type = config.moe_router_load_balancing_type
+        self.router_dtype = _router_dtype(config)
+        weight = torch.empty(self.num_experts, config.hidden_size, dtype=config.params_dtype)
+        # Default generator, full tensor: every rank (and a TP=1 run) starts identical.
+        weight.normal_(0.0, config.init_method_std)
+        self.weight = nn.Parameter(weight)
+        self.weight.sequence_parallel = config.sequence_parallel
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts))
+            self.register_buffer("local_tokens_per_expert", torch.zeros(self.num_experts))
+        else:
+            self.expert_bias = None
+            self.local_tokens_per_expert = None
+        ps = self.parallel_state
+        shard_kind = ("tensor_and_context_parallel"
+                      if config.sequence_parallel and ps.tp_size > 1 else "context_parallel")
+        self.shard_group = ps.group(shard_kind)
+        self.shard_size = ps.world_size_of(shard_kind)
+        self.last_capacity: int | None = None
+        self.last_stats: dict = {}
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def apply_input_jitter(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Multiply by ``U(1 - eps, 1 + eps)`` noise (default generator), in training only."""
+        eps = self.config.moe_input_jitter_eps
+        if not eps or not self.training:
+            return hidden
+        noise = torch.empty_like(hidden).uniform_(1.0 - eps, 1.0 + eps)
+        return hidden * noise
+
+    def gating(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[T, H] -> [T, E]`` logits in the router dtype."""
+        return hidden.to(self.router_dtype) @ self.weight.to(self.router_dtype).t()
+
+    def routing(self, logits: torch.Tensor):
+        """Expert selection on ``[T, E]`` logits, before dropping: ``(probs, routing_map)``."""
+        if self.routing_type == "sinkhorn":
+            return sinkhorn_routing(logits, self.topk, self.training)
+        cfg = self.config
+        bias = self.expert_bias
+        return topk_routing_with_score_function(
+            logits, self.topk, score_function=cfg.moe_router_score_function,
+            use_pre_softmax=cfg.moe_router_pre_softmax, num_groups=cfg.moe_router_num_groups,
+            group_topk=cfg.moe_router_group_topk,
+            scaling_factor=cfg.moe_router_topk_scaling_factor,
+            expert_bias=None if bias is None else bias.detach())
+
+    def _maintain_float32_buffers(self) -> None:
+        # module.bfloat16() casts buffers too; the bias needs fp32 to take 1e-3 steps.
+        for name in ("expert_bias", "local_tokens_per_expert"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                buf.data = buf.data.float()
+
+    def _flatten(self, hidden: torch.Tensor):
+        if hidden.dim() == 3:
+            s, b, h = hidden.shape
+        elif hidden.dim() == 2:
+            (s, h), b = hidden.shape, 1
+        else:
+            raise ValueError(f"router input must be [S, B, H] or [T, H], got "
+                             f"{tuple(hidden.shape)}")
+        if h != self.config.hidden_size:
+            raise ValueError(f"router input hidden size {h} != config.hidden_size "
+                             f"{self.config.hidden_size}")
+        return hidden.reshape(s * b, h), s, b
+
+    def forward(self, hidden: torch.Tensor):
+        """``hidden [S, B, H]`` (or ``[T, H]``, read as ``B = 1``) ->
+        ``(probs [T, E], routing_map [T, E] bool)``, ``T = S * B`` in ``[S, B]`` order.
+
+        Collectives: one all-reduce of the counts over the shard group; ``global_aux_loss``
+        adds one over ``tensor_and_data_parallel_with_cp`` (training only).
+        """
+        self._maintain_float32_buffers()
+        hidden, seq_len, batch = self._flatten(hidden)
+        logits = self.gating(self.apply_input_jitter(hidden))
+        probs, routing_map = self.routing(logits)
+        map_before_drop = routing_map
+        if self.config.moe_expert_capacity_factor is not None:
+            self.last_capacity = get_capacity(logits.shape[0] * self.topk, self.num_experts,
+                                              self.config.moe_expert_capacity_factor)
+            probs, routing_map = apply_token_drop(probs, routing_map, self.last_capacity,
+                                                  self.config.moe_token_drop_policy)
+        else:
+            self.last_capacity = None
+        attach = self.training and torch.is_grad_enabled()
+        stats = self._count_tokens(map_before_drop, routing_map, batch,
+                                   per_sequence=attach and self._aux_coeff() > 0
+                                   and self.routing_type == "seq_aux_loss")
+        if attach:
+            probs = self._attach_losses(probs, logits, map_before_drop, stats, seq_len, batch)
+            if self.local_tokens_per_expert is not None:
+                # Not in eval or no-grad recompute passes: count each trained token once.
+                self.local_tokens_per_expert += routing_map.sum(dim=0).float()
+        self.last_stats = {"tokens_per_expert": stats["tokens_per_expert"],
+                           "dropped_tokens": stats["dropped_tokens"], **stats["losses"]}
+        return probs, routing_map
+
+    def _aux_coeff(self) -> float:
+        if self.routing_type not in AUX_LOSS_TYPES:
+            return 0.0
+        return float(self.config.moe_aux_loss_coeff or 0.0)
+
+    def _count_tokens(self, map_before: torch.Tensor, map_after: torch.Tensor, batch: int,
+                      per_sequence: bool) -> dict:
+        """Expert counts summed over the shard group, in one all-reduce.
+
+        Returns ``local`` [E] (this rank, before dropping), ``tokens_per_expert`` [E],
+        ``dropped_tokens`` (int64 scalar), ``per_sequence`` [B, E] or None, ``losses`` {}.
+        """
+        e = self.num_experts
+        local = map_before.sum(dim=0).float()
+        dropped = (map_before.sum() - map_after.sum()).float().reshape(1)
+        parts = [local, dropped]
+        if per_sequence:
+            parts.append(map_before.view(-1, batch, e).sum(dim=0).float().reshape(-1))
+        buf = _all_reduce_sum(torch.cat(parts), self.shard_group)
+        return {"local": local, "tokens_per_expert": buf[:e],
+                "dropped_tokens": buf[e].round().long(),
+                "per_sequence": buf[e + 1:].view(batch, e) if per_sequence else None,
+                "losses": {}}
+
+    def _record(self, stats: dict, name: str, logged: torch.Tensor, avg_group=None) -> None:
+        logged = logged.detach()
+        stats["losses"][name] = logged
+        if self.layer_number is not None:
+            MoELossTracker.save(name, self.layer_number, logged,
+                                num_layers=self.config.num_layers,
+                                reduce_group=self.shard_group, avg_group=avg_group)
+
+    def _balance_loss(self, logits: torch.Tensor, stats: dict, seq_len: int, batch: int):
+        """This rank's share of the load-balancing loss (with its coefficient)."""
+        coeff, k, e = self._aux_coeff(), self.topk, self.num_experts
+        scores = scores_for_aux_loss(logits, self.config.moe_router_score_function)
+        t_shard = logits.shape[0] * self.shard_size
+        if self.routing_type == "aux_loss":
+            return switch_load_balancing_loss_func(scores, stats["tokens_per_expert"], t_shard,
+                                                   k, e, coeff)
+        if self.routing_type == "seq_aux_loss":
+            return sequence_load_balancing_loss_func(scores, stats["per_sequence"],
+                                                     seq_len * self.shard_size, batch, k, e,
+                                                     coeff)
+        ps = self.parallel_state
+        kind = "tensor_and_data_parallel_with_cp"
+        counts = _all_reduce_sum(stats["local"].clone(), ps.group(kind))
+        t_global = logits.shape[0] * ps.world_size_of(kind)
+        # f_e over every data-parallel replica, P_e over this micro-batch: the switch loss
+        # divides by t_global**2, the micro-batch share needs t_global * t_shard. Averaged over
+        # data parallel (as the gradients are), the loss is the global-batch balance loss.
+        loss = switch_load_balancing_loss_func(scores, counts, t_global, k, e, coeff)
+        return loss * (t_global / t_shard)
+
+    def _attach_losses(self, probs: torch.Tensor, logits: torch.Tensor,
+                       map_before: torch.Tensor, stats: dict, seq_len: int,
+                       batch: int) -> torch.Tensor:
+        """Attach z-loss and balance loss to ``probs`` (autograd) and record them."""
+        z_coeff = self.config.moe_z_loss_coeff
+        if z_coeff:
+            # Each shard's mean over its tokens / shard_size: the shares sum to the full mean.
+            z = z_loss_func(logits, z_coeff / self.shard_size)
+            probs = MoEAuxLossAutoScaler.apply(probs, z)
+            self._record(stats, "z_loss", z / z_coeff)
+        coeff = self._aux_coeff()
+        if coeff > 0:
+            loss = self._balance_loss(logits, stats, seq_len, batch)
+            probs = MoEAuxLossAutoScaler.apply(probs, loss)
+            avg = (self.parallel_state.group("data_parallel")
+                   if self.routing_type == "global_aux_loss" else None)
+            self._record(stats, "load_balancing_loss", loss / coeff, avg_group=avg)
+        return probs
+
+
+def update_expert_bias(routers, parallel_state: ParallelState | None = None) -> None:
+    """Aux-loss-free balancing step (DeepSeek-V3): call after each optimizer step.
+
+    Sums every router's ``local_tokens_per_expert`` over the ``tensor_and_data_parallel_with_cp``
+    group (one all-reduce for all routers), moves ``expert_bias`` by
+    ``moe_router_bias_update_rate * sign(mean - count)`` (overloaded experts get picked less)
+    and zeroes the counts. ``routers``: an iterable of :class:`TopKRouter` or a module holding
+    them; routers without expert bias are skipped.
+    """
+    if isinstance(routers, nn.Module):
+        routers = [m for m in routers.modules() if isinstance(m, TopKRouter)]
+    routers = [r for r in routers if r.expert_bias is not None]
+    if not routers:
+        return
+    ps = parallel_state or routers[0].parallel_state
+    with torch.no_grad():
+        counts = torch.cat([r.local_tokens_per_expert.float() for r in routers])
+        _all_reduce_sum(counts, ps.group("tensor_and_data_parallel_with_cp"))
+        for r, c in zip(routers, counts.split([r.num_experts for r in routers])):
+            offset = c.mean() - c
+            r.expert_bias += r.config.moe_router_bias_update_rate * torch.sign(offset)
+            r.local_tokens_per_expert.zero_()

@@ -1,0 +1,24 @@
+"""Optimizer: AdamW over fp32 main params, loss scaling, global-norm clipping, gradient sync
+across data/expert-data/tensor parallel groups, and Megatron's LR/weight-decay schedule."""
+
+from moecore.optimizer.clip_grads import clip_grad_norm, get_grad_norm_fp32, get_params_norm
+from moecore.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, build_grad_scaler
+from moecore.optimizer.grad_sync import attach_main_grad, finalize_model_grads
+from moecore.optimizer.lr_scheduler import OptimizerParamScheduler, build_scheduler
+from moecore.optimizer.optimizer import MegatronOptimizer, get_megatron_optimizer, get_param_groups
+
+__all__ = [
+    "ConstantGradScaler",
+    "DynamicGradScaler",
+    "MegatronOptimizer",
+    "OptimizerParamScheduler",
+    "attach_main_grad",
+    "build_grad_scaler",
+    "build_scheduler",
+    "clip_grad_norm",
+    "finalize_model_grads",
+    "get_grad_norm_fp32",
+    "get_megatron_optimizer",
+    "get_param_groups",
+    "get_params_norm",
+]

@@ -1,0 +1,104 @@
+"""One global gradient norm over a model sharded by TP/EP, and clipping to it.
+
+Megatron's counting rule: a dense parameter contributes on every TP rank when it is TP-sharded
+(``tensor_model_parallel=True``; each rank holds a different slice) and only on TP rank 0
+otherwise (replicas are counted once). The dense sum of squares is all-reduced over the
+tensor(-and-pipeline) group. Expert parameters (``allreduce=False`` or ``expert_parallel=True``)
+follow the same rule with the expert-tensor rank and are summed over the expert-tensor x
+expert-model group, since each EP rank holds different experts. Data-parallel replicas hold
+identical (already reduced) gradients, so no DP reduction is needed: every rank ends with the
+same norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from moecore.parallel_state import ParallelState, get_parallel_state
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False or bool(getattr(p, "expert_parallel", False))
+
+
+def _sum_sq(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for t in tensors:
+        total += t.float().pow(2).sum()
+    return total
+
+
+def _all_reduce(t: torch.Tensor, group) -> None:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+
+
+def grads_for_norm(params: Iterable[torch.Tensor], ps: ParallelState
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(dense_grads, expert_grads)`` this rank counts towards the global norm."""
+    dense, expert = [], []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        sharded = bool(getattr(p, "tensor_model_parallel", False))
+        if is_expert_param(p):
+            if sharded or ps.etp_rank == 0:
+                expert.append(g)
+        elif sharded or ps.tp_rank == 0:
+            dense.append(g)
+    return dense, expert
+
+
+def get_grad_norm_fp32(params: Iterable[torch.Tensor],
+                       parallel_state: ParallelState | None = None) -> float:
+    """Global L2 norm of the gradients of ``params`` (collective over the model-parallel
+    groups: ``model_parallel`` for dense, ``expert_tensor_and_model_parallel`` for experts)."""
+    ps = parallel_state or get_parallel_state()
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")
+    dense, expert = grads_for_norm(params, ps)
+    dense_sq = _sum_sq(dense, device)
+    _all_reduce(dense_sq, ps.group("model_parallel"))
+    expert_sq = _sum_sq(expert, device)
+    _all_reduce(expert_sq, ps.group("expert_tensor_and_model_parallel"))
+    return float((dense_sq + expert_sq).sqrt().item())
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float,
+                   parallel_state: ParallelState | None = None,
+                   total_norm: float | None = None) -> float:
+    """Scale all gradients by ``max_norm / (norm + 1e-6)`` when that is below 1.
+
+    Returns the norm before clipping. ``max_norm <= 0`` computes the norm only. Pass
+    ``total_norm`` to reuse a norm computed already.
+    """
+    params = list(params)
+    if total_norm is None:
+        total_norm = get_grad_norm_fp32(params, parallel_state)
+    if max_norm > 0:
+        coeff = max_norm / (total_norm + 1e-6)
+        if coeff < 1.0:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coeff)
+    return total_norm
+
+
+def get_params_norm(params: Iterable[torch.Tensor],
+                    parallel_state: ParallelState | None = None) -> float:
+    """Global L2 norm of the parameters themselves, with the same counting rule as grads."""
+    ps = parallel_state or get_parallel_state()
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")
+    dense = [p.detach() for p in params if not is_expert_param(p)
+             and (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)]
+    expert = [p.detach() for p in params if is_expert_param(p)
+              and (getattr(p, "tensor_model_parallel", False) or ps.etp_rank == 0)]
+    dense_sq, expert_sq = _sum_sq(dense, device), _sum_sq(expert, device)
+    _all_reduce(dense_sq, ps.group("model_parallel"))
+    _all_reduce(expert_sq, ps.group("expert_tensor_and_model_parallel"))
+    return float((dense_sq + expert_sq).sqrt().item())

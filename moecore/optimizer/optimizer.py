@@ -1,0 +1,224 @@
+"""AdamW over fp32 main parameters, with fp16 loss scaling and global-norm clipping.
+
+Mixed precision (Megatron's ``Float16OptimizerWithFloat16Params``): model parameters stay in
+bf16/fp16 for compute; the optimizer keeps an fp32 *main* copy of each, steps on it with the
+fp32 gradients accumulated in ``param.main_grad``, and copies the result back. fp32 models step
+on their own parameters. One ``step``:
+
+1. main grads <- model grads (fp32; aliases, no copy);
+2. fp16 only: unscale by the loss scale, find inf/NaN (max over the world), update the scaler
+   and skip the step on overflow;
+3. global grad norm over TP/EP shards (:mod:`moecore.optimizer.clip_grads`), clip;
+4. AdamW (decoupled weight decay; per-group ``lr``/``weight_decay`` set by the scheduler);
+5. model params <- main params.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moecore.optimizer.clip_grads import clip_grad_norm, get_grad_norm_fp32
+from moecore.optimizer.grad_scaler import ConstantGradScaler, build_grad_scaler
+from moecore.optimizer.grad_sync import attach_main_grad, model_grad
+from moecore.parallel_state import ParallelState, get_parallel_state
+
+# Attributes the norm/sync code reads; main copies must carry them.
+_PARAM_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride",
+                "sequence_parallel", "allreduce", "expert_parallel")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def get_param_groups(model: nn.Module | list[nn.Module]) -> list[dict]:
+    """Megatron's two groups: weight decay on matrices, none on biases and norm weights.
+
+    A parameter gets no decay when its name ends in ``.bias`` or it is 1-D. Each group has
+    ``wd_mult`` (1 or 0) and ``lr_mult`` (1) read by :class:`OptimizerParamScheduler`.
+    """
+    modules = model if isinstance(model, (list, tuple)) else [model]
+    decay, no_decay = [], []
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "name": "no_decay"})
+    return groups
+
+
+def _main_copy(p: nn.Parameter) -> torch.Tensor:
+    main = p.detach().clone().float()
+    for attr in _PARAM_ATTRS:
+        if hasattr(p, attr):
+            setattr(main, attr, getattr(p, attr))
+    return main
+
+
+class MegatronOptimizer:
+    """AdamW on fp32 main params (see module docstring). ``param_groups`` are the inner torch
+    optimizer's, so a scheduler sets ``lr``/``weight_decay`` on them directly."""
+
+    def __init__(self, param_groups: list[dict], *, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 clip_grad: float = 0.0, grad_scaler: ConstantGradScaler | None = None,
+                 parallel_state: ParallelState | None = None, check_for_nan: bool = True):
+        self.ps = parallel_state or get_parallel_state()
+        self.clip_grad = clip_grad
+        self.grad_scaler = grad_scaler
+        self.check_for_nan = check_for_nan
+        self.model_params: list[nn.Parameter] = []
+        self.main_params: list[torch.Tensor] = []
+        torch_groups = []
+        for group in param_groups:
+            mains = []
+            for p in group["params"]:
+                if p.dtype in _HALF:
+                    attach_main_grad(p)
+                    mains.append(_main_copy(p))
+                elif p.dtype == torch.float32 or p.dtype == torch.float64:
+                    mains.append(p)
+                else:
+                    raise ValueError(f"cannot optimise a parameter of dtype {p.dtype}")
+                self.model_params.append(p)
+            self.main_params.extend(mains)
+            torch_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                                 "params": mains,
+                                 "weight_decay": weight_decay * group.get("wd_mult", 1.0)})
+        self.optimizer = torch.optim.AdamW(torch_groups, lr=lr, betas=betas, eps=eps,
+                                           weight_decay=weight_decay)
+
+    # ---- views --------------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def is_mixed_precision(self) -> bool:
+        return any(m is not p for m, p in zip(self.main_params, self.model_params))
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return self.grad_scaler.scale if self.grad_scaler is not None else torch.ones(1)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * loss_scale`` (identity without a scaler); call before ``backward``."""
+        if self.grad_scaler is None:
+            return loss
+        return loss * self.grad_scaler.scale.to(loss.device)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state on this rank (allocated lazily by the first step): fp32 main
+        copies of low-precision params, fp32 main grads, and Adam's two fp32 moments."""
+        n_main = sum(m.numel() for m, p in zip(self.main_params, self.model_params)
+                     if m is not p)
+        n_all = sum(m.numel() for m in self.main_params)
+        out = {"main_params": 4 * n_main, "main_grads": 4 * n_main,
+               "adam_moments": 2 * 4 * n_all}
+        out["total"] = sum(out.values())
+        return out
+
+    # ---- stepping ------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for p, m in zip(self.model_params, self.main_params):
+            p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad.zero_()
+            if m is not p:
+                m.grad = None
+
+    def _collect_main_grads(self) -> list[torch.Tensor]:
+        grads = []
+        for p, m in zip(self.model_params, self.main_params):
+            g = model_grad(p)
+            if m is not p:
+                m.grad = g if g.dtype == m.dtype else g.to(m.dtype)
+            grads.append(m.grad)
+        return grads
+
+    def _unscale_and_check_inf(self, grads: list[torch.Tensor]) -> bool:
+        inv = self.grad_scaler.inv_scale.item()
+        torch._foreach_mul_(grads, inv)
+        device = grads[0].device if grads else torch.device("cpu")
+        found = torch.zeros(1, device=device)
+        for g in grads:
+            if not torch.isfinite(g).all():
+                found.fill_(1.0)
+                break
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank must skip together: expert ranks hold different gradients.
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item() > 0)
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float | None]:
+        """Apply one update. Returns ``(updated, grad_norm)``; ``(False, None)`` when an fp16
+        overflow skipped the step."""
+        grads = self._collect_main_grads()
+        if self.grad_scaler is not None:
+            found_inf = self._unscale_and_check_inf(grads)
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None
+        grad_norm = get_grad_norm_fp32(self.main_params, self.ps)
+        if not math.isfinite(grad_norm) and self.check_for_nan:
+            raise RuntimeError(
+                f"gradient norm is {grad_norm} on rank {self.ps.rank}: the loss or gradients "
+                "hold NaN/inf (lower --lr, use --fp16 loss scaling or --bf16, or pass "
+                "--no-check-for-nan-in-loss-and-grad to continue anyway)")
+        clip_grad_norm(self.main_params, self.clip_grad, self.ps, total_norm=grad_norm)
+        self.optimizer.step()
+        for p, m in zip(self.model_params, self.main_params):
+            if m is not p:
+                p.copy_(m)
+        return True, grad_norm
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 main copies from the model (after loading model weights only)."""
+        for p, m in zip(self.model_params, self.main_params):
+            if m is not p:
+                m.copy_(p.float())
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        mains = [m for m, p in zip(self.main_params, self.model_params) if m is not p]
+        return {"optimizer": self.optimizer.state_dict(),
+                "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+                "fp32_from_fp16_params": [m.detach().clone() for m in mains]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Load optimizer state; raises ``ValueError`` when the parameter layout differs."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.grad_scaler is not None and state.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        mains = [m for m, p in zip(self.main_params, self.model_params) if m is not p]
+        saved = state.get("fp32_from_fp16_params") or []
+        if mains and len(saved) != len(mains):
+            raise ValueError(f"checkpoint has {len(saved)} fp32 main params but this model has "
+                             f"{len(mains)} low-precision params (different precision or model)")
+        for i, (m, s) in enumerate(zip(mains, saved)):
+            if m.shape != s.shape:
+                raise ValueError(f"fp32 main param #{i}: checkpoint shape {tuple(s.shape)} != "
+                                 f"model shape {tuple(m.shape)}")
+            m.copy_(s)
+        if mains and not saved:
+            self.reload_model_params()
+
+
+def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
+                           parallel_state: ParallelState | None = None) -> MegatronOptimizer:
+    """AdamW from Megatron flags: ``--lr --weight-decay --adam-beta1/2 --adam-eps --clip-grad``
+    and the fp16 loss-scale flags (see :func:`build_grad_scaler`)."""
+    return MegatronOptimizer(
+        get_param_groups(model), lr=args.lr, weight_decay=args.start_weight_decay
+        if getattr(args, "start_weight_decay", None) is not None else args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
+        grad_scaler=build_grad_scaler(args), parallel_state=parallel_state,
+        check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True))

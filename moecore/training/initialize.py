@@ -1,0 +1,61 @@
+"""Process start-up: torch.distributed from the torchrun environment, process groups, seeds."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moecore import parallel_state
+from moecore.parallel_state import ParallelState
+from moecore.tensor_parallel.random import model_parallel_seed
+
+
+def initialize_distributed(args) -> bool:
+    """Initialise ``torch.distributed`` when the environment describes more than one rank.
+
+    Uses ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (torchrun). Returns True when
+    this call created the process group (the caller destroys it at the end). A group that
+    already exists (tests, notebooks) is reused.
+    """
+    if args.device == "cuda":
+        local_rank = int(os.getenv("LOCAL_RANK", str(args.local_rank)))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        created = False
+    else:
+        world = int(os.getenv("WORLD_SIZE", "1"))
+        created = world > 1
+        if created:
+            dist.init_process_group(
+                backend=args.distributed_backend,
+                timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    if world != args.world_size:
+        raise ValueError(f"the arguments were validated for world size {args.world_size} but "
+                         f"torch.distributed has {world} ranks; set WORLD_SIZE consistently")
+    return created
+
+
+def initialize_model_parallel(args) -> ParallelState:
+    """The global :class:`ParallelState` for the flags' TP/PP/EP/ETP/CP sizes."""
+    if parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("model parallel groups already exist; call "
+                           "moecore.parallel_state.destroy_model_parallel() before pretrain()")
+    order = "tp-cp-ep-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp"
+    return parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        context_parallel_size=args.context_parallel_size, order=order)
+
+
+def set_seeds(args, ps: ParallelState) -> int:
+    """Seed Python, NumPy, torch and the TP/EP RNG tracker (Megatron's ``_set_random_seed``)."""
+    if args.deterministic_mode:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return model_parallel_seed(args.seed, ps)

@@ -1,0 +1,89 @@
+"""Model FLOPs per token and peak device throughput, for MoE-aware MFU.
+
+Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 2 FLOPs)::
+
+    flops_per_token = 6 * N_active + 12 * L * (heads * kv_channels) * S
+
+``N_active`` counts the matmul weights one token passes through: per layer the QKV and output
+projections, the dense MLP or — in an MoE layer — the router, ``topk`` routed experts and the
+shared experts, plus the output head (``V * H``). The input embedding is a lookup (no FLOPs);
+norms and biases are negligible and left out. The second term is self-attention's ``QK^T`` and
+``AV`` products over the full ``S x S`` square (the PaLM / Megatron convention, which does not
+halve for the causal mask). MFU = achieved FLOP/s / (devices x peak FLOP/s).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Dense peak TFLOP/s per device: "bf16" for bf16/fp16 training, "fp32" is TF32 tensor cores.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},
+    "H100": {"bf16": 989.0, "fp32": 494.5},
+    "H200": {"bf16": 989.0, "fp32": 494.5},
+    "H800": {"bf16": 989.0, "fp32": 494.5},
+    "GH200": {"bf16": 989.0, "fp32": 494.5},
+    "B200": {"bf16": 2250.0, "fp32": 1100.0},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+    "A800": {"bf16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp32": 183.0},
+}
+
+
+def peak_tflops(device: torch.device | str, dtype: torch.dtype,
+                override: float | None = None) -> float | None:
+    """Peak TFLOP/s of one device: ``override`` if given, else the table entry whose name
+    occurs in the CUDA device name; None on CPU or for an unknown GPU (MFU is then n/a)."""
+    if override is not None:
+        return float(override)
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    kind = "fp32" if dtype == torch.float32 else "bf16"
+    for key, peaks in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+        if key in name:
+            return peaks[kind]
+    return None
+
+
+def _mlp_params(hidden: int, ffn: int, gated: bool) -> int:
+    return hidden * ffn * (2 if gated else 1) + ffn * hidden
+
+
+def matmul_params(config, vocab_size: int, active_only: bool = True) -> int:
+    """Matmul weights of the model, from ``config`` (see module docstring).
+
+    ``active_only`` counts ``topk`` routed experts per MoE layer instead of all of them.
+    Excludes the input embedding, norms and biases.
+    """
+    h, q = config.hidden_size, config.num_attention_heads * config.kv_channels
+    kv = config.num_query_groups * config.kv_channels
+    attention = h * (q + 2 * kv) + q * h
+    total = vocab_size * h
+    for is_moe in config.moe_layer_pattern():
+        total += attention
+        if not is_moe:
+            total += _mlp_params(h, config.ffn_hidden_size, config.gated_linear_unit)
+            continue
+        n_experts = config.moe_router_topk if active_only else config.num_moe_experts
+        total += h * config.num_moe_experts
+        total += n_experts * _mlp_params(h, config.moe_ffn_hidden_size, config.gated_linear_unit)
+        if config.moe_shared_expert_intermediate_size:
+            total += _mlp_params(h, config.moe_shared_expert_intermediate_size,
+                                 config.gated_linear_unit)
+    return total
+
+
+def flops_per_token(config, vocab_size: int, seq_length: int) -> float:
+    """Training FLOPs per token: ``6 * N_active + 12 * L * heads * kv_channels * S``."""
+    attn = 12 * config.num_layers * config.num_attention_heads * config.kv_channels * seq_length
+    return 6.0 * matmul_params(config, vocab_size, active_only=True) + float(attn)
+
+
+def mfu(tokens_per_sec: float, flops_token: float, num_devices: int,
+        peak: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1], or None when the peak is unknown."""
+    if peak is None or peak <= 0:
+        return None
+    return tokens_per_sec * flops_token / (num_devices * peak * 1e12)

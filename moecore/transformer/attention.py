@@ -1,0 +1,146 @@
+"""Causal self-attention with grouped-query attention (GQA), optional QK-norm and RoPE.
+
+Fused QKV weight layout (``linear_qkv.weight``, ``[(nh + 2 * ng) * d, H]`` as a full master
+weight; ``nh`` query heads, ``ng`` query groups = key/value heads, ``d`` = ``kv_channels``,
+``hpg = nh // ng`` query heads per group). Output rows are grouped per query group ``g`` in
+order ``g = 0 .. ng-1``, each group a block of ``(hpg + 2) * d`` rows::
+
+    rows [g*(hpg+2)*d           : g*(hpg+2)*d + hpg*d]      q heads g*hpg .. g*hpg+hpg-1 (d each)
+    rows [g*(hpg+2)*d + hpg*d    : g*(hpg+2)*d + (hpg+1)*d]  k head g
+    rows [g*(hpg+2)*d + (hpg+1)*d: (g+1)*(hpg+2)*d]          v head g
+
+This is Megatron-Core's layout. Tensor parallelism splits the rows contiguously (``partition_dim
+0``, stride 1), so TP rank ``r`` holds query groups ``r*ng/tp .. (r+1)*ng/tp - 1`` with their q
+heads, k and v: no communication is needed inside attention. Query head ``i`` attends with
+key/value head ``i // hpg``. ``add_qkv_bias`` / ``add_bias_linear`` bias follows the same order.
+Converting from Hugging Face ``q_proj [nh*d, H]``, ``k_proj [ng*d, H]``, ``v_proj [ng*d, H]``:
+``cat([q.view(ng, hpg*d, H), k.view(ng, d, H), v.view(ng, d, H)], dim=1).reshape(-1, H)``
+(RoPE needs no row permutation: both use the non-interleaved ``rotate_half`` pairing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecore.parallel_state import ParallelState, get_parallel_state
+from moecore.tensor_parallel import random as tp_random
+from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from moecore.transformer.norms import build_norm
+from moecore.transformer.rope import apply_rotary_pos_emb
+from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
+
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+# SDPA learned ``enable_gqa`` in torch 2.5; older versions get explicitly repeated k/v heads.
+SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention, causal unless a mask is given.
+
+    Args:
+        q: ``[S, B, heads, d]``; k, v: ``[S, B, kv_heads, d]`` with ``heads % kv_heads == 0``
+            (query head ``i`` uses kv head ``i // (heads // kv_heads)``).
+        attention_mask: ``None`` for causal attention, or a bool mask broadcastable to
+            ``[B, heads, S, S]`` where ``True`` means *masked out* (Megatron's convention).
+    Returns:
+        ``[S, B, heads * d]``.
+    """
+    S, B, nh, d = q.shape
+    rep = nh // k.shape[2]
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, heads, S, d]
+    kwargs = {}
+    if rep > 1:
+        if SDPA_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            kb = kb.repeat_interleave(rep, dim=1)
+            vb = vb.repeat_interleave(rep, dim=1)
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, is_causal=True,
+                                             **kwargs)
+    else:
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=~attention_mask.bool(),
+                                             dropout_p=dropout_p, **kwargs)
+    return out.permute(2, 0, 1, 3).reshape(S, B, nh * d)
+
+
+class SelfAttention(nn.Module):
+    """``forward(hidden [S, B, H], attention_mask=None, rotary_pos_emb=None) -> (out, bias)``.
+
+    ``hidden`` and ``out`` are ``[S/tp, B, H]`` under sequence parallel (``linear_qkv`` all-gathers
+    the sequence over the TP group, ``linear_proj`` reduce-scatters it back); ``bias`` is the
+    output projection's bias (``None`` without ``add_bias_linear``), left for the caller to add.
+    Heads and query groups are split across the TP group.
+    """
+
+    def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
+        super().__init__()
+        ps = parallel_state or get_parallel_state()
+        check_tp_size(config, ps)
+        if ps.cp_size > 1:
+            raise ValueError(f"context_parallel_size={ps.cp_size}: context-parallel attention is "
+                             "not implemented; use context_parallel_size=1")
+        self.config = config
+        self.layer_number = layer_number
+        self.tp_group = ps.tp_group
+        tp = ps.tp_size
+        nh, ng, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
+        for name, v in (("num_attention_heads", nh), ("num_query_groups", ng)):
+            if v % tp:
+                raise ValueError(f"{name}={v} is not divisible by the tensor parallel size {tp}")
+        self.heads_per_group = nh // ng
+        self.num_heads_local = nh // tp
+        self.num_groups_local = ng // tp
+        self.head_dim = d
+        init = init_method_normal(config.init_method_std)
+        self.linear_qkv = ColumnParallelLinear(
+            config.hidden_size, (nh + 2 * ng) * d, config=config, init_method=init,
+            bias=config.add_bias_linear or config.add_qkv_bias, gather_output=False,
+            parallel_state=ps)
+        self.q_layernorm = self.k_layernorm = None
+        if config.qk_layernorm:
+            # Each TP rank normalises only its own heads, so these grads are partial over TP.
+            self.q_layernorm = build_norm(config, d, sequence_parallel=tp > 1)
+            self.k_layernorm = build_norm(config, d, sequence_parallel=tp > 1)
+        self.linear_proj = RowParallelLinear(
+            nh * d, config.hidden_size, config=config,
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            bias=config.add_bias_linear, input_is_parallel=True, skip_bias_add=True,
+            parallel_state=ps)
+
+    def split_qkv(self, mixed: torch.Tensor):
+        """``[S, B, ng_l*(hpg+2)*d]`` -> q ``[S, B, nh_l, d]``, k, v ``[S, B, ng_l, d]``."""
+        S, B = mixed.shape[:2]
+        d, hpg = self.head_dim, self.heads_per_group
+        mixed = mixed.view(S, B, self.num_groups_local, (hpg + 2) * d)
+        q, k, v = torch.split(mixed, [hpg * d, d, d], dim=3)
+        return q.reshape(S, B, self.num_heads_local, d), k, v
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: torch.Tensor | None = None):
+        mixed, _ = self.linear_qkv(hidden)
+        q, k, v = self.split_qkv(mixed)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if rotary_pos_emb is not None:
+            q = apply_rotary_pos_emb(q, rotary_pos_emb)
+            k = apply_rotary_pos_emb(k, rotary_pos_emb)
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+
+        def attend(q_, k_, v_):
+            # Heads differ across TP ranks, so their dropout masks come from the TP-rank RNG.
+            rng = tp_random.get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+            with rng:
+                return core_attention(q_, k_, v_, attention_mask, dropout_p)
+
+        if self.config.recompute_granularity == "selective" and torch.is_grad_enabled():
+            context = tp_random.checkpoint(attend, False, q, k, v, group=self.tp_group)
+        else:
+            context = attend(q, k, v)
+        return self.linear_proj(context)

@@ -1,0 +1,71 @@
+"""One pre-norm transformer layer: attention and an MLP (dense or MoE), each in a residual block.
+
+``x -> input_layernorm -> self_attention -> dropout -> + x -> pre_mlp_layernorm -> mlp -> dropout
+-> + residual``. Whether the MLP is a :class:`MoELayer` is read from
+``config.moe_layer_pattern()[layer_number - 1]`` (``layer_number`` is 1-based and global across
+pipeline stages).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecore.parallel_state import ParallelState, get_parallel_state
+from moecore.tensor_parallel import random as tp_random
+from moecore.transformer.attention import SelfAttention
+from moecore.transformer.mlp import MLP
+from moecore.transformer.norms import build_norm
+
+
+class TransformerLayer(nn.Module):
+    """``forward(hidden [S, B, H], attention_mask=None, rotary_pos_emb=None) -> [S, B, H]``.
+
+    ``S`` is the local shard ``S/tp`` under sequence parallel. ``rotary_pos_emb`` is the
+    ``[S_full, B or 1, 1, rot_dim]`` angle tensor of :class:`RotaryEmbedding`.
+    ``config.moe_layer_recompute`` recomputes the MoE MLP in backward instead of storing its
+    activations (the whole-layer ``full`` recompute lives in :class:`TransformerBlock`, which
+    decides which layers to checkpoint).
+    """
+
+    def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
+        super().__init__()
+        if not 1 <= layer_number <= config.num_layers:
+            raise ValueError(f"layer_number={layer_number} must be in [1, num_layers="
+                             f"{config.num_layers}] (it is 1-based)")
+        ps = parallel_state or get_parallel_state()
+        self.config = config
+        self.layer_number = layer_number
+        self.tp_group = ps.tp_group
+        self.is_moe = config.moe_layer_pattern()[layer_number - 1]
+        self.input_layernorm = build_norm(config, config.hidden_size)
+        self.self_attention = SelfAttention(config, layer_number, parallel_state=ps)
+        self.pre_mlp_layernorm = build_norm(config, config.hidden_size)
+        if self.is_moe:
+            from moecore.moe.layer import MoELayer  # the MoE package imports transformer.mlp
+
+            self.mlp = MoELayer(config, layer_number=layer_number, parallel_state=ps)
+        else:
+            self.mlp = MLP(config, parallel_state=ps)
+
+    def _bias_dropout_add(self, out, bias, residual):
+        if bias is not None:
+            out = out + bias
+        return residual + F.dropout(out, p=self.config.hidden_dropout, training=self.training)
+
+    def _mlp(self, x: torch.Tensor):
+        if self.is_moe and self.config.moe_layer_recompute and torch.is_grad_enabled():
+            return tp_random.checkpoint(lambda t: self.mlp(t)[0], False, x,
+                                        group=self.tp_group), None
+        return self.mlp(x)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+        post_ln_residual = self.config.apply_residual_connection_post_layernorm
+        x = self.input_layernorm(hidden)
+        attn_out, attn_bias = self.self_attention(x, attention_mask, rotary_pos_emb)
+        hidden = self._bias_dropout_add(attn_out, attn_bias, x if post_ln_residual else hidden)
+        x = self.pre_mlp_layernorm(hidden)
+        mlp_out, mlp_bias = self._mlp(x)
+        return self._bias_dropout_add(mlp_out, mlp_bias, x if post_ln_residual else hidden)

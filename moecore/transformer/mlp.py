@@ -1,0 +1,83 @@
+"""Dense tensor-parallel MLP: ``linear_fc1`` (column) -> activation -> ``linear_fc2`` (row).
+
+With ``gated_linear_unit`` (SwiGLU when ``activation_func`` is silu) ``linear_fc1`` produces
+``2F`` outputs. TP rank ``r`` holds ``[gate_r | up_r]`` (its ``F/tp`` gate rows followed by its
+``F/tp`` up rows), so the activation needs no communication. In Megatron's terms the fc1 weight
+is split with ``partition_stride=2``: the full master weight is ``[gate; up]`` (``[2F, H]``) and
+rank ``r`` holds chunks ``r`` and ``r + tp`` of its ``2 * tp`` row chunks. The init draws the
+``[gate; up]`` master weight exactly as at TP=1 and reorders rows so each contiguous shard is
+``[gate_r; up_r]``: TP=1 and TP=N start as the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moecore.parallel_state import ParallelState, get_parallel_state
+from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
+
+
+def glu_interleaved_init(base_init, tp: int):
+    """Init for the full ``[2F, H]`` fc1 master weight: draw ``[gate; up]`` with ``base_init``,
+    then order rows as ``[gate_0; up_0; gate_1; up_1; ...]`` (``F/tp`` rows each) so the
+    contiguous TP shard ``r`` is ``[gate_r; up_r]``."""
+
+    def init_(w: torch.Tensor) -> torch.Tensor:
+        base_init(w)
+        if tp == 1:
+            return w
+        two_f = w.shape[0]
+        if two_f % (2 * tp):
+            raise ValueError(f"fc1 rows {two_f} must be divisible by 2 * tp = {2 * tp}")
+        with torch.no_grad():
+            gate, up = w.view(2, tp, two_f // (2 * tp), *w.shape[1:]).unbind(0)
+            w.copy_(torch.stack((gate, up), dim=1).reshape(w.shape))
+        return w
+
+    return init_
+
+
+class MLP(nn.Module):
+    """``forward(hidden [S, B, H]) -> (out [S, B, H], bias [H] or None)``.
+
+    ``hidden``/``out`` are ``[S/tp, B, H]`` under sequence parallel. ``bias`` is ``linear_fc2``'s
+    bias left for the caller to add (fused with dropout and the residual).
+    """
+
+    def __init__(self, config, ffn_hidden_size: int | None = None,
+                 parallel_state: ParallelState | None = None):
+        super().__init__()
+        ps = parallel_state or get_parallel_state()
+        check_tp_size(config, ps)
+        self.config = config
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        if ffn % ps.tp_size:
+            raise ValueError(f"ffn_hidden_size={ffn} is not divisible by the tensor parallel size "
+                             f"{ps.tp_size}")
+        self.gated = config.gated_linear_unit
+        self.activation_func = config.activation_func
+        init = init_method_normal(config.init_method_std)
+        if self.gated:
+            init = glu_interleaved_init(init, ps.tp_size)
+        self.linear_fc1 = ColumnParallelLinear(
+            config.hidden_size, 2 * ffn if self.gated else ffn, config=config, init_method=init,
+            bias=config.add_bias_linear, gather_output=False, parallel_state=ps)
+        if self.gated:
+            for p in self.linear_fc1.parameters():
+                p.partition_stride = 2
+        self.linear_fc2 = RowParallelLinear(
+            ffn, config.hidden_size, config=config,
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            bias=config.add_bias_linear, input_is_parallel=True, skip_bias_add=True,
+            parallel_state=ps)
+
+    def forward(self, hidden: torch.Tensor):
+        x, _ = self.linear_fc1(hidden)
+        if self.gated:
+            gate, up = torch.chunk(x, 2, dim=-1)
+            x = self.activation_func(gate) * up
+        else:
+            x = self.activation_func(x)
+        return self.linear_fc2(x)
