@@ -253,6 +253,9 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_parallel(args, world_size)
     _validate_batch_and_schedule(args)
     if args.num_experts is not None:
+        if args.add_bias_linear:
+            raise ValueError("MoE expert MLPs have no bias (as Megatron-Core's GroupedMLP); "
+                             "pass --disable-bias-linear with --num-experts")
         pattern = args.moe_layer_freq
         if isinstance(pattern, list) and len(pattern) != args.num_layers:
             raise ValueError(f"--moe-layer-freq pattern has {len(pattern)} entries but "

@@ -34,9 +34,10 @@ POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
 class LanguageModelEmbedding(nn.Module):
     """``forward(input_ids [B, S], position_ids [B, S] | None) -> [S, B, H]``.
 
-    Word embeddings are vocab-parallel (all-reduced over TP inside); learned absolute position
-    embeddings are replicated. Under sequence parallel the output is scattered along ``S`` over
-    the TP group (``[S/tp, B, H]``). Dropout is ``config.hidden_dropout``.
+    Word embeddings are vocab-parallel (summed over the TP group); learned absolute position
+    embeddings are replicated. Under sequence parallel the output is this rank's ``[S/tp, B, H]``
+    slice (one reduce-scatter over TP, or all-reduce + scatter when learned positions must be
+    added to the full sequence first). Dropout is ``config.hidden_dropout``.
     """
 
     def __init__(self, config, vocab_size: int, max_sequence_length: int,
@@ -92,6 +93,8 @@ class GPTModel(nn.Module):
     ``post_process`` it returns the hidden states ``[S(/tp), B, H]`` for the next stage.
     ``attention_mask`` is ``None`` (causal) or a bool mask ``[B, 1, S, S]``, ``True`` = masked.
 
+    ``share_embeddings_and_output_weights`` and ``position_embedding_type`` (``rope``,
+    ``learned_absolute`` or ``none``) default to the config's fields of those names.
     ``num_layers``/``layer_offset`` choose this stage's layers (default: the pipeline stage's even
     share); interleaved pipelines build one model chunk per virtual stage with explicit values.
     With ``share_embeddings_and_output_weights`` the output head uses the word-embedding weight;
@@ -102,13 +105,17 @@ class GPTModel(nn.Module):
 
     def __init__(self, config, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True,
-                 share_embeddings_and_output_weights: bool = False,
-                 position_embedding_type: str = "rope",
+                 share_embeddings_and_output_weights: bool | None = None,
+                 position_embedding_type: str | None = None,
                  parallel_state: ParallelState | None = None,
                  num_layers: int | None = None, layer_offset: int | None = None):
         super().__init__()
         ps = parallel_state or get_parallel_state()
         check_tp_size(config, ps)
+        if position_embedding_type is None:
+            position_embedding_type = config.position_embedding_type
+        if share_embeddings_and_output_weights is None:
+            share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
         if position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(f"position_embedding_type={position_embedding_type!r}; choose one "
                              f"of {POSITION_EMBEDDING_TYPES}")

@@ -86,17 +86,29 @@ def _torch_auto_ok(device=None, dtype=None, **_) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+@functools.cache
+def _empty_groups_write_zeros(device: torch.device) -> bool:
+    """Whether the weight-gradient kernel writes zeros for groups with no rows by itself.
+
+    True on Hopper (sm90; tests/gpu checks it on recycled, NaN-filled memory). Elsewhere
+    (Blackwell: pytorch#172439; CPU and pre-sm90 fallbacks: unverified) we zero them ourselves,
+    which costs one pass over the weight gradient.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 class _TorchGroupedMM(torch.autograd.Function):
     """``torch._grouped_mm`` with our own backward.
 
     PyTorch's built-in backward rejects the stride-0 gradients of ``y.sum()``-style losses and
     (on some GPUs, pytorch#172439) leaves garbage in the weight gradient of experts with no rows;
-    here the gradient is made contiguous and empty experts' weight gradients are zeroed.
+    here the gradient is made contiguous and, where needed, empty experts' gradients are zeroed.
     """
 
     @staticmethod
     def forward(ctx, x, w, offs, empty):
         ctx.save_for_backward(x, w, offs, empty)
+        ctx.zero_empty = not _empty_groups_write_zeros(x.device)
         return torch._grouped_mm(x, w, offs=offs)
 
     @staticmethod
@@ -109,7 +121,8 @@ class _TorchGroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # 2D x 2D with groups along the contraction (token) dim -> [E, K, M].
             dw = torch._grouped_mm(x.t(), dy, offs=offs)
-            dw.masked_fill_(empty[:, None, None], 0)
+            if ctx.zero_empty:
+                dw.masked_fill_(empty[:, None, None], 0)
         return dx, dw, None, None
 
 
@@ -170,6 +183,7 @@ TE_NOT_WIRED = (
     "(PyTorch >= 2.8, bf16, sm90+) or 'grouped_gemm' (" + GROUPED_GEMM_INSTALL + ")")
 
 
+@functools.cache
 def _te_available(**_) -> tuple[bool, str]:
     try:
         import transformer_engine.pytorch  # noqa: F401

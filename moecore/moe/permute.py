@@ -105,9 +105,11 @@ def unpermute(permuted: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: 
         raise ValueError(f"permuted_probs {tuple(permuted_probs.shape)} must be [N] = "
                          f"{tuple(sorted_indices.shape)}")
     acc_dtype = torch.float32 if permuted.element_size() < 4 else permuted.dtype
-    rows = permuted.to(acc_dtype)
     if permuted_probs is not None:
-        rows = rows * permuted_probs.to(acc_dtype).unsqueeze(-1)
+        # 16-bit rows times fp32 probs: type promotion makes the product fp32 in one kernel.
+        rows = permuted * permuted_probs.to(acc_dtype).unsqueeze(-1)
+    else:
+        rows = permuted.to(acc_dtype)
     # Padding rows go to an extra dump row, so nothing from them (even NaN from never-written
     # kernel output) reaches a real token, and no host sync is needed to find them.
     index = torch.where(sorted_indices < 0, num_tokens, sorted_indices)

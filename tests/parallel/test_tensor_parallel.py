@@ -33,11 +33,19 @@ from moecore.tensor_parallel import (
     scatter_to_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
+from moecore.tensor_parallel.random import get_device_rng_state, set_device_rng_state
 from tests.dist_harness import run_distributed
 
 TOL = 1e-5
 S, B, H, FFN, V = 8, 2, 16, 32, 64
 SINGLE = ParallelState.single()
+# Tests run on CPU/gloo; _worker(..., device="cuda") runs the same checks over NCCL by hand.
+_DEVICE = torch.device("cpu")
+
+
+def _randn(g, *shape):
+    """Draw on the CPU from ``g`` (identical on every rank), then move to the test device."""
+    return torch.randn(*shape, generator=g).to(_DEVICE)
 
 
 def _check(name, got, ref, tol=TOL):
@@ -109,8 +117,8 @@ def _check_variable_mappings(ps, g):
     tp, r = ps.tp_size, ps.tp_rank
     sizes = [(3 * j + 2) % 5 for j in range(tp)]  # [2, 0] or [2, 0, 3, 1]
     n = sum(sizes)
-    pieces = [torch.randn(s, B, H, generator=g) for s in sizes]
-    fulls = [torch.randn(n, B, H, generator=g) for _ in range(tp)]
+    pieces = [_randn(g, s, B, H) for s in sizes]
+    fulls = [_randn(g, n, B, H) for _ in range(tp)]
     for reduce in (True, False):
         y, gx = _run(gather_from_sequence_parallel_region, pieces[r], fulls[r],
                      tensor_parallel_output_grad=reduce, output_split_sizes=sizes)
@@ -124,8 +132,8 @@ def _check_variable_mappings(ps, g):
 
     # all_to_all: rank i sends M[i][j] rows to rank j.
     M = [[(i + 2 * j) % 3 for j in range(tp)] for i in range(tp)]
-    xs = [torch.randn(sum(M[i]), H, generator=g) for i in range(tp)]
-    gs = [torch.randn(sum(M[i][j] for i in range(tp)), H, generator=g) for j in range(tp)]
+    xs = [_randn(g, sum(M[i]), H) for i in range(tp)]
+    gs = [_randn(g, sum(M[i][j] for i in range(tp)), H) for j in range(tp)]
     recv = [M[i][r] for i in range(tp)]
     y, gx = _run(all_to_all, xs[r], gs[r], output_split_sizes=recv, input_split_sizes=M[r],
                  group=ps.tp_group)
@@ -137,8 +145,8 @@ def _check_variable_mappings(ps, g):
 def _check_mappings(ps):
     g = torch.Generator().manual_seed(11)
     tp, r = ps.tp_size, ps.tp_rank
-    xs = [torch.randn(S, B, H, generator=g) for _ in range(tp)]
-    gs = [torch.randn(S, B, H, generator=g) for _ in range(tp)]
+    xs = [_randn(g, S, B, H) for _ in range(tp)]
+    gs = [_randn(g, S, B, H) for _ in range(tp)]
     _check_dense_mappings(ps, xs, gs)
     _check_variable_mappings(ps, g)
     _check("all_reduce_no_grad", all_reduce_no_grad(xs[r].clone()), sum(xs))
@@ -161,7 +169,7 @@ def _set_random_biases(pairs, ps, g):
     """Biases start at zero; give them values so the forward checks that they are added."""
     with torch.no_grad():
         for par, ref, dim in pairs:
-            ref.copy_(torch.randn(ref.shape, generator=g))
+            ref.copy_(_randn(g, *ref.shape))
             par.copy_(ref if dim is None else ref.chunk(ps.tp_size, dim)[ps.tp_rank])
 
 
@@ -171,20 +179,20 @@ def _check_mlp(ps, bias, sp, gather=False):
     torch.manual_seed(21)
     cfg = _cfg(tp, sp, bias)
     fc1 = ColumnParallelLinear(H, FFN, config=cfg, bias=bias, gather_output=gather,
-                               parallel_state=ps)
+                               parallel_state=ps).to(_DEVICE)
     fc2 = RowParallelLinear(FFN, H, config=cfg, bias=bias, input_is_parallel=not gather,
-                            parallel_state=ps)
+                            parallel_state=ps).to(_DEVICE)
     torch.manual_seed(21)
     ref_cfg = _cfg(1, False, bias)
-    r1 = ColumnParallelLinear(H, FFN, config=ref_cfg, bias=bias, parallel_state=SINGLE)
-    r2 = RowParallelLinear(FFN, H, config=ref_cfg, bias=bias, parallel_state=SINGLE)
+    r1 = ColumnParallelLinear(H, FFN, config=ref_cfg, bias=bias, parallel_state=SINGLE).to(_DEVICE)
+    r2 = RowParallelLinear(FFN, H, config=ref_cfg, bias=bias, parallel_state=SINGLE).to(_DEVICE)
     _check(f"{tag} fc1 init", fc1.weight, r1.weight.chunk(tp, 0)[r], 0)
     _check(f"{tag} fc2 init", fc2.weight, r2.weight.chunk(tp, 1)[r], 0)
     g = torch.Generator().manual_seed(22)
     if bias:
         assert fc2.bias.sequence_parallel == sp
         _set_random_biases([(fc1.bias, r1.bias, 0), (fc2.bias, r2.bias, None)], ps, g)
-    x, gout = torch.randn(S, B, H, generator=g), torch.randn(S, B, H, generator=g)
+    x, gout = _randn(g, S, B, H), _randn(g, S, B, H)
 
     xl = _sp_slice(x, ps, sp).clone().requires_grad_(True)
     out = fc2(F.gelu(fc1(xl)[0]))[0]
@@ -210,14 +218,15 @@ def _check_embedding(ps, sp):
     cfg = _cfg(tp, sp)
     torch.manual_seed(31)
     emb = VocabParallelEmbedding(V, H, config=cfg, reduce_scatter_embeddings=sp,
-                                 parallel_state=ps)
+                                 parallel_state=ps).to(_DEVICE)
     torch.manual_seed(31)
-    ref = VocabParallelEmbedding(V, H, config=_cfg(1), parallel_state=SINGLE)
+    ref = VocabParallelEmbedding(V, H, config=_cfg(1), parallel_state=SINGLE).to(_DEVICE)
     g = torch.Generator().manual_seed(32)
     ids = torch.randint(0, V, (B, S), generator=g)
     ids[0, :tp] = torch.arange(tp) * (V // tp) + 1  # every rank owns some ids
     ids[1, 0] = V - 1
-    gout = torch.randn(S, B, H, generator=g)  # [S, B, H] layout of the upstream grad
+    ids = ids.to(_DEVICE)
+    gout = _randn(g, S, B, H)  # [S, B, H] layout of the upstream grad
     out = emb(ids)
     if sp:  # [S/tp, B, H] shard of the transposed output
         out.backward(gout.chunk(tp, 0)[r])
@@ -233,9 +242,9 @@ def _check_embedding(ps, sp):
 def _check_cross_entropy(ps, label_smoothing):
     tp, r = ps.tp_size, ps.tp_rank
     g = torch.Generator().manual_seed(41)
-    logits = 3 * torch.randn(S, B, V, generator=g)
-    target = torch.randint(0, V, (S, B), generator=g)
-    w = torch.rand(S, B, generator=g)
+    logits = 3 * _randn(g, S, B, V)
+    target = torch.randint(0, V, (S, B), generator=g).to(_DEVICE)
+    w = torch.rand(S, B, generator=g).to(_DEVICE)
     local = logits.chunk(tp, -1)[r].clone().requires_grad_(True)
     loss = vocab_parallel_cross_entropy(local, target, label_smoothing=label_smoothing)
     (loss * w).sum().backward()
@@ -252,7 +261,7 @@ def _check_cross_entropy(ps, label_smoothing):
 def _check_rng(ps):
     world = dist.get_world_size()
     model_parallel_seed(1234)
-    ones = torch.ones(1, 256)
+    ones = torch.ones(1, 256, device=_DEVICE)
     outside = all_gather_no_grad(F.dropout(ones, 0.5), dist.group.WORLD)
     with get_rng_tracker().fork():
         inside = all_gather_no_grad(F.dropout(ones, 0.5), dist.group.WORLD)
@@ -280,15 +289,15 @@ def _block(x, fc1, fc2):
 def _check_checkpoint(ps):
     cfg = _cfg(ps.tp_size)
     torch.manual_seed(51)
-    fc1 = ColumnParallelLinear(H, FFN, config=cfg, parallel_state=ps)
-    fc2 = RowParallelLinear(FFN, H, config=cfg, parallel_state=ps)
+    fc1 = ColumnParallelLinear(H, FFN, config=cfg, parallel_state=ps).to(_DEVICE)
+    fc2 = RowParallelLinear(FFN, H, config=cfg, parallel_state=ps).to(_DEVICE)
     g = torch.Generator().manual_seed(52)
-    x0, gout = torch.randn(S, B, H, generator=g), torch.randn(S, B, H, generator=g)
+    x0, gout = _randn(g, S, B, H), _randn(g, S, B, H)
     model_parallel_seed(99)
-    cpu, tracked = torch.get_rng_state(), get_rng_tracker().get_states()
+    default, tracked = get_device_rng_state(), get_rng_tracker().get_states()
     results = []
     for mode in ("plain", "recompute", "distributed"):
-        torch.set_rng_state(cpu)
+        set_device_rng_state(default)
         get_rng_tracker().set_states(tracked)
         fc1.zero_grad(set_to_none=True)
         fc2.zero_grad(set_to_none=True)
@@ -298,8 +307,8 @@ def _check_checkpoint(ps):
         else:
             out = checkpoint(_block, mode == "distributed", x, fc1, fc2)
         with get_rng_tracker().fork():
-            torch.rand(3)  # advance both streams between forward and backward
-        torch.rand(3)
+            torch.rand(3, device=_DEVICE)  # advance both streams between fwd and bwd
+        torch.rand(3, device=_DEVICE)
         out.backward(gout)
         results.append([out.detach(), x.grad, fc1.weight.grad, fc2.weight.grad])
     assert (results[0][0] == 0).any()
@@ -313,14 +322,18 @@ def _check_bad_input(ps):
     cfg = _cfg(tp)
     with pytest.raises(ValueError, match=rf"output_size={4 * tp + 1} is not divisible by the "
                                          rf"tensor parallel size {tp}.*multiple of {tp}"):
-        ColumnParallelLinear(H, 4 * tp + 1, config=cfg, parallel_state=ps)
+        ColumnParallelLinear(H, 4 * tp + 1, config=cfg, parallel_state=ps).to(_DEVICE)
     with pytest.raises(ValueError, match=rf"\(vocab size\)={V + 1} is not divisible .* {tp}"):
         VocabParallelEmbedding(V + 1, H, config=cfg)  # global state by default
     with pytest.raises(ValueError, match="not divisible by the group size"):
-        scatter_to_sequence_parallel_region(torch.zeros(tp + 1, 2))
+        scatter_to_sequence_parallel_region(torch.zeros(tp + 1, 2, device=_DEVICE))
 
 
-def _worker(rank, world, tp_sizes):
+def _worker(rank, world, tp_sizes, device="cpu"):
+    global _DEVICE
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        _DEVICE = torch.device("cuda", rank)
     for tp in tp_sizes:
         ps = initialize_model_parallel(tensor_model_parallel_size=tp)
         try:

@@ -70,6 +70,10 @@ def test_logits_loss_and_position_embeddings():
     assert learned.embedding.position_embeddings.weight.shape == (S, 32)
     shifted = torch.arange(S).flip(0)[None].expand(B, -1)
     assert (learned(ids) - learned(ids, position_ids=shifted)).abs().max() > 1e-4
+    from_cfg = GPTModel(_cfg(position_embedding_type="learned_absolute",
+                             share_embeddings_and_output_weights=True),
+                        vocab_size=V, max_sequence_length=S)  # defaults come from the config
+    assert from_cfg.rotary_pos_emb is None and from_cfg.output_layer.weight is None
     with pytest.raises(ValueError, match="max_sequence_length"):
         learned(torch.zeros(1, S + 1, dtype=torch.long))
     # RoPE also follows explicit position ids.
@@ -156,3 +160,44 @@ def test_moe_layer_recompute_and_bf16():
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     loss.mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_matches_hugging_face_llama_with_documented_qkv_layout():
+    """The QKV layout documented in ``attention.py`` and RoPE's rotate_half pairing make a
+    Hugging Face Llama (GQA, SwiGLU, RMSNorm) load without permutations and give equal logits."""
+    tf = pytest.importorskip("transformers")
+    h, f, nh, ng, layers = 32, 48, 4, 2, 2
+    d, hpg = h // nh, nh // ng
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(
+        hidden_size=h, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=nh,
+        num_key_value_heads=ng, vocab_size=V, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False, max_position_embeddings=S)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)  # HF starts norms at 1: make the mapping observable
+    sd = hf.state_dict()
+    ours = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+            "decoder.final_layernorm.weight": sd["model.norm.weight"],
+            "output_layer.weight": sd["lm_head.weight"]}
+    for i in range(layers):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = sd[p + "self_attn.q_proj.weight"].view(ng, hpg * d, h)
+        k = sd[p + "self_attn.k_proj.weight"].view(ng, d, h)
+        v = sd[p + "self_attn.v_proj.weight"].view(ng, d, h)
+        ours.update({
+            m + "input_layernorm.weight": sd[p + "input_layernorm.weight"],
+            m + "self_attention.linear_qkv.weight": torch.cat([q, k, v], 1).reshape(-1, h),
+            m + "self_attention.linear_proj.weight": sd[p + "self_attn.o_proj.weight"],
+            m + "pre_mlp_layernorm.weight": sd[p + "post_attention_layernorm.weight"],
+            m + "mlp.linear_fc1.weight": torch.cat([sd[p + "mlp.gate_proj.weight"],
+                                                    sd[p + "mlp.up_proj.weight"]]),
+            m + "mlp.linear_fc2.weight": sd[p + "mlp.down_proj.weight"]})
+    cfg = TransformerConfig(num_layers=layers, hidden_size=h, num_attention_heads=nh,
+                            num_query_groups=ng, ffn_hidden_size=f, layernorm_epsilon=1e-5)
+    model = GPTModel(cfg, vocab_size=V, max_sequence_length=S).eval()
+    model.load_state_dict(ours, strict=True)
+    ids = torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, model(ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5

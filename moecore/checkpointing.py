@@ -1,0 +1,313 @@
+"""Per-rank checkpoints in Megatron's ``torch`` layout, saved atomically.
+
+Layout under ``--save``::
+
+    latest_checkpointed_iteration.txt          # "1000": the newest complete checkpoint
+    iter_0001000/mp_rank_{tp:02d}[_{pp:03d}]_{ep:03d}/model_optim_rng.pt
+
+One file per distinct model shard: ranks with the same (tp, pp, ep[, etp]) coordinates hold
+identical parameters (data-parallel replicas), and the lowest such rank writes it, including
+the RNG states of all its replicas. A file holds the model and optimizer state (fp32 main params
+and loss scaler included), the LR scheduler, every RNG state (Python, NumPy, torch CPU/CUDA, the
+TP/EP tracker), the iteration, the data position (consumed samples) and the args.
+
+Atomicity: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 renames it to
+``iter_XXXXXXX/`` and only then replaces the tracker file (write to a temp file + rename). A
+crash at any point leaves the previous checkpoint and tracker untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moecore.parallel_state import ParallelState, get_parallel_state
+from moecore.tensor_parallel.random import get_rng_tracker
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILENAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+# ---- paths -----------------------------------------------------------------------------------
+def shard_key(ps: ParallelState) -> tuple[int, int, int, int]:
+    """(tp, pp, ep, etp) ranks: the coordinates that decide which parameters a rank holds."""
+    return (ps.tp_rank, ps.pp_rank, ps.ep_rank, ps.etp_rank)
+
+
+def shard_dirname(ps: ParallelState) -> str:
+    tp, pp, ep, etp = shard_key(ps)
+    name = f"mp_rank_{tp:02d}"
+    if ps.pp_size > 1:
+        name += f"_{pp:03d}"
+    name += f"_{ep:03d}"
+    if ps.etp_size != ps.tp_size:  # expert shards then vary independently of the dense ones
+        name += f"_etp{etp:02d}"
+    return name
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def checkpoint_file(root: str, iteration: int, ps: ParallelState | None = None) -> str:
+    ps = ps or get_parallel_state()
+    return os.path.join(iteration_dir(root, iteration), shard_dirname(ps), CHECKPOINT_FILENAME)
+
+
+def read_tracker(root: str) -> int | None:
+    """The iteration in ``root``'s tracker file; None when there is none."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path} should hold an iteration number but contains "
+                              f"{text[:40]!r}; fix or delete it") from None
+
+
+# ---- RNG -------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    """This process's RNG states (plain Python types and tensors, loadable weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"random_rng_state": random.getstate(),
+            "np_rng_state": (kind, [int(k) for k in keys], int(pos), int(has_gauss),
+                             float(cached)),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "rng_tracker_states": get_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["random_rng_state"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["np_rng_state"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    get_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+# ---- collectives -----------------------------------------------------------------------------
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _all_gather(obj) -> list:
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(obj: dict, path: str) -> None:
+    """Write one shard file (durably: flushed and fsynced before the directory is renamed)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_tracker(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER_FILENAME))
+    _fsync_dir(root)
+
+
+# ---- save ------------------------------------------------------------------------------------
+def save_checkpoint(iteration: int, model: nn.Module, optimizer, scheduler, args,
+                    data_state: dict | None = None,
+                    parallel_state: ParallelState | None = None) -> str:
+    """Save this rank's shard of iteration ``iteration`` under ``args.save`` (collective).
+
+    ``data_state``: ``{"consumed_train_samples": int, "consumed_valid_samples": int}``.
+    ``args.no_save_optim`` / ``args.no_save_rng`` leave those parts out. Returns the iteration
+    directory.
+    """
+    from moecore.arguments import args_to_dict
+
+    ps = parallel_state or get_parallel_state()
+    root = args.save
+    final_dir = iteration_dir(root, iteration)
+    tmp_dir = final_dir + ".tmp"
+    key = shard_key(ps)
+    gathered = _all_gather((ps.rank, key, None if args.no_save_rng else get_rng_state()))
+    sharers = sorted((r, rng) for r, k, rng in gathered if k == key)
+    is_writer = sharers[0][0] == ps.rank
+    if ps.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crashed save
+        os.makedirs(tmp_dir)
+    _barrier()
+    if is_writer:
+        state = {
+            "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+            "model": model.state_dict(), "args": args_to_dict(args),
+            "parallel_layout": _layout(ps), "rng_ranks": [r for r, _ in sharers],
+            **(data_state or {}),
+        }
+        if not args.no_save_optim:
+            state["optimizer"] = optimizer.state_dict()
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if not args.no_save_rng:
+            state["rng_state"] = [rng for _, rng in sharers]
+        shard_dir = os.path.join(tmp_dir, shard_dirname(ps))
+        os.makedirs(shard_dir, exist_ok=True)
+        _write_file(state, os.path.join(shard_dir, CHECKPOINT_FILENAME))
+    _barrier()
+    if ps.rank == 0:
+        if os.path.exists(final_dir):  # saving an iteration again (e.g. after a resume)
+            old = final_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final_dir, old)
+            os.rename(tmp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, final_dir)
+        _fsync_dir(root)
+        _replace_tracker(root, iteration)
+    _barrier()
+    return final_dir
+
+
+def _layout(ps: ParallelState) -> dict:
+    s = ps.sizes
+    return {"world_size": s.world_size, "tp": s.tp, "pp": s.pp, "cp": s.cp, "ep": s.ep,
+            "etp": s.expert_tp, "order": s.order}
+
+
+# ---- load ------------------------------------------------------------------------------------
+def _read_shard(path: str, ps: ParallelState) -> dict:
+    if not os.path.isfile(path):
+        shards = sorted(os.listdir(os.path.dirname(os.path.dirname(path)))) \
+            if os.path.isdir(os.path.dirname(os.path.dirname(path))) else []
+        raise CheckpointError(
+            f"checkpoint file {path} is missing for rank {ps.rank} (shard "
+            f"{shard_dirname(ps)}); the iteration directory holds {shards or 'nothing'}. "
+            "Was it saved with different parallel sizes or interrupted?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zips, bad pickles, I/O errors
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              "; restore it or point --load at another checkpoint") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint file {path} has no model state; it is not a moecore "
+                              "checkpoint")
+    return state
+
+
+def check_model_state(model: nn.Module, saved: dict, path: str) -> None:
+    """Raise :class:`CheckpointError` naming the file and parameter on any key/shape mismatch."""
+    current = model.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint file {path} does not match the model: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in current.items():
+        if tuple(saved[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"checkpoint file {path}: parameter {k!r} has shape {tuple(saved[k].shape)} in "
+                f"the checkpoint but {tuple(v.shape)} in the model; the model flags (sizes, "
+                "vocab, parallel layout) differ from the run that saved it")
+
+
+def _check_layout(state: dict, ps: ParallelState, path: str) -> None:
+    saved, ours = state.get("parallel_layout"), _layout(ps)
+    if saved is None:
+        return
+    keys = ("tp", "pp", "ep", "etp")
+    if any(saved.get(k) != ours[k] for k in keys):
+        desc = lambda d: ", ".join(f"{k}={d.get(k)}" for k in keys)  # noqa: E731
+        raise CheckpointError(f"checkpoint file {path} was saved with {desc(saved)} but this run "
+                              f"uses {desc(ours)}; resume with the same parallel sizes "
+                              "(resharding is not supported yet)")
+
+
+def load_checkpoint(model: nn.Module, optimizer, scheduler, args,
+                    parallel_state: ParallelState | None = None) -> dict | None:
+    """Load ``args.load``'s latest checkpoint into ``model``/``optimizer``/``scheduler``.
+
+    Honors ``--no-load-optim`` (model only; the fp32 main params are refreshed from it),
+    ``--no-load-rng`` and ``--finetune`` (model only, iteration 0). Returns ``{"iteration",
+    "consumed_train_samples", "consumed_valid_samples"}``, or None when ``args.load`` holds no
+    checkpoint (training starts from scratch unless ``--exit-on-missing-checkpoint``).
+    """
+    ps = parallel_state or get_parallel_state()
+    root = args.load
+    iteration = read_tracker(root) if root else None
+    if iteration is None:
+        msg = f"no checkpoint found at --load {root} ({TRACKER_FILENAME} missing)"
+        if getattr(args, "exit_on_missing_checkpoint", False):
+            raise CheckpointError(msg + " and --exit-on-missing-checkpoint is set")
+        if ps.rank == 0:
+            print(f"WARNING: {msg}; training from scratch", flush=True)
+        return None
+    path = checkpoint_file(root, iteration, ps)
+    state = _read_shard(path, ps)
+    _check_layout(state, ps, path)
+    check_model_state(model, state["model"], path)
+    model.load_state_dict(state["model"], strict=True)
+    finetune = bool(getattr(args, "finetune", False))
+    if not finetune and not args.no_load_optim and "optimizer" in state:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint file {path}: optimizer/scheduler state does not "
+                                  f"fit this run ({e}); pass --no-load-optim to load the model "
+                                  "only") from e
+    else:
+        optimizer.reload_model_params()
+    if not finetune and not args.no_load_rng and state.get("rng_state"):
+        ranks = state.get("rng_ranks", [])
+        rngs = state["rng_state"]
+        # A rank restores the state its own replica saved; with a new layout, the first one.
+        idx = ranks.index(ps.rank) if ps.rank in ranks and len(ranks) == len(rngs) else 0
+        set_rng_state(rngs[idx])
+    _barrier()
+    if finetune:
+        return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0}
+    return {"iteration": int(state["iteration"]),
+            "consumed_train_samples": int(state.get("consumed_train_samples", 0)),
+            "consumed_valid_samples": int(state.get("consumed_valid_samples", 0))}

@@ -1,0 +1,211 @@
+"""``pretrain``: Megatron-style training loop (micro-batches, grad sync, clip, step, schedule,
+logging, evaluation, checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moecore import parallel_state as mpu
+from moecore.arguments import parse_args
+from moecore.checkpointing import load_checkpoint, save_checkpoint
+from moecore.moe.losses import MoEAuxLossAutoScaler, MoELossTracker
+from moecore.optimizer import (
+    MegatronOptimizer,
+    build_scheduler,
+    finalize_model_grads,
+    get_megatron_optimizer,
+)
+from moecore.parallel_state import ParallelState
+from moecore.training import builders, initialize
+from moecore.training.logger import print_rank_0
+from moecore.training.state import RunState
+
+
+def _all_reduce_mean(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    group = ps.group("data_parallel_with_cp")
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return t
+
+
+def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``sum(loss * mask) / sum(mask)`` over a micro-batch, in fp32 (``[B, S]`` inputs)."""
+    mask = loss_mask.float()
+    return (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def forward_step(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Per-token loss ``[B, S]`` of one micro-batch (``tokens``/``labels``/``position_ids``)."""
+    return model(batch["tokens"], batch.get("position_ids"), attention_mask=None,
+                 labels=batch["labels"])
+
+
+def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler, data_iterator,
+               args, ps: ParallelState) -> dict:
+    """One iteration over ``args.num_microbatches`` micro-batches.
+
+    Each micro-batch's loss is its masked mean; ``loss / num_microbatches`` is back-propagated
+    (times the fp16 loss scale), so gradients are the mean over the global batch. MoE aux losses
+    reach the router through :class:`MoEAuxLossAutoScaler` with the same scaling.
+    Returns ``{"lm loss": DP-mean loss, "grad_norm", "updated", "lr"}``.
+    """
+    n_mb = args.num_microbatches
+    device = torch.device(args.device)
+    model.train()
+    optimizer.zero_grad()
+    MoELossTracker.clear()
+    MoEAuxLossAutoScaler.set_loss_scale(optimizer.get_loss_scale().float().cpu() / n_mb)
+    losses = []
+    for _ in range(n_mb):
+        try:
+            batch = builders.batch_to_device(next(data_iterator), device)
+        except StopIteration:
+            raise RuntimeError("the training data ran out before --train-iters/--train-samples "
+                               "was reached; the dataset is smaller than the run") from None
+        loss = masked_mean_loss(forward_step(model, batch), batch["loss_mask"])
+        optimizer.scale_loss(loss / n_mb).backward()
+        losses.append(loss.detach())
+    finalize_model_grads(model, ps)
+    updated, grad_norm = optimizer.step()
+    if args.num_experts is not None and args.moe_router_enable_expert_bias:
+        from moecore.moe.router import update_expert_bias
+
+        update_expert_bias(model, ps)
+    if updated:
+        scheduler.step(increment=args.global_batch_size)
+    lm_loss = _all_reduce_mean(torch.stack(losses).mean().float(), ps)
+    return {"lm loss": lm_loss.item(), "grad_norm": grad_norm, "updated": updated,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_iterator, args, ps: ParallelState,
+             num_iters: int | None = None) -> tuple[dict[str, float], int]:
+    """Mean masked loss over ``num_iters`` (``--eval-iters``) global batches; returns
+    ``({"lm loss": value}, samples consumed)``."""
+    num_iters = args.eval_iters if num_iters is None else num_iters
+    device = torch.device(args.device)
+    model.eval()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
+    for _ in range(num_iters):
+        for _ in range(args.num_microbatches):
+            try:
+                batch = builders.batch_to_device(next(data_iterator), device)
+            except StopIteration:
+                raise RuntimeError("the validation data ran out; raise the valid share of "
+                                   "--split or lower --eval-iters") from None
+            total += masked_mean_loss(forward_step(model, batch), batch["loss_mask"])
+            count += 1
+    MoELossTracker.clear()  # eval forwards must not leak into the next training log
+    model.train()
+    mean = _all_reduce_mean(total / max(count, 1), ps)
+    return {"lm loss": mean.item()}, num_iters * args.global_batch_size
+
+
+def _build(args, ps, model_provider):
+    tokenizer = builders.build_tokenizer_from_args(args)
+    model = builders.build_model(args, ps, model_provider)
+    optimizer = get_megatron_optimizer(model, args, ps)
+    scheduler = build_scheduler(optimizer, args)
+    return tokenizer, model, optimizer, scheduler
+
+
+def pretrain(args: argparse.Namespace | list[str] | None = None,
+             model_provider: Callable | None = None,
+             log: Callable[[str], None] = print_rank_0) -> dict:
+    """Train a GPT model from Megatron flags (``args`` parsed, or an argv list, or ``sys.argv``).
+
+    ``model_provider(config, args, parallel_state) -> nn.Module`` replaces the default
+    ``GPTModel``; its forward must take ``(tokens, position_ids, attention_mask=None,
+    labels=...)`` and return the per-token loss ``[B, S]``. Initialises ``torch.distributed``
+    from the torchrun environment when needed, and the process groups; tears down what it
+    created. Returns a summary: ``iterations``, ``lm_loss``, ``grad_norm``, ``lr`` per trained
+    iteration, ``val_loss`` ``{iteration: loss}``, ``test_loss``, ``tokens_per_sec``, ``mfu``,
+    ``start_iteration``, ``final_iteration``.
+    """
+    if not isinstance(args, argparse.Namespace):
+        args = parse_args(args)
+    created_pg = initialize.initialize_distributed(args)
+    ps = initialize.initialize_model_parallel(args)
+    try:
+        initialize.set_seeds(args, ps)
+        tokenizer, model, optimizer, scheduler = _build(args, ps, model_provider)
+        run = RunState(args, ps, model, optimizer, log)
+        if args.load:
+            loaded = load_checkpoint(model, optimizer, scheduler, args, ps)
+            if loaded is not None:
+                run.restore(loaded)
+        run.log_startup(tokenizer)
+        train_ds, valid_ds, test_ds = builders.build_datasets(args, tokenizer)
+        train_it = builders.make_iterator(train_ds, args, run.consumed_train_samples, ps)
+        valid_it = builders.make_iterator(valid_ds, args, run.consumed_valid_samples, ps)
+        exited = False
+        if not args.skip_train:
+            exited = _train(run, model, optimizer, scheduler, train_it, valid_it, args, ps)
+        if not exited:  # --exit-interval/--exit-duration-in-mins stop right after the save
+            _final_evals(run, model, valid_it, test_ds, args, ps)
+        return run.summary()
+    finally:
+        if "run" in locals():
+            run.close()
+        mpu.destroy_model_parallel()
+        if created_pg:
+            dist.destroy_process_group()
+
+
+def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps) -> bool:
+    """Iterate to ``--train-iters``; True when an exit condition stopped the run early."""
+    start = time.time()
+    saved = False
+    while run.iteration < args.train_iters:
+        run.iteration_start()
+        out = train_step(model, optimizer, scheduler, train_it, args, ps)
+        run.iteration_end(out)
+        it = run.iteration
+        if args.eval_interval and it % args.eval_interval == 0 and valid_it is not None \
+                and args.eval_iters > 0:
+            losses, used = evaluate(model, valid_it, args, ps)
+            run.consumed_valid_samples += used
+            run.log_validation(f"iteration {it}", losses, it)
+        exit_now = bool(args.exit_interval and it % args.exit_interval == 0)
+        if args.exit_duration_in_mins:
+            elapsed = torch.tensor([(time.time() - start) / 60.0])
+            if dist.is_initialized():
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            exit_now = exit_now or elapsed.item() > args.exit_duration_in_mins
+        saved = False
+        if args.save and ((args.save_interval and it % args.save_interval == 0) or exit_now):
+            save_checkpoint(it, model, optimizer, scheduler, args, run.data_state(), ps)
+            saved = True
+        if exit_now:
+            run.log(f"exiting program at iteration {it}")
+            return True
+        if args.empty_unused_memory_level and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.save and run.iteration > run.start_iteration and not saved:
+        save_checkpoint(run.iteration, model, optimizer, scheduler, args, run.data_state(), ps)
+    return False
+
+
+def _final_evals(run: RunState, model, valid_it, test_ds, args, ps) -> None:
+    if args.eval_iters <= 0:
+        return
+    it = run.iteration
+    if valid_it is not None and not (args.eval_interval and it % args.eval_interval == 0 and
+                                     it > run.start_iteration):
+        losses, used = evaluate(model, valid_it, args, ps)
+        run.consumed_valid_samples += used
+        run.log_validation(f"iteration {it} on validation set", losses, it)
+    test_it = builders.make_iterator(test_ds, args, 0, ps)
+    if test_it is not None:
+        losses, _ = evaluate(model, test_it, args, ps)
+        run.test_loss = losses["lm loss"]
+        run.log_validation(f"iteration {it} on test set", losses, it, split="test")

@@ -1,0 +1,191 @@
+"""Run bookkeeping: iteration and data position, interval averages, log lines, metric writers,
+throughput/MFU, and the summary ``pretrain`` returns."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from moecore.arguments import transformer_config_from_args
+from moecore.moe.losses import MoELossTracker
+from moecore.optimizer import get_params_norm
+from moecore.training import mfu as mfu_lib
+from moecore.training.logger import MetricWriters, format_train_line, format_validation_lines
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class RunState:
+    """Everything about a run that changes per iteration and is not model/optimizer state."""
+
+    def __init__(self, args, ps, model, optimizer, log):
+        self.args, self.ps, self.model, self.optimizer, self.log = args, ps, model, optimizer, log
+        self.config = transformer_config_from_args(args)
+        self.iteration = self.start_iteration = 0
+        self.consumed_train_samples = self.consumed_valid_samples = 0
+        self.writers = MetricWriters(args)
+        self.flops_per_token = mfu_lib.flops_per_token(self.config, args.padded_vocab_size,
+                                                       args.seq_length)
+        self.peak = mfu_lib.peak_tflops(args.device, self.config.params_dtype, args.peak_tflops)
+        self.moe_layers = [i for i, m in enumerate(self.config.moe_layer_pattern()) if m]
+        self._reset_interval()
+        self.history: dict = {"iterations": [], "lm_loss": [], "grad_norm": [], "lr": [],
+                              "val_loss": {}, "tokens_per_sec": [], "mfu": [], "moe_losses": []}
+        self.test_loss = None
+
+    # ---- resume ----------------------------------------------------------------------------
+    def restore(self, loaded: dict) -> None:
+        self.iteration = self.start_iteration = loaded["iteration"]
+        self.consumed_train_samples = loaded["consumed_train_samples"]
+        self.consumed_valid_samples = loaded["consumed_valid_samples"]
+        self.log(f" > resumed from --load {self.args.load} at iteration {self.iteration} "
+                 f"(consumed samples: {self.consumed_train_samples})")
+
+    def data_state(self) -> dict:
+        return {"consumed_train_samples": self.consumed_train_samples,
+                "consumed_valid_samples": self.consumed_valid_samples}
+
+    # ---- start-up ----------------------------------------------------------------------------
+    def log_startup(self, tokenizer) -> None:
+        a, ps = self.args, self.ps
+        self.log(f" > world size {ps.sizes.world_size}: tp={ps.tp_size} pp={ps.pp_size} "
+                 f"dp={ps.dp_size} cp={ps.cp_size} ep={ps.ep_size} etp={ps.etp_size} "
+                 f"edp={ps.edp_size}; {a.num_microbatches} micro-batches of {a.micro_batch_size} "
+                 f"per step (global batch {a.global_batch_size}); device {a.device}, "
+                 f"dtype {self.config.params_dtype}")
+        self.log(f" > tokenizer {a.tokenizer_type or 'NullTokenizer'}: vocab {tokenizer.vocab_size}"
+                 f" padded to {a.padded_vocab_size}")
+        total = mfu_lib.matmul_params(self.config, a.padded_vocab_size, active_only=False)
+        active = mfu_lib.matmul_params(self.config, a.padded_vocab_size, active_only=True)
+        n_model = self.model.num_parameters() if hasattr(self.model, "num_parameters") else None
+        self.log(f" > parameters: {n_model if n_model is not None else 'n/a'} total; matmul "
+                 f"weights {total:,} of which {active:,} active per token; "
+                 f"{self.flops_per_token:.4g} training FLOPs/token")
+        b = self.optimizer.state_bytes()
+        self.log(f" > optimizer state bytes per rank: {b['total']:,} (fp32 main params "
+                 f"{b['main_params']:,}, main grads {b['main_grads']:,}, Adam moments "
+                 f"{b['adam_moments']:,}; rank {ps.rank})")
+        if getattr(a, "noop_flags_given", None):
+            self.log(" > accepted for Megatron-LM compatibility, no effect in moecore: "
+                     + " ".join(a.noop_flags_given))
+        if self.peak is None and a.device == "cuda":
+            self.log(" > MFU: unknown GPU peak; pass --peak-tflops to report it")
+
+    # ---- per iteration -------------------------------------------------------------------------
+    def _reset_interval(self) -> None:
+        self._time = 0.0
+        self._iters = 0
+        self._sums: dict[str, float] = {}
+        self._grad_norm = None
+        self._skipped = self._nan = 0
+
+    def iteration_start(self) -> None:
+        _sync(self.args.device)
+        self._t0 = time.perf_counter()
+
+    def _moe_losses(self) -> dict[str, float]:
+        """Per-name MoE losses of this iteration: mean over MoE layers of the per-layer values
+        (summed over micro-batches, so divided by their number), averaged over DP ranks."""
+        if not self.moe_layers:
+            return {}
+        reduced = MoELossTracker.reduce(group=self.ps.pp_group,
+                                        avg_group=self.ps.group("data_parallel_with_cp"))
+        out = {}
+        for name, values in reduced.items():
+            layers = [i for i in self.moe_layers if i < values.numel()]
+            if layers:
+                v = values[layers].float() / self.args.num_microbatches
+                out[name] = float(v.mean().item())
+                if self.args.moe_per_layer_logging:
+                    self.writers.scalars({f"moe/{name}_layer_{i}": float(v[j]) for j, i in
+                                          enumerate(layers)}, self.iteration)
+        MoELossTracker.clear()
+        return out
+
+    def iteration_end(self, out: dict) -> None:
+        _sync(self.args.device)
+        dt = time.perf_counter() - self._t0
+        a = self.args
+        self.iteration += 1
+        self.consumed_train_samples += a.global_batch_size
+        moe = self._moe_losses()
+        loss = out["lm loss"]
+        self._time += dt
+        self._iters += 1
+        if not out["updated"]:
+            self._skipped += 1
+        if not math.isfinite(loss):
+            self._nan += 1
+        else:
+            for k, v in {"lm loss": loss, **moe}.items():
+                self._sums[k] = self._sums.get(k, 0.0) + v
+        self._grad_norm = out["grad_norm"]
+        h = self.history
+        h["iterations"].append(self.iteration)
+        h["lm_loss"].append(loss)
+        h["grad_norm"].append(out["grad_norm"])
+        h["lr"].append(out["lr"])
+        h["moe_losses"].append(moe)
+        if a.tensorboard_log_interval and self.iteration % a.tensorboard_log_interval == 0:
+            self._write_scalars(out, moe)
+        if self.iteration % a.log_interval == 0:
+            self._log_interval(out["lr"])
+
+    def _write_scalars(self, out: dict, moe: dict) -> None:
+        vals = {"lm loss": out["lm loss"], "learning-rate": out["lr"],
+                "batch-size": self.args.global_batch_size,
+                **{f"moe/{k}": v for k, v in moe.items()}}
+        if out["grad_norm"] is not None:
+            vals["grad-norm"] = out["grad_norm"]
+        if self.args.fp16 and self.args.log_loss_scale_to_tensorboard:
+            vals["loss-scale"] = float(self.optimizer.get_loss_scale().item())
+        self.writers.scalars(vals, self.iteration)
+
+    def _log_interval(self, lr: float) -> None:
+        a = self.args
+        ms = 1000.0 * self._time / max(self._iters, 1)
+        good = max(self._iters - self._nan, 1)
+        losses = {k: v / good for k, v in self._sums.items()}
+        tok_s = self._iters * a.global_batch_size * a.seq_length / max(self._time, 1e-9)
+        util = mfu_lib.mfu(tok_s, self.flops_per_token, self.ps.sizes.world_size, self.peak)
+        params_norm = get_params_norm(self.model.parameters(), self.ps) \
+            if a.log_params_norm else None
+        self.log(format_train_line(
+            self.iteration, a.train_iters, self.consumed_train_samples, ms, lr,
+            a.global_batch_size, losses, self._grad_norm, tok_s, util,
+            loss_scale=float(self.optimizer.get_loss_scale().item()) if a.fp16 else None,
+            params_norm=params_norm, skipped=self._skipped, nan=self._nan))
+        self.history["tokens_per_sec"].append(tok_s)
+        self.history["mfu"].append(util)
+        extra = {"throughput/tokens-per-sec": tok_s}
+        if util is not None:
+            extra["throughput/mfu"] = util
+        self.writers.scalars(extra, self.iteration)
+        self._reset_interval()
+
+    def log_validation(self, prefix: str, losses: dict[str, float], iteration: int,
+                       split: str = "valid") -> None:
+        self.log(format_validation_lines(prefix, losses))
+        if split == "valid":
+            self.history["val_loss"][iteration] = losses["lm loss"]
+        vals = {f"{k} validation": v for k, v in losses.items()}
+        if self.args.log_validation_ppl_to_tensorboard:
+            vals.update({f"{k} validation ppl": math.exp(min(20.0, v))
+                         for k, v in losses.items()})
+        self.writers.scalars(vals if split == "valid" else
+                             {f"{k} test": v for k, v in losses.items()}, iteration)
+
+    # ---- end ---------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {**self.history, "test_loss": self.test_loss,
+                "start_iteration": self.start_iteration, "final_iteration": self.iteration,
+                "consumed_train_samples": self.consumed_train_samples,
+                "flops_per_token": self.flops_per_token}
+
+    def close(self) -> None:
+        self.writers.close()

@@ -1,0 +1,306 @@
+"""Megatron flag surface: the Mixtral 8x7B script parses; unsupported and unknown flags fail with
+messages naming them; validation of batch/parallel sizes; --moe-layer-freq patterns."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecore.arguments import (
+    NOOP_FLAGS,
+    UNSUPPORTED_FLAGS,
+    build_parser,
+    parse_args,
+    parse_moe_layer_freq,
+    transformer_config_from_args,
+    validate_args,
+)
+
+# The argument arrays of Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh (the
+# seed script), with $CHECKPOINT_PATH, $TOKENIZER_MODEL and $DATA_PATH filled in and the wandb
+# block enabled. Comments are kept as in the script (shlex drops them, as bash does).
+MIXTRAL_SCRIPT = """
+    --use-mcore-models
+    --disable-bias-linear
+    --seq-length 2048
+    --max-position-embeddings 32768
+    --num-layers 32
+    --hidden-size 4096
+    --ffn-hidden-size 14336
+    --num-attention-heads 32
+    --init-method-std 0.01
+    --attention-dropout 0.0
+    --hidden-dropout 0.0
+    --normalization RMSNorm
+    --position-embedding-type rope
+    --swiglu
+    --untie-embeddings-and-output-weights
+    --group-query-attention
+    --num-query-groups 8
+    --no-masked-softmax-fusion
+    --no-position-embedding
+
+    --num-experts 8
+    --expert-model-parallel-size 4
+    --moe-router-load-balancing-type aux_loss # options: aux_loss, sinkhorn, None. Default is aux_loss.
+    --moe-router-topk 2
+    --moe-aux-loss-coeff 1e-2
+    --moe-grouped-gemm
+
+    --tokenizer-type Llama2Tokenizer
+    --tokenizer-model {tokenizer_model}
+    --data-path {data_path}
+    --split 99990,8,2
+
+    --micro-batch-size 1
+    --global-batch-size 128
+    --lr 1e-4
+    --train-iters 500000
+    --lr-decay-iters 320000
+    --lr-decay-style cosine
+    --min-lr 1.0e-5
+    --weight-decay 0.1
+    --lr-warmup-iters 500
+    --clip-grad 1.0
+    --bf16
+
+    --tensor-model-parallel-size 4
+    --pipeline-model-parallel-size 1
+    --sequence-parallel
+    --use-distributed-optimizer
+
+    --log-interval 1
+    --save-interval 10000
+    --eval-interval 1000
+    --eval-iters 10
+    --save {checkpoint_path}
+    --load {checkpoint_path}
+    --tensorboard-dir "{checkpoint_path}/tensorboard"
+    --no-load-optim
+    --no-load-rng
+    --wandb-project Mixtral-Finetuning
+    --wandb-exp-name Mixtral_8x7B
+"""
+
+BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+        "--micro-batch-size 2 --lr 1e-3 --train-iters 10 --mock-data --vocab-size 100 "
+        "--device cpu").split()
+
+
+def mixtral_argv(tmp="/ckpt") -> list[str]:
+    text = MIXTRAL_SCRIPT.format(tokenizer_model="/models/tokenizer.model",
+                                 data_path="/data/mixtral_text_document", checkpoint_path=tmp)
+    return shlex.split(text, comments=True)
+
+
+def _parse_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_mixtral_script_parses_with_megatron_meanings():
+    args = parse_args(mixtral_argv(), validate=False)
+    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size) == (32, 4096, 14336)
+    assert (args.num_attention_heads, args.num_query_groups) == (32, 8)
+    assert args.group_query_attention and args.swiglu and args.untie_embeddings_and_output_weights
+    assert args.add_bias_linear is False and args.add_position_embedding is False
+    assert args.normalization == "RMSNorm" and args.position_embedding_type == "rope"
+    assert (args.num_experts, args.expert_model_parallel_size, args.moe_router_topk) == (8, 4, 2)
+    assert args.moe_router_load_balancing_type == "aux_loss" and args.moe_grouped_gemm
+    assert args.moe_aux_loss_coeff == pytest.approx(1e-2)
+    assert args.tokenizer_type == "Llama2Tokenizer"
+    assert args.tokenizer_model == "/models/tokenizer.model"
+    assert args.data_path == ["/data/mixtral_text_document"] and args.split == "99990,8,2"
+    assert (args.micro_batch_size, args.global_batch_size, args.train_iters) == (1, 128, 500000)
+    assert (args.lr_decay_iters, args.lr_warmup_iters, args.lr_decay_style) == (320000, 500,
+                                                                                 "cosine")
+    assert args.min_lr == pytest.approx(1e-5) and args.weight_decay == pytest.approx(0.1)
+    assert args.bf16 and args.sequence_parallel and args.tensor_model_parallel_size == 4
+    assert args.use_distributed_optimizer
+    assert (args.save, args.load, args.tensorboard_dir) == ("/ckpt", "/ckpt", "/ckpt/tensorboard")
+    assert args.no_load_optim and args.no_load_rng and args.save_interval == 10000
+    assert (args.eval_interval, args.eval_iters, args.log_interval) == (1000, 10, 1)
+    assert (args.wandb_project, args.wandb_exp_name) == ("Mixtral-Finetuning", "Mixtral_8x7B")
+    assert args.noop_flags_given == ["--use-mcore-models", "--no-masked-softmax-fusion"]
+
+
+def test_mixtral_script_validates_on_16_ranks_except_distributed_optimizer():
+    args = parse_args(mixtral_argv(), validate=False)
+    with pytest.raises(ValueError, match="--use-distributed-optimizer is not supported yet"):
+        validate_args(args, world_size=16)
+    args = parse_args([a for a in mixtral_argv() if a != "--use-distributed-optimizer"],
+                      validate=False)
+    validate_args(args, world_size=16)
+    assert args.data_parallel_size == 4 and args.num_microbatches == 32
+    assert args.position_embedding_type == "rope"
+    cfg = transformer_config_from_args(args)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels) == (
+        32, 4096, 14336, 128)
+    assert cfg.num_query_groups == 8 and cfg.gated_linear_unit and cfg.activation_func is F.silu
+    assert cfg.num_moe_experts == 8 and cfg.moe_ffn_hidden_size == 14336
+    assert cfg.expert_model_parallel_size == 4 and cfg.expert_tensor_parallel_size == 4
+    assert cfg.sequence_parallel and cfg.params_dtype == torch.bfloat16
+    assert cfg.moe_layer_pattern() == [True] * 32
+    assert cfg.share_embeddings_and_output_weights is False
+    assert cfg.init_method_std == pytest.approx(0.01) and cfg.normalization == "RMSNorm"
+
+
+def test_help_shows_megatron_groups_and_noop_markers(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    for title in ("network size:", "regularization:", "training:", "initialization:",
+                  "learning rate:", "checkpointing:", "mixed precision:", "distributed:",
+                  "validation:", "data and dataloader:", "tokenizer:", "moe:", "logging:"):
+        assert title in out
+    assert "[no effect in moecore]" in out and "--use-mcore-models" in out
+    assert "--fp8-format" not in out  # refused flags are not advertised
+
+
+def test_every_unsupported_flag_fails_naming_it(capsys):
+    for flag in UNSUPPORTED_FLAGS:
+        err = _parse_error(BASE + [flag, "x"], capsys)
+        assert f"{flag} is a Megatron-LM flag that moecore does not support" in err, flag
+
+
+def test_unknown_flag_fails():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(BASE + ["--no-such-megatron-flag"])
+
+
+def test_noop_flags_parse_and_are_reported():
+    parser = build_parser()
+    argv = list(BASE)
+    for action in parser._actions:
+        flag = next((s for s in action.option_strings if s in NOOP_FLAGS), None)
+        if flag is None:
+            continue
+        argv.append(flag)
+        if action.nargs != 0:
+            argv.append(str(action.choices[0]) if action.choices else "1")
+    args = parse_args(argv)
+    assert sorted(args.noop_flags_given) == sorted(NOOP_FLAGS)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--use-distributed-optimizer"], "--use-distributed-optimizer is not supported yet"),
+    (["--overlap-grad-reduce"], "--overlap-grad-reduce is not supported yet"),
+    (["--overlap-param-gather"], "--overlap-param-gather is not supported yet"),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2 is not supported"),
+    (["--moe-token-dispatcher-type", "flex", "--num-experts", "4", "--disable-bias-linear"],
+     "flex"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "HuggingFaceTokenizer is not supported"),
+])
+def test_not_yet_supported_features_fail_clearly(extra, match, capsys):
+    assert match in _parse_error(BASE + extra, capsys)
+
+
+def test_pipeline_size_one_is_fine():
+    assert parse_args(BASE + ["--pipeline-model-parallel-size", "1"]).pipeline_model_parallel_size \
+        == 1
+
+
+def test_batch_and_world_size_validation():
+    args = parse_args(BASE, validate=False)
+    validate_args(args, world_size=4)
+    assert args.data_parallel_size == 4 and args.global_batch_size == 8
+    assert args.num_microbatches == 1
+    args = parse_args(BASE + ["--global-batch-size", "24"], validate=False)
+    validate_args(args, world_size=4)
+    assert args.num_microbatches == 3
+    args = parse_args(BASE + ["--global-batch-size", "12"], validate=False)
+    with pytest.raises(ValueError, match=r"--global-batch-size 12 is not divisible by "
+                                         r"--micro-batch-size 2 x data-parallel size 4 = 8"):
+        validate_args(args, world_size=4)
+    args = parse_args(BASE + ["--tensor-model-parallel-size", "2"], validate=False)
+    with pytest.raises(ValueError, match="world size 3 is not divisible by tensor"):
+        validate_args(args, world_size=3)
+    args = parse_args(BASE + ["--num-experts", "4", "--expert-model-parallel-size", "4",
+                              "--disable-bias-linear"], validate=False)
+    with pytest.raises(ValueError, match="world size 2 is not divisible by expert-tensor"):
+        validate_args(args, world_size=2)
+    args = parse_args(BASE + ["--num-experts", "6", "--expert-model-parallel-size", "4",
+                              "--disable-bias-linear"], validate=False)
+    with pytest.raises(ValueError, match="num_moe_experts=6 is not divisible"):
+        validate_args(args, world_size=4)
+
+
+def test_schedule_and_misc_validation(capsys):
+    no_iters = [a for a in BASE if a not in ("--train-iters", "10")]
+    assert "exactly one of --train-iters and --train-samples" in _parse_error(no_iters, capsys)
+    both = BASE + ["--train-samples", "100"]
+    assert "exactly one of --train-iters" in _parse_error(both, capsys)
+    assert "only one of --lr-warmup-fraction" in _parse_error(
+        BASE + ["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"], capsys)
+    args = parse_args(no_iters + ["--train-samples", "100", "--global-batch-size", "8"])
+    assert args.train_iters == 13 and args.lr_decay_samples == 100
+    no_lr = [a for a in BASE if a not in ("--lr", "1e-3")]
+    assert "--lr is required" in _parse_error(no_lr, capsys)
+    assert "--bf16 and --fp16" in _parse_error(BASE + ["--bf16", "--fp16"], capsys)
+    no_data = [a for a in BASE if a != "--mock-data"]
+    assert "--data-path" in _parse_error(no_data, capsys)
+    assert "--disable-bias-linear" in _parse_error(BASE + ["--num-experts", "4"], capsys)
+    assert "--save-interval needs --save" in _parse_error(BASE + ["--save-interval", "5"], capsys)
+
+
+def test_model_shape_defaults_follow_megatron():
+    args = parse_args(BASE + ["--swiglu"])
+    assert args.ffn_hidden_size == int(4 * 64 * 2 / 3 / 64) * 64 == 128
+    assert parse_args(BASE).ffn_hidden_size == 256
+    assert parse_args(BASE).num_query_groups == 4  # without --group-query-attention
+    assert parse_args(BASE).max_position_embeddings == 32
+    assert parse_args(BASE).position_embedding_type == "learned_absolute"
+    assert parse_args(BASE + ["--no-position-embedding"]).position_embedding_type == "none"
+    assert parse_args(BASE + ["--use-rotary-position-embeddings"]).position_embedding_type == \
+        "rope"
+    args = parse_args(BASE + ["--sequence-parallel"])  # TP=1: SP is meaningless, dropped
+    assert args.sequence_parallel is False
+    cfg = transformer_config_from_args(parse_args(BASE + ["--bf16", "--squared-relu"]))
+    assert cfg.params_dtype == torch.bfloat16 and cfg.share_embeddings_and_output_weights
+    x = torch.tensor([-1.0, 2.0])
+    assert torch.equal(cfg.activation_func(x), torch.tensor([0.0, 4.0]))
+    assert parse_args(BASE + ["--recompute-activations"]).recompute_granularity == "selective"
+
+
+def test_moe_layer_freq_patterns():
+    assert parse_moe_layer_freq("([0]*1+[1]*3)*4") == [0, 1, 1, 1] * 4
+    assert parse_moe_layer_freq("[1]*3+[0]") == [1, 1, 1, 0]
+    assert parse_moe_layer_freq("([1, 0])*2") == [1, 0, 1, 0]
+    assert parse_moe_layer_freq("2*[0,1]") == [0, 1, 0, 1]
+    assert parse_moe_layer_freq("3") == 3 and parse_moe_layer_freq(2) == 2
+    args = parse_args(BASE + ["--num-experts", "4", "--disable-bias-linear", "--num-layers", "4",
+                              "--moe-layer-freq", "([0]*1+[1]*1)*2"])
+    assert transformer_config_from_args(args).moe_layer_pattern() == [False, True, False, True]
+    args = parse_args(BASE + ["--num-experts", "4", "--disable-bias-linear", "--num-layers", "4",
+                              "--moe-layer-freq", "2"])
+    assert transformer_config_from_args(args).moe_layer_pattern() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("__import__('os').system('true')", "neither an integer"),
+    ("[__import__('os')]", "may only contain"),
+    ("[1]*(2**4)", "may only contain"),
+    ("[1]*[1]", "cannot multiply two lists"),
+    ("[1]+2", "joins two lists"),
+    ("[2]*4", "must be 0 \\(dense\\) or 1"),
+    ("[1]*10000000", "expands to 10000000 entries"),
+    ("[1,", "not a valid expression"),
+    ("[1.0]*2", "may only contain"),
+    ("abc", "neither an integer"),
+])
+def test_moe_layer_freq_rejects_anything_but_int_lists(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_moe_layer_freq(bad)
+
+
+def test_moe_layer_freq_length_must_match_layers(capsys):
+    err = _parse_error(BASE + ["--num-experts", "4", "--disable-bias-linear",
+                               "--moe-layer-freq", "[1]*3"], capsys)
+    assert "--moe-layer-freq pattern has 3 entries but --num-layers is 2" in err
+    err = _parse_error(BASE + ["--moe-layer-freq", "[1]*(3)+x"], capsys)
+    assert "argument --moe-layer-freq" in err

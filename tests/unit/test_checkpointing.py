@@ -1,0 +1,244 @@
+"""Checkpoints: exact resume (model, fp32 main params, optimizer, scheduler, every RNG), atomic
+saves under a simulated crash, clear errors for corrupt/missing files and shape mismatches, and
+the per-shard layout on 4 ranks (DP x EP)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moecore import checkpointing as ckpt
+from moecore.checkpointing import CheckpointError, load_checkpoint, read_tracker, save_checkpoint
+from moecore.optimizer import (
+    MegatronOptimizer,
+    OptimizerParamScheduler,
+    finalize_model_grads,
+    get_param_groups,
+)
+from moecore.tensor_parallel.random import get_rng_tracker, model_parallel_seed
+from tests.dist_harness import run_distributed
+
+
+class Toy(nn.Module):
+    def __init__(self, hidden=8, dtype=torch.float32):
+        super().__init__()
+        self.lin = nn.Linear(hidden, hidden, dtype=dtype)
+        self.norm = nn.LayerNorm(hidden, dtype=dtype)
+        self.out = nn.Linear(hidden, 4, bias=False, dtype=dtype)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.out(self.drop(self.norm(self.lin(x))))
+
+
+def make(hidden=8, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = Toy(hidden, dtype)
+    opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.1, clip_grad=1.0)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=1e-3,
+                                    lr_warmup_steps=8, lr_decay_steps=80, lr_decay_style="cosine",
+                                    start_wd=0.1, end_wd=0.1, wd_incr_steps=80,
+                                    wd_incr_style="constant")
+    return model, opt, sched
+
+
+def args_for(path, **kw):
+    base = dict(save=str(path), load=str(path), no_save_optim=None, no_save_rng=None,
+                no_load_optim=None, no_load_rng=None, finetune=False,
+                exit_on_missing_checkpoint=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def step(model, opt, sched, hidden=8):
+    """One update whose data and dropout come from every RNG a checkpoint must restore."""
+    with get_rng_tracker().fork():
+        shift = torch.rand(()).item()
+    x = torch.randn(4, hidden, dtype=next(model.parameters()).dtype)
+    x = x * random.random() + float(np.random.rand()) + shift
+    loss = model(x).float().pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    finalize_model_grads(model)
+    opt.step()
+    sched.step(4)
+    return loss.item()
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_continues_bit_identically(tmp_path, dtype):
+    model_parallel_seed(1234)
+    model, opt, sched = make(dtype=dtype)
+    for _ in range(3):
+        step(model, opt, sched)
+    save_checkpoint(3, model, opt, sched, args_for(tmp_path),
+                    {"consumed_train_samples": 12, "consumed_valid_samples": 4})
+    losses = [step(model, opt, sched) for _ in range(3)]
+    expected = params(model)
+    f = tmp_path / "iter_0000003" / "mp_rank_00_000" / "model_optim_rng.pt"
+    assert f.is_file() and read_tracker(str(tmp_path)) == 3
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
+    model_parallel_seed(999)  # scramble every RNG and start from another init
+    model2, opt2, sched2 = make(dtype=dtype, seed=7)
+    loaded = load_checkpoint(model2, opt2, sched2, args_for(tmp_path))
+    assert loaded == {"iteration": 3, "consumed_train_samples": 12, "consumed_valid_samples": 4}
+    assert sched2.num_steps == 12
+    assert [step(model2, opt2, sched2) for _ in range(3)] == losses
+    for k, v in params(model2).items():
+        assert torch.equal(v, expected[k]), k
+    if dtype == torch.bfloat16:  # the fp32 main copies came back, not re-derived from bf16
+        for m1, m2 in zip(opt.main_params, opt2.main_params):
+            assert m2.dtype == torch.float32 and torch.equal(m1, m2)
+
+
+def test_no_load_optim_rng_and_finetune(tmp_path):
+    model_parallel_seed(1)
+    model, opt, sched = make(dtype=torch.bfloat16)
+    step(model, opt, sched)
+    save_checkpoint(1, model, opt, sched, args_for(tmp_path), {"consumed_train_samples": 4})
+    after_save = torch.rand(3)
+    model2, opt2, sched2 = make(dtype=torch.bfloat16, seed=5)
+    torch.manual_seed(42)
+    expected_rand = torch.rand(3)
+    torch.manual_seed(42)
+    out = load_checkpoint(model2, opt2, sched2, args_for(tmp_path, no_load_optim=True,
+                                                         no_load_rng=True))
+    assert out["iteration"] == 1 and sched2.num_steps == 0 and not opt2.optimizer.state
+    assert torch.equal(torch.rand(3), expected_rand)  # RNG untouched
+    for p, m in zip(opt2.model_params, opt2.main_params):  # mains follow the loaded model
+        assert torch.equal(m, p.float())
+    model3, opt3, sched3 = make(seed=6, dtype=torch.bfloat16)
+    out = load_checkpoint(model3, opt3, sched3, args_for(tmp_path, finetune=True))
+    assert out == {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0}
+    assert torch.equal(model3.lin.weight, model.lin.weight) and sched3.num_steps == 0
+    model4, opt4, sched4 = make(seed=6)
+    load_checkpoint(model4, opt4, sched4, args_for(tmp_path, no_load_optim=True))
+    assert torch.equal(torch.rand(3), after_save)  # RNG restored
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model_parallel_seed(2)
+    model, opt, sched = make()
+    step(model, opt, sched)
+    save_checkpoint(1, model, opt, sched, args_for(tmp_path))
+    saved = params(model)
+    step(model, opt, sched)
+    real_write = ckpt._write_file
+
+    def crash(obj, path):  # half a file on disk, then the process "dies"
+        real_write(obj, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(ckpt, "_write_file", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(2, model, opt, sched, args_for(tmp_path))
+    assert read_tracker(str(tmp_path)) == 1 and not (tmp_path / "iter_0000002").exists()
+    monkeypatch.setattr(ckpt, "_write_file", real_write)
+
+    def crash_tracker(root, iteration):
+        raise OSError("simulated crash before the tracker update")
+
+    monkeypatch.setattr(ckpt, "_replace_tracker", crash_tracker)
+    with pytest.raises(OSError, match="before the tracker"):
+        save_checkpoint(2, model, opt, sched, args_for(tmp_path))
+    assert read_tracker(str(tmp_path)) == 1
+    monkeypatch.undo()
+    model2, opt2, sched2 = make(seed=3)
+    assert load_checkpoint(model2, opt2, sched2, args_for(tmp_path))["iteration"] == 1
+    assert all(torch.equal(v, saved[k]) for k, v in params(model2).items())
+    save_checkpoint(2, model, opt, sched, args_for(tmp_path))  # recovers: stale dirs replaced
+    assert read_tracker(str(tmp_path)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002",
+                                            "latest_checkpointed_iteration.txt"]
+
+
+def test_corrupt_missing_and_mismatched_checkpoints_fail_clearly(tmp_path):
+    model, opt, sched = make()
+    save_checkpoint(4, model, opt, sched, args_for(tmp_path))
+    f = tmp_path / "iter_0000004" / "mp_rank_00_000" / "model_optim_rng.pt"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt or unreadable"):
+        load_checkpoint(*make(), args_for(tmp_path))
+    f.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(*make(), args_for(tmp_path))
+    f.unlink()
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is missing for rank 0"):
+        load_checkpoint(*make(), args_for(tmp_path))
+    f.write_bytes(data)
+    with pytest.raises(CheckpointError, match=(
+            rf"checkpoint file {f}: parameter 'lin.weight' has shape \(8, 8\) in the checkpoint "
+            r"but \(16, 16\) in the model")):
+        load_checkpoint(*make(hidden=16), args_for(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage")
+    with pytest.raises(CheckpointError, match="should hold an iteration number"):
+        load_checkpoint(*make(), args_for(tmp_path))
+
+
+def test_missing_checkpoint_starts_fresh_or_exits(tmp_path, capsys):
+    assert load_checkpoint(*make(), args_for(tmp_path / "none")) is None
+    assert "training from scratch" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="--exit-on-missing-checkpoint"):
+        load_checkpoint(*make(), args_for(tmp_path / "none", exit_on_missing_checkpoint=True))
+
+
+# ---- 4 ranks: DP=4 dense, EP=2 x EDP=2 experts -------------------------------------------------
+class ToyMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(4, 4)
+        self.expert = nn.Parameter(torch.randn(3, 4))
+        self.expert.allreduce = False
+        self.expert.expert_parallel = True
+
+
+def _dist_save_load(rank, world_size, path):
+    from moecore.parallel_state import initialize_model_parallel
+
+    ps = initialize_model_parallel(expert_model_parallel_size=2)
+    model_parallel_seed(1234, ps)
+    torch.manual_seed(0)
+    model = ToyMoE()
+    with torch.no_grad():
+        model.expert.add_(ps.ep_rank)  # experts differ across EP ranks, not across their replicas
+    opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.0, parallel_state=ps)
+    sched = OptimizerParamScheduler(opt, 0.0, 1e-2, 0.0, 0, 10, "linear", 0.0, 0.0, 10,
+                                    "constant")
+    torch.manual_seed(1000 + rank)  # every rank's RNG differs; each must get its own back
+    args = args_for(path)
+    save_checkpoint(7, model, opt, sched, args, {"consumed_train_samples": 70}, ps)
+    expected = (torch.rand(2), params(model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    torch.manual_seed(5)
+    out = load_checkpoint(model, opt, sched, args, ps)
+    got_rand = torch.rand(2)
+    same = all(torch.equal(v, expected[1][k]) for k, v in params(model).items())
+    files = sorted(os.listdir(os.path.join(path, "iter_0000007")))
+    shard = torch.load(ckpt.checkpoint_file(path, 7, ps), weights_only=True)
+    return {"same_params": same, "rng_ok": torch.equal(got_rand, expected[0]), "files": files,
+            "iteration": out["iteration"], "rng_ranks": shard["rng_ranks"],
+            "samples": out["consumed_train_samples"]}
+
+
+def test_four_rank_shards_and_per_rank_rng(tmp_path):
+    res = run_distributed(_dist_save_load, 4, str(tmp_path), timeout=120)
+    for r, out in enumerate(res):
+        assert out["same_params"] and out["rng_ok"], r
+        assert out["files"] == ["mp_rank_00_000", "mp_rank_00_001"]
+        assert out["iteration"] == 7 and out["samples"] == 70
+        assert out["rng_ranks"] == ([0, 2] if r % 2 == 0 else [1, 3])
