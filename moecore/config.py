@@ -207,9 +207,11 @@ class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig):
             if value % div:
                 raise ValueError(f"{name}={value} is not divisible by the parallel size {div}; "
                                  f"choose a {name} that is a multiple of {div}")
-        if self.expert_model_parallel_size > 1 and tp > 1 and not self.sequence_parallel:
-            raise ValueError("with expert and tensor parallelism together, sequence_parallel "
-                             "must be on (as in Megatron-Core): pass --sequence-parallel")
+        if self.num_moe_experts is not None and tp > 1 and not self.sequence_parallel:
+            # Without SP every TP rank holds the same tokens; the MoE layer would count each
+            # token's expert gradient once per TP rank.
+            raise ValueError("MoE with tensor_model_parallel_size > 1 needs sequence_parallel "
+                             "(as in Megatron-Core): pass --sequence-parallel")
 
     @property
     def compute_dtype(self) -> torch.dtype:

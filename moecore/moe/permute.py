@@ -116,3 +116,107 @@ def unpermute(permuted: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: 
     out = rows.new_zeros(num_tokens + 1, permuted.shape[1])
     out = out.index_add(0, index, rows)
     return out[:num_tokens].to(permuted.dtype)
+
+
+# ---- dropless top-k fast path: gathers and a batched matmul, no atomics --------------------
+
+
+class TopKPlan:
+    """Where each token's k routed copies sit in the permuted rows (dropless routing only).
+
+    ``sorted_indices`` [N]: token of each permuted row (expert-major, as ``permute``);
+    ``slot_rows`` [T*k]: permuted row of token t's j-th expert (experts ascending);
+    ``row_slots`` [N]: the inverse, flat (t*k + j) index of each row; ``probs`` [T, k] or None.
+    """
+
+    def __init__(self, routing_map: torch.Tensor, probs: torch.Tensor | None, topk: int):
+        num_tokens, num_experts = routing_map.shape
+        mask = routing_map.bool()
+        mask_t = mask.T.contiguous()  # [E, T]
+        counts = mask_t.sum(dim=1)
+        offsets = torch.cumsum(counts, 0) - counts
+        # Row of pair (e, t) = rows of earlier experts + earlier tokens of expert e.
+        row_of_pair = torch.cumsum(mask_t, dim=1) - 1 + offsets.unsqueeze(1)
+        self.topk = topk
+        self.num_tokens = num_tokens
+        self.slot_rows = row_of_pair.T.masked_select(mask)  # token-major [T*k]
+        n = self.slot_rows.numel()
+        if n != num_tokens * topk:
+            raise ValueError(f"TopKPlan needs exactly topk={topk} experts per token (dropless "
+                             f"routing); the routing map selects {n} for {num_tokens} tokens")
+        self.row_slots = torch.empty_like(self.slot_rows)
+        self.row_slots[self.slot_rows] = torch.arange(n, device=mask.device)
+        self.sorted_indices = torch.div(self.row_slots, topk, rounding_mode="floor")
+        self.tokens_per_expert = counts.to(torch.int64)
+        self.probs = None if probs is None else probs.masked_select(mask).view(num_tokens, topk)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``tokens [T, H] -> tokens[sorted_indices] [N, H]``; backward sums each token's k rows
+    with a gather (deterministic, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, tokens, plan: TopKPlan):
+        ctx.plan = plan
+        return tokens.index_select(0, plan.sorted_indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan = ctx.plan
+        rows = grad.index_select(0, plan.slot_rows)
+        return rows.view(plan.num_tokens, plan.topk, grad.shape[-1]).sum(dim=1), None
+
+
+def _rows_tk(permuted: torch.Tensor, plan: TopKPlan) -> torch.Tensor:
+    """[T, k, H] view of each token's k permuted rows."""
+    rows = permuted.index_select(0, plan.slot_rows)
+    return rows.view(plan.num_tokens, plan.topk, permuted.shape[-1])
+
+
+class _CombineRows(torch.autograd.Function):
+    """``out[t] = sum_j probs[t, j] * rows[slot_rows[t, j]]`` as one batched matmul
+    ``[T, 1, k] @ [T, k, H]`` (fp32 accumulation inside the GEMM)."""
+
+    @staticmethod
+    def forward(ctx, permuted, probs_tk, plan: TopKPlan):
+        ctx.plan = plan
+        ctx.save_for_backward(permuted, probs_tk)
+        rows = _rows_tk(permuted, plan)
+        weights = probs_tk.to(permuted.dtype).unsqueeze(1)
+        return torch.bmm(weights, rows).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        permuted, probs_tk = ctx.saved_tensors
+        plan = ctx.plan
+        grad_permuted = grad_probs = None
+        if ctx.needs_input_grad[0]:
+            row_probs = probs_tk.reshape(-1).index_select(0, plan.row_slots)
+            grad_permuted = grad_out.index_select(0, plan.sorted_indices) * row_probs.to(
+                grad_out.dtype).unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            rows = _rows_tk(permuted, plan)
+            grad_probs = torch.bmm(rows, grad_out.to(rows.dtype).unsqueeze(2)).squeeze(2)
+            grad_probs = grad_probs.to(probs_tk.dtype)
+        return grad_permuted, grad_probs, None
+
+
+def permute_topk(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None,
+                 topk: int):
+    """Dropless ``permute`` for exactly ``topk`` experts per token.
+
+    Returns ``(permuted [T*k, H], plan, tokens_per_expert [E])``; rows are in the same order as
+    :func:`permute`. Pass ``plan`` to :func:`unpermute_topk`.
+    """
+    _check_routing(tokens, routing_map, probs)
+    plan = TopKPlan(routing_map, probs, topk)
+    return _GatherRows.apply(tokens, plan), plan, plan.tokens_per_expert
+
+
+def unpermute_topk(permuted: torch.Tensor, plan: TopKPlan) -> torch.Tensor:
+    """Weighted top-k sum of ``permuted`` [T*k, H] back to ``[T, H]`` (probs from the plan)."""
+    if plan.probs is None:
+        ones = torch.ones(plan.num_tokens, plan.topk, dtype=permuted.dtype,
+                          device=permuted.device)
+        return _CombineRows.apply(permuted, ones, plan)
+    return _CombineRows.apply(permuted, plan.probs, plan)

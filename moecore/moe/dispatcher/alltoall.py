@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moecore.moe.dispatcher.base import MoETokenDispatcher, chunk_permutation_index
-from moecore.moe.permute import permute, unpermute
+from moecore.moe.permute import permute, permute_topk, unpermute, unpermute_topk
 from moecore.tensor_parallel.mappings import (
     all_to_all,
     gather_from_sequence_parallel_region,
@@ -38,9 +38,7 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
         self.hidden_shape = hidden.shape
         hidden = hidden.reshape(-1, hidden.shape[-1])
         self.num_tokens = hidden.shape[0]
-        capacity = self.capacity_for(self.num_tokens)
-        permuted, self.permuted_probs, self.sorted_indices, tokens_per_expert = permute(
-            hidden, routing_map, probs=probs, capacity=capacity)
+        permuted, tokens_per_expert = self._permute(hidden, probs, routing_map)
         self.local_only = self.ep_size == 1 and self.etp_size == 1
         if self.local_only:
             # No exchange: counts stay on the device, so the layer never syncs with the host.
@@ -69,14 +67,27 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         if self.local_only:
-            out = unpermute(expert_output, self.sorted_indices, self.num_tokens,
-                            self.permuted_probs)
-            return out.reshape(self.hidden_shape)
+            return self._unpermute(expert_output).reshape(self.hidden_shape)
         restored = expert_output.index_select(0, self.unsort_index)
         if self.etp_size > 1:
             # Sum the ETP partial products and hand each ETP rank back its own rows.
             restored = reduce_scatter_to_sequence_parallel_region(
                 restored, group=self.etp_group, input_split_sizes=self.etp_splits)
         back = all_to_all(restored, self.input_splits, self.output_splits, group=self.ep_group)
-        out = unpermute(back, self.sorted_indices, self.num_tokens, self.permuted_probs)
-        return out.reshape(self.hidden_shape)
+        return self._unpermute(back).reshape(self.hidden_shape)
+
+    def _permute(self, hidden, probs, routing_map):
+        """Rows grouped by global expert; the gather/bmm top-k path when dropless."""
+        self.plan = None
+        if self.config.moe_expert_capacity_factor is None:
+            permuted, self.plan, tokens_per_expert = permute_topk(
+                hidden, routing_map, probs, self.config.moe_router_topk)
+            return permuted, tokens_per_expert
+        permuted, self.permuted_probs, self.sorted_indices, tokens_per_expert = permute(
+            hidden, routing_map, probs=probs, capacity=self.capacity_for(self.num_tokens))
+        return permuted, tokens_per_expert
+
+    def _unpermute(self, rows):
+        if self.plan is not None:
+            return unpermute_topk(rows, self.plan)
+        return unpermute(rows, self.sorted_indices, self.num_tokens, self.permuted_probs)
