@@ -12,7 +12,11 @@ reproducible sums (PyTorch then switches ``index_add_`` to a sort-based kernel).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from moecore.kernels.combine import COMBINE
 
 PAD_INDEX = -1  # sorted_indices value of a padding row (pad-to-capacity mode)
 
@@ -167,38 +171,35 @@ class _GatherRows(torch.autograd.Function):
         return rows.view(plan.num_tokens, plan.topk, grad.shape[-1]).sum(dim=1), None
 
 
-def _rows_tk(permuted: torch.Tensor, plan: TopKPlan) -> torch.Tensor:
-    """[T, k, H] view of each token's k permuted rows."""
-    rows = permuted.index_select(0, plan.slot_rows)
-    return rows.view(plan.num_tokens, plan.topk, permuted.shape[-1])
+@functools.lru_cache(maxsize=None)
+def select_combine(device: torch.device):
+    """The combine backend for tensors on ``device`` (chosen once per device, logged once)."""
+    return COMBINE.select("auto", device=device)
 
 
 class _CombineRows(torch.autograd.Function):
-    """``out[t] = sum_j probs[t, j] * rows[slot_rows[t, j]]`` as one batched matmul
-    ``[T, 1, k] @ [T, k, H]`` (fp32 accumulation inside the GEMM)."""
+    """``out[t] = sum_j probs[t, j] * rows[slot_rows[t, j]]`` through the ``moe_combine``
+    backend (a fused Triton pass on CUDA, gather + batched matmul elsewhere)."""
 
     @staticmethod
     def forward(ctx, permuted, probs_tk, plan: TopKPlan):
+        forward_fn, ctx.backward_fn = select_combine(permuted.device).fn
         ctx.plan = plan
         ctx.save_for_backward(permuted, probs_tk)
-        rows = _rows_tk(permuted, plan)
-        weights = probs_tk.to(permuted.dtype).unsqueeze(1)
-        return torch.bmm(weights, rows).squeeze(1)
+        return forward_fn(permuted, plan.slot_rows, probs_tk)
 
     @staticmethod
     def backward(ctx, grad_out):
         permuted, probs_tk = ctx.saved_tensors
         plan = ctx.plan
-        grad_permuted = grad_probs = None
-        if ctx.needs_input_grad[0]:
-            row_probs = probs_tk.reshape(-1).index_select(0, plan.row_slots)
-            grad_permuted = grad_out.index_select(0, plan.sorted_indices) * row_probs.to(
-                grad_out.dtype).unsqueeze(1)
-        if ctx.needs_input_grad[1]:
-            rows = _rows_tk(permuted, plan)
-            grad_probs = torch.bmm(rows, grad_out.to(rows.dtype).unsqueeze(2)).squeeze(2)
+        row_probs = probs_tk.reshape(-1).index_select(0, plan.row_slots)
+        grad_rows, grad_row_probs = ctx.backward_fn(
+            grad_out, permuted, plan.sorted_indices, row_probs, ctx.needs_input_grad[1])
+        grad_probs = None
+        if grad_row_probs is not None:
+            grad_probs = grad_row_probs.index_select(0, plan.slot_rows).view_as(probs_tk)
             grad_probs = grad_probs.to(probs_tk.dtype)
-        return grad_permuted, grad_probs, None
+        return grad_rows, grad_probs, None
 
 
 def permute_topk(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None,

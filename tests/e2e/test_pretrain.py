@@ -118,10 +118,10 @@ def test_four_ranks_tp_ep_and_dp_ep_match_single_process():
             assert other["lm_loss"] == pytest.approx(got["lm_loss"], rel=1e-6)
             assert other["grad_norm"] == pytest.approx(got["grad_norm"], rel=1e-6)
         assert got["lm_loss"][-1] < got["lm_loss"][0] - 0.2, (name, got["lm_loss"])
-        assert got["lm_loss"][0] == pytest.approx(ref["lm_loss"][0], rel=1e-5), name
-        assert got["grad_norm"][0] == pytest.approx(ref["grad_norm"][0], rel=1e-4), name
-        assert got["lm_loss"] == pytest.approx(ref["lm_loss"], rel=2e-4), name
-        assert got["val_loss"][3] == pytest.approx(ref["val_loss"][3], rel=2e-4), name
+        # fp32 on CPU: observed agreement is ~1e-7; the norm is clipped from iteration 3 on.
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), name
+        assert got["lm_loss"] == pytest.approx(ref["lm_loss"], rel=1e-5), name
+        assert got["val_loss"][3] == pytest.approx(ref["val_loss"][3], rel=1e-5), name
         assert any("validation loss at iteration 3" in x for x in got["lines"])
 
 

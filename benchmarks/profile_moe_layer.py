@@ -1,0 +1,48 @@
+"""Profile one MoELayer forward+backward on CUDA and print the top kernels by GPU time.
+
+    python benchmarks/profile_moe_layer.py --config olmoe
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.moe_layer import CONFIGS, make_config  # noqa: E402
+from moecore.moe.layer import MoELayer  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="olmoe", choices=sorted(CONFIGS))
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    shape = CONFIGS[args.config]
+    cfg = make_config(shape, torch.bfloat16, "auto")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        layer = MoELayer(cfg)
+        with torch.no_grad():
+            layer.router.weight.normal_(0.0, shape["hidden"] ** -0.5)
+    x = torch.randn(shape["tokens"], 1, shape["hidden"], device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    dy = torch.randn_like(x)
+    for _ in range(3):
+        layer(x)[0].backward(dy)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(5):
+            layer(x)[0].backward(dy)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                    max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Top-k combine: ``out[t] = sum_j probs[t, j] * rows[slot_rows[t*k + j]]`` and its backward.
+
+Two implementations behind the ``moe_combine`` backend registry:
+
+- ``torch``: one gather and one batched matmul ``[T, 1, k] @ [T, k, H]`` (any device, any
+  dtype); the reference.
+- ``triton``: one fused pass each way on CUDA. Forward reads each routed row once and
+  accumulates in fp32; backward writes ``grad_rows = probs * grad_out[token]`` and the
+  per-row dot product ``<rows, grad_out[token]>`` (the probability gradient) in the same pass,
+  so the [T*k, H] rows are never gathered a second time.
+
+Both take and return the same tensors; ``tests/gpu/test_combine_kernel.py`` checks them against
+each other on random shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecore.backends import Backend, BackendRegistry
+
+try:  # Triton is optional: CPU installs and CI run the torch path.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+
+# ---- torch reference -----------------------------------------------------------------------
+
+
+def combine_forward_torch(rows: torch.Tensor, slot_rows: torch.Tensor, probs: torch.Tensor):
+    """rows [N, H], slot_rows [T*k], probs [T, k] -> out [T, H] (rows' dtype)."""
+    t, k = probs.shape
+    gathered = rows.index_select(0, slot_rows).view(t, k, rows.shape[-1])
+    return torch.bmm(probs.to(rows.dtype).unsqueeze(1), gathered).squeeze(1)
+
+
+def combine_backward_torch(grad_out, rows, sorted_indices, row_probs, need_probs_grad: bool):
+    """grad_out [T, H], rows [N, H], sorted_indices [N] (token of each row), row_probs [N] ->
+    (grad_rows [N, H], grad_row_probs [N] fp32 or None)."""
+    g = grad_out.index_select(0, sorted_indices)
+    grad_row_probs = None
+    if need_probs_grad:
+        grad_row_probs = torch.bmm(rows.unsqueeze(1), g.unsqueeze(2)).view(-1).float()
+    return g * row_probs.to(g.dtype).unsqueeze(1), grad_row_probs
+
+
+# ---- triton --------------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _combine_fwd_kernel(rows_ptr, slot_ptr, probs_ptr, out_ptr, H, K: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(slot_ptr + t * K + j).to(tl.int64)
+            p = tl.load(probs_ptr + t * K + j).to(tl.float32)
+            x = tl.load(rows_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += p * x
+        tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _combine_bwd_kernel(grad_out_ptr, rows_ptr, tok_ptr, row_probs_ptr, grad_rows_ptr,
+                            grad_probs_ptr, H, NEED_PROBS: tl.constexpr, BLOCK_H: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        tok = tl.load(tok_ptr + r).to(tl.int64)
+        p = tl.load(row_probs_ptr + r).to(tl.float32)
+        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs = h0 + tl.arange(0, BLOCK_H)
+            mask = offs < H
+            g = tl.load(grad_out_ptr + tok * H + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_rows_ptr + r * H + offs, (p * g).to(grad_rows_ptr.dtype.element_ty),
+                     mask=mask)
+            if NEED_PROBS:
+                x = tl.load(rows_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
+                dot += x * g
+        if NEED_PROBS:
+            tl.store(grad_probs_ptr + r, tl.sum(dot, axis=0))
+
+
+def combine_forward_triton(rows, slot_rows, probs):
+    t, k = probs.shape
+    h = rows.shape[-1]
+    out = torch.empty(t, h, dtype=rows.dtype, device=rows.device)
+    if t == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(h))
+    grid = (t, triton.cdiv(h, block))
+    _combine_fwd_kernel[grid](rows.contiguous(), slot_rows.contiguous(),
+                              probs.float().contiguous(), out, h, K=k, BLOCK_H=block)
+    return out
+
+
+def combine_backward_triton(grad_out, rows, sorted_indices, row_probs, need_probs_grad: bool):
+    n, h = rows.shape
+    grad_rows = torch.empty_like(rows)
+    grad_row_probs = torch.empty(n, dtype=torch.float32, device=rows.device)
+    if n == 0:
+        return grad_rows, grad_row_probs if need_probs_grad else None
+    block = min(1024, triton.next_power_of_2(h))
+    _combine_bwd_kernel[(n,)](grad_out.contiguous(), rows.contiguous(),
+                              sorted_indices.contiguous(), row_probs.float().contiguous(),
+                              grad_rows, grad_row_probs, h, NEED_PROBS=need_probs_grad,
+                              BLOCK_H=block)
+    return grad_rows, grad_row_probs if need_probs_grad else None
+
+
+# ---- registry ------------------------------------------------------------------------------
+
+
+def _torch_available(**ctx):
+    return True, ""
+
+
+def _triton_available(device=None, **ctx):
+    if not HAVE_TRITON:
+        return False, "Triton is not installed (pip install triton)"
+    if device is None or torch.device(device).type != "cuda":
+        return False, "the Triton combine kernels run on CUDA tensors only"
+    return True, ""
+
+
+COMBINE = BackendRegistry("moe_combine")
+COMBINE.register(Backend("triton", _triton_available,
+                         (combine_forward_triton, combine_backward_triton),
+                         description="fused gather-weight-sum and its backward"))
+COMBINE.register(Backend("torch", _torch_available,
+                         (combine_forward_torch, combine_backward_torch),
+                         description="gather + batched matmul"))
+
+
+def select_combine(device: torch.device, requested: str = "auto") -> Backend:
+    return COMBINE.select(requested, device=device)
