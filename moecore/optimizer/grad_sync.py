@@ -88,7 +88,7 @@ def finalize_model_grads(model: nn.Module | list[nn.Module],
     grads = [model_grad(p) for p in params]
     sp = [g for p, g in zip(params, grads) if getattr(p, "sequence_parallel", False)]
     if ps.tp_size > 1:
-        pass
+        _coalesced_all_reduce(sp, ps.tp_group)
     dp_cp = ps.world_size_of("data_parallel_with_cp")
     dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
     expert = [g for p, g in zip(params, grads) if is_expert_param(p)]
