@@ -368,7 +368,8 @@ def _add_logging_args(p):
     g.add_argument("--wandb-entity", default="")
     g.add_argument("--wandb-exp-name", default="")
     g.add_argument("--wandb-save-dir", default="")
-    g.add_argument("--logging-level", type=int, default=None)
+    g.add_argument("--logging-level", type=int, default=None,
+                   help="Level of Python's root logger (e.g. 20 = INFO).")
     _noop(g, "--log-throughput", "tokens/s and MFU are always logged")
     _noop(g, "--timing-log-level", "only the iteration time is measured", action="store",
           type=int, default=0)
@@ -379,17 +380,18 @@ def _add_logging_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser, grouped as Megatron-LM's (``--help`` shows the groups)."""
+    refused = ", ".join(UNSUPPORTED_FLAGS)
     p = argparse.ArgumentParser(description="moecore GPT pretraining (Megatron-LM flags)",
                                 usage="%(prog)s [flags]  (--help lists them by group)",
+                                epilog=f"Megatron-LM flags refused with an error: {refused}.",
                                 allow_abbrev=False)
     for add in (_add_network_size_args, _add_regularization_args, _add_training_args,
                 _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
                 _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
                 _add_data_args, _add_tokenizer_args, _add_moe_args, _add_logging_args):
         add(p)
-    g = p.add_argument_group(title="unsupported Megatron-LM flags (rejected with a message)")
     for flag in UNSUPPORTED_FLAGS:
-        g.add_argument(flag, action=_Unsupported, help=argparse.SUPPRESS)
+        p.add_argument(flag, action=_Unsupported, help=argparse.SUPPRESS)
     return p
 
 

@@ -34,12 +34,11 @@ def _eval_pattern_node(node, text: str):
         else:
             if isinstance(left, list) and isinstance(right, list):
                 raise ValueError(f"moe-layer-freq pattern {text!r}: cannot multiply two lists")
-            n = right if isinstance(left, list) else left
-            size = len(left if isinstance(left, list) else right) * n \
-                if isinstance(left, list) or isinstance(right, list) else 1
-            if size > _MAX_PATTERN_LEN:
-                raise ValueError(f"moe-layer-freq pattern {text!r} expands to {size} entries "
-                                 f"(limit {_MAX_PATTERN_LEN})")
+            if isinstance(left, list) or isinstance(right, list):
+                seq, n = (left, right) if isinstance(left, list) else (right, left)
+                if len(seq) * n > _MAX_PATTERN_LEN:  # checked before building the list
+                    raise ValueError(f"moe-layer-freq pattern {text!r} expands to "
+                                     f"{len(seq) * n} entries (limit {_MAX_PATTERN_LEN})")
             out = left * right
         return out
     raise ValueError(
@@ -180,7 +179,7 @@ def _validate_batch_and_schedule(args) -> None:
             f"--micro-batch-size {mbs} x data-parallel size {dp} = {mbs * dp}; use a multiple "
             f"of {mbs * dp}")
     args.num_microbatches = args.global_batch_size // (mbs * dp)
-    if not args.skip_train and (args.train_iters is None) == (args.train_samples is None):
+    if (args.train_iters is None) == (args.train_samples is None):
         raise ValueError("pass exactly one of --train-iters and --train-samples")
     if args.lr is None:
         raise ValueError("--lr is required")
@@ -200,7 +199,10 @@ def _validate_batch_and_schedule(args) -> None:
                              "--lr-warmup-samples with --train-samples")
         if args.lr_warmup_fraction is not None and args.lr_warmup_samples:
             raise ValueError("pass only one of --lr-warmup-fraction and --lr-warmup-samples")
-        args.train_iters = -(-args.train_samples // args.global_batch_size)
+        args.train_iters = args.train_samples // args.global_batch_size  # Megatron floors
+        if args.train_iters < 1:
+            raise ValueError(f"--train-samples {args.train_samples} is less than one global "
+                             f"batch ({args.global_batch_size})")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.start_weight_decay is None:

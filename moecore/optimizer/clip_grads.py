@@ -25,9 +25,13 @@ def is_expert_param(p: torch.Tensor) -> bool:
 
 
 def _sum_sq(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """Sum of squares of all entries, in fp32 (one fused norm kernel per dtype)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for t in tensors:
-        total += t.float().pow(2).sum()
+    fp32 = [t for t in tensors if t.dtype == torch.float32]
+    other = [t.float() for t in tensors if t.dtype != torch.float32]
+    for group in (fp32, other):
+        if group:
+            total += torch.stack(torch._foreach_norm(group)).pow(2).sum()
     return total
 
 

@@ -142,14 +142,11 @@ class MegatronOptimizer:
         return grads
 
     def _unscale_and_check_inf(self, grads: list[torch.Tensor]) -> bool:
-        inv = self.grad_scaler.inv_scale.item()
-        torch._foreach_mul_(grads, inv)
         device = grads[0].device if grads else torch.device("cpu")
         found = torch.zeros(1, device=device)
-        for g in grads:
-            if not torch.isfinite(g).all():
-                found.fill_(1.0)
-                break
+        if grads:  # one fused kernel: multiply by 1/scale and flag any inf/NaN
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                grads, found, self.grad_scaler.inv_scale.to(device))
         if dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank must skip together: expert ranks hold different gradients.
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
@@ -173,9 +170,9 @@ class MegatronOptimizer:
                 "--no-check-for-nan-in-loss-and-grad to continue anyway)")
         clip_grad_norm(self.main_params, self.clip_grad, self.ps, total_norm=grad_norm)
         self.optimizer.step()
-        for p, m in zip(self.model_params, self.main_params):
-            if m is not p:
-                p.copy_(m)
+        pairs = [(p, m) for p, m in zip(self.model_params, self.main_params) if m is not p]
+        if pairs:  # one fused launch instead of one copy per parameter
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         return True, grad_norm
 
     @torch.no_grad()

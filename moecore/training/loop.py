@@ -4,6 +4,7 @@ logging, evaluation, checkpoints)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Callable
 
@@ -133,8 +134,11 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
     """
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
+    if args.logging_level is not None:
+        logging.getLogger().setLevel(args.logging_level)
     created_pg = initialize.initialize_distributed(args)
     ps = initialize.initialize_model_parallel(args)
+    run = None
     try:
         initialize.set_seeds(args, ps)
         tokenizer, model, optimizer, scheduler = _build(args, ps, model_provider)
@@ -154,7 +158,7 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
             _final_evals(run, model, valid_it, test_ds, args, ps)
         return run.summary()
     finally:
-        if "run" in locals():
+        if run is not None:
             run.close()
         mpu.destroy_model_parallel()
         if created_pg:
@@ -177,7 +181,7 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
             run.log_validation(f"iteration {it}", losses, it)
         exit_now = bool(args.exit_interval and it % args.exit_interval == 0)
         if args.exit_duration_in_mins:
-            elapsed = torch.tensor([(time.time() - start) / 60.0])
+            elapsed = torch.tensor([(time.time() - start) / 60.0], device=args.device)
             if dist.is_initialized():
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             exit_now = exit_now or elapsed.item() > args.exit_duration_in_mins

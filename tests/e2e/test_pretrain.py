@@ -76,7 +76,8 @@ def test_single_process_loss_falls_and_eval_lines_appear():
 def test_resume_is_bit_identical_across_processes(tmp_path):
     common = TINY + ("--train-iters 20 --log-interval 5 --eval-interval 5 --eval-iters 1 "
                      "--hidden-dropout 0.1 --attention-dropout 0.1").split()
-    straight = pretrain(list(common))
+    # Every run in its own process: same thread count and no state left by other tests.
+    straight = _run_driver(common)
     ckpt = str(tmp_path / "ckpt")
     first = _run_driver(common + ["--save", ckpt, "--exit-interval", "10"])
     assert first["iterations"] == list(range(1, 11))
