@@ -46,22 +46,24 @@ def main() -> None:
     p.add_argument("--url", default=None, help=f"download URL when online (e.g. {DEFAULT_URL})")
     p.add_argument("--out-dir", default=str(REPO / "data" / "shakespeare_char"))
     args = p.parse_args()
+    out = Path(args.out_dir)
+    prefix = out / "shakespeare"
+    if Path(f"{prefix}_text_document.idx").exists() and not args.input:
+        print(f"{prefix}_text_document")  # prepared earlier
+        return
     text = find_text(args)
     if text is None:
         print("no Shakespeare text found (pass --input PATH, set SHAKESPEARE_PATH, or --url "
               "when online); falling back to --mock-data", file=sys.stderr)
         print("MOCK")
         return
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = out / "shakespeare"
     vocab = out / "vocab.json"
-    if not Path(f"{prefix}_text_document.idx").exists():
-        subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
-                        "--input", str(text), "--input-format", "text",
-                        "--split-docs-on-blank-line", "--output-prefix", str(prefix),
-                        "--tokenizer-type", "CharacterTokenizer", "--vocab-file", str(vocab),
-                        "--workers", "1"], check=True)
+    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
+                    "--input", str(text), "--input-format", "text",
+                    "--split-docs-on-blank-line", "--output-prefix", str(prefix),
+                    "--tokenizer-type", "CharacterTokenizer", "--vocab-file", str(vocab),
+                    "--workers", "1"], check=True)
     print(f"{prefix}_text_document")
 
 

@@ -20,8 +20,8 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
 else
   SIZE=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
         --max-position-embeddings 64 --ffn-hidden-size 256 --moe-ffn-hidden-size 64
-        --micro-batch-size 16 --global-batch-size 16 --train-iters 60
-        --lr-warmup-iters 10 --lr-decay-iters 60 --eval-interval 30 --eval-iters 4
+        --micro-batch-size 16 --global-batch-size 16 --train-iters 300
+        --lr-warmup-iters 20 --lr-decay-iters 300 --eval-interval 100 --eval-iters 8
         --hidden-dropout 0.0 --attention-dropout 0.0 --moe-grouped-gemm)
 fi
 exec python pretrain_gpt.py "${SIZE[@]}" "${DATA_ARGS[@]}" \
