@@ -8,8 +8,8 @@ Megatron (``config.num_moe_experts``, ``config.moe_router_topk``, ...).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -57,7 +57,8 @@ def generate_rank_groups(
         prod *= full[t]
     if prod != world_size:
         desc = " x ".join(f"{t}={full[t]}" for t in tokens)
-        raise ValueError(f"parallel sizes {desc} multiply to {prod}, not the world size {world_size}")
+        raise ValueError(
+            f"parallel sizes {desc} multiply to {prod}, not the world size {world_size}")
     # Axis 0 of the grid is the slowest (last) token; a rank's value is its global rank.
     grid = np.arange(world_size).reshape([full[t] for t in reversed(tokens)])
     axis = {t: len(tokens) - 1 - i for i, t in enumerate(tokens)}

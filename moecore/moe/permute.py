@@ -171,7 +171,7 @@ class _GatherRows(torch.autograd.Function):
         return rows.view(plan.num_tokens, plan.topk, grad.shape[-1]).sum(dim=1), None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def select_combine(device: torch.device):
     """The combine backend for tensors on ``device`` (chosen once per device, logged once)."""
     return COMBINE.select("auto", device=device)

@@ -35,7 +35,7 @@ def test_gradcheck_whole_layer_float64():
         names = [n for n, _ in layer.named_parameters()]
         params = tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
 
-        def fn(inp, *ps):
+        def fn(inp, *ps, layer=layer, names=names):
             return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))[0]
 
         assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
