@@ -1,0 +1,75 @@
+"""End-to-end training throughput: run pretrain_gpt.py's loop on a ~1B-total MoE and report
+tokens/s and MFU (active-parameter FLOPs incl. attention, see moecore/training/mfu.py).
+
+    python benchmarks/e2e.py                         # one GPU, the ~1B MoE below
+    torchrun --nproc_per_node 4 benchmarks/e2e.py --ep 4
+    python benchmarks/e2e.py --tiny --device cpu     # smoke run
+
+Model (issue "GPU performance"): hidden 1024, 16 layers, 16 heads, 16 experts top-2, expert
+FFN 2816, seq 2048, bf16, mock data. The first ``--skip`` logged intervals (warm-up, Triton
+compilation) are excluded from the reported medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moecore.training import pretrain  # noqa: E402
+
+MODEL = ["--num-layers", "16", "--hidden-size", "1024", "--num-attention-heads", "16",
+         "--ffn-hidden-size", "2816", "--moe-ffn-hidden-size", "2816", "--seq-length", "2048",
+         "--max-position-embeddings", "2048", "--num-experts", "16", "--moe-router-topk", "2"]
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--ffn-hidden-size", "128", "--moe-ffn-hidden-size", "64", "--seq-length", "64",
+        "--max-position-embeddings", "64", "--num-experts", "4", "--moe-router-topk", "2"]
+COMMON = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+          "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+          "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
+          "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
+          "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "32000",
+          "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
+          "--lr-warmup-iters", "5", "--clip-grad", "1.0", "--eval-iters", "0",
+          "--eval-interval", "1000000", "--split", "100,0,0"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--skip", type=int, default=1, help="logged intervals to drop (warm-up)")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    args, extra = p.parse_known_args()
+    gbs = args.global_batch_size or args.micro_batch_size
+    argv = (TINY if args.tiny else MODEL) + COMMON + [
+        "--train-iters", str(args.iters), "--log-interval", str(args.log_interval),
+        "--lr-decay-iters", str(args.iters), "--micro-batch-size", str(args.micro_batch_size),
+        "--global-batch-size", str(gbs), "--expert-model-parallel-size", str(args.ep)]
+    if not args.tiny:
+        argv.append("--bf16")
+    if args.device:
+        argv += ["--device", args.device]
+    summary = pretrain(argv + extra)
+    tok = summary["tokens_per_sec"][args.skip:] or summary["tokens_per_sec"]
+    mfu = [m for m in (summary["mfu"][args.skip:] or summary["mfu"]) if m is not None]
+    result = {"tokens_per_sec": statistics.median(tok),
+              "mfu_percent": statistics.median(mfu) * 100 if mfu else None,
+              "flops_per_token": summary["flops_per_token"], "argv": argv + extra,
+              "final_lm_loss": summary["lm_loss"][-1]}
+    print(json.dumps({k: v for k, v in result.items() if k != "argv"}))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
