@@ -111,6 +111,8 @@ class MoEConfig:
     moe_shared_expert_gate: bool = False
     moe_shared_expert_overlap: bool = False
     moe_layer_freq: int | list[int] = 1
+    # The fused (Triton) top-k combine is chosen automatically on CUDA; this flag is accepted
+    # for Megatron compatibility and changes nothing.
     moe_permute_fusion: bool = False
     moe_router_fusion: bool = False
     moe_layer_recompute: bool = False
@@ -135,6 +137,10 @@ class MoEConfig:
         _check_choice("moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
         _check_choice("moe_grouped_gemm_backend", self.moe_grouped_gemm_backend,
                       GROUPED_GEMM_BACKENDS)
+        for name in ("moe_router_fusion", "moe_shared_expert_overlap"):
+            if getattr(self, name):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) is not supported yet; "
+                                 "remove the flag (the unfused path computes the same result)")
         if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
             raise ValueError("moe_router_pre_softmax needs moe_router_score_function='softmax'")
         if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):

@@ -51,3 +51,11 @@ def test_dropless_sends_tokens_times_topk_rows():
     assert int(routing_map.sum()) == 45
     out = layer.token_dispatcher.combine(layer.experts(tokens, tokens_per_expert)[0])
     assert out.shape == x.shape
+
+
+def test_unimplemented_moe_fusion_flags_are_refused():
+    import pytest
+
+    for name in ("moe_router_fusion", "moe_shared_expert_overlap"):
+        with pytest.raises(ValueError, match="not supported yet"):
+            tiny_moe_config(**{name: True})
