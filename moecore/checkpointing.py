@@ -7,9 +7,14 @@ Layout under ``--save``::
 
 One file per distinct model shard: ranks with the same (tp, pp, ep[, etp]) coordinates hold
 identical parameters (data-parallel replicas), and the lowest such rank writes it, including
-the RNG states of all its replicas. A file holds the model and optimizer state (fp32 main params
+the RNG states of all its replicas. A file holds the model (``model``, or ``model0``,
+``model1``, ... for the chunks of an interleaved pipeline) and optimizer state (fp32 main params
 and loss scaler included), the LR scheduler, every RNG state (Python, NumPy, torch CPU/CUDA, the
 TP/EP tracker), the iteration, the data position (consumed samples) and the args.
+
+The distributed optimizer's sharded state is gathered over the data-parallel group into a
+per-parameter form before saving (:mod:`moecore.optimizer.distributed`), so the file does not
+depend on the data-parallel size: a run saved at DP=4 resumes at DP=2 (same tp/pp/ep).
 
 Atomicity: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 renames it to
 ``iter_XXXXXXX/`` and only then replaces the tracker file (write to a temp file + rename). A
@@ -152,7 +157,7 @@ def _replace_tracker(root: str, iteration: int) -> None:
 
 
 # ---- save ------------------------------------------------------------------------------------
-def save_checkpoint(iteration: int, model: nn.Module, optimizer, scheduler, args,
+def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimizer, scheduler, args,
                     data_state: dict | None = None,
                     parallel_state: ParallelState | None = None) -> str:
     """Save this rank's shard of iteration ``iteration`` under ``args.save`` (collective).
@@ -164,6 +169,7 @@ def save_checkpoint(iteration: int, model: nn.Module, optimizer, scheduler, args
     from moecore.arguments import args_to_dict
 
     ps = parallel_state or get_parallel_state()
+    chunks = _chunks(model)
     root = args.save
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
@@ -171,6 +177,16 @@ def save_checkpoint(iteration: int, model: nn.Module, optimizer, scheduler, args
     gathered = _all_gather((ps.rank, key, None if args.no_save_rng else get_rng_state()))
     sharers = sorted((r, rng) for r, k, rng in gathered if k == key)
     is_writer = sharers[0][0] == ps.rank
+    if hasattr(optimizer, "sync_params"):
+        optimizer.sync_params()  # background parameter all-gathers must have landed
+    optim_state = None
+    if not args.no_save_optim:
+        if getattr(optimizer, "grad_sync", None) is not None and \
+                getattr(optimizer.grad_sync, "shard", False):
+            # Distributed optimizer: gathers over data parallel, so every rank takes part.
+            optim_state = optimizer.state_dict(keep=is_writer)
+        elif is_writer:
+            optim_state = optimizer.state_dict()
     if ps.rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crashed save
@@ -179,12 +195,12 @@ def save_checkpoint(iteration: int, model: nn.Module, optimizer, scheduler, args
     if is_writer:
         state = {
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-            "model": model.state_dict(), "args": args_to_dict(args),
-            "parallel_layout": _layout(ps), "rng_ranks": [r for r, _ in sharers],
+            **_model_states(chunks), "args": args_to_dict(args),
+            "parallel_layout": _layout(ps, len(chunks)), "rng_ranks": [r for r, _ in sharers],
             **(data_state or {}),
         }
         if not args.no_save_optim:
-            state["optimizer"] = optimizer.state_dict()
+            state["optimizer"] = optim_state
             state["opt_param_scheduler"] = scheduler.state_dict()
         if not args.no_save_rng:
             state["rng_state"] = [rng for _, rng in sharers]
@@ -207,10 +223,23 @@ def save_checkpoint(iteration: int, model: nn.Module, optimizer, scheduler, args
     return final_dir
 
 
-def _layout(ps: ParallelState) -> dict:
+def _layout(ps: ParallelState, num_chunks: int = 1) -> dict:
     s = ps.sizes
     return {"world_size": s.world_size, "tp": s.tp, "pp": s.pp, "cp": s.cp, "ep": s.ep,
-            "etp": s.expert_tp, "order": s.order}
+            "etp": s.expert_tp, "order": s.order, "vp": num_chunks}
+
+
+def _chunks(model) -> list[nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _model_keys(n: int) -> list[str]:
+    """Megatron's keys: ``model`` for one chunk, ``model0``, ``model1``, ... for several."""
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _model_states(chunks: list[nn.Module]) -> dict:
+    return {k: c.state_dict() for k, c in zip(_model_keys(len(chunks)), chunks)}
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -228,7 +257,7 @@ def _read_shard(path: str, ps: ParallelState) -> dict:
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                               "; restore it or point --load at another checkpoint") from e
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or not ("model" in state or "model0" in state):
         raise CheckpointError(f"checkpoint file {path} has no model state; it is not a moecore "
                               "checkpoint")
     return state
@@ -252,19 +281,21 @@ def check_model_state(model: nn.Module, saved: dict, path: str) -> None:
                 "vocab, parallel layout) differ from the run that saved it")
 
 
-def _check_layout(state: dict, ps: ParallelState, path: str) -> None:
-    saved, ours = state.get("parallel_layout"), _layout(ps)
+def _check_layout(state: dict, ps: ParallelState, path: str, num_chunks: int = 1) -> None:
+    saved, ours = state.get("parallel_layout"), _layout(ps, num_chunks)
     if saved is None:
         return
-    keys = ("tp", "pp", "ep", "etp")
+    saved = {"vp": 1, **saved}
+    keys = ("tp", "pp", "ep", "etp", "vp")
     if any(saved.get(k) != ours[k] for k in keys):
         desc = lambda d: ", ".join(f"{k}={d.get(k)}" for k in keys)  # noqa: E731
         raise CheckpointError(f"checkpoint file {path} was saved with {desc(saved)} but this run "
                               f"uses {desc(ours)}; resume with the same parallel sizes "
-                              "(resharding is not supported yet)")
+                              "(a different data-parallel size is fine; tools/checkpoint "
+                              "reshards the others)")
 
 
-def load_checkpoint(model: nn.Module, optimizer, scheduler, args,
+def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler, args,
                     parallel_state: ParallelState | None = None) -> dict | None:
     """Load ``args.load``'s latest checkpoint into ``model``/``optimizer``/``scheduler``.
 
@@ -274,6 +305,7 @@ def load_checkpoint(model: nn.Module, optimizer, scheduler, args,
     checkpoint (training starts from scratch unless ``--exit-on-missing-checkpoint``).
     """
     ps = parallel_state or get_parallel_state()
+    chunks = _chunks(model)
     root = args.load
     iteration = read_tracker(root) if root else None
     if iteration is None:
@@ -285,9 +317,17 @@ def load_checkpoint(model: nn.Module, optimizer, scheduler, args,
         return None
     path = checkpoint_file(root, iteration, ps)
     state = _read_shard(path, ps)
-    _check_layout(state, ps, path)
-    check_model_state(model, state["model"], path)
-    model.load_state_dict(state["model"], strict=True)
+    _check_layout(state, ps, path, len(chunks))
+    keys = _model_keys(len(chunks))
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint file {path} has no {missing} entries for this run's "
+                              f"{len(chunks)} model chunk(s); it was saved with another "
+                              "virtual pipeline size")
+    for key, chunk in zip(keys, chunks):
+        check_model_state(chunk, state[key], path)
+    for key, chunk in zip(keys, chunks):
+        chunk.load_state_dict(state[key], strict=True)
     finetune = bool(getattr(args, "finetune", False))
     if not finetune and not args.no_load_optim and "optimizer" in state:
         try:

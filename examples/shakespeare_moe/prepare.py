@@ -5,13 +5,16 @@ moecore checkout (``../shared/data/tinyshakespeare/input.txt``); ``--url`` when 
 the data prefix on the last line, or ``MOCK`` (with a message on stderr) when no text is
 reachable, so the caller can fall back to ``--mock-data``.
 
-Paragraphs (blank-line separated) become documents with no EOD between them, so the token
-stream is the plain text and ``--split 90,10,0`` gives nanoGPT's 90/10 train/val cut.
+The text is cut at line ends into 10 contiguous documents with no EOD between them, so
+``--split 90,10,0`` gives nanoGPT's cut: the first 90% trains, the last 10% validates as one
+contiguous piece. (Smaller documents, such as paragraphs, would be shuffled by the dataset, and
+a validation stream of shuffled paragraphs is harder to predict than the play's own order.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +24,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                "tinyshakespeare/input.txt")
+
+
+NUM_CHUNKS = 10
+
+
+def write_chunks(text: str, path: Path, n: int) -> None:
+    """Write ``text`` as ``n`` contiguous JSON-lines documents, cut after a newline."""
+    cuts = [0]
+    for i in range(1, n):
+        nl = text.find("\n", len(text) * i // n)
+        cuts.append(len(text) if nl < 0 else nl + 1)
+    cuts.append(len(text))
+    with open(path, "w", encoding="utf-8") as f:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            f.write(json.dumps({"text": text[a:b]}) + "\n")
 
 
 def find_text(args) -> Path | None:
@@ -48,7 +66,8 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out_dir)
     prefix = out / "shakespeare"
-    if Path(f"{prefix}_text_document.idx").exists() and not args.input:
+    if Path(f"{prefix}_text_document.idx").exists() and (out / "chunks.jsonl").exists() \
+            and not args.input:
         print(f"{prefix}_text_document")  # prepared earlier
         return
     text = find_text(args)
@@ -59,9 +78,11 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     vocab = out / "vocab.json"
+    chunks = out / "chunks.jsonl"
+    write_chunks(text.read_text(encoding="utf-8"), chunks, NUM_CHUNKS)
     subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
-                    "--input", str(text), "--input-format", "text",
-                    "--split-docs-on-blank-line", "--output-prefix", str(prefix),
+                    "--input", str(chunks), "--input-format", "jsonl", "--json-keys", "text",
+                    "--output-prefix", str(prefix),
                     "--tokenizer-type", "CharacterTokenizer", "--vocab-file", str(vocab),
                     "--workers", "1"], check=True)
     print(f"{prefix}_text_document")

@@ -31,8 +31,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
     "--delay-wgrad-compute": "delayed wgrad", "--multi-latent-attention": "MLA",
     "--mtp-num-layers": "multi-token prediction",
-    "--num-layers-per-virtual-pipeline-stage": "virtual pipeline stages",
-    "--num-virtual-stages-per-pipeline-rank": "virtual pipeline stages",
     "--use-torch-fsdp2": "FSDP", "--use-megatron-fsdp": "FSDP",
     "--yaml-cfg": "YAML configs", "--spec": "custom module specs",
     "--retro-project-dir": "Retro", "--cpu-offloading-num-layers": "activation CPU offload",
@@ -269,16 +267,30 @@ def _add_distributed_args(p):
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="nccl on CUDA, gloo on CPU when unset.")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="Layers per virtual pipeline stage (interleaved 1F1B schedule).")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="Model chunks per pipeline rank (interleaved 1F1B schedule).")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="Layers on the first pipeline stage (uneven split).")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="Layers on the last pipeline stage (uneven split).")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard fp32 main params and Adam states over data parallel (ZeRO-1).")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Reduce gradient buckets during backward.")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="All-gather updated params in the background until the next forward "
+                        "needs them (needs --use-distributed-optimizer).")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="Elements per gradient bucket with --overlap-grad-reduce; "
+                        "max(40M, 1M x data-parallel size) when unset.")
     g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
                    help="Rank order tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp.")
     g.add_argument("--local-rank", type=int, default=int(os.getenv("LOCAL_RANK", "0")))
-    _noop(g, "--ddp-bucket-size", "gradients are reduced in one flat buffer per group",
-          action="store", type=int, default=None)
     _noop(g, "--ddp-average-in-collective", "the averaging result is identical")
-    _noop(g, "--no-overlap-p2p-communication", "no pipeline here", dest="overlap_p2p_comm",
+    _noop(g, "--no-overlap-p2p-communication", "pipeline sends/receives are never overlapped "
+          "with compute here", dest="overlap_p2p_comm",
           action="store_false")
 
 

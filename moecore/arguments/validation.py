@@ -89,17 +89,6 @@ def _moe_freq_type(value: str):
 
 # ---- validation --------------------------------------------------------------------------------
 def _not_supported_yet(args) -> None:
-    later = [("--use-distributed-optimizer", args.use_distributed_optimizer),
-             ("--overlap-grad-reduce", args.overlap_grad_reduce),
-             ("--overlap-param-gather", args.overlap_param_gather)]
-    for flag, on in later:
-        if on:
-            raise ValueError(f"{flag} is not supported yet (the distributed optimizer is planned "
-                             "for a later release); remove it — training without it gives the "
-                             "same result with more optimizer memory per rank")
-    if args.pipeline_model_parallel_size != 1:
-        raise ValueError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is "
-                         "not supported yet; use 1 (pipeline parallelism is planned)")
     if args.context_parallel_size != 1:
         raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not "
                          "supported yet; use 1")
@@ -167,6 +156,42 @@ def _validate_parallel(args, world_size: int) -> None:
         args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
 
 
+def _validate_pipeline_and_ddp(args) -> None:
+    """Virtual/uneven pipeline stages and the distributed-optimizer flags."""
+    from moecore.pipeline_parallel.layout import pipeline_layer_layout
+
+    pp = args.pipeline_model_parallel_size
+    per_stage, chunks = (args.num_layers_per_virtual_pipeline_stage,
+                         args.num_virtual_stages_per_pipeline_rank)
+    if per_stage is not None and chunks is not None:
+        raise ValueError("pass only one of --num-layers-per-virtual-pipeline-stage and "
+                         "--num-virtual-stages-per-pipeline-rank")
+    vp = chunks
+    if per_stage is not None:
+        uneven = (args.decoder_first_pipeline_num_layers is not None or
+                  args.decoder_last_pipeline_num_layers is not None)
+        if uneven:
+            raise ValueError("with --decoder-first/last-pipeline-num-layers give the virtual "
+                             "stages as --num-virtual-stages-per-pipeline-rank")
+        if per_stage < 1 or args.num_layers % (pp * per_stage):
+            raise ValueError(
+                f"--num-layers {args.num_layers} must be a multiple of "
+                f"--pipeline-model-parallel-size {pp} x --num-layers-per-virtual-pipeline-stage "
+                f"{per_stage} = {pp * per_stage}")
+        vp = args.num_layers // (pp * per_stage)
+    if vp is not None and vp > 1 and pp < 2:
+        raise ValueError("virtual pipeline stages (interleaved schedule) need "
+                         "--pipeline-model-parallel-size >= 2")
+    args.virtual_pipeline_model_parallel_size = vp if vp and vp > 1 else None
+    pipeline_layer_layout(args.num_layers, pp, vp or 1, args.decoder_first_pipeline_num_layers,
+                          args.decoder_last_pipeline_num_layers)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ValueError("--overlap-param-gather needs --use-distributed-optimizer (only the "
+                         "distributed optimizer gathers parameters)")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
+
+
 def _validate_batch_and_schedule(args) -> None:
     if args.micro_batch_size is None:
         raise ValueError("--micro-batch-size is required")
@@ -179,6 +204,13 @@ def _validate_batch_and_schedule(args) -> None:
             f"--micro-batch-size {mbs} x data-parallel size {dp} = {mbs * dp}; use a multiple "
             f"of {mbs * dp}")
     args.num_microbatches = args.global_batch_size // (mbs * dp)
+    pp = args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
+        raise ValueError(
+            f"the interleaved pipeline schedule needs the number of micro-batches "
+            f"(--global-batch-size {args.global_batch_size} / (--micro-batch-size {mbs} x "
+            f"data-parallel size {dp}) = {args.num_microbatches}) to be a multiple of "
+            f"--pipeline-model-parallel-size {pp}")
     if (args.train_iters is None) == (args.train_samples is None):
         raise ValueError("pass exactly one of --train-iters and --train-samples")
     if args.lr is None:
@@ -253,6 +285,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_model_shape(args)
     _validate_precision_and_data(args)
     _validate_parallel(args, world_size)
+    _validate_pipeline_and_ddp(args)
     _validate_batch_and_schedule(args)
     if args.num_experts is not None:
         if args.add_bias_linear:

@@ -1,7 +1,11 @@
-"""Optimizer: AdamW over fp32 main params, loss scaling, global-norm clipping, gradient sync
-across data/expert-data/tensor parallel groups, and Megatron's LR/weight-decay schedule."""
+"""Optimizer: AdamW over fp32 main params (replicated, or sharded over data parallel by the
+distributed optimizer), loss scaling, global-norm clipping, gradient sync across
+data/expert-data/tensor/embedding groups (bucketed and overlapped with backward on request),
+and Megatron's LR/weight-decay schedule."""
 
 from moecore.optimizer.clip_grads import clip_grad_norm, get_grad_norm_fp32, get_params_norm
+from moecore.optimizer.distributed import DistributedOptimizer
+from moecore.optimizer.grad_buffer import DataParallelGradSync
 from moecore.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, build_grad_scaler
 from moecore.optimizer.grad_sync import attach_main_grad, finalize_model_grads
 from moecore.optimizer.lr_scheduler import OptimizerParamScheduler, build_scheduler
@@ -9,6 +13,8 @@ from moecore.optimizer.optimizer import MegatronOptimizer, get_megatron_optimize
 
 __all__ = [
     "ConstantGradScaler",
+    "DataParallelGradSync",
+    "DistributedOptimizer",
     "DynamicGradScaler",
     "MegatronOptimizer",
     "OptimizerParamScheduler",

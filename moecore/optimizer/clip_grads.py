@@ -3,11 +3,17 @@
 Megatron's counting rule: a dense parameter contributes on every TP rank when it is TP-sharded
 (``tensor_model_parallel=True``; each rank holds a different slice) and only on TP rank 0
 otherwise (replicas are counted once). The dense sum of squares is all-reduced over the
-tensor(-and-pipeline) group. Expert parameters (``allreduce=False`` or ``expert_parallel=True``)
+tensor-parallel group. Expert parameters (``allreduce=False`` or ``expert_parallel=True``)
 follow the same rule with the expert-tensor rank and are summed over the expert-tensor x
-expert-model group, since each EP rank holds different experts. Data-parallel replicas hold
-identical (already reduced) gradients, so no DP reduction is needed: every rank ends with the
-same norm.
+expert-model group, since each EP rank holds different experts. The two sums are then added over
+the pipeline group (stages hold different layers). A tied embedding/output weight held by the
+first and the last stage (``shared_embedding=True``) counts on the first stage only.
+
+Data-parallel replicas hold identical (already reduced) gradients, so no DP reduction is needed
+- except with the distributed optimizer, where each data-parallel rank holds a disjoint slice of
+every gradient (``data_parallel_sharded=True``): dense sums are first added over the
+``data_parallel_with_cp`` group and expert sums over the ``expert_data_parallel`` group. Every
+rank ends with the same norm.
 """
 
 from __future__ import annotations
@@ -40,13 +46,27 @@ def _all_reduce(t: torch.Tensor, group) -> None:
         dist.all_reduce(t, group=group)
 
 
+def _counted_on_this_stage(p: torch.Tensor, ps: ParallelState) -> bool:
+    return not (getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage())
+
+
+def _model_parallel_norm_sq(dense_sq: torch.Tensor, expert_sq: torch.Tensor,
+                            ps: ParallelState) -> torch.Tensor:
+    """Sum this rank's dense/expert squared norms over TP (EP x ETP) and then PP."""
+    _all_reduce(dense_sq, ps.tp_group)
+    _all_reduce(expert_sq, ps.group("expert_tensor_and_model_parallel"))
+    total = dense_sq + expert_sq
+    _all_reduce(total, ps.pp_group)
+    return total
+
+
 def grads_for_norm(params: Iterable[torch.Tensor], ps: ParallelState
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(dense_grads, expert_grads)`` this rank counts towards the global norm."""
     dense, expert = [], []
     for p in params:
         g = p.grad
-        if g is None:
+        if g is None or not _counted_on_this_stage(p, ps):
             continue
         sharded = bool(getattr(p, "tensor_model_parallel", False))
         if is_expert_param(p):
@@ -58,18 +78,20 @@ def grads_for_norm(params: Iterable[torch.Tensor], ps: ParallelState
 
 
 def get_grad_norm_fp32(params: Iterable[torch.Tensor],
-                       parallel_state: ParallelState | None = None) -> float:
-    """Global L2 norm of the gradients of ``params`` (collective over the model-parallel
-    groups: ``model_parallel`` for dense, ``expert_tensor_and_model_parallel`` for experts)."""
+                       parallel_state: ParallelState | None = None,
+                       data_parallel_sharded: bool = False) -> float:
+    """Global L2 norm of the gradients of ``params`` (collective over the tensor, expert and
+    pipeline groups, and with ``data_parallel_sharded`` the data-parallel groups too)."""
     ps = parallel_state or get_parallel_state()
     params = list(params)
-    device = params[0].device if params else torch.device("cpu")
+    device = params[0].device if params else torch.device(
+        "cuda" if torch.cuda.is_available() and ps.sizes.world_size > 1 else "cpu")
     dense, expert = grads_for_norm(params, ps)
-    dense_sq = _sum_sq(dense, device)
-    _all_reduce(dense_sq, ps.group("model_parallel"))
-    expert_sq = _sum_sq(expert, device)
-    _all_reduce(expert_sq, ps.group("expert_tensor_and_model_parallel"))
-    return float((dense_sq + expert_sq).sqrt().item())
+    dense_sq, expert_sq = _sum_sq(dense, device), _sum_sq(expert, device)
+    if data_parallel_sharded:
+        _all_reduce(dense_sq, ps.group("data_parallel_with_cp"))
+        _all_reduce(expert_sq, ps.edp_group)
+    return float(_model_parallel_norm_sq(dense_sq, expert_sq, ps).sqrt().item())
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float,
@@ -96,13 +118,11 @@ def get_params_norm(params: Iterable[torch.Tensor],
                     parallel_state: ParallelState | None = None) -> float:
     """Global L2 norm of the parameters themselves, with the same counting rule as grads."""
     ps = parallel_state or get_parallel_state()
-    params = list(params)
+    params = [p for p in params if _counted_on_this_stage(p, ps)]
     device = params[0].device if params else torch.device("cpu")
     dense = [p.detach() for p in params if not is_expert_param(p)
              and (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)]
     expert = [p.detach() for p in params if is_expert_param(p)
               and (getattr(p, "tensor_model_parallel", False) or ps.etp_rank == 0)]
     dense_sq, expert_sq = _sum_sq(dense, device), _sum_sq(expert, device)
-    _all_reduce(dense_sq, ps.group("model_parallel"))
-    _all_reduce(expert_sq, ps.group("expert_tensor_and_model_parallel"))
-    return float((dense_sq + expert_sq).sqrt().item())
+    return float(_model_parallel_norm_sq(dense_sq, expert_sq, ps).sqrt().item())

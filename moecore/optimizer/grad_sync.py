@@ -12,9 +12,18 @@
   sequence parallel): each TP rank saw a different slice of the sequence, so their gradients are
   summed over the TP group.
 
+* Tied embedding/output weights (``shared_embedding=True``) held by the first and the last
+  pipeline stage: each stage saw one use of the weight, so their gradients are summed over the
+  embedding group (after the data-parallel reduction, as in Megatron-Core).
+
 Gradients are read from ``param.main_grad`` (fp32, filled by :func:`attach_main_grad` hooks
-for bf16/fp16 parameters) or ``param.grad``. A parameter that received no gradient (an expert
-that got no tokens) joins the all-reduce with zeros so every rank reduces the same buffers.
+for bf16/fp16 parameters, or a view into the buffers of a
+:class:`~moecore.optimizer.grad_buffer.DataParallelGradSync`) or ``param.grad``. A parameter
+that received no gradient (an expert that got no tokens) joins the all-reduce with zeros so
+every rank reduces the same buffers. With a ``grad_sync`` the data-parallel reduction is its
+bucketed all-reduce / reduce-scatter (possibly started during backward); after a reduce-scatter
+only this rank's slice of each bucket is reduced, and the later sums (TP, embedding group) are
+exact on that slice because the slices line up across those ranks.
 """
 
 from __future__ import annotations
@@ -76,21 +85,33 @@ def _coalesced_all_reduce(tensors: list[torch.Tensor], group, scale: float = 1.0
 
 
 def finalize_model_grads(model: nn.Module | list[nn.Module],
-                         parallel_state: ParallelState | None = None) -> None:
+                         parallel_state: ParallelState | None = None, grad_sync=None) -> None:
     """Synchronise gradients across ranks after backward (collective; see module docstring).
 
-    Groups: ``tensor_model_parallel`` (sequence-parallel params, sum),
-    ``data_parallel_with_cp`` (dense, mean), ``expert_data_parallel`` (experts, sum / dp_cp).
+    Groups: ``data_parallel_with_cp`` (dense, mean), ``expert_data_parallel`` (experts,
+    sum / dp_cp), ``tensor_model_parallel`` (sequence-parallel params, sum), ``embedding`` (tied
+    weights across pipeline stages, sum). ``grad_sync``: the optimizer's
+    :class:`~moecore.optimizer.grad_buffer.DataParallelGradSync` (found on the model when not
+    given).
     """
     ps = parallel_state or get_parallel_state()
     modules = model if isinstance(model, (list, tuple)) else [model]
+    if grad_sync is None:  # buffers built by get_megatron_optimizer register themselves
+        grad_sync = getattr(modules[0], "_grad_sync", None)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     grads = [model_grad(p) for p in params]
+    if grad_sync is not None:
+        grad_sync.finish_grad_sync()
+    else:
+        dp_cp = ps.world_size_of("data_parallel_with_cp")
+        dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
+        expert = [g for p, g in zip(params, grads) if is_expert_param(p)]
+        _coalesced_all_reduce(dense, ps.group("data_parallel_with_cp"), scale=1.0 / dp_cp)
+        _coalesced_all_reduce(expert, ps.edp_group, scale=1.0 / dp_cp)
     sp = [g for p, g in zip(params, grads) if getattr(p, "sequence_parallel", False)]
     if ps.tp_size > 1:
         _coalesced_all_reduce(sp, ps.tp_group)
-    dp_cp = ps.world_size_of("data_parallel_with_cp")
-    dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
-    expert = [g for p, g in zip(params, grads) if is_expert_param(p)]
-    _coalesced_all_reduce(dense, ps.group("data_parallel_with_cp"), scale=1.0 / dp_cp)
-    _coalesced_all_reduce(expert, ps.edp_group, scale=1.0 / dp_cp)
+    if ps.pp_size > 1:
+        tied = [g for p, g in zip(params, grads) if getattr(p, "shared_embedding", False)]
+        if tied:  # only the first and last stages hold (and share) it
+            _coalesced_all_reduce(tied, ps.group("embedding"))

@@ -68,8 +68,11 @@ class MegatronOptimizer:
     def __init__(self, param_groups: list[dict], *, lr: float, weight_decay: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  clip_grad: float = 0.0, grad_scaler: ConstantGradScaler | None = None,
-                 parallel_state: ParallelState | None = None, check_for_nan: bool = True):
+                 parallel_state: ParallelState | None = None, check_for_nan: bool = True,
+                 grad_sync=None):
         self.ps = parallel_state or get_parallel_state()
+        # Optional DataParallelGradSync (--overlap-grad-reduce): main grads live in its buffers.
+        self.grad_sync = grad_sync
         self.clip_grad = clip_grad
         self.grad_scaler = grad_scaler
         self.check_for_nan = check_for_nan
@@ -125,18 +128,33 @@ class MegatronOptimizer:
 
     # ---- stepping ------------------------------------------------------------------------------
     def zero_grad(self) -> None:
+        if self.grad_sync is not None:
+            self.grad_sync.zero_grad()
         for p, m in zip(self.model_params, self.main_params):
             p.grad = None
-            if hasattr(p, "main_grad"):
+            if hasattr(p, "main_grad") and self.grad_sync is None:
                 p.main_grad.zero_()
             if m is not p:
                 m.grad = None
+
+    def sync_params(self) -> None:
+        """Wait for background parameter all-gathers (distributed optimizer); call before
+        reading the parameters outside a forward (checkpoints, norms)."""
+        if self.grad_sync is not None:
+            self.grad_sync.finish_param_sync()
+
+    def _check_norm(self, grad_norm: float) -> None:
+        if not math.isfinite(grad_norm) and self.check_for_nan:
+            raise RuntimeError(
+                f"gradient norm is {grad_norm} on rank {self.ps.rank}: the loss or gradients "
+                "hold NaN/inf (lower --lr, use --fp16 loss scaling or --bf16, or pass "
+                "--no-check-for-nan-in-loss-and-grad to continue anyway)")
 
     def _collect_main_grads(self) -> list[torch.Tensor]:
         grads = []
         for p, m in zip(self.model_params, self.main_params):
             g = model_grad(p)
-            if m is not p:
+            if m is not p or m.grad is not g:  # fp32 params with buffer-backed main grads too
                 m.grad = g if g.dtype == m.dtype else g.to(m.dtype)
             grads.append(m.grad)
         return grads
@@ -163,11 +181,7 @@ class MegatronOptimizer:
             if found_inf:
                 return False, None
         grad_norm = get_grad_norm_fp32(self.main_params, self.ps)
-        if not math.isfinite(grad_norm) and self.check_for_nan:
-            raise RuntimeError(
-                f"gradient norm is {grad_norm} on rank {self.ps.rank}: the loss or gradients "
-                "hold NaN/inf (lower --lr, use --fp16 loss scaling or --bf16, or pass "
-                "--no-check-for-nan-in-loss-and-grad to continue anyway)")
+        self._check_norm(grad_norm)
         clip_grad_norm(self.main_params, self.clip_grad, self.ps, total_norm=grad_norm)
         self.optimizer.step()
         pairs = [(p, m) for p, m in zip(self.model_params, self.main_params) if m is not p]
@@ -191,7 +205,12 @@ class MegatronOptimizer:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Load optimizer state; raises ``ValueError`` when the parameter layout differs."""
+        """Load optimizer state (also a distributed optimizer's per-parameter state); raises
+        ``ValueError`` when the parameter layout differs."""
+        from moecore.optimizer.distributed import FULL_STATE_FORMAT, full_state_to_plain
+
+        if state.get("format") == FULL_STATE_FORMAT:
+            state = full_state_to_plain(state, self)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -211,11 +230,33 @@ class MegatronOptimizer:
 
 def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
                            parallel_state: ParallelState | None = None) -> MegatronOptimizer:
-    """AdamW from Megatron flags: ``--lr --weight-decay --adam-beta1/2 --adam-eps --clip-grad``
-    and the fp16 loss-scale flags (see :func:`build_grad_scaler`)."""
-    return MegatronOptimizer(
-        get_param_groups(model), lr=args.lr, weight_decay=args.start_weight_decay
-        if getattr(args, "start_weight_decay", None) is not None else args.weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
-        grad_scaler=build_grad_scaler(args), parallel_state=parallel_state,
-        check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True))
+    """AdamW from Megatron flags: ``--lr --weight-decay --adam-beta1/2 --adam-eps --clip-grad``,
+    the fp16 loss-scale flags (see :func:`build_grad_scaler`), and ``--use-distributed-optimizer``
+    / ``--overlap-grad-reduce`` / ``--overlap-param-gather`` / ``--ddp-bucket-size``, which put
+    the gradients in bucketed buffers (:class:`DataParallelGradSync`, as ``optimizer.grad_sync``).
+    """
+    from moecore.optimizer.distributed import DistributedOptimizer
+    from moecore.optimizer.grad_buffer import DataParallelGradSync, default_bucket_size
+
+    ps = parallel_state or get_parallel_state()
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    dist_opt = bool(getattr(args, "use_distributed_optimizer", False))
+    overlap = bool(getattr(args, "overlap_grad_reduce", False))
+    grad_sync = None
+    if dist_opt or overlap:
+        bucket = getattr(args, "ddp_bucket_size", None)
+        if bucket is None and overlap:
+            bucket = default_bucket_size(ps.world_size_of("data_parallel_with_cp"))
+        grad_sync = DataParallelGradSync(
+            chunks, ps, shard=dist_opt, overlap_grad_reduce=overlap,
+            overlap_param_gather=bool(getattr(args, "overlap_param_gather", False)),
+            bucket_size=bucket)
+    kwargs = dict(lr=args.lr, weight_decay=args.start_weight_decay
+                  if getattr(args, "start_weight_decay", None) is not None else args.weight_decay,
+                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                  clip_grad=args.clip_grad, grad_scaler=build_grad_scaler(args),
+                  parallel_state=ps,
+                  check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True))
+    if dist_opt:
+        return DistributedOptimizer(get_param_groups(chunks), grad_sync, **kwargs)
+    return MegatronOptimizer(get_param_groups(chunks), grad_sync=grad_sync, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -12,6 +13,7 @@ from moecore.config import TransformerConfig
 from moecore.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
 from moecore.data.tokenizers import vocab_size_with_padding
 from moecore.parallel_state import ParallelState
+from moecore.pipeline_parallel.layout import pipeline_layer_layout
 
 
 def build_tokenizer_from_args(args):
@@ -26,23 +28,93 @@ def build_tokenizer_from_args(args):
     return tokenizer
 
 
-def default_model_provider(config: TransformerConfig, args, ps: ParallelState) -> nn.Module:
-    """``GPTModel`` from the flags (Megatron's ``model_provider`` in ``pretrain_gpt.py``)."""
+def default_model_provider(config: TransformerConfig, args, ps: ParallelState,
+                           **stage) -> nn.Module:
+    """``GPTModel`` from the flags (Megatron's ``model_provider`` in ``pretrain_gpt.py``).
+
+    ``stage`` (pipeline parallel): ``pre_process``, ``post_process``, ``layer_offset``,
+    ``num_layers`` of one model chunk.
+    """
     from moecore.models import GPTModel
 
     tied = not args.untie_embeddings_and_output_weights
     return GPTModel(config, vocab_size=args.padded_vocab_size,
                     max_sequence_length=args.max_position_embeddings,
                     share_embeddings_and_output_weights=tied,
-                    position_embedding_type=args.position_embedding_type, parallel_state=ps)
+                    position_embedding_type=args.position_embedding_type, parallel_state=ps,
+                    **stage)
 
 
-def build_model(args, ps: ParallelState, model_provider: Callable | None = None) -> nn.Module:
-    """Config from the args, the model from the provider, moved to ``args.device``."""
+def pipeline_layout(args, ps: ParallelState) -> list[tuple[int, int]]:
+    """``[(layer_offset, num_layers)]`` of this rank's model chunks (one per virtual stage)."""
+    return pipeline_layer_layout(
+        args.num_layers, ps.pp_size, getattr(args, "virtual_pipeline_model_parallel_size", None)
+        or 1, getattr(args, "decoder_first_pipeline_num_layers", None),
+        getattr(args, "decoder_last_pipeline_num_layers", None))[ps.pp_rank]
+
+
+def _stage_kwargs(layout: list[tuple[int, int]], ps: ParallelState) -> list[dict]:
+    last = len(layout) - 1
+    return [{"pre_process": ps.is_pipeline_first_stage() and v == 0,
+             "post_process": ps.is_pipeline_last_stage() and v == last,
+             "layer_offset": offset, "num_layers": n} for v, (offset, n) in enumerate(layout)]
+
+
+def _gpt_chunks_as_one_model(config, args, ps: ParallelState, stages: list[dict]) -> list:
+    """This rank's GPT chunks with the weights the one-stage model would get from the same seed.
+
+    The one-stage model draws every weight from the default generator in order (embedding, layer
+    1, 2, ..., output layer). Each rank replays that stream from pipeline stage 0's seed,
+    building the pieces it does not hold (the embedding, layers before each chunk) and dropping
+    them, so any pipeline layout starts from the same model. Costs the draws of the layers before
+    this rank's last chunk, one layer in memory at a time.
+    """
+    from moecore.models.gpt import LanguageModelEmbedding
+    from moecore.transformer.layer import TransformerLayer
+
+    chunks = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # stage 0's default seed (set_seeds adds 100 * pp_rank)
+        cursor = 0
+        for stage in stages:
+            if cursor == 0 and not stage["pre_process"]:
+                LanguageModelEmbedding(config, args.padded_vocab_size,
+                                       args.max_position_embeddings,
+                                       args.position_embedding_type, ps)
+            for number in range(cursor + 1, stage["layer_offset"] + 1):
+                TransformerLayer(config, number, parallel_state=ps)
+            chunks.append(default_model_provider(config, args, ps, **stage))
+            cursor = stage["layer_offset"] + stage["num_layers"]
+    return chunks
+
+
+def build_model(args, ps: ParallelState, model_provider: Callable | None = None
+                ) -> list[nn.Module]:
+    """This rank's model chunks (one, or one per virtual pipeline stage), on ``args.device``.
+
+    Without pipeline parallelism the provider is called as ``provider(config, args, ps)``; with
+    it, once per chunk with the keywords ``pre_process``, ``post_process``, ``layer_offset`` and
+    ``num_layers``. The default GPT provider gives every pipeline layout the same initial
+    weights as the one-stage model (:func:`_gpt_chunks_as_one_model`).
+    """
     config = transformer_config_from_args(args)
-    provider = model_provider or default_model_provider
-    model = provider(config, args, ps)
-    return model.to(torch.device(args.device))
+    device = torch.device(args.device)
+    if ps.pp_size == 1:
+        provider = model_provider or default_model_provider
+        return [provider(config, args, ps).to(device)]
+    stages = _stage_kwargs(pipeline_layout(args, ps), ps)
+    if model_provider is None:
+        chunks = _gpt_chunks_as_one_model(config, args, ps, stages)
+    else:
+        params = inspect.signature(model_provider).parameters
+        takes_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = [k for k in stages[0] if k not in params and not takes_kw]
+        if missing:
+            raise ValueError(f"with --pipeline-model-parallel-size {ps.pp_size} the "
+                             f"model_provider must accept the keywords {missing} (one call per "
+                             "pipeline model chunk)")
+        chunks = [model_provider(config, args, ps, **stage) for stage in stages]
+    return [c.to(device) for c in chunks]
 
 
 def train_valid_test_num_samples(args) -> tuple[int, int, int]:

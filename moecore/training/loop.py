@@ -7,6 +7,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from torch import nn
 from moecore import parallel_state as mpu
 from moecore.arguments import parse_args
 from moecore.checkpointing import load_checkpoint, save_checkpoint
-from moecore.moe.losses import MoEAuxLossAutoScaler, MoELossTracker
+from moecore.moe.losses import MoELossTracker
 from moecore.optimizer import (
     MegatronOptimizer,
     build_scheduler,
@@ -23,6 +24,7 @@ from moecore.optimizer import (
     get_megatron_optimizer,
 )
 from moecore.parallel_state import ParallelState
+from moecore.pipeline_parallel import get_forward_backward_func, make_data_iterators
 from moecore.training import builders, initialize
 from moecore.training.logger import print_rank_0
 from moecore.training.state import RunState
@@ -36,6 +38,10 @@ def _all_reduce_mean(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     return t
 
 
+def _chunks(model) -> list[nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """``sum(loss * mask) / sum(mask)`` over a micro-batch, in fp32 (``[B, S]`` inputs)."""
     mask = loss_mask.float()
@@ -43,71 +49,113 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> t
 
 
 def forward_step(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Per-token loss ``[B, S]`` of one micro-batch (``tokens``/``labels``/``position_ids``)."""
+    """Per-token loss ``[B, S]`` of one micro-batch (``tokens``/``labels``/``position_ids``); on a
+    pipeline stage without the output layer, its hidden states for the next stage."""
     return model(batch["tokens"], batch.get("position_ids"), attention_mask=None,
                  labels=batch["labels"])
 
 
-def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler, data_iterator,
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    loss = masked_mean_loss(output, loss_mask)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step_func(data_iterator, model: nn.Module):
+    """Megatron-style step for the schedules: ``(output, loss_func)`` of the next micro-batch."""
+    batch = next(data_iterator)
+    return forward_step(model, batch), partial(_loss_func, batch["loss_mask"])
+
+
+def _next_batches(data_iterator, n: int, device: torch.device, what: str) -> list[dict]:
+    batches = []
+    for _ in range(n):
+        try:
+            batches.append(builders.batch_to_device(next(data_iterator), device))
+        except StopIteration:
+            raise RuntimeError(what) from None
+    return batches
+
+
+def _last_stage_mean(store: list[dict], ps: ParallelState, device) -> torch.Tensor:
+    """Mean ``lm loss`` of the last stage's micro-batches, on every pipeline stage."""
+    if ps.is_pipeline_last_stage():
+        value = torch.stack([d["lm loss"].float() for d in store]).mean()
+    else:
+        value = torch.zeros((), dtype=torch.float32, device=device)
+    if ps.pp_size > 1 and ps.pp_group is not None:
+        dist.all_reduce(value, group=ps.pp_group)  # the other stages contribute zeros
+    return value
+
+
+def _run_schedule(chunks, batches, args, ps, forward_only, optimizer=None) -> list[dict]:
+    schedule = get_forward_backward_func(
+        getattr(args, "virtual_pipeline_model_parallel_size", None), ps)
+    return schedule(
+        forward_step_func=forward_step_func,
+        data_iterator=make_data_iterators(batches, len(chunks)),
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only, parallel_state=ps,
+        grad_scale_func=None if optimizer is None else optimizer.scale_loss,
+        grad_sync=None if optimizer is None else getattr(optimizer, "grad_sync", None))
+
+
+def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
                args, ps: ParallelState) -> dict:
     """One iteration over ``args.num_microbatches`` micro-batches.
 
-    Each micro-batch's loss is its masked mean; ``loss / num_microbatches`` is back-propagated
-    (times the fp16 loss scale), so gradients are the mean over the global batch. MoE aux losses
-    reach the router through :class:`MoEAuxLossAutoScaler` with the same scaling.
-    Returns ``{"lm loss": DP-mean loss, "grad_norm", "updated", "lr"}``.
+    ``model`` is a module or this rank's list of pipeline model chunks. The schedule
+    (no pipelining, 1F1B or interleaved; :func:`get_forward_backward_func`) back-propagates each
+    micro-batch's masked-mean loss ``/ num_microbatches`` (times the fp16 loss scale), so
+    gradients are the mean over the global batch; MoE aux losses reach each stage's routers
+    through :class:`MoEAuxLossAutoScaler` with the same scaling. Returns ``{"lm loss": DP-mean
+    loss, "grad_norm", "updated", "lr"}`` (the same on every rank).
     """
-    n_mb = args.num_microbatches
+    chunks = _chunks(model)
     device = torch.device(args.device)
-    model.train()
+    for c in chunks:
+        c.train()
+    batches = _next_batches(data_iterator, args.num_microbatches, device,
+                            "the training data ran out before --train-iters/--train-samples "
+                            "was reached; the dataset is smaller than the run")
     optimizer.zero_grad()
     MoELossTracker.clear()
-    MoEAuxLossAutoScaler.set_loss_scale(optimizer.get_loss_scale().float().cpu() / n_mb)
-    losses = []
-    for _ in range(n_mb):
-        try:
-            batch = builders.batch_to_device(next(data_iterator), device)
-        except StopIteration:
-            raise RuntimeError("the training data ran out before --train-iters/--train-samples "
-                               "was reached; the dataset is smaller than the run") from None
-        loss = masked_mean_loss(forward_step(model, batch), batch["loss_mask"])
-        optimizer.scale_loss(loss / n_mb).backward()
-        losses.append(loss.detach())
-    finalize_model_grads(model, ps)
+    store = _run_schedule(chunks, batches, args, ps, forward_only=False, optimizer=optimizer)
+    finalize_model_grads(chunks, ps, getattr(optimizer, "grad_sync", None))
     updated, grad_norm = optimizer.step()
     if args.num_experts is not None and args.moe_router_enable_expert_bias:
-        from moecore.moe.router import update_expert_bias
+        from moecore.moe.router import TopKRouter, update_expert_bias
 
-        update_expert_bias(model, ps)
+        update_expert_bias([m for c in chunks for m in c.modules()
+                            if isinstance(m, TopKRouter)], ps)
     if updated:
         scheduler.step(increment=args.global_batch_size)
-    lm_loss = _all_reduce_mean(torch.stack(losses).mean().float(), ps)
+    lm_loss = _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
     return {"lm loss": lm_loss.item(), "grad_norm": grad_norm, "updated": updated,
             "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data_iterator, args, ps: ParallelState,
+def evaluate(model, data_iterator, args, ps: ParallelState,
              num_iters: int | None = None) -> tuple[dict[str, float], int]:
     """Mean masked loss over ``num_iters`` (``--eval-iters``) global batches; returns
     ``({"lm loss": value}, samples consumed)``."""
     num_iters = args.eval_iters if num_iters is None else num_iters
+    chunks = _chunks(model)
     device = torch.device(args.device)
-    model.eval()
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    count = 0
+    for c in chunks:
+        c.eval()
+    store: list[dict] = []
     for _ in range(num_iters):
-        for _ in range(args.num_microbatches):
-            try:
-                batch = builders.batch_to_device(next(data_iterator), device)
-            except StopIteration:
-                raise RuntimeError("the validation data ran out; raise the valid share of "
-                                   "--split or lower --eval-iters") from None
-            total += masked_mean_loss(forward_step(model, batch), batch["loss_mask"])
-            count += 1
+        batches = _next_batches(data_iterator, args.num_microbatches, device,
+                                "the validation data ran out; raise the valid share of "
+                                "--split or lower --eval-iters")
+        store += _run_schedule(chunks, batches, args, ps, forward_only=True)
     MoELossTracker.clear()  # eval forwards must not leak into the next training log
-    model.train()
-    mean = _all_reduce_mean(total / max(count, 1), ps)
+    for c in chunks:
+        c.train()
+    mean = _all_reduce_mean(_last_stage_mean(store, ps, device), ps) if num_iters else \
+        torch.zeros(())
     return {"lm loss": mean.item()}, num_iters * args.global_batch_size
 
 
@@ -126,7 +174,10 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
 
     ``model_provider(config, args, parallel_state) -> nn.Module`` replaces the default
     ``GPTModel``; its forward must take ``(tokens, position_ids, attention_mask=None,
-    labels=...)`` and return the per-token loss ``[B, S]``. Initialises ``torch.distributed``
+    labels=...)`` and return the per-token loss ``[B, S]``. With pipeline parallelism it is
+    called once per model chunk with the keywords ``pre_process``, ``post_process``,
+    ``layer_offset``, ``num_layers``, and a chunk without ``post_process`` returns its hidden
+    states (and takes its input through ``set_input_tensor``). Initialises ``torch.distributed``
     from the torchrun environment when needed, and the process groups; tears down what it
     created. Returns a summary: ``iterations``, ``lm_loss``, ``grad_norm``, ``lr`` per trained
     iteration, ``val_loss`` ``{iteration: loss}``, ``test_loss``, ``tokens_per_sec``, ``mfu``,

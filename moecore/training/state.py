@@ -53,7 +53,9 @@ class RunState:
     # ---- start-up ----------------------------------------------------------------------------
     def log_startup(self, tokenizer) -> None:
         a, ps = self.args, self.ps
-        self.log(f" > world size {ps.sizes.world_size}: tp={ps.tp_size} pp={ps.pp_size} "
+        vp = getattr(a, "virtual_pipeline_model_parallel_size", None)
+        self.log(f" > world size {ps.sizes.world_size}: tp={ps.tp_size} pp={ps.pp_size}"
+                 f"{f' (x{vp} virtual stages)' if vp else ''} "
                  f"dp={ps.dp_size} cp={ps.cp_size} ep={ps.ep_size} etp={ps.etp_size} "
                  f"edp={ps.edp_size}; {a.num_microbatches} micro-batches of {a.micro_batch_size} "
                  f"per step (global batch {a.global_batch_size}); device {a.device}, "
@@ -62,14 +64,20 @@ class RunState:
                  f" padded to {a.padded_vocab_size}")
         total = mfu_lib.matmul_params(self.config, a.padded_vocab_size, active_only=False)
         active = mfu_lib.matmul_params(self.config, a.padded_vocab_size, active_only=True)
-        n_model = self.model.num_parameters() if hasattr(self.model, "num_parameters") else None
+        chunks = self.model if isinstance(self.model, (list, tuple)) else [self.model]
+        n_model = sum(c.num_parameters() for c in chunks) \
+            if all(hasattr(c, "num_parameters") for c in chunks) else None
         self.log(f" > parameters: {n_model if n_model is not None else 'n/a'} total; matmul "
                  f"weights {total:,} of which {active:,} active per token; "
                  f"{self.flops_per_token:.4g} training FLOPs/token")
         b = self.optimizer.state_bytes()
+        kind = "distributed optimizer, sharded over data parallel" \
+            if getattr(a, "use_distributed_optimizer", False) else "replicated over data parallel"
         self.log(f" > optimizer state bytes per rank: {b['total']:,} (fp32 main params "
                  f"{b['main_params']:,}, main grads {b['main_grads']:,}, Adam moments "
-                 f"{b['adam_moments']:,}; rank {ps.rank})")
+                 f"{b['adam_moments']:,}; {kind}; rank {ps.rank})"
+                 + (f"; replicated AdamW would hold {b['replicated_total']:,}"
+                    if "replicated_total" in b else ""))
         if getattr(a, "noop_flags_given", None):
             self.log(" > accepted for Megatron-LM compatibility, no effect in moecore: "
                      + " ".join(a.noop_flags_given))
@@ -153,8 +161,11 @@ class RunState:
         losses = {k: v / good for k, v in self._sums.items()}
         tok_s = self._iters * a.global_batch_size * a.seq_length / max(self._time, 1e-9)
         util = mfu_lib.mfu(tok_s, self.flops_per_token, self.ps.sizes.world_size, self.peak)
-        params_norm = get_params_norm(self.model.parameters(), self.ps) \
-            if a.log_params_norm else None
+        params_norm = None
+        if a.log_params_norm:
+            self.optimizer.sync_params()
+            chunks = self.model if isinstance(self.model, (list, tuple)) else [self.model]
+            params_norm = get_params_norm([p for c in chunks for p in c.parameters()], self.ps)
         self.log(format_train_line(
             self.iteration, a.train_iters, self.consumed_train_samples, ms, lr,
             a.global_batch_size, losses, self._grad_norm, tok_s, util,

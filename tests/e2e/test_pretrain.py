@@ -6,7 +6,12 @@
 * 4 gloo ranks, TP=2 x EP=2 with sequence parallel and TP=1 x EP=2 (DP=4, expert-DP=2): the
   loss falls and matches the single-process run of the same global batches (same init, same
   samples per step; only float summation order differs);
-* ``torchrun pretrain_gpt.py`` on 2 ranks.
+* ``torchrun pretrain_gpt.py`` on 2 ranks;
+* pipeline parallel and the distributed optimizer: PP=2 x DP=2 x EP=2 with the distributed
+  optimizer and overlapped grad-reduce/param-gather, and DP=4 with the distributed optimizer,
+  match the single-process run; a DP=4 distributed-optimizer checkpoint resumes at DP=2 with
+  the uninterrupted run's losses; an interleaved PP=2 x VP=2 run saves per pipeline rank and
+  resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -109,8 +114,15 @@ def _parallel_runs(rank, world_size, layouts):
     return out
 
 
-def test_four_ranks_tp_ep_and_dp_ep_match_single_process():
-    ref = pretrain(PARALLEL_ARGS + ["--moe-token-dispatcher-type", "alltoall"])
+@pytest.fixture(scope="module")
+def single_ref():
+    """The one-process run every parallel layout must reproduce."""
+    return pretrain(PARALLEL_ARGS + ["--moe-token-dispatcher-type", "alltoall"],
+                    log=lambda _: None)
+
+
+def test_four_ranks_tp_ep_and_dp_ep_match_single_process(single_ref):
+    ref = single_ref
     results = run_distributed(_parallel_runs, 4, LAYOUTS, timeout=240)
     for name in LAYOUTS:
         per_rank = [r[name] for r in results]
@@ -141,3 +153,70 @@ def test_torchrun_pretrain_gpt_two_ranks(tmp_path):
     assert "edp=1" in out and "no effect in moecore: --use-mcore-models" in out
     assert sorted(os.listdir(tmp_path / "c" / "iter_0000004")) == ["mp_rank_00_000",
                                                                    "mp_rank_00_001"]
+
+
+# ---- pipeline parallel and the distributed optimizer ------------------------------------------
+DIST_OPT = "--use-distributed-optimizer --moe-token-dispatcher-type alltoall"
+INTERLEAVED = PARALLEL_ARGS + ("--num-layers 4 --pipeline-model-parallel-size 2 "
+                               "--num-layers-per-virtual-pipeline-stage 1 "
+                               "--moe-token-dispatcher-type alltoall").split()
+
+
+def _summary(s: dict, lines: list[str]) -> dict:
+    return {"lm_loss": s["lm_loss"], "grad_norm": s["grad_norm"], "val_loss": s["val_loss"],
+            "lines": lines}
+
+
+def _run(argv: list[str]) -> dict:
+    lines: list[str] = []
+    return _summary(pretrain(argv, log=lines.append), lines)
+
+
+def _four_rank_dist_opt_runs(rank, world_size, ckpt):
+    return {
+        "pp2_ep2": _run(PARALLEL_ARGS + (DIST_OPT + " --pipeline-model-parallel-size 2 "
+                                         "--expert-model-parallel-size 2 --overlap-grad-reduce "
+                                         "--overlap-param-gather --ddp-bucket-size 4000").split()),
+        "dp4_straight": _run(PARALLEL_ARGS + DIST_OPT.split()),
+        "dp4_first_half": _run(PARALLEL_ARGS + DIST_OPT.split() + ["--save", ckpt,
+                                                                   "--exit-interval", "3"]),
+    }
+
+
+def _two_rank_runs(rank, world_size, ckpt, ckpt_pp):
+    resumed = _run(PARALLEL_ARGS + DIST_OPT.split() + ["--load", ckpt, "--save", ckpt])
+    straight = _run(INTERLEAVED + ["--train-iters", "4"])
+    first = _run(INTERLEAVED + ["--train-iters", "4", "--save", ckpt_pp, "--exit-interval",
+                                "2"])
+    second = _run(INTERLEAVED + ["--train-iters", "4", "--load", ckpt_pp])
+    return {"resumed": resumed, "straight": straight, "first": first, "second": second}
+
+
+def test_pipeline_and_distributed_optimizer_runs_match_and_resume_across_dp(single_ref,
+                                                                            tmp_path):
+    ref = single_ref
+    ckpt, ckpt_pp = str(tmp_path / "dp4"), str(tmp_path / "pp")
+    four = run_distributed(_four_rank_dist_opt_runs, 4, ckpt, timeout=240)
+    got = four[0]
+    for name in ("pp2_ep2", "dp4_straight"):
+        for other in four[1:]:  # every rank reports the same loss and norm
+            assert other[name]["lm_loss"] == pytest.approx(got[name]["lm_loss"], rel=1e-6)
+        assert got[name]["lm_loss"] == pytest.approx(ref["lm_loss"], rel=1e-5), name
+        assert got[name]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), name
+        assert got[name]["val_loss"][3] == pytest.approx(ref["val_loss"][3], rel=1e-5), name
+    text = "\n".join(got["dp4_straight"]["lines"])
+    assert "distributed optimizer, sharded over data parallel" in text
+    assert " pp=2 " in "\n".join(got["pp2_ep2"]["lines"])
+    assert got["dp4_first_half"]["lm_loss"] == got["dp4_straight"]["lm_loss"][:3]
+    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000003"))) == ["mp_rank_00_000"]
+
+    two = run_distributed(_two_rank_runs, 2, ckpt, ckpt_pp, timeout=240)[0]
+    # DP=4 -> DP=2: the per-parameter optimizer state is re-sliced; same global batches.
+    assert two["resumed"]["lm_loss"] == pytest.approx(got["dp4_straight"]["lm_loss"][3:],
+                                                      rel=1e-5)
+    assert any("resumed from --load" in x for x in two["resumed"]["lines"])
+    # Interleaved PP=2 x VP=2: one file per pipeline rank, holding model0/model1; exact resume.
+    assert sorted(os.listdir(os.path.join(ckpt_pp, "iter_0000002"))) == [
+        "mp_rank_00_000_000", "mp_rank_00_001_000"]
+    assert two["first"]["lm_loss"] + two["second"]["lm_loss"] == two["straight"]["lm_loss"]
+    assert two["straight"]["lm_loss"][-1] < two["straight"]["lm_loss"][0]

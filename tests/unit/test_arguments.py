@@ -3,6 +3,7 @@ messages naming them; validation of batch/parallel sizes; --moe-layer-freq patte
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -129,13 +130,11 @@ def test_mixtral_script_parses_with_megatron_meanings():
     assert args.noop_flags_given == ["--use-mcore-models", "--no-masked-softmax-fusion"]
 
 
-def test_mixtral_script_validates_on_16_ranks_except_distributed_optimizer():
+def test_mixtral_script_validates_on_16_ranks():
     args = parse_args(mixtral_argv(), validate=False)
-    with pytest.raises(ValueError, match="--use-distributed-optimizer is not supported yet"):
-        validate_args(args, world_size=16)
-    args = parse_args([a for a in mixtral_argv() if a != "--use-distributed-optimizer"],
-                      validate=False)
     validate_args(args, world_size=16)
+    assert args.use_distributed_optimizer and args.pipeline_model_parallel_size == 1
+    assert args.virtual_pipeline_model_parallel_size is None
     assert args.data_parallel_size == 4 and args.num_microbatches == 32
     assert args.position_embedding_type == "rope"
     cfg = transformer_config_from_args(args)
@@ -188,21 +187,62 @@ def test_noop_flags_parse_and_are_reported():
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--use-distributed-optimizer"], "--use-distributed-optimizer is not supported yet"),
-    (["--overlap-grad-reduce"], "--overlap-grad-reduce is not supported yet"),
-    (["--overlap-param-gather"], "--overlap-param-gather is not supported yet"),
-    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2 is not supported"),
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--pipeline-model-parallel-size", "3"], "world size 1 is not divisible by tensor \\(1\\) "
+                                              "x pipeline \\(3\\)"),
     (["--moe-token-dispatcher-type", "flex", "--num-experts", "4", "--disable-bias-linear"],
      "flex"),
     (["--tokenizer-type", "HuggingFaceTokenizer"], "HuggingFaceTokenizer is not supported"),
 ])
 def test_not_yet_supported_features_fail_clearly(extra, match, capsys):
-    assert match in _parse_error(BASE + extra, capsys)
+    assert re.search(match, _parse_error(BASE + extra, capsys))
 
 
 def test_pipeline_size_one_is_fine():
     assert parse_args(BASE + ["--pipeline-model-parallel-size", "1"]).pipeline_model_parallel_size \
         == 1
+
+
+def _validated(extra: list[str], world_size: int):
+    args = parse_args(BASE + extra, validate=False)
+    return validate_args(args, world_size=world_size)
+
+
+def test_pipeline_virtual_and_uneven_stage_validation():
+    args = _validated(["--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                       "--num-layers-per-virtual-pipeline-stage", "2",
+                       "--global-batch-size", "8", "--use-distributed-optimizer",
+                       "--overlap-grad-reduce", "--overlap-param-gather"], 4)
+    assert args.virtual_pipeline_model_parallel_size == 2 and args.num_microbatches == 2
+    args = _validated(["--num-layers", "6", "--pipeline-model-parallel-size", "2",
+                       "--num-virtual-stages-per-pipeline-rank", "2",
+                       "--decoder-first-pipeline-num-layers", "2",
+                       "--decoder-last-pipeline-num-layers", "4", "--global-batch-size", "4"], 2)
+    assert args.virtual_pipeline_model_parallel_size == 2
+    bad = [
+        (["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+         "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+        (["--num-layers", "8", "--pipeline-model-parallel-size", "2",
+          "--num-layers-per-virtual-pipeline-stage", "3"],
+         "must be a multiple of --pipeline-model-parallel-size 2 x "
+         "--num-layers-per-virtual-pipeline-stage 3 = 6"),
+        (["--num-layers", "8", "--pipeline-model-parallel-size", "4",
+          "--decoder-first-pipeline-num-layers", "3"],
+         "5 of --num-layers 8 remain for 3 other pipeline stages"),
+        (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+          "--decoder-first-pipeline-num-layers", "1", "--decoder-last-pipeline-num-layers", "2"],
+         "= 3 must equal --num-layers 4"),
+        (["--num-layers", "4", "--num-virtual-stages-per-pipeline-rank", "2"],
+         "need --pipeline-model-parallel-size >= 2"),
+        (["--num-layers", "6", "--pipeline-model-parallel-size", "2",
+          "--num-virtual-stages-per-pipeline-rank", "2",
+          "--decoder-first-pipeline-num-layers", "1", "--decoder-last-pipeline-num-layers", "5"],
+         "stage 0 holds 1 layers, which do not split into 2 virtual stages"),
+        (["--ddp-bucket-size", "0"], "--ddp-bucket-size 0 must be >= 1"),
+    ]
+    for extra, match in bad:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            _validated(extra, 4)
 
 
 def test_batch_and_world_size_validation():

@@ -1,0 +1,393 @@
+"""Hugging Face Mixtral <-> moecore: the config and the parameter mapping.
+
+=====================================================  =========================================
+Hugging Face (``MixtralForCausalLM``)                  moecore global (single-rank) parameter
+=====================================================  =========================================
+``model.embed_tokens.weight [V, H]``                   ``embedding.word_embeddings.weight``
+                                                       (rows padded with zeros to the padded
+                                                       vocabulary; stripped on the way out)
+``model.layers.{i}.input_layernorm.weight``            ``decoder.layers.{i}.input_layernorm.weight``
+``model.layers.{i}.self_attn.{q,k,v}_proj.weight``     ``...self_attention.linear_qkv.weight``:
+                                                       rows per query group ``g``: its q heads,
+                                                       k head ``g``, v head ``g``
+``model.layers.{i}.self_attn.o_proj.weight``           ``...self_attention.linear_proj.weight``
+``model.layers.{i}.post_attention_layernorm.weight``   ``...pre_mlp_layernorm.weight``
+``model.layers.{i}.block_sparse_moe.gate.weight``      ``...mlp.router.weight [E, H]``
+``...block_sparse_moe.experts.{e}.w1/w3 [F, H]``       ``...mlp.experts.weight1[e] = [w1; w3].T``
+``...block_sparse_moe.experts.{e}.w2 [H, F]``          ``...mlp.experts.weight2[e] = w2.T``
+``model.norm.weight``                                  ``decoder.final_layernorm.weight``
+``lm_head.weight [V, H]`` (absent when tied)           ``output_layer.weight`` (padded as above)
+=====================================================  =========================================
+
+Routing: Mixtral takes the softmax over all experts, keeps the top-k and renormalises them to sum
+to one. That equals a softmax over the top-k logits, which is moecore's default softmax router
+(``moe_router_pre_softmax=False``, no ``moe_router_topk_scaling_factor``). RoPE: both use the
+non-interleaved ``rotate_half`` pairing, so q/k rows need no permutation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from moecore.convert.io import SafetensorsReader, ShardedSafetensorsWriter, write_json
+from moecore.convert.model_args import args_from_flags
+
+ARCHITECTURE = "MixtralForCausalLM"
+# Fields read below, or that describe tokens, caching or the library, not the computation.
+_KNOWN = {"_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
+          "dtype", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+          "output_router_logits", "return_dict", "output_hidden_states", "output_attentions",
+          "torchscript", "id2label", "label2id", "tokenizer_class", "initializer_range",
+          "max_position_embeddings", "attention_dropout", "router_aux_loss_coef",
+          "router_jitter_noise", "tie_word_embeddings", "vocab_size", "hidden_size",
+          "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
+          "rope_scaling", "rope_parameters", "sliding_window", "num_experts_per_tok",
+          "num_local_experts", "attention_bias", "mlp_bias", "quantization_config",
+          "partial_rotary_factor", "layer_types"}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_local_experts", "num_experts_per_tok")
+
+
+def _unsupported(field: str, value, why: str) -> ValueError:
+    return ValueError(f"config.json field {field}={value!r} cannot be represented in moecore: "
+                      f"{why}")
+
+
+def _rope_theta(cfg: dict) -> float:
+    params = cfg.get("rope_parameters")
+    if params is not None:  # newer transformers keep the RoPE settings in one dict
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise _unsupported("rope_parameters", params, "only plain RoPE (rope_type "
+                               "'default') is implemented; scaled RoPE is not")
+        return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return float(cfg.get("rope_theta", 10000.0))
+
+
+def validate_hf_config(cfg: dict) -> None:
+    """Raise ``ValueError`` naming the first field moecore cannot represent."""
+    if cfg.get("model_type") != "mixtral":
+        raise _unsupported("model_type", cfg.get("model_type"), "this converter reads Mixtral "
+                           f"checkpoints ({ARCHITECTURE}, model_type 'mixtral')")
+    for field in _REQUIRED:
+        if cfg.get(field) is None:
+            raise ValueError(f"config.json lacks the field {field}, which a Mixtral config has")
+    checks = [
+        ("hidden_act", cfg.get("hidden_act", "silu") == "silu",
+         "moecore's gated MLP is SwiGLU (silu); other activations are not mapped"),
+        ("sliding_window", cfg.get("sliding_window") is None,
+         "sliding-window attention is not implemented (set it to null only if your sequence "
+         "length never exceeds the window)"),
+        ("rope_scaling", cfg.get("rope_scaling") in (None, {"rope_type": "default"},
+                                                     {"type": "default"}),
+         "scaled RoPE is not implemented"),
+        ("attention_bias", not cfg.get("attention_bias", False),
+         "moecore MoE models have no linear biases (experts have none)"),
+        ("mlp_bias", not cfg.get("mlp_bias", False), "experts have no biases"),
+        ("quantization_config", cfg.get("quantization_config") is None,
+         "quantised weights are not converted; start from the unquantised checkpoint"),
+        ("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0) == 1.0,
+         "Mixtral rotates whole heads"),
+        ("layer_types", all(t == "full_attention" for t in cfg.get("layer_types") or []),
+         "every layer must use full attention (sliding-window attention is not implemented)"),
+    ]
+    for field, ok, why in checks:
+        if not ok:
+            raise _unsupported(field, cfg.get(field), why)
+    theta = _rope_theta(cfg)
+    if theta != int(theta):
+        raise _unsupported("rope_theta", theta, "pretrain_gpt.py's --rotary-base takes integers")
+
+
+def args_from_hf_config(cfg: dict) -> argparse.Namespace:
+    """Validate ``cfg`` and return the moecore model args (parsed from ``pretrain_gpt.py``
+    flags) of the same model, with the original config kept as ``hf_config`` for the way back."""
+    validate_hf_config(cfg)
+    unknown = sorted(k for k in cfg if k not in _KNOWN)
+    if unknown:
+        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
+              file=sys.stderr)
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    ng = cfg.get("num_key_value_heads") or nh
+    flags = [
+        "--num-layers", cfg["num_hidden_layers"], "--hidden-size", h,
+        "--ffn-hidden-size", cfg["intermediate_size"], "--num-attention-heads", nh,
+        "--max-position-embeddings", cfg.get("max_position_embeddings", 4096 * 32),
+        "--position-embedding-type", "rope", "--rotary-base", int(_rope_theta(cfg)),
+        "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-5),
+        "--swiglu", "--disable-bias-linear",
+        "--init-method-std", cfg.get("initializer_range", 0.02),
+        "--attention-dropout", cfg.get("attention_dropout", 0.0), "--hidden-dropout", 0.0,
+        "--num-experts", cfg["num_local_experts"],
+        "--moe-ffn-hidden-size", cfg["intermediate_size"],
+        "--moe-router-topk", cfg["num_experts_per_tok"],
+        "--moe-router-score-function", "softmax", "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-aux-loss-coeff", cfg.get("router_aux_loss_coef", 0.001), "--moe-grouped-gemm",
+    ]
+    if ng != nh:
+        flags += ["--group-query-attention", "--num-query-groups", ng]
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim != h // nh:
+        flags += ["--kv-channels", head_dim]
+    if not cfg.get("tie_word_embeddings", False):
+        flags += ["--untie-embeddings-and-output-weights"]
+    if cfg.get("router_jitter_noise"):
+        flags += ["--moe-input-jitter-eps", cfg["router_jitter_noise"]]
+    ns = args_from_flags([str(f) for f in flags])
+    ns.true_vocab_size = cfg["vocab_size"]
+    ns.hf_config = json.dumps(cfg, sort_keys=True)
+    return ns
+
+
+def _check_representable(ns: argparse.Namespace) -> None:
+    freq = ns.moe_layer_freq
+    all_moe = freq == 1 or (isinstance(freq, list) and all(x == 1 for x in freq))
+    checks = [
+        ("--num-experts", ns.num_experts is not None, "a dense model is not a Mixtral"),
+        ("--moe-layer-freq", all_moe, "every Mixtral layer is MoE"),
+        ("--position-embedding-type", ns.position_embedding_type == "rope", "Mixtral uses RoPE"),
+        ("--normalization", ns.normalization == "RMSNorm", "Mixtral uses RMSNorm"),
+        ("--swiglu", ns.swiglu, "Mixtral experts are SwiGLU"),
+        ("--disable-bias-linear", not ns.add_bias_linear and not ns.add_qkv_bias,
+         "Mixtral has no linear biases"),
+        ("--qk-layernorm", not ns.qk_layernorm, "Mixtral has no QK norm"),
+        ("--apply-residual-connection-post-layernorm",
+         not ns.apply_residual_connection_post_layernorm, "Mixtral is pre-norm"),
+        ("--rotary-percent", ns.rotary_percent == 1.0, "Mixtral rotates whole heads"),
+        ("--moe-shared-expert-intermediate-size", not ns.moe_shared_expert_intermediate_size,
+         "Mixtral has no shared experts"),
+        ("--moe-router-score-function", ns.moe_router_score_function == "softmax",
+         "Mixtral's router is a softmax"),
+        ("--moe-router-pre-softmax", not ns.moe_router_pre_softmax,
+         "Mixtral renormalises the top-k weights (moecore's post-softmax router)"),
+        ("--moe-router-topk-scaling-factor", ns.moe_router_topk_scaling_factor in (None, 1.0),
+         "Mixtral does not scale the routing weights"),
+        ("--moe-router-num-groups", ns.moe_router_num_groups is None,
+         "Mixtral has no group-limited routing"),
+        ("--moe-router-enable-expert-bias", not ns.moe_router_enable_expert_bias,
+         "Mixtral has no expert bias"),
+    ]
+    for flag, ok, why in checks:
+        if not ok:
+            raise ValueError(f"the moecore model cannot be written as {ARCHITECTURE}: {flag} "
+                             f"({why})")
+
+
+def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dtype) -> dict:
+    """The ``config.json`` of ``ns``'s model. Fields kept from an original Hugging Face config
+    (token ids and the like) are carried over; every field the model depends on is set here."""
+    _check_representable(ns)
+    cfg = json.loads(ns.hf_config) if getattr(ns, "hf_config", None) else {}
+    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
+    cfg.update({
+        "architectures": [ARCHITECTURE], "model_type": "mixtral", "vocab_size": vocab_size,
+        "hidden_size": ns.hidden_size, "intermediate_size": ns.moe_ffn_hidden_size,
+        "num_hidden_layers": ns.num_layers, "num_attention_heads": ns.num_attention_heads,
+        "num_key_value_heads": ns.num_query_groups, "hidden_act": "silu",
+        "max_position_embeddings": ns.max_position_embeddings or ns.seq_length,
+        "initializer_range": ns.init_method_std, "rms_norm_eps": ns.norm_epsilon,
+        "rope_theta": float(ns.rotary_base), "sliding_window": None,
+        "attention_dropout": ns.attention_dropout,
+        "num_experts_per_tok": ns.moe_router_topk, "num_local_experts": ns.num_experts,
+        "router_aux_loss_coef": ns.moe_aux_loss_coeff,
+        "router_jitter_noise": ns.moe_input_jitter_eps or 0.0,
+        "tie_word_embeddings": not ns.untie_embeddings_and_output_weights,
+    })
+    # transformers >= 4.56 writes "dtype" (and RoPE settings in "rope_parameters"); keep the
+    # original's spelling so that the round trip gives the same config.
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dtype).replace("torch.", "")
+    if isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_theta": float(ns.rotary_base)}
+    if d != ns.hidden_size // ns.num_attention_heads:
+        cfg["head_dim"] = d
+    else:
+        cfg.pop("head_dim", None)
+    cfg.setdefault("use_cache", True)
+    return cfg
+
+
+# ---- per-layer mapping ---------------------------------------------------------------------------
+def _dims(ns: argparse.Namespace) -> tuple[int, int, int, int, int, int]:
+    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
+    return (ns.hidden_size, ns.num_attention_heads, ns.num_query_groups, d,
+            ns.moe_ffn_hidden_size, ns.num_experts)
+
+
+def hf_layer_entries(i: int, ns: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of layer ``i``'s Hugging Face tensors, in the order they are written."""
+    h, nh, ng, d, f, e = _dims(ns)
+    p = f"model.layers.{i}."
+    out = [(p + "input_layernorm.weight", (h,)),
+           (p + "self_attn.q_proj.weight", (nh * d, h)),
+           (p + "self_attn.k_proj.weight", (ng * d, h)),
+           (p + "self_attn.v_proj.weight", (ng * d, h)),
+           (p + "self_attn.o_proj.weight", (h, nh * d)),
+           (p + "post_attention_layernorm.weight", (h,)),
+           (p + "block_sparse_moe.gate.weight", (e, h))]
+    for x in range(e):
+        q = f"{p}block_sparse_moe.experts.{x}."
+        out += [(q + "w1.weight", (f, h)), (q + "w2.weight", (h, f)), (q + "w3.weight", (f, h))]
+    return out
+
+
+def global_from_hf_layer(i: int, get, ns: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s moecore global tensors (grouped experts) from ``get(hf_name)``."""
+    h, nh, ng, d, f, e = _dims(ns)
+    p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
+    q, k, v = (get(f"{p}self_attn.{x}_proj.weight") for x in "qkv")
+    qkv = torch.cat([q.reshape(ng, nh // ng * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)],
+                    dim=1).reshape(-1, h)
+    w1, w2 = [], []
+    for x in range(e):
+        q_ = f"{p}block_sparse_moe.experts.{x}."
+        w1.append(torch.cat([get(q_ + "w1.weight"), get(q_ + "w3.weight")], dim=0).t())
+        w2.append(get(q_ + "w2.weight").t())
+    return {g + "input_layernorm.weight": get(p + "input_layernorm.weight"),
+            g + "self_attention.linear_qkv.weight": qkv,
+            g + "self_attention.linear_proj.weight": get(p + "self_attn.o_proj.weight"),
+            g + "pre_mlp_layernorm.weight": get(p + "post_attention_layernorm.weight"),
+            g + "mlp.router.weight": get(p + "block_sparse_moe.gate.weight"),
+            g + "mlp.experts.weight1": torch.stack(w1), g + "mlp.experts.weight2": torch.stack(w2)}
+
+
+def hf_from_global_layer(i: int, sd: dict[str, torch.Tensor], ns: argparse.Namespace
+                         ) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`global_from_hf_layer`; ``sd`` holds grouped experts."""
+    h, nh, ng, d, f, e = _dims(ns)
+    p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
+    qkv = sd[g + "self_attention.linear_qkv.weight"].reshape(ng, (nh // ng + 2) * d, h)
+    q, k, v = torch.split(qkv, [nh // ng * d, d, d], dim=1)
+    out = {p + "input_layernorm.weight": sd[g + "input_layernorm.weight"],
+           p + "self_attn.q_proj.weight": q.reshape(nh * d, h),
+           p + "self_attn.k_proj.weight": k.reshape(ng * d, h),
+           p + "self_attn.v_proj.weight": v.reshape(ng * d, h),
+           p + "self_attn.o_proj.weight": sd[g + "self_attention.linear_proj.weight"],
+           p + "post_attention_layernorm.weight": sd[g + "pre_mlp_layernorm.weight"],
+           p + "block_sparse_moe.gate.weight": sd[g + "mlp.router.weight"]}
+    w1, w2 = sd[g + "mlp.experts.weight1"], sd[g + "mlp.experts.weight2"]
+    for x in range(e):
+        q_ = f"{p}block_sparse_moe.experts.{x}."
+        out[q_ + "w1.weight"] = w1[x, :, :f].t()
+        out[q_ + "w2.weight"] = w2[x].t()
+        out[q_ + "w3.weight"] = w1[x, :, f:].t()
+    return out
+
+
+# ---- source -------------------------------------------------------------------------------------
+class HFSource:
+    """Reads a Hugging Face Mixtral directory (``config.json`` + safetensors) layer by layer."""
+
+    def __init__(self, directory: str):
+        path = os.path.join(directory, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory} has no config.json; point --load-dir at a Hugging Face "
+                             "Mixtral model directory")
+        with open(path) as f:
+            self.hf_config = json.load(f)
+        self.args = args_from_hf_config(self.hf_config)
+        self.reader = SafetensorsReader(directory)
+        self.num_layers = self.args.num_layers
+        self.true_vocab_size = self.hf_config["vocab_size"]
+        self.iteration = 0
+        self.tied = not self.args.untie_embeddings_and_output_weights
+        self._check_tensors()
+        self.dtype = self.reader.dtype("model.embed_tokens.weight")
+
+    def _check_tensors(self) -> None:
+        """Before converting anything: every tensor the config implies is present with its
+        shape, and nothing else is (rotary ``inv_freq`` caches of old exports are ignored)."""
+        v, h = self.true_vocab_size, self.args.hidden_size
+        shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+        for i in range(self.num_layers):
+            shapes.update(hf_layer_entries(i, self.args))
+        if not self.tied:
+            shapes["lm_head.weight"] = (v, h)
+        missing = [n for n in shapes if n not in self.reader]
+        if missing:
+            raise ValueError(f"{len(missing)} tensors of the Mixtral described by config.json "
+                             f"are missing from {self.reader.directory}, e.g. {missing[:3]}")
+        for name, shape in shapes.items():
+            if self.reader.shape(name) != tuple(shape):
+                raise ValueError(f"tensor {name} has shape {self.reader.shape(name)} but "
+                                 f"config.json implies {tuple(shape)}")
+        extra = [n for n in self.reader.keys() if n not in shapes
+                 and not n.endswith("rotary_emb.inv_freq")
+                 and not (self.tied and n == "lm_head.weight")]
+        if extra:
+            raise ValueError(f"{len(extra)} tensors in {self.reader.directory} are not part of "
+                             f"the Mixtral that config.json describes: {extra[:5]}")
+
+    def read_embedding(self) -> dict[str, torch.Tensor]:
+        return {"embedding.word_embeddings.weight": self.reader.get("model.embed_tokens.weight")}
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        return global_from_hf_layer(i, self.reader.get, self.args)
+
+    def read_final(self) -> dict[str, torch.Tensor]:
+        out = {"decoder.final_layernorm.weight": self.reader.get("model.norm.weight")}
+        if not self.tied:
+            out["output_layer.weight"] = self.reader.get("lm_head.weight")
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# ---- sink ---------------------------------------------------------------------------------------
+class HFSink:
+    """Writes ``config.json`` and safetensors (sharded above ``max_shard_bytes``), streaming one
+    tensor at a time. Padded vocabulary rows are stripped to ``vocab_size``."""
+
+    def __init__(self, directory: str, ns: argparse.Namespace, vocab_size: int,
+                 dtype: torch.dtype, max_shard_bytes: int):
+        self.config = hf_config_from_args(ns, vocab_size, dtype)
+        self.directory, self.ns, self.vocab_size, self.dtype = directory, ns, vocab_size, dtype
+        self.tied = not ns.untie_embeddings_and_output_weights
+        h = ns.hidden_size
+        plan = [("model.embed_tokens.weight", (vocab_size, h))]
+        for i in range(ns.num_layers):
+            plan += hf_layer_entries(i, ns)
+        plan.append(("model.norm.weight", (h,)))
+        if not self.tied:
+            plan.append(("lm_head.weight", (vocab_size, h)))
+        os.makedirs(directory, exist_ok=True)
+        self.writer = ShardedSafetensorsWriter(directory, [(n, s, dtype) for n, s in plan],
+                                               max_shard_bytes)
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        self.writer.write(name, t.to(self.dtype).contiguous())
+
+    def _vocab_rows(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.shape[0] < self.vocab_size:
+            raise ValueError(f"{name} has {t.shape[0]} rows, fewer than the vocabulary "
+                             f"{self.vocab_size}; pass the right --true-vocab-size")
+        return t[:self.vocab_size]
+
+    def write_embedding(self, sd: dict[str, torch.Tensor]) -> None:
+        name = "embedding.word_embeddings.weight"
+        self._write("model.embed_tokens.weight", self._vocab_rows(sd[name], name))
+
+    def write_layer(self, i: int, sd: dict[str, torch.Tensor]) -> None:
+        hf = hf_from_global_layer(i, sd, self.ns)
+        for name, _ in hf_layer_entries(i, self.ns):
+            self._write(name, hf[name])
+
+    def write_final(self, sd: dict[str, torch.Tensor]) -> None:
+        self._write("model.norm.weight", sd["decoder.final_layernorm.weight"])
+        if not self.tied:
+            self._write("lm_head.weight", self._vocab_rows(sd["output_layer.weight"],
+                                                           "output_layer.weight"))
+
+    def finish(self) -> list[str]:
+        files = self.writer.close()
+        write_json(os.path.join(self.directory, "config.json"), self.config)
+        return files
+
+    def abort(self) -> None:
+        self.writer.abort()

@@ -1,0 +1,130 @@
+"""Run one conversion: a source (HF or moecore) feeds a sink (HF or moecore) layer by layer.
+
+Both sides speak *global* tensors (the single-rank model's names, grouped experts): embedding,
+then layer 0..L-1, then final norm and output layer. One layer is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moecore.convert.hf_mixtral import HFSink, HFSource
+from moecore.convert.io import parse_size
+from moecore.convert.model_args import pretrain_flags, target_args
+from moecore.convert.moecore_ckpt import MoecoreSink, MoecoreSource
+from moecore.convert.reshard import Layout
+
+FORMATS = ("hf", "moecore")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class ConversionResult:
+    saver: str
+    save_dir: str
+    layout: Layout | None = None
+    flags: list[str] = field(default_factory=list)  # pretrain_gpt.py flags (moecore saver)
+    files: list[str] = field(default_factory=list)  # safetensors files (hf saver)
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
+
+
+def _mb(sd: dict[str, torch.Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in sd.values()) / 1e6
+
+
+_LAYOUT_FIELDS = ("tp", "pp", "ep", "etp", "vp", "first", "last")
+
+
+def _target_layout(target: Layout | dict | None, default: Layout) -> Layout:
+    """``target`` as a layout. A dict overrides ``default`` (the source's layout): ``tp``,
+    ``pp``, ``ep`` default to the source's, ``etp``/``vp``/``first``/``last`` to moecore's
+    defaults (etp = tp, one chunk, even stages) unless given."""
+    if isinstance(target, Layout):
+        return target
+    target = {k: v for k, v in (target or {}).items() if v is not None}
+    unknown = set(target) - set(_LAYOUT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown layout fields {sorted(unknown)}; use {_LAYOUT_FIELDS}")
+    if not target:
+        return default
+    return Layout(tp=target.get("tp", default.tp), pp=target.get("pp", default.pp),
+                  ep=target.get("ep", default.ep), etp=target.get("etp"), order=default.order,
+                  vp=target.get("vp", 1), first=target.get("first"), last=target.get("last"))
+
+
+def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
+            target: Layout | dict | None = None, dtype: str | None = None,
+            max_shard_size: str | int = "5GB", grouped_gemm: bool | None = None,
+            make_vocab_size_divisible_by: int | None = None,
+            true_vocab_size: int | None = None, log=None) -> ConversionResult:
+    """Convert ``load_dir`` (format ``loader``) into ``save_dir`` (format ``saver``).
+
+    ``target``: the moecore layout to write, or a dict of some of its fields (``tp``, ``pp``,
+    ``ep``, ``etp``, ``vp``, ``first``, ``last``) over the source's layout (HF: all ones).
+    ``dtype``: ``"bf16"``/``"fp32"`` (default: the source's). ``grouped_gemm``: write
+    ``GroupedMLP`` (True) or ``SequentialMLP`` (False) expert weights (default: the source's
+    choice; HF sources use grouped). ``true_vocab_size``: the tokenizer's vocabulary when a
+    moecore source's args do not record it (padding rows beyond it are dropped). Progress
+    lines go to ``log`` (default: stderr).
+    """
+    log = log or sys.stderr
+    for what, value in (("--loader", loader), ("--saver", saver)):
+        if value not in FORMATS:
+            raise ValueError(f"{what} {value!r} is unknown; choose one of {list(FORMATS)}")
+    if os.path.realpath(load_dir) == os.path.realpath(save_dir):
+        raise ValueError(f"--save-dir {save_dir} is the --load-dir; write the converted "
+                         "checkpoint to another directory")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is unknown; choose one of {list(DTYPES)}")
+    source = (HFSource(load_dir) if loader == "hf"
+              else MoecoreSource(load_dir, true_vocab_size=true_vocab_size))
+    out_dtype = DTYPES[dtype] if dtype else source.dtype
+    result = ConversionResult(saver=saver, save_dir=save_dir, vocab_size=source.true_vocab_size)
+    if saver == "moecore":
+        layout = _target_layout(target, getattr(source, "layout", None) or Layout())
+        ns = target_args(source.args, layout, source.true_vocab_size, out_dtype,
+                         grouped_gemm=grouped_gemm, divisible_by=make_vocab_size_divisible_by)
+        sink = MoecoreSink(save_dir, ns, layout, source.iteration)
+        result.layout, result.padded_vocab_size = layout, ns.padded_vocab_size
+        result.flags = pretrain_flags(ns)
+    else:
+        if target and _target_layout(target, Layout()) != Layout():
+            raise ValueError("--target-*-parallel-size applies to --saver moecore; a Hugging "
+                             "Face checkpoint has no parallel layout")
+        sink = HFSink(save_dir, source.args, source.true_vocab_size, out_dtype,
+                      parse_size(max_shard_size))
+    print(f"[convert] {loader} {load_dir} -> {saver} {save_dir}"
+          + (f" at {result.layout.describe()}" if result.layout else "")
+          + f", {source.num_layers} layers, dtype {out_dtype}", file=log, flush=True)
+    out = _run(source, sink, log)
+    if saver == "hf":
+        result.files = out
+    return result
+
+
+def _run(source, sink, log):
+    """Feed ``source`` into ``sink`` one layer at a time; on any failure the sink removes what
+    it wrote. Returns what ``sink.finish()`` returns."""
+    start = time.monotonic()
+    try:
+        sink.write_embedding(source.read_embedding())
+        for i in range(source.num_layers):
+            sd = source.read_layer(i)
+            sink.write_layer(i, sd)
+            print(f"[convert] layer {i + 1}/{source.num_layers}: {len(sd)} tensors, "
+                  f"{_mb(sd):.1f} MB, {time.monotonic() - start:.1f} s", file=log, flush=True)
+            del sd
+        sink.write_final(source.read_final())
+        source.close()
+        out = sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    print(f"[convert] done in {time.monotonic() - start:.1f} s", file=log, flush=True)
+    return out

@@ -1,0 +1,1 @@
+"""Checkpoint tools: ``convert.py`` (Hugging Face Mixtral <-> moecore, TP/PP/EP resharding)."""
