@@ -21,7 +21,8 @@ MODEL_ARGS=(--use-mcore-models --disable-bias-linear --seq-length 2048
             --attention-dropout 0.0 --hidden-dropout 0.0 --normalization RMSNorm
             --position-embedding-type rope --rotary-base 1000000 --swiglu
             --untie-embeddings-and-output-weights --group-query-attention --num-query-groups 8
-            --no-masked-softmax-fusion --no-position-embedding)
+            --no-masked-softmax-fusion --no-position-embedding
+            --make-vocab-size-divisible-by 64)  # 32000 = 64 x TP4 x 125: matches converted HF weights
 MOE_ARGS=(--num-experts 8 --expert-model-parallel-size 4 --moe-router-load-balancing-type aux_loss
           --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --moe-grouped-gemm
           --moe-token-dispatcher-type alltoall)
