@@ -137,7 +137,11 @@ class MoEConfig:
         _check_choice("moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
         _check_choice("moe_grouped_gemm_backend", self.moe_grouped_gemm_backend,
                       GROUPED_GEMM_BACKENDS)
-        for name in ("moe_router_fusion", "moe_shared_expert_overlap"):
+        if self.moe_shared_expert_overlap and not self.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_overlap needs shared experts: set "
+                             "moe_shared_expert_intermediate_size (--moe-shared-expert-"
+                             "intermediate-size) or drop --moe-shared-expert-overlap")
+        for name in ("moe_router_fusion",):
             if getattr(self, name):
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) is not supported yet; "
                                  "remove the flag (the unfused path computes the same result)")

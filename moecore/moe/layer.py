@@ -56,14 +56,39 @@ class MoELayer(nn.Module):
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = SharedExpertMLP(config, parallel_state=ps)
+        self._overlap_stream = None
         self.last_stats: dict = {}
 
     def forward(self, hidden: torch.Tensor):
+        overlap = self._shared_expert_stream(hidden)
+        shared = None
+        if overlap is not None:
+            # Shared experts run on a side stream while the main stream routes, exchanges and
+            # runs the routed experts; autograd replays each op's backward on the stream it
+            # ran on, so the backward overlaps the same way. Same ops, same numerics.
+            overlap.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(overlap):
+                shared = self.shared_experts(hidden)
         probs, routing_map = self.router(hidden)
         tokens, tokens_per_expert = self.token_dispatcher.dispatch(hidden, probs, routing_map)
         expert_out, _ = self.experts(tokens, tokens_per_expert)
         out = self.token_dispatcher.combine(expert_out)
-        if self.shared_experts is not None:
+        if overlap is not None:
+            main = torch.cuda.current_stream(hidden.device)
+            main.wait_stream(overlap)
+            shared.record_stream(main)  # allocated on the side stream, consumed on main
+            out = out + shared
+        elif self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         self.last_stats = dict(getattr(self.router, "last_stats", {}))
         return out, None
+
+    def _shared_expert_stream(self, hidden: torch.Tensor):
+        """The side stream for ``moe_shared_expert_overlap`` on CUDA, else None (on CPU the
+        shared experts simply run after the routed ones)."""
+        if (self.shared_experts is None or not self.config.moe_shared_expert_overlap
+                or hidden.device.type != "cuda"):
+            return None
+        if self._overlap_stream is None:
+            self._overlap_stream = torch.cuda.Stream(device=hidden.device)
+        return self._overlap_stream

@@ -56,6 +56,25 @@ def test_dropless_sends_tokens_times_topk_rows():
 def test_unimplemented_moe_fusion_flags_are_refused():
     import pytest
 
-    for name in ("moe_router_fusion", "moe_shared_expert_overlap"):
+    for name in ("moe_router_fusion",):
         with pytest.raises(ValueError, match="not supported yet"):
             tiny_moe_config(**{name: True})
+
+
+def test_shared_expert_overlap_needs_shared_experts_and_keeps_numerics():
+    import pytest
+
+    with pytest.raises(ValueError, match="moe_shared_expert_intermediate_size"):
+        tiny_moe_config(moe_shared_expert_overlap=True)
+    outs = []
+    for overlap in (False, True):
+        cfg = tiny_moe_config(moe_shared_expert_intermediate_size=8,
+                              moe_shared_expert_overlap=overlap)
+        torch.manual_seed(0)
+        layer = MoELayer(cfg, layer_number=1, parallel_state=ParallelState.single())
+        x = torch.randn(4, 2, 16, requires_grad=True)
+        out, _ = layer(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), x.grad, [p.grad for p in layer.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
