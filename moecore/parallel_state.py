@@ -332,8 +332,19 @@ def model_parallel_is_initialized() -> bool:
     return _GLOBAL_STATE is not None
 
 
+_DESTROY_HOOKS: list = []
+
+
+def register_destroy_hook(fn) -> None:
+    """Call ``fn()`` from :func:`destroy_model_parallel` (e.g. to free buffers bound to groups)."""
+    if fn not in _DESTROY_HOOKS:
+        _DESTROY_HOOKS.append(fn)
+
+
 def destroy_model_parallel() -> None:
     global _GLOBAL_STATE
+    for fn in _DESTROY_HOOKS:
+        fn()
     _GLOBAL_STATE = None
 
 

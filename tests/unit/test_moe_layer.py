@@ -53,14 +53,6 @@ def test_dropless_sends_tokens_times_topk_rows():
     assert out.shape == x.shape
 
 
-def test_unimplemented_moe_fusion_flags_are_refused():
-    import pytest
-
-    for name in ("moe_router_fusion",):
-        with pytest.raises(ValueError, match="not supported yet"):
-            tiny_moe_config(**{name: True})
-
-
 def test_shared_expert_overlap_needs_shared_experts_and_keeps_numerics():
     import pytest
 
@@ -78,3 +70,18 @@ def test_shared_expert_overlap_needs_shared_experts_and_keeps_numerics():
         outs.append((out.detach(), x.grad, [p.grad for p in layer.parameters()]))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+
+
+def test_permute_rows_backward_is_the_inverse_gather():
+    from moecore.moe.dispatcher.base import permute_rows
+
+    g = torch.Generator().manual_seed(3)
+    index = torch.randperm(11, generator=g)
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(11)
+    x = torch.randn(11, 5, generator=g, requires_grad=True)
+    grad = torch.randn(11, 5, generator=g)
+    permute_rows(x, index, inverse).backward(grad)
+    y = x.detach().clone().requires_grad_(True)
+    y.index_select(0, index).backward(grad)
+    assert torch.equal(x.grad, y.grad)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from moecore.moe.dispatcher.base import MoETokenDispatcher, chunk_permutation_index
+from moecore.moe.dispatcher.base import (
+    MoETokenDispatcher,
+    chunk_permutation_index,
+    permute_rows,
+)
 from moecore.moe.permute import permute, permute_topk, unpermute, unpermute_topk
 from moecore.tensor_parallel.mappings import (
     all_to_all,
@@ -61,14 +65,14 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
         self.unsort_index[sort_index] = torch.arange(sort_index.numel())
         self.sort_index = sort_index.to(tokens.device)
         self.unsort_index = self.unsort_index.to(tokens.device)
-        tokens = tokens.index_select(0, self.sort_index)
+        tokens = permute_rows(tokens, self.sort_index, self.unsort_index)
         tokens_per_local_expert = recv_cpu.sum((0, 1))
         return tokens, tokens_per_local_expert
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         if self.local_only:
             return self._unpermute(expert_output).reshape(self.hidden_shape)
-        restored = expert_output.index_select(0, self.unsort_index)
+        restored = permute_rows(expert_output, self.unsort_index, self.sort_index)
         if self.etp_size > 1:
             # Sum the ETP partial products and hand each ETP rank back its own rows.
             restored = reduce_scatter_to_sequence_parallel_region(
@@ -81,7 +85,8 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
         self.plan = None
         if self.config.moe_expert_capacity_factor is None:
             permuted, self.plan, tokens_per_expert = permute_topk(
-                hidden, routing_map, probs, self.config.moe_router_topk)
+                hidden, routing_map, probs, self.config.moe_router_topk,
+                fusion=self.config.moe_permute_fusion)
             return permuted, tokens_per_expert
         permuted, self.permuted_probs, self.sorted_indices, tokens_per_expert = permute(
             hidden, routing_map, probs=probs, capacity=self.capacity_for(self.num_tokens))

@@ -30,6 +30,26 @@ def chunk_permutation_index(split_sizes: torch.Tensor, order: torch.Tensor) -> t
     return shift + torch.arange(total, device=split_sizes.device)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` for a permutation ``index``, whose backward is the gather by
+    the inverse permutation instead of index_select's atomic scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows of x [N, H] reordered by the permutation ``index`` [N] (``inverse[index] = arange``)."""
+    return _PermuteRows.apply(x, index, inverse)
+
+
 class MoETokenDispatcher:
     """Moves routed tokens to the ranks holding their experts and the results back.
 
