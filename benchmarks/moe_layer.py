@@ -11,9 +11,13 @@ For each config (hidden H, expert FFN F, experts E, top-k k, tokens T) it times:
 Reported: layer ms, dense ms, ratio dense/layer (1.0 = the MoE layer costs no more than its
 FLOPs in dense GEMMs), expert TFLOP/s = ``6 * T * k * 3 * H * F / layer time``, and peak memory.
 ``--backends`` instead times ``grouped_mm`` alone (the first expert projection, mixtral shapes)
-for every available backend against a dense matmul of the same FLOPs.
+for every available backend against a dense matmul of the same FLOPs. ``--compare-fusion`` times
+each layer twice, with the fused kernels of ``moecore.kernels`` (router, permute, SwiGLU: the
+default) and without them (``--no-moe-router-fusion --no-moe-permute-fusion
+--no-bias-swiglu-fusion``), and prints both side by side; ``--no-fusion`` times only the latter.
 
     python benchmarks/moe_layer.py --json out.json          # CUDA, the three model shapes
+    python benchmarks/moe_layer.py --compare-fusion         # unfused vs fused, side by side
     python benchmarks/moe_layer.py --backends               # grouped-GEMM backends only
     python benchmarks/moe_layer.py --device cpu --tiny      # smoke run on CPU
 
@@ -68,6 +72,25 @@ def median_ms(step, setup, device: torch.device, warmup: int, repeats: int) -> f
     return statistics.median(times)
 
 
+def pipelined_ms(step, setup, reset, device: torch.device, repeats: int = 10) -> float | None:
+    """Mean ms per step of ``repeats`` steps run back to back, inputs drawn beforehand, with no
+    sync in between: the CPU may run ahead of the GPU as it does in a model of many layers, so
+    launch gaps at the start of a step are hidden. ``reset()`` (host-side, e.g. dropping the
+    grads) runs before each step. CUDA only (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    inputs = [setup() for _ in range(repeats)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for args in inputs:
+        reset()
+        step(*args)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def _peak_reset(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -79,20 +102,25 @@ def _peak_gib(device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def make_config(shape: dict, dtype: torch.dtype, gemm_backend: str) -> TransformerConfig:
+def make_config(shape: dict, dtype: torch.dtype, gemm_backend: str,
+                fused: bool = True) -> TransformerConfig:
+    """The layer's config; ``fused=False`` turns the router/permute/SwiGLU kernels off (the
+    Triton top-k combine stays, as before those kernels existed)."""
+    off = {} if fused else dict(moe_router_fusion=False, moe_permute_fusion=False,
+                                bias_swiglu_fusion=False)
     return TransformerConfig(
         num_layers=1, hidden_size=shape["hidden"], num_attention_heads=1,
         num_moe_experts=shape["experts"], moe_ffn_hidden_size=shape["ffn"],
         moe_router_topk=shape["topk"], moe_grouped_gemm=True, moe_grouped_gemm_backend=gemm_backend,
         moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0, gated_linear_unit=True, activation_func=F.silu,
-        bf16=dtype == torch.bfloat16, params_dtype=dtype)
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, **off)
 
 
-def time_layer(shape, device, dtype, args) -> dict:
+def time_layer(shape, device, dtype, args, fused: bool = True) -> dict:
     from moecore.moe.layer import MoELayer
 
-    config = make_config(shape, dtype, args.gemm_backend)
+    config = make_config(shape, dtype, args.gemm_backend, fused)
     h, tokens = shape["hidden"], shape["tokens"]
     torch.manual_seed(0)
     with torch.device(device):
@@ -112,8 +140,10 @@ def time_layer(shape, device, dtype, args) -> dict:
 
     _peak_reset(device)
     ms = median_ms(step, setup, device, args.warmup, args.repeats)
+    peak = _peak_gib(device)
+    pipe = pipelined_ms(step, setup, lambda: layer.zero_grad(set_to_none=True), device)
     backend = getattr(layer.experts, "backend", None)
-    return {"layer_ms": ms, "layer_peak_gib": _peak_gib(device),
+    return {"layer_ms": ms, "layer_pipelined_ms": pipe, "layer_peak_gib": peak,
             "gemm_backend": backend.name if backend is not None else "sequential"}
 
 
@@ -132,9 +162,14 @@ def time_dense_equivalent(shape, device, dtype, args) -> dict:
         gate, up = (x @ w1).chunk(2, dim=-1)
         ((F.silu(gate) * up) @ w2).backward(dy)
 
+    def reset():
+        w1.grad = w2.grad = None
+
     _peak_reset(device)
     ms = median_ms(step, setup, device, args.warmup, args.repeats)
-    return {"dense_ms": ms, "dense_peak_gib": _peak_gib(device)}
+    peak = _peak_gib(device)
+    return {"dense_ms": ms, "dense_pipelined_ms": pipelined_ms(step, setup, reset, device),
+            "dense_peak_gib": peak}
 
 
 def expert_flops(shape) -> float:
@@ -145,13 +180,21 @@ def expert_flops(shape) -> float:
 
 def run_layers(args, device, dtype) -> list[dict]:
     shapes = TINY if args.tiny else {k: CONFIGS[k] for k in args.configs}
+    variants = (False, True) if args.compare_fusion else (not args.no_fusion,)
     results = []
     for name, shape in shapes.items():
         row = {"config": name, **shape}
-        row.update(time_layer(shape, device, dtype, args))
+        for fused in variants:
+            suffix = "" if fused or len(variants) == 1 else "_unfused"
+            timed = time_layer(shape, device, dtype, args, fused)
+            row.update({key + suffix: value for key, value in timed.items()})
+        row["fused_kernels"] = variants[-1]
         row.update(time_dense_equivalent(shape, device, dtype, args))
-        row["ratio_dense_over_layer"] = row["dense_ms"] / row["layer_ms"]
-        row["expert_tflops"] = expert_flops(shape) / (row["layer_ms"] * 1e-3) / 1e12
+        for suffix in ("", "_unfused"):
+            if "layer_ms" + suffix in row:
+                ms = row["layer_ms" + suffix]
+                row["ratio_dense_over_layer" + suffix] = row["dense_ms"] / ms
+                row["expert_tflops" + suffix] = expert_flops(shape) / (ms * 1e-3) / 1e12
         results.append(row)
         print(f"{name}: {json.dumps(row)}", flush=True)
     return results
@@ -199,7 +242,25 @@ def run_backends(args, device, dtype) -> list[dict]:
 
 
 def print_tables(layers: list[dict], backends: list[dict]) -> None:
-    if layers:
+    if layers and "layer_ms_unfused" in layers[0]:
+        print(f"\n{'config':<10}{'unfused ms':>11}{'fused ms':>10}{'dense ms':>10}"
+              f"{'unfused d/l':>12}{'fused d/l':>11}{'speedup':>9}{'peak GiB':>16}")
+        for r in layers:
+            peaks = "-"
+            if r["layer_peak_gib"] is not None:
+                peaks = f"{r['layer_peak_gib_unfused']:.2f}->{r['layer_peak_gib']:.2f}"
+            print(f"{r['config']:<10}{r['layer_ms_unfused']:>11.2f}{r['layer_ms']:>10.2f}"
+                  f"{r['dense_ms']:>10.2f}{r['ratio_dense_over_layer_unfused']:>12.2f}"
+                  f"{r['ratio_dense_over_layer']:>11.2f}"
+                  f"{r['layer_ms_unfused'] / r['layer_ms']:>9.2f}{peaks:>16}")
+        if layers[0].get("layer_pipelined_ms") is not None:
+            print("pipelined (steps back to back, no sync between): ms and dense/layer")
+            for r in layers:
+                u, f, d = (r["layer_pipelined_ms_unfused"], r["layer_pipelined_ms"],
+                           r["dense_pipelined_ms"])
+                print(f"{r['config']:<10}{u:>11.2f}{f:>10.2f}{d:>10.2f}{d / u:>12.2f}"
+                      f"{d / f:>11.2f}{u / f:>9.2f}")
+    elif layers:
         print(f"\n{'config':<10}{'layer ms':>10}{'dense ms':>10}{'dense/layer':>12}"
               f"{'expert TFLOP/s':>16}{'peak GiB':>10}  backend")
         for r in layers:
@@ -223,6 +284,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", action="store_true",
                         help="time grouped_mm backends alone instead of the layer")
     parser.add_argument("--gemm-backend", default="auto", help="moe_grouped_gemm_backend")
+    parser.add_argument("--compare-fusion", action="store_true",
+                        help="time each layer without and with the fused kernels")
+    parser.add_argument("--no-fusion", action="store_true",
+                        help="time the layer without the router/permute/SwiGLU kernels")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)

@@ -1,6 +1,6 @@
 """Profile one MoELayer forward+backward on CUDA and print the top kernels by GPU time.
 
-    python benchmarks/profile_moe_layer.py --config olmoe
+    python benchmarks/profile_moe_layer.py --config olmoe [--no-fusion]
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="olmoe", choices=sorted(CONFIGS))
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--no-fusion", action="store_true",
+                   help="without the router/permute/SwiGLU kernels (moecore.kernels)")
     args = p.parse_args()
     shape = CONFIGS[args.config]
-    cfg = make_config(shape, torch.bfloat16, "auto")
+    cfg = make_config(shape, torch.bfloat16, "auto", fused=not args.no_fusion)
     torch.manual_seed(0)
     with torch.device("cuda"):
         layer = MoELayer(cfg)

@@ -42,6 +42,9 @@ class ModelConfig:
     qk_layernorm: bool = False
     gated_linear_unit: bool = True
     activation_func: Callable = F.silu
+    # Megatron's name; here it fuses SwiGLU (silu, gated) in the expert MLPs (a Triton kernel
+    # on CUDA, see moecore.kernels.swiglu). False: the unfused torch ops.
+    bias_swiglu_fusion: bool = True
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     init_method_std: float = 0.02
@@ -102,6 +105,8 @@ class MoEConfig:
     moe_router_bias_update_rate: float = 1e-3
     moe_router_dtype: str = "fp32"
     moe_token_dispatcher_type: str = "allgather"
+    # ipc dispatcher: upper bound of the symmetric buffer per rank (grown on demand up to it).
+    moe_ipc_buffer_max_mb: float = 4096.0
     moe_grouped_gemm: bool = False
     moe_grouped_gemm_backend: str = "auto"
     moe_expert_capacity_factor: float | None = None
@@ -111,10 +116,11 @@ class MoEConfig:
     moe_shared_expert_gate: bool = False
     moe_shared_expert_overlap: bool = False
     moe_layer_freq: int | list[int] = 1
-    # The fused (Triton) top-k combine is chosen automatically on CUDA; this flag is accepted
-    # for Megatron compatibility and changes nothing.
-    moe_permute_fusion: bool = False
-    moe_router_fusion: bool = False
+    # Fused Triton kernels (moecore.kernels): None = on where they run (CUDA, after a self-check),
+    # True = required (raise where they cannot run), False = the torch reference. The permute
+    # flag covers the dropless top-k gather; the top-k combine kernel is always auto.
+    moe_permute_fusion: bool | None = None
+    moe_router_fusion: bool | None = None
     moe_layer_recompute: bool = False
 
     def _validate_moe(self) -> None:
@@ -134,6 +140,8 @@ class MoEConfig:
                       LOAD_BALANCING_TYPES)
         _check_choice("moe_token_dispatcher_type", self.moe_token_dispatcher_type,
                       DISPATCHER_TYPES)
+        if not self.moe_ipc_buffer_max_mb > 0:
+            raise ValueError(f"moe_ipc_buffer_max_mb={self.moe_ipc_buffer_max_mb} must be > 0")
         _check_choice("moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
         _check_choice("moe_grouped_gemm_backend", self.moe_grouped_gemm_backend,
                       GROUPED_GEMM_BACKENDS)
@@ -141,10 +149,6 @@ class MoEConfig:
             raise ValueError("moe_shared_expert_overlap needs shared experts: set "
                              "moe_shared_expert_intermediate_size (--moe-shared-expert-"
                              "intermediate-size) or drop --moe-shared-expert-overlap")
-        for name in ("moe_router_fusion",):
-            if getattr(self, name):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) is not supported yet; "
-                                 "remove the flag (the unfused path computes the same result)")
         if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
             raise ValueError("moe_router_pre_softmax needs moe_router_score_function='softmax'")
         if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):

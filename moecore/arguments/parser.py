@@ -168,11 +168,13 @@ def _add_training_args(p):
                    help="(moecore) Where to train; cuda when available.")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="(moecore) Peak TFLOP/s per device for MFU; a table by GPU name if unset.")
+    g.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
+                   help="Unfused SwiGLU in the expert MLPs (default: a fused Triton kernel on "
+                   "CUDA).")
     for flag, why in [
         ("--use-mcore-models", "moecore models are the Megatron-Core ones"),
         ("--no-masked-softmax-fusion", "attention uses torch SDPA, no masked-softmax kernel"),
         ("--no-bias-gelu-fusion", "no fused bias-gelu kernel here"),
-        ("--no-bias-swiglu-fusion", "no fused bias-swiglu kernel here"),
         ("--no-bias-dropout-fusion", "no fused bias-dropout kernel here"),
         ("--no-rope-fusion", "no fused rope kernel here"),
         ("--no-gradient-accumulation-fusion", "grads always accumulate in fp32 main grads"),
@@ -344,7 +346,9 @@ def _add_moe_args(p):
     g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
     g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
-    g.add_argument("--moe-router-fusion", action="store_true")
+    g.add_argument("--moe-router-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="Fused Triton router (score function, top-k, normalisation); default: "
+                   "on where it runs (CUDA), --no-moe-router-fusion for the torch path.")
     g.add_argument("--moe-router-score-function", default="softmax",
                    choices=["softmax", "sigmoid"])
     g.add_argument("--moe-router-topk", type=int, default=2)
@@ -360,7 +364,11 @@ def _add_moe_args(p):
     g.add_argument("--moe-per-layer-logging", action="store_true")
     g.add_argument("--moe-token-dispatcher-type", default="allgather",
                    choices=list(DISPATCHER_TYPES) + ["flex"])
-    g.add_argument("--moe-permute-fusion", action="store_true")
+    g.add_argument("--moe-ipc-buffer-max-mb", type=float, default=4096.0,
+                   help="(moecore) ipc dispatcher: most MiB of symmetric buffer per rank.")
+    g.add_argument("--moe-permute-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="Fused Triton dropless top-k permute; default: on where it runs (CUDA), "
+                   "--no-moe-permute-fusion for the torch path.")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])

@@ -5,9 +5,9 @@ Two implementations behind the ``moe_combine`` backend registry:
 - ``torch``: one gather and one batched matmul ``[T, 1, k] @ [T, k, H]`` (any device, any
   dtype); the reference.
 - ``triton``: one fused pass each way on CUDA. Forward reads each routed row once and
-  accumulates in fp32; backward writes ``grad_rows = probs * grad_out[token]`` and the
-  per-row dot product ``<rows, grad_out[token]>`` (the probability gradient) in the same pass,
-  so the [T*k, H] rows are never gathered a second time.
+  accumulates in fp32; backward, per token, reads ``grad_out[t]`` once and writes its k rows'
+  ``grad_rows = probs * grad_out[t]`` and the dot products ``<rows, grad_out[t]>`` (the
+  probability gradient) in the same pass, so neither [T*k, H] tensor is gathered twice.
 
 Both take and return the same tensors; ``tests/gpu/test_combine_kernel.py`` checks them against
 each other on random shapes.
@@ -38,14 +38,17 @@ def combine_forward_torch(rows: torch.Tensor, slot_rows: torch.Tensor, probs: to
     return torch.bmm(probs.to(rows.dtype).unsqueeze(1), gathered).squeeze(1)
 
 
-def combine_backward_torch(grad_out, rows, sorted_indices, row_probs, need_probs_grad: bool):
-    """grad_out [T, H], rows [N, H], sorted_indices [N] (token of each row), row_probs [N] ->
-    (grad_rows [N, H], grad_row_probs [N] fp32 or None)."""
-    g = grad_out.index_select(0, sorted_indices)
-    grad_row_probs = None
+def combine_backward_torch(grad_out, rows, slot_rows, probs, need_probs_grad: bool):
+    """grad_out [T, H], rows [N = T*k, H], slot_rows [T*k] (row of token t's j-th copy),
+    probs [T, k] -> (grad_rows [N, H], grad_probs [T, k] fp32 or None)."""
+    t, k = probs.shape
+    g = grad_out.unsqueeze(1) * probs.to(grad_out.dtype).unsqueeze(2)  # [T, k, H]
+    grad_rows = torch.empty_like(rows).index_copy_(0, slot_rows, g.reshape(t * k, g.shape[-1]))
+    grad_probs = None
     if need_probs_grad:
-        grad_row_probs = torch.bmm(rows.unsqueeze(1), g.unsqueeze(2)).view(-1).float()
-    return g * row_probs.to(g.dtype).unsqueeze(1), grad_row_probs
+        picked = rows.index_select(0, slot_rows).view(t, k, rows.shape[-1])
+        grad_probs = torch.bmm(picked, grad_out.unsqueeze(2)).view(t, k).float()
+    return grad_rows, grad_probs
 
 
 # ---- triton --------------------------------------------------------------------------------
@@ -69,23 +72,24 @@ if HAVE_TRITON:
                  mask=mask)
 
     @triton.jit
-    def _combine_bwd_kernel(grad_out_ptr, rows_ptr, tok_ptr, row_probs_ptr, grad_rows_ptr,
-                            grad_probs_ptr, H, NEED_PROBS: tl.constexpr, BLOCK_H: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
-        tok = tl.load(tok_ptr + r).to(tl.int64)
-        p = tl.load(row_probs_ptr + r).to(tl.float32)
-        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs = h0 + tl.arange(0, BLOCK_H)
-            mask = offs < H
-            g = tl.load(grad_out_ptr + tok * H + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(grad_rows_ptr + r * H + offs, (p * g).to(grad_rows_ptr.dtype.element_ty),
+    def _combine_bwd_kernel(grad_out_ptr, rows_ptr, slot_ptr, probs_ptr, grad_rows_ptr,
+                            part_ptr, H, NHB, K: tl.constexpr, NEED_PROBS: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+        # Program (t, hb): columns hb*BLOCK_H... of token t's k rows; the partial dot products
+        # go to part[t*K + j, hb] (summed over hb outside when H spans several blocks).
+        t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        g = tl.load(grad_out_ptr + t * H + offs, mask=mask, other=0.0).to(tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(slot_ptr + t * K + j).to(tl.int64)
+            p = tl.load(probs_ptr + t * K + j).to(tl.float32)
+            tl.store(grad_rows_ptr + row * H + offs, (p * g).to(grad_rows_ptr.dtype.element_ty),
                      mask=mask)
             if NEED_PROBS:
-                x = tl.load(rows_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
-                dot += x * g
-        if NEED_PROBS:
-            tl.store(grad_probs_ptr + r, tl.sum(dot, axis=0))
+                x = tl.load(rows_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(part_ptr + (t * K + j) * NHB + hb, tl.sum(x * g, axis=0))
 
 
 def combine_forward_triton(rows, slot_rows, probs):
@@ -101,18 +105,24 @@ def combine_forward_triton(rows, slot_rows, probs):
     return out
 
 
-def combine_backward_triton(grad_out, rows, sorted_indices, row_probs, need_probs_grad: bool):
-    n, h = rows.shape
+def combine_backward_triton(grad_out, rows, slot_rows, probs, need_probs_grad: bool):
+    t, k = probs.shape
+    h = rows.shape[-1]
     grad_rows = torch.empty_like(rows)
-    grad_row_probs = torch.empty(n, dtype=torch.float32, device=rows.device)
-    if n == 0:
-        return grad_rows, grad_row_probs if need_probs_grad else None
-    block = min(1024, triton.next_power_of_2(h))
-    _combine_bwd_kernel[(n,)](grad_out.contiguous(), rows.contiguous(),
-                              sorted_indices.contiguous(), row_probs.float().contiguous(),
-                              grad_rows, grad_row_probs, h, NEED_PROBS=need_probs_grad,
-                              BLOCK_H=block)
-    return grad_rows, grad_row_probs if need_probs_grad else None
+    block = min(2048, triton.next_power_of_2(max(h, 1)))
+    nhb = triton.cdiv(h, block)
+    part = torch.empty(t * k * nhb if need_probs_grad else 1, dtype=torch.float32,
+                       device=rows.device)
+    if t and h:
+        _combine_bwd_kernel[(t, nhb)](grad_out.contiguous(), rows.contiguous(),
+                                      slot_rows.contiguous(), probs.float().contiguous(),
+                                      grad_rows, part, h, nhb, K=k, NEED_PROBS=need_probs_grad,
+                                      BLOCK_H=block, num_warps=8 if block >= 2048 else 4)
+    if not need_probs_grad:
+        return grad_rows, None
+    if not h:
+        return grad_rows, torch.zeros(t, k, dtype=torch.float32, device=rows.device)
+    return grad_rows, part.view(t, k, nhb).sum(-1) if nhb > 1 else part.view(t, k)
 
 
 # ---- registry ------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
+from moecore.kernels.swiglu import swiglu
 from moecore.moe.grouped_gemm import default_compute_device, grouped_mm, select_backend
 from moecore.parallel_state import ParallelState, get_parallel_state
 
@@ -79,7 +81,14 @@ def _mark_expert_param(param: nn.Parameter, partition_dim: int, stride: int = 1)
 
 
 def _activation(config: TransformerConfig, h: torch.Tensor) -> torch.Tensor:
-    """``act(gate) * up`` on ``[.., 2F]`` (gated, as ``[gate | up]``) or ``act(h)``."""
+    """``act(gate) * up`` on ``[.., 2F]`` (gated, as ``[gate | up]``) or ``act(h)``.
+
+    SwiGLU on ``[N, 2F]`` goes through ``moecore.kernels.swiglu`` (fused on CUDA, saves only
+    ``h``) unless ``config.bias_swiglu_fusion`` is off.
+    """
+    if (config.gated_linear_unit and config.bias_swiglu_fusion and h.dim() == 2
+            and config.activation_func is F.silu):
+        return swiglu(h)
     if config.gated_linear_unit:
         gate, up = torch.chunk(h, 2, dim=-1)
         return config.activation_func(gate) * up

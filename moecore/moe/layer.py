@@ -60,15 +60,19 @@ class MoELayer(nn.Module):
         self.last_stats: dict = {}
 
     def forward(self, hidden: torch.Tensor):
+        # Shared experts are issued first in both modes, so autograd sums the input gradient's
+        # contributions in the same order and overlap on/off is bit-identical.
         overlap = self._shared_expert_stream(hidden)
         shared = None
         if overlap is not None:
             # Shared experts run on a side stream while the main stream routes, exchanges and
             # runs the routed experts; autograd replays each op's backward on the stream it
-            # ran on, so the backward overlaps the same way. Same ops, same numerics.
+            # ran on, so the backward overlaps the same way.
             overlap.wait_stream(torch.cuda.current_stream(hidden.device))
             with torch.cuda.stream(overlap):
                 shared = self.shared_experts(hidden)
+        elif self.shared_experts is not None:
+            shared = self.shared_experts(hidden)
         probs, routing_map = self.router(hidden)
         tokens, tokens_per_expert = self.token_dispatcher.dispatch(hidden, probs, routing_map)
         expert_out, _ = self.experts(tokens, tokens_per_expert)
@@ -77,9 +81,8 @@ class MoELayer(nn.Module):
             main = torch.cuda.current_stream(hidden.device)
             main.wait_stream(overlap)
             shared.record_stream(main)  # allocated on the side stream, consumed on main
+        if shared is not None:
             out = out + shared
-        elif self.shared_experts is not None:
-            out = out + self.shared_experts(hidden)
         self.last_stats = dict(getattr(self.router, "last_stats", {}))
         return out, None
 

@@ -16,7 +16,9 @@ import functools
 
 import torch
 
+from moecore.kernels import fusion_request
 from moecore.kernels.combine import COMBINE
+from moecore.kernels.permute import PlanParts, permute_rows, plan_torch
 
 PAD_INDEX = -1  # sorted_indices value of a padding row (pad-to-capacity mode)
 
@@ -130,45 +132,28 @@ class TopKPlan:
 
     ``sorted_indices`` [N]: token of each permuted row (expert-major, as ``permute``);
     ``slot_rows`` [T*k]: permuted row of token t's j-th expert (experts ascending);
-    ``row_slots`` [N]: the inverse, flat (t*k + j) index of each row; ``probs`` [T, k] or None.
+    ``row_slots`` [N]: the inverse, flat (t*k + j) index of each row; ``probs`` [T, k] or None;
+    ``expert_ids`` [T, k]: token t's experts, ascending. ``TopKPlan(routing_map, probs, topk)``
+    builds it with the torch reference (``moecore.kernels.permute.plan_torch``).
     """
 
     def __init__(self, routing_map: torch.Tensor, probs: torch.Tensor | None, topk: int):
-        num_tokens, num_experts = routing_map.shape
-        mask = routing_map.bool()
-        mask_t = mask.T.contiguous()  # [E, T]
-        counts = mask_t.sum(dim=1)
-        offsets = torch.cumsum(counts, 0) - counts
-        # Row of pair (e, t) = rows of earlier experts + earlier tokens of expert e.
-        row_of_pair = torch.cumsum(mask_t, dim=1) - 1 + offsets.unsqueeze(1)
+        self._set(plan_torch(routing_map, topk), probs, routing_map.shape[0], topk)
+
+    @classmethod
+    def from_parts(cls, parts: PlanParts, probs: torch.Tensor | None, num_tokens: int,
+                   topk: int) -> TopKPlan:
+        plan = cls.__new__(cls)
+        plan._set(parts, probs, num_tokens, topk)
+        return plan
+
+    def _set(self, parts: PlanParts, probs, num_tokens: int, topk: int) -> None:
         self.topk = topk
         self.num_tokens = num_tokens
-        self.slot_rows = row_of_pair.T.masked_select(mask)  # token-major [T*k]
-        n = self.slot_rows.numel()
-        if n != num_tokens * topk:
-            raise ValueError(f"TopKPlan needs exactly topk={topk} experts per token (dropless "
-                             f"routing); the routing map selects {n} for {num_tokens} tokens")
-        self.row_slots = torch.empty_like(self.slot_rows)
-        self.row_slots[self.slot_rows] = torch.arange(n, device=mask.device)
-        self.sorted_indices = torch.div(self.row_slots, topk, rounding_mode="floor")
-        self.tokens_per_expert = counts.to(torch.int64)
-        self.probs = None if probs is None else probs.masked_select(mask).view(num_tokens, topk)
-
-
-class _GatherRows(torch.autograd.Function):
-    """``tokens [T, H] -> tokens[sorted_indices] [N, H]``; backward sums each token's k rows
-    with a gather (deterministic, no atomics)."""
-
-    @staticmethod
-    def forward(ctx, tokens, plan: TopKPlan):
-        ctx.plan = plan
-        return tokens.index_select(0, plan.sorted_indices)
-
-    @staticmethod
-    def backward(ctx, grad):
-        plan = ctx.plan
-        rows = grad.index_select(0, plan.slot_rows)
-        return rows.view(plan.num_tokens, plan.topk, grad.shape[-1]).sum(dim=1), None
+        self.slot_rows, self.row_slots, self.sorted_indices = parts[:3]
+        self.tokens_per_expert, self.expert_ids = parts[3:]
+        # [T, E] -> [T, k] at the token's experts (differentiable in probs).
+        self.probs = None if probs is None else probs.gather(1, self.expert_ids)
 
 
 @functools.cache
@@ -191,27 +176,26 @@ class _CombineRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         permuted, probs_tk = ctx.saved_tensors
-        plan = ctx.plan
-        row_probs = probs_tk.reshape(-1).index_select(0, plan.row_slots)
-        grad_rows, grad_row_probs = ctx.backward_fn(
-            grad_out, permuted, plan.sorted_indices, row_probs, ctx.needs_input_grad[1])
-        grad_probs = None
-        if grad_row_probs is not None:
-            grad_probs = grad_row_probs.index_select(0, plan.slot_rows).view_as(probs_tk)
+        grad_rows, grad_probs = ctx.backward_fn(grad_out, permuted, ctx.plan.slot_rows, probs_tk,
+                                                ctx.needs_input_grad[1])
+        if grad_probs is not None:
             grad_probs = grad_probs.to(probs_tk.dtype)
         return grad_rows, grad_probs, None
 
 
 def permute_topk(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None,
-                 topk: int):
+                 topk: int, fusion: bool | None = None):
     """Dropless ``permute`` for exactly ``topk`` experts per token.
 
     Returns ``(permuted [T*k, H], plan, tokens_per_expert [E])``; rows are in the same order as
-    :func:`permute`. Pass ``plan`` to :func:`unpermute_topk`.
+    :func:`permute`. Pass ``plan`` to :func:`unpermute_topk`. ``fusion`` (the config's
+    ``moe_permute_fusion``) picks the ``moe_permute`` backend: ``None`` auto (the fused Triton
+    kernel on CUDA, no host sync), ``True`` Triton required, ``False`` the torch reference.
     """
     _check_routing(tokens, routing_map, probs)
-    plan = TopKPlan(routing_map, probs, topk)
-    return _GatherRows.apply(tokens, plan), plan, plan.tokens_per_expert
+    permuted, parts = permute_rows(tokens, routing_map, topk, fusion_request(fusion))
+    plan = TopKPlan.from_parts(parts, probs, routing_map.shape[0], topk)
+    return permuted, plan, plan.tokens_per_expert
 
 
 def unpermute_topk(permuted: torch.Tensor, plan: TopKPlan) -> torch.Tensor:

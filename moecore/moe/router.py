@@ -15,11 +15,15 @@ router weight's grad over TP because ``weight.sequence_parallel`` is set).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moecore.config import TransformerConfig
+from moecore.kernels import fusion_request
+from moecore.kernels.router import RouterOutput, fused_router_unsupported, select_router
 from moecore.moe.capacity import apply_token_drop, get_capacity
 from moecore.moe.losses import (
     MoEAuxLossAutoScaler,
@@ -32,6 +36,8 @@ from moecore.moe.sinkhorn import sinkhorn
 from moecore.parallel_state import ParallelState, get_parallel_state
 
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+logger = logging.getLogger("moecore")
+_FALLBACKS_LOGGED: set[str] = set()
 
 
 def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -214,16 +220,49 @@ class TopKRouter(nn.Module):
 
     def routing(self, logits: torch.Tensor):
         """Expert selection on ``[T, E]`` logits, before dropping: ``(probs, routing_map)``."""
-        if self.routing_type == "sinkhorn":
-            return sinkhorn_routing(logits, self.topk, self.training)
+        out = self._route(logits, need_aux_scores=False)
+        return out.probs, out.routing_map
+
+    def _fused_backend(self, logits: torch.Tensor):
+        """The ``moe_router`` backend for these logits, or ``None`` for the unfused ops here
+        (``moe_router_fusion=False``, or a feature the kernel does not cover: logged once)."""
         cfg = self.config
-        bias = self.expert_bias
-        return topk_routing_with_score_function(
+        requested = fusion_request(cfg.moe_router_fusion)
+        if requested == "torch":
+            return None
+        why = fused_router_unsupported(
+            load_balancing_type=self.routing_type, num_groups=cfg.moe_router_num_groups,
+            num_experts=self.num_experts, dtype=logits.dtype)
+        if why:
+            if why not in _FALLBACKS_LOGGED:
+                _FALLBACKS_LOGGED.add(why)
+                log = logger.warning if requested == "triton" else logger.info
+                log("moe_router: %s; using the torch router (moe_router_fusion=%s)", why,
+                    cfg.moe_router_fusion)
+            return None
+        return select_router(logits.device, requested)
+
+    def _route(self, logits: torch.Tensor, need_aux_scores: bool) -> RouterOutput:
+        """Selection, weights, this rank's counts [E] and (if asked) the balance-loss scores."""
+        cfg = self.config
+        backend = self._fused_backend(logits)
+        if self.routing_type == "sinkhorn":
+            probs, routing_map = sinkhorn_routing(logits, self.topk, self.training)
+            return RouterOutput(probs, routing_map, routing_map.sum(0, dtype=torch.int32), None)
+        bias = None if self.expert_bias is None else self.expert_bias.detach()
+        if backend is not None:
+            return backend.fn(logits, self.topk, score_function=cfg.moe_router_score_function,
+                              use_pre_softmax=cfg.moe_router_pre_softmax,
+                              scaling_factor=cfg.moe_router_topk_scaling_factor,
+                              expert_bias=bias, need_aux_scores=need_aux_scores)
+        probs, routing_map = topk_routing_with_score_function(
             logits, self.topk, score_function=cfg.moe_router_score_function,
             use_pre_softmax=cfg.moe_router_pre_softmax, num_groups=cfg.moe_router_num_groups,
             group_topk=cfg.moe_router_group_topk,
-            scaling_factor=cfg.moe_router_topk_scaling_factor,
-            expert_bias=None if bias is None else bias.detach())
+            scaling_factor=cfg.moe_router_topk_scaling_factor, expert_bias=bias)
+        aux = (scores_for_aux_loss(logits, cfg.moe_router_score_function)
+               if need_aux_scores else None)
+        return RouterOutput(probs, routing_map, routing_map.sum(0, dtype=torch.int32), aux)
 
     def _maintain_float32_buffers(self) -> None:
         # module.bfloat16() casts buffers too; the bias needs fp32 to take 1e-3 steps.
@@ -255,7 +294,9 @@ class TopKRouter(nn.Module):
         self._maintain_float32_buffers()
         hidden, seq_len, batch = self._flatten(hidden)
         logits = self.gating(self.apply_input_jitter(hidden))
-        probs, routing_map = self.routing(logits)
+        attach = self.training and torch.is_grad_enabled()
+        routed = self._route(logits, need_aux_scores=attach and self._aux_coeff() > 0)
+        probs, routing_map = routed.probs, routed.routing_map
         map_before_drop = routing_map
         if self.config.moe_expert_capacity_factor is not None:
             self.last_capacity = get_capacity(logits.shape[0] * self.topk, self.num_experts,
@@ -264,11 +305,12 @@ class TopKRouter(nn.Module):
                                                   self.config.moe_token_drop_policy)
         else:
             self.last_capacity = None
-        attach = self.training and torch.is_grad_enabled()
         stats = self._count_tokens(map_before_drop, routing_map, batch,
                                    per_sequence=attach and self._aux_coeff() > 0
-                                   and self.routing_type == "seq_aux_loss")
+                                   and self.routing_type == "seq_aux_loss",
+                                   local=routed.tokens_per_expert.float())
         if attach:
+            stats["aux_scores"] = routed.aux_scores
             probs = self._attach_losses(probs, logits, map_before_drop, stats, seq_len, batch)
             if self.local_tokens_per_expert is not None:
                 # Not in eval or no-grad recompute passes: count each trained token once.
@@ -283,15 +325,20 @@ class TopKRouter(nn.Module):
         return float(self.config.moe_aux_loss_coeff or 0.0)
 
     def _count_tokens(self, map_before: torch.Tensor, map_after: torch.Tensor, batch: int,
-                      per_sequence: bool) -> dict:
+                      per_sequence: bool, local: torch.Tensor | None = None) -> dict:
         """Expert counts summed over the shard group, in one all-reduce.
 
+        ``local``: this rank's counts [E] fp32 when the router has them (else summed here).
         Returns ``local`` [E] (this rank, before dropping), ``tokens_per_expert`` [E],
         ``dropped_tokens`` (int64 scalar), ``per_sequence`` [B, E] or None, ``losses`` {}.
         """
         e = self.num_experts
-        local = map_before.sum(dim=0).float()
-        dropped = (map_before.sum() - map_after.sum()).float().reshape(1)
+        if local is None:
+            local = map_before.sum(dim=0).float()
+        if map_after is map_before:
+            dropped = local.new_zeros(1)
+        else:
+            dropped = (map_before.sum() - map_after.sum()).float().reshape(1)
         parts = [local, dropped]
         if per_sequence:
             parts.append(map_before.view(-1, batch, e).sum(dim=0).float().reshape(-1))
@@ -312,7 +359,9 @@ class TopKRouter(nn.Module):
     def _balance_loss(self, logits: torch.Tensor, stats: dict, seq_len: int, batch: int):
         """This rank's share of the load-balancing loss (with its coefficient)."""
         coeff, k, e = self._aux_coeff(), self.topk, self.num_experts
-        scores = scores_for_aux_loss(logits, self.config.moe_router_score_function)
+        scores = stats.get("aux_scores")
+        if scores is None:
+            scores = scores_for_aux_loss(logits, self.config.moe_router_score_function)
         t_shard = logits.shape[0] * self.shard_size
         if self.routing_type == "aux_loss":
             return switch_load_balancing_loss_func(scores, stats["tokens_per_expert"], t_shard,

@@ -38,12 +38,11 @@ def test_triton_combine_matches_torch(T, E, k, H, dtype):
     assert out.dtype == dtype and not out.isnan().any()
     if T:
         assert _rel(out, ref) < tol
-    row_probs = plan.probs.reshape(-1).index_select(0, plan.row_slots)
     gr_ref, gp_ref = C.combine_backward_torch(grad_out.double(), rows.double(),
-                                              plan.sorted_indices, row_probs.double(), True)
-    gr, gp = C.combine_backward_triton(grad_out, rows, plan.sorted_indices, row_probs, True)
+                                              plan.slot_rows, plan.probs.double(), True)
+    gr, gp = C.combine_backward_triton(grad_out, rows, plan.slot_rows, plan.probs, True)
     if T:
         assert _rel(gr, gr_ref) < tol
         assert _rel(gp, gp_ref) < (1e-5 if dtype == torch.float32 else 8e-3)
-    gr2, gp2 = C.combine_backward_triton(grad_out, rows, plan.sorted_indices, row_probs, False)
+    gr2, gp2 = C.combine_backward_triton(grad_out, rows, plan.slot_rows, plan.probs, False)
     assert gp2 is None and torch.equal(gr2, gr)

@@ -1,0 +1,184 @@
+"""SwiGLU on the fc1 output: ``act = silu(x[:, :F]) * x[:, F:]`` and its backward.
+
+``swiglu(x [N, 2F]) -> [N, F]`` is an autograd function that saves only ``x`` (which the fc1
+GEMM's output already is) and recomputes ``silu`` in backward, so no ``silu(gate)`` [N, F]
+intermediate is kept. Two implementations behind the ``moe_swiglu`` registry:
+
+- ``torch``: the unfused ops (``F.silu(gate) * up``; backward ``grad * up`` through
+  ``silu_backward`` and ``grad * silu(gate)``, then one ``cat``); bitwise what autograd computes
+  for the unfused expression. Any device and dtype; the reference.
+- ``triton``: one pass each way on CUDA (fp32, bf16, fp16), math in fp32: forward reads ``x``
+  once and writes ``act``; backward reads ``x`` and ``grad`` once and writes the [N, 2F] grad.
+  In 16-bit dtypes it rounds once where the unfused ops round two or three times.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from moecore.backends import Backend, BackendRegistry
+from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def _check(x: torch.Tensor) -> int:
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"swiglu needs x [N, 2F]; got {tuple(x.shape)}")
+    return x.shape[1] // 2
+
+
+# ---- torch reference -----------------------------------------------------------------------
+
+
+def swiglu_forward_torch(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 2F] (``[gate | up]``) -> ``silu(gate) * up`` [N, F]."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_backward_torch(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """x [N, 2F], grad [N, F] -> grad_x [N, 2F] (x's dtype)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+    return torch.cat([grad_gate, grad * F.silu(gate)], dim=-1)
+
+
+# ---- triton --------------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(x_ptr, out_ptr, N, FF, stride_x, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < N)[:, None] & (cols < FF)[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x_off = rows64 * stride_x + cols[None, :]
+        g = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + x_off + FF, mask=mask, other=0.0).to(tl.float32)
+        act = g * tl.sigmoid(g) * u
+        tl.store(out_ptr + rows64 * FF + cols[None, :], act.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(x_ptr, grad_ptr, dx_ptr, N, FF, stride_x, stride_g,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < N)[:, None] & (cols < FF)[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x_off = rows64 * stride_x + cols[None, :]
+        g = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + x_off + FF, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_ptr + rows64 * stride_g + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        d_gate = dy * u * s * (1.0 + g * (1.0 - s))
+        d_up = dy * g * s
+        dx_off = rows64 * (2 * FF) + cols[None, :]
+        tl.store(dx_ptr + dx_off, d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + dx_off + FF, d_up.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(n: int, ff: int):
+    block_c = min(1024, triton.next_power_of_2(max(ff, 1)))
+    block_r = max(1, 4096 // block_c)
+    return (triton.cdiv(n, block_r), triton.cdiv(ff, block_c)), block_r, block_c
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # Row stride is free (fc1 output may be a column slice); columns must be unit-stride.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def swiglu_forward_triton(x: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`swiglu_forward_torch` (one fused pass)."""
+    ff = _check(x)
+    x = _rows_contiguous(x)
+    out = torch.empty(x.shape[0], ff, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    grid, block_r, block_c = _grid(x.shape[0], ff)
+    _swiglu_fwd_kernel[grid](x, out, x.shape[0], ff, x.stride(0), BLOCK_R=block_r,
+                             BLOCK_C=block_c)
+    return out
+
+
+def swiglu_backward_triton(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`swiglu_backward_torch` (one fused pass)."""
+    ff = _check(x)
+    x, grad = _rows_contiguous(x), _rows_contiguous(grad)
+    dx = torch.empty(x.shape[0], 2 * ff, dtype=x.dtype, device=x.device)
+    if dx.numel() == 0:
+        return dx
+    grid, block_r, block_c = _grid(x.shape[0], ff)
+    _swiglu_bwd_kernel[grid](x, grad, dx, x.shape[0], ff, x.stride(0), grad.stride(0),
+                             BLOCK_R=block_r, BLOCK_C=block_c)
+    return dx
+
+
+# ---- autograd + registry -------------------------------------------------------------------
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` saving only the input ``x [N, 2F]``."""
+
+    @staticmethod
+    def forward(ctx, x, fns):
+        forward_fn, ctx.backward_fn = fns
+        ctx.save_for_backward(x)
+        return forward_fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ctx.backward_fn(x, grad), None
+
+
+def _check_triton(device: torch.device) -> None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(37, 2 * 24, device=device, generator=gen).to(dtype)
+        g = torch.randn(37, 24, device=device, generator=gen).to(dtype)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_close_rel(swiglu_forward_triton(x), swiglu_forward_torch(x.double()), tol, "fwd")
+        assert_close_rel(swiglu_backward_triton(x, g),
+                         swiglu_backward_torch(x.double(), g.double()), tol, "bwd")
+
+
+def _triton_available(device=None, dtype=None, **ctx):
+    ok, reason = cuda_triton_available("swiglu", device, dtype)
+    if not ok:
+        return ok, reason
+    failure = self_check("swiglu", torch.device(device), _check_triton)
+    return not failure, failure
+
+
+SWIGLU = BackendRegistry("moe_swiglu")
+SWIGLU.register(Backend("triton", _triton_available,
+                        (swiglu_forward_triton, swiglu_backward_triton),
+                        description="one fused pass forward and backward"))
+SWIGLU.register(Backend("torch", lambda **ctx: (True, ""),
+                        (swiglu_forward_torch, swiglu_backward_torch),
+                        description="unfused ops, silu recomputed in backward"))
+
+
+@functools.cache
+def select_swiglu(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> Backend:
+    """The SwiGLU backend for ``device``/``dtype`` (resolved once per process, logged once)."""
+    return SWIGLU.select(requested, device=device, dtype=dtype)
+
+
+def swiglu(x: torch.Tensor, requested: str = "auto") -> torch.Tensor:
+    """``silu(x[:, :F]) * x[:, F:]`` for ``x [N, 2F]`` -> ``[N, F]``, through the backend
+    ``requested`` (a name or ``"auto"``); autograd saves only ``x``."""
+    _check(x)
+    backend = select_swiglu(x.device, x.dtype, requested)
+    return _SwiGLU.apply(x, backend.fn)

@@ -1,0 +1,147 @@
+"""Triton SwiGLU / router / permute kernels vs their torch references on CUDA (fp32, bf16), random
+shapes with empty experts and odd sizes, outputs poisoned before each run; the whole MoE layer
+fused vs unfused; auto selection after the self-checks."""
+
+import pytest
+import torch
+
+from moecore.kernels import HAVE_TRITON
+from moecore.kernels import permute as P
+from moecore.kernels import router as R
+from moecore.kernels import swiglu as S
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON),
+                                reason="needs CUDA and Triton")
+DEV = torch.device("cuda")
+
+
+def _poison():
+    # Recycled NaN memory: an output element the kernel forgets to write shows up as NaN.
+    buf = torch.full((32 << 20,), float("nan"), device=DEV)
+    del buf
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+@pytest.mark.parametrize("n,f", [(0, 64), (1, 1), (333, 24), (4099, 1408), (2048, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_triton_matches_reference(n, f, dtype):
+    g = _gen(n + f)
+    x = torch.randn(n, 2 * f + 8, device=DEV, generator=g).to(dtype)[:, : 2 * f]  # strided
+    dy = torch.randn(n, f, device=DEV, generator=g).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    _poison()
+    out = S.swiglu_forward_triton(x)
+    _poison()
+    dx = S.swiglu_backward_triton(x, dy)
+    assert out.dtype == dtype and dx.shape == (n, 2 * f)
+    assert not out.isnan().any() and not dx.isnan().any()
+    if n:
+        assert _rel(out, S.swiglu_forward_torch(x.double())) < tol
+        assert _rel(dx, S.swiglu_backward_torch(x.double(), dy.double())) < tol
+
+
+CASES = [dict(score_function="softmax"), dict(score_function="softmax", use_pre_softmax=True),
+         dict(score_function="sigmoid", scaling_factor=2.5), dict(score_function="sigmoid",
+                                                                  expert_bias=0.05)]
+
+
+@pytest.mark.parametrize("t,e,k", [(0, 8, 2), (1, 8, 8), (4097, 64, 8), (1000, 160, 6),
+                                   (3000, 8, 1)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_router_triton_matches_reference(t, e, k, case):
+    kw = dict(CASES[case])
+    g = _gen(t * 7 + e + case)
+    if "expert_bias" in kw:
+        kw["expert_bias"] = torch.randn(e, device=DEV, generator=g) * kw["expert_bias"]
+    logits = (torch.randn(t, e, device=DEV, generator=g) * 2).requires_grad_()
+    gp, ga = (torch.randn(t, e, device=DEV, generator=g) for _ in range(2))
+    outs = []
+    for fn in (R.route_triton, R.route_torch):
+        logits.grad = None
+        _poison()
+        o = fn(logits, k, need_aux_scores=True, **kw)
+        ((o.probs * gp).sum() + (o.aux_scores * ga).sum()).backward()
+        outs.append((o, logits.grad.clone()))
+    (a, grad_a), (b, grad_b) = outs
+    assert torch.equal(a.routing_map, b.routing_map)
+    assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+    if t:
+        assert _rel(a.probs, b.probs) < 1e-6 and _rel(a.aux_scores, b.aux_scores) < 1e-6
+        assert _rel(grad_a, grad_b) < 1e-5
+
+
+@pytest.mark.parametrize("t,e,k,h", [(0, 8, 2, 64), (3, 64, 2, 2048), (257, 64, 8, 2048),
+                                     (100, 8, 2, 4096), (33, 16, 6, 1000), (4096, 64, 6, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_triton_matches_reference(t, e, k, h, dtype):
+    g = _gen(t + h + k)
+    idx = torch.randn(t, e, device=DEV, generator=g).topk(k, dim=1).indices
+    rmap = torch.zeros(t, e, dtype=torch.bool, device=DEV).scatter(1, idx, True)
+    x = torch.randn(t, h, device=DEV, generator=g).to(dtype)
+    _poison()
+    rows, parts = P.permute_forward_triton(x, rmap, k)
+    ref_rows, ref_parts = P.permute_forward_torch(x, rmap, k)
+    for name, a, b in zip(P.PlanParts._fields, parts, ref_parts):
+        assert torch.equal(a, b), name
+    assert torch.equal(rows, ref_rows)
+    dy = torch.randn(t * k, h, device=DEV, generator=g).to(dtype)
+    _poison()
+    dx = P.permute_backward_triton(dy, parts.slot_rows, k)
+    assert not dx.isnan().any()
+    if t:
+        want = P.permute_backward_torch(dy.double(), parts.slot_rows, k)
+        assert _rel(dx, want) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_fused_permute_does_not_sync():
+    g = _gen(0)
+    idx = torch.randn(512, 64, device=DEV, generator=g).topk(8, dim=1).indices
+    rmap = torch.zeros(512, 64, dtype=torch.bool, device=DEV).scatter(1, idx, True)
+    x = torch.randn(512, 256, device=DEV, generator=g)
+    P.permute_forward_triton(x, rmap, 8)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        P.permute_forward_triton(x, rmap, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_auto_selects_triton_after_self_checks():
+    assert S.select_swiglu(DEV, torch.bfloat16).name == "triton"
+    assert S.select_swiglu(DEV, torch.float64).name == "torch"
+    assert R.select_router(DEV).name == "triton"
+    assert P.select_permute(DEV, 64).name == "triton"
+
+
+@pytest.mark.parametrize("score,pre", [("softmax", False), ("sigmoid", False), ("softmax", True)])
+def test_moe_layer_fused_matches_unfused(score, pre):
+    from moecore.moe.layer import MoELayer
+    from moecore.parallel_state import ParallelState
+    from tests.moe_reference import tiny_moe_config
+
+    results = []
+    for fused in (None, False):
+        cfg = tiny_moe_config(hidden_size=256, moe_ffn_hidden_size=384, num_moe_experts=16,
+                              moe_router_topk=4, moe_router_score_function=score,
+                              moe_router_pre_softmax=pre, moe_grouped_gemm_backend="auto",
+                              moe_router_fusion=fused, moe_permute_fusion=fused,
+                              bias_swiglu_fusion=fused is None, bf16=True,
+                              params_dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        with torch.device(DEV):
+            layer = MoELayer(cfg, parallel_state=ParallelState.single())
+        x = torch.randn(64, 4, 256, device=DEV, generator=_gen(1)).bfloat16().requires_grad_()
+        out, _ = layer(x)
+        out.float().square().sum().backward()
+        results.append((out, x.grad, *[p.grad for p in layer.parameters()]))
+    for a, b in zip(*results):
+        assert _rel(a, b) < 3e-2

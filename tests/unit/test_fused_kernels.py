@@ -1,0 +1,229 @@
+"""Fused MoE kernels (moecore.kernels: swiglu, router, permute): the torch reference paths
+against the unfused code, outputs and gradients, on random shapes with empty experts and odd
+sizes; selection by flag; and, where Triton is installed, the Triton kernels themselves under
+the Triton interpreter (one subprocess, see triton_interpret_checks.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecore.backends import BackendUnavailableError
+from moecore.kernels import fusion_request
+from moecore.kernels import permute as KP
+from moecore.kernels.router import route_torch
+from moecore.kernels.swiglu import SWIGLU, swiglu
+from moecore.moe.experts import GroupedMLP
+from moecore.moe.permute import TopKPlan, permute, permute_topk, unpermute, unpermute_topk
+from moecore.moe.router import TopKRouter, scores_for_aux_loss
+from moecore.parallel_state import ParallelState
+from tests.moe_reference import tiny_moe_config
+
+SINGLE = ParallelState.single()
+CPU = torch.device("cpu")
+
+
+def _routing(t, e, k, gen):
+    idx = torch.randn(t, e, generator=gen).topk(k, dim=1).indices
+    return torch.zeros(t, e, dtype=torch.bool).scatter(1, idx, True)
+
+
+# ---- SwiGLU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,f", [(0, 4), (1, 1), (7, 5), (33, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_swiglu_reference_is_the_unfused_expression(n, f, dtype):
+    gen = torch.Generator().manual_seed(n * 7 + f)
+    x = torch.randn(n, 2 * f, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(n, f, generator=gen).to(dtype)
+    out = swiglu(x, "torch")
+    out.backward(g)
+    x_ref = x.detach().clone().requires_grad_()
+    gate, up = x_ref.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    ref.backward(g)
+    # The same ops in the same order: bitwise equal, gradients too (silu recomputed).
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+
+
+def test_swiglu_registry_on_cpu():
+    assert SWIGLU.select("auto", device=CPU, dtype=torch.float32, log=False).name == "torch"
+    with pytest.raises(BackendUnavailableError, match="CUDA"):
+        SWIGLU.select("triton", device=CPU, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"\[N, 2F\]"):
+        swiglu(torch.randn(3, 5))
+
+
+def test_grouped_mlp_same_with_and_without_swiglu_fusion():
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1, 0, 2, 0, 4])  # empty experts
+    x = torch.randn(int(counts.sum()), 16, generator=gen)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        mlp = GroupedMLP(8, tiny_moe_config(bias_swiglu_fusion=fused), parallel_state=SINGLE)
+        xi = x.clone().requires_grad_()
+        out, _ = mlp(xi, counts)
+        out.backward(torch.ones_like(out))
+        results.append([out, xi.grad, mlp.weight1.grad, mlp.weight2.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- router ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score,pre", [("softmax", False), ("softmax", True), ("sigmoid", False)])
+def test_route_torch_outputs(score, pre):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(11, 7, generator=gen)
+    out = route_torch(logits, 3, score_function=score, use_pre_softmax=pre,
+                      need_aux_scores=True)
+    assert torch.equal(out.tokens_per_expert, out.routing_map.sum(0).int())
+    assert torch.equal(out.aux_scores, scores_for_aux_loss(logits, score))
+    assert route_torch(logits, 3, score_function=score, use_pre_softmax=pre).aux_scores is None
+
+
+@pytest.mark.parametrize("balance", ["aux_loss", "seq_aux_loss", "global_aux_loss", "none"])
+@pytest.mark.parametrize("score,pre", [("softmax", False), ("softmax", True), ("sigmoid", False)])
+def test_router_auto_equals_torch_path_with_losses(balance, score, pre):
+    """On CPU ``auto`` is the torch path; the loss plumbing (aux scores, counts from the
+    routing step) must give the old results: forward, losses and gradients."""
+    results = []
+    for fusion in (None, False):
+        cfg = tiny_moe_config(moe_router_fusion=fusion, moe_router_load_balancing_type=balance,
+                              moe_router_score_function=score, moe_router_pre_softmax=pre,
+                              moe_router_topk=3)
+        torch.manual_seed(0)
+        router = TopKRouter(cfg, parallel_state=SINGLE)
+        x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        probs, rmap = router(x)
+        (probs * torch.arange(probs.numel()).view_as(probs)).sum().backward()
+        results.append((probs, rmap, x.grad, router.weight.grad,
+                        router.last_stats["tokens_per_expert"]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_router_fusion_flag_semantics(caplog, monkeypatch):
+    import moecore.moe.router as router_mod
+
+    x = torch.randn(6, 16)
+    with pytest.raises(BackendUnavailableError, match="CUDA"):
+        TopKRouter(tiny_moe_config(moe_router_fusion=True), parallel_state=SINGLE)(x)
+    # Group-limited routing is not fused: explicit fallback to torch, with a warning.
+    monkeypatch.setattr(router_mod, "_FALLBACKS_LOGGED", set())
+    cfg = tiny_moe_config(moe_router_fusion=True, moe_router_num_groups=2,
+                          moe_router_group_topk=1)
+    with caplog.at_level(logging.INFO, logger="moecore"):
+        probs, rmap = TopKRouter(cfg, parallel_state=SINGLE)(x)
+    assert rmap.sum(1).eq(2).all()
+    assert "group-limited" in "".join(router_mod._FALLBACKS_LOGGED)
+
+
+def test_fusion_request_mapping():
+    assert [fusion_request(f) for f in (None, True, False)] == ["auto", "triton", "torch"]
+
+
+# ---- permute --------------------------------------------------------------------------------
+
+# (3, 16, 2): most experts empty; (1, 4, 4): k = E; odd H; T = 0.
+SHAPES = [(13, 6, 3, 5), (1, 4, 4, 7), (3, 16, 2, 9), (40, 16, 1, 8), (0, 4, 2, 3),
+          (57, 64, 6, 33)]
+
+
+@pytest.mark.parametrize("t,e,k,h", SHAPES)
+def test_permute_reference_matches_general_permute(t, e, k, h):
+    gen = torch.Generator().manual_seed(t * 13 + e)
+    rmap = _routing(t, e, k, gen)
+    probs = torch.rand(t, e, generator=gen, requires_grad=True)
+    x = torch.randn(t, h, generator=gen, requires_grad=True)
+    rows, parts = KP.permute_rows(x, rmap, k, "torch")
+    ref_rows, ref_probs, ref_sorted, ref_counts = permute(x.detach(), rmap, probs.detach())
+    assert torch.equal(rows, ref_rows) and torch.equal(parts.sorted_indices, ref_sorted)
+    assert torch.equal(parts.tokens_per_expert, ref_counts)
+    assert torch.equal(parts.slot_rows[parts.row_slots], torch.arange(t * k))
+    want_ids = torch.arange(e).expand(t, e).masked_select(rmap).view(t, k)
+    assert torch.equal(parts.expert_ids, want_ids)
+    plan = TopKPlan.from_parts(parts, probs, t, k)
+    assert torch.equal(plan.probs.reshape(-1)[plan.row_slots], ref_probs)
+    g = torch.randn(t * k, h, generator=gen)
+    rows.backward(g)
+    assert torch.allclose(x.grad, unpermute(g, ref_sorted, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("t,e,k,h", SHAPES)
+def test_permute_topk_flag_paths_match_unfused(t, e, k, h):
+    gen = torch.Generator().manual_seed(t + 5 * e)
+    rmap = _routing(t, e, k, gen)
+    probs = torch.rand(t, e, generator=gen, requires_grad=True)
+    x = torch.randn(t, h, generator=gen, requires_grad=True)
+    w = torch.randn(h, h, generator=gen)
+    gout = torch.randn(t, h, generator=gen)
+    results = []
+    for fusion in (None, False, "unfused"):
+        x.grad = probs.grad = None
+        if fusion == "unfused":
+            rows, pp, si, tpe = permute(x, rmap, probs)
+            y = unpermute(torch.tanh(rows @ w), si, t, pp)
+        else:
+            rows, plan, tpe = permute_topk(x, rmap, probs, k, fusion=fusion)
+            y = unpermute_topk(torch.tanh(rows @ w), plan)
+        (y * gout).sum().backward()
+        results.append((rows.detach(), tpe, y.detach(), x.grad.clone(), probs.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_permute_fusion_required_raises_on_cpu():
+    rmap = _routing(4, 4, 2, torch.Generator().manual_seed(0))
+    with pytest.raises(BackendUnavailableError, match="CUDA"):
+        permute_topk(torch.randn(4, 3), rmap, None, 2, fusion=True)
+
+
+# ---- flags ----------------------------------------------------------------------------------
+
+
+def test_fusion_flags_reach_the_config():
+    from moecore.arguments import parse_args, transformer_config_from_args
+    from tests.unit.test_arguments import BASE
+
+    cfg = transformer_config_from_args(parse_args(list(BASE)))
+    assert (cfg.moe_router_fusion, cfg.moe_permute_fusion, cfg.bias_swiglu_fusion) == (
+        None, None, True)
+    args = parse_args(BASE + ["--moe-router-fusion", "--no-moe-permute-fusion",
+                              "--no-bias-swiglu-fusion"])
+    cfg = transformer_config_from_args(args)
+    assert (cfg.moe_router_fusion, cfg.moe_permute_fusion, cfg.bias_swiglu_fusion) == (
+        True, False, False)
+
+
+# ---- Triton kernels under the interpreter ---------------------------------------------------
+
+CHECKS = ("swiglu", "router", "permute", "combine", "moe_layer")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "tests.unit.triton_interpret_checks", *CHECKS],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_triton_kernel_under_interpreter(interpreted, name):
+    assert f"PASS {name}" in interpreted, interpreted

@@ -1,0 +1,220 @@
+"""The Triton kernels of ``moecore.kernels`` against their torch references, on CPU tensors under
+the Triton interpreter. Run as ``TRITON_INTERPRET=1 python -m tests.unit.triton_interpret_checks
+[name ...]``: the variable must be set before Triton is imported (kernels are bound at
+definition), so ``test_fused_kernels.py`` runs this in one subprocess. Prints ``PASS name`` or
+``FAIL name`` and a traceback per check; exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _routing(t, e, k, gen):
+    idx = torch.randn(t, e, generator=gen).topk(k, dim=1).indices
+    return torch.zeros(t, e, dtype=torch.bool).scatter(1, idx, True)
+
+
+def check_swiglu(gen):
+    from moecore.kernels import swiglu as S
+
+    fns = (S.swiglu_forward_triton, S.swiglu_backward_triton)
+    for n, f in [(0, 4), (1, 1), (7, 5), (33, 24), (3, 1030)]:
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            base = torch.randn(n, 2 * f + 3, generator=gen).to(dtype)
+            x = base[:, : 2 * f].detach().requires_grad_()  # strided rows, as a padded GEMM out
+            g = torch.randn(n, f, generator=gen).to(dtype)
+            out = S._SwiGLU.apply(x, fns)
+            out.backward(g)
+            x_ref = x.detach().double().requires_grad_()
+            gate, up = x_ref.chunk(2, dim=-1)
+            ref = F.silu(gate) * up
+            ref.backward(g.double())
+            assert out.dtype == dtype and out.shape == (n, f)
+            if n:
+                assert _rel(out, ref) < tol, (n, f, dtype, _rel(out, ref))
+                assert _rel(x.grad, x_ref.grad) < tol, (n, f, dtype)
+
+
+def check_router(gen):
+    from moecore.kernels import router as R
+
+    cases = [dict(score_function="softmax", topk=2),
+             dict(score_function="softmax", topk=3, use_pre_softmax=True, scaling_factor=2.5),
+             dict(score_function="sigmoid", topk=4),
+             dict(score_function="sigmoid", topk=1, scaling_factor=0.5),
+             dict(score_function="sigmoid", topk=3, bias=0.1),
+             dict(score_function="softmax", topk=2, bias=1.0),
+             dict(score_function="softmax", topk=2, use_pre_softmax=True, bias=0.01)]
+    for case in cases:
+        kw = dict(case)
+        bias_scale = kw.pop("bias", None)
+        for t, e in [(0, 6), (1, 13), (37, 13), (20, 64)]:
+            if bias_scale is not None:
+                kw["expert_bias"] = torch.randn(e, generator=gen) * bias_scale
+            logits = torch.randn(t, e, generator=gen).requires_grad_()
+            gp, ga = torch.randn(t, e, generator=gen), torch.randn(t, e, generator=gen)
+            outs = []
+            for fn in (R.route_triton, R.route_torch):
+                logits.grad = None
+                o = fn(logits, need_aux_scores=True, **kw)
+                ((o.probs * gp).sum() + (o.aux_scores * ga).sum()).backward()
+                outs.append((o, logits.grad.clone()))
+            (a, grad_a), (b, grad_b) = outs
+            assert torch.equal(a.routing_map, b.routing_map), (case, t, e)
+            assert torch.equal(a.tokens_per_expert, b.tokens_per_expert), (case, t, e)
+            if t:
+                assert _rel(a.probs, b.probs) < 1e-6, case
+                assert _rel(a.aux_scores, b.aux_scores) < 1e-6, case
+                assert _rel(grad_a, grad_b) < 1e-5, (case, _rel(grad_a, grad_b))
+    # probs-only backward (no aux scores asked for)
+    logits = torch.randn(9, 7, generator=gen).requires_grad_()
+    o = R.route_triton(logits, 2)
+    assert o.aux_scores is None
+    o.probs.sum().backward()
+
+
+def check_permute(gen):
+    from moecore.kernels import permute as P
+
+    fns = (P.permute_forward_triton, P.permute_backward_triton)
+    # (3, 16, 2): most experts empty; odd H; k = E; T = 0.
+    for t, e, k, h in [(13, 6, 3, 5), (1, 4, 4, 7), (3, 16, 2, 9), (40, 16, 1, 8), (0, 4, 2, 3),
+                       (25, 64, 8, 33)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            rmap = _routing(t, e, k, gen)
+            x = torch.randn(t, h, generator=gen).to(dtype).requires_grad_()
+            got, parts = P._PermuteRows.apply(x, rmap, k, fns)
+            ref_parts = P.plan_torch(rmap, k)
+            for name, a, b in zip(P.PlanParts._fields, parts, ref_parts):
+                assert torch.equal(a, b), (name, t, e, k)
+            assert torch.equal(got, x.detach().index_select(0, ref_parts.sorted_indices))
+            g = torch.randn(t * k, h, generator=gen).to(dtype)
+            got.backward(g)
+            want = P.permute_backward_torch(g.double(), ref_parts.slot_rows, k)
+            if t:
+                assert _rel(x.grad, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # A map without exactly k experts per token fails the device-side assert.
+    for per_token in ([3, 2, 1], [2, 2, 1]):
+        rmap = torch.zeros(3, 4, dtype=torch.bool)
+        for i, n in enumerate(per_token):
+            rmap[i, :n] = True
+        try:
+            P.permute_forward_triton(torch.randn(3, 5), rmap, 2)
+        except RuntimeError as exc:
+            assert "exactly topk=2" in str(exc)
+        else:
+            raise AssertionError(f"no error for {per_token} experts per token")
+
+
+def check_combine(gen):
+    from moecore.kernels import combine as C
+    from moecore.moe.permute import TopKPlan
+
+    for t, e, k, h in [(0, 4, 2, 3), (1, 4, 4, 7), (13, 6, 3, 5), (9, 8, 2, 2500), (30, 64, 8, 33)]:
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            rmap = _routing(t, e, k, gen)
+            plan = TopKPlan(rmap, torch.rand(t, e, generator=gen), k)
+            rows = torch.randn(t * k, h, generator=gen).to(dtype)
+            grad_out = torch.randn(t, h, generator=gen).to(dtype)
+            out = C.combine_forward_triton(rows, plan.slot_rows, plan.probs)
+            ref = C.combine_forward_torch(rows.double(), plan.slot_rows, plan.probs.double())
+            gr, gp = C.combine_backward_triton(grad_out, rows, plan.slot_rows, plan.probs, True)
+            gr_ref, gp_ref = C.combine_backward_torch(grad_out.double(), rows.double(),
+                                                      plan.slot_rows, plan.probs.double(), True)
+            gr2, gp2 = C.combine_backward_triton(grad_out, rows, plan.slot_rows, plan.probs,
+                                                 False)
+            assert gp.shape == (t, k) and gp2 is None and torch.equal(gr2, gr)
+            if t:
+                assert _rel(out, ref) < tol and _rel(gr, gr_ref) < tol
+                assert _rel(gp, gp_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _force_triton_on_cpu():
+    """Make the registries' ``auto`` pick the (interpreted) Triton kernels for CPU tensors."""
+    import moecore.kernels.permute as P
+    import moecore.kernels.router as R
+    import moecore.kernels.swiglu as S
+
+    import dataclasses
+
+    import moecore.kernels.combine as C
+
+    for mod in (P, R, S):
+        mod.cuda_triton_available = lambda *a, **kw: (True, "")
+    fused = dataclasses.replace(C.COMBINE.get("triton"), is_available=lambda **kw: (True, ""))
+    C.COMBINE._backends["triton"] = fused
+
+
+def check_moe_layer(gen):
+    """A whole MoELayer (router -> permute -> GroupedMLP -> combine) fused vs unfused."""
+    from moecore.moe.layer import MoELayer
+    from moecore.parallel_state import ParallelState
+    from tests.moe_reference import tiny_moe_config
+
+    _force_triton_on_cpu()
+    results = []
+    for fused in (None, False):
+        for score, pre in (("softmax", False), ("sigmoid", False), ("softmax", True)):
+            cfg = tiny_moe_config(moe_router_fusion=fused, moe_permute_fusion=fused,
+                                  bias_swiglu_fusion=fused is None, num_moe_experts=6,
+                                  moe_router_topk=3, moe_router_score_function=score,
+                                  moe_router_pre_softmax=pre,
+                                  moe_router_load_balancing_type="seq_aux_loss")
+            torch.manual_seed(0)
+            layer = MoELayer(cfg, layer_number=1, parallel_state=ParallelState.single())
+            x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(1),
+                            requires_grad=True)
+            out, _ = layer(x)
+            out.backward(torch.ones_like(out))
+            grads = [x.grad] + [p.grad for p in layer.parameters()]
+            results.append((out.detach(), grads))
+    import moecore.kernels.permute as P
+    import moecore.kernels.router as R
+    import moecore.kernels.swiglu as S
+
+    cpu = torch.device("cpu")
+    assert R.select_router(cpu).name == "triton"
+    assert P.select_permute(cpu, 6).name == "triton"
+    assert S.select_swiglu(cpu, torch.float32).name == "triton"
+    from moecore.moe.permute import select_combine
+
+    assert select_combine(cpu).name == "triton"
+    half = len(results) // 2
+    for (out_a, grads_a), (out_b, grads_b) in zip(results[:half], results[half:]):
+        assert _rel(out_a, out_b) < 1e-6
+        for ga, gb in zip(grads_a, grads_b):
+            assert _rel(ga, gb) < 1e-5
+
+
+CHECKS = {"swiglu": check_swiglu, "router": check_router, "permute": check_permute,
+          "combine": check_combine, "moe_layer": check_moe_layer}
+
+
+def main(names) -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    failed = 0
+    for name in names or CHECKS:
+        try:
+            CHECKS[name](torch.Generator().manual_seed(0))
+            print(f"PASS {name}", flush=True)
+        except Exception:  # noqa: BLE001 - report every check
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
