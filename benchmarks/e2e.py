@@ -1,5 +1,7 @@
 """End-to-end training throughput: run pretrain_gpt.py's loop on a ~1B-total MoE and report
-tokens/s and MFU (active-parameter FLOPs incl. attention, see moecore/training/mfu.py).
+tokens/s and MFU (active-parameter FLOPs incl. attention, see moecore/training/mfu.py), the
+time per iteration split into train_step's phases (batch, forward-backward, grad-sync,
+optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated.
 
     python benchmarks/e2e.py                         # one GPU, the ~1B MoE below
     torchrun --nproc_per_node 4 benchmarks/e2e.py --ep 4
@@ -60,10 +62,19 @@ def main() -> None:
     if args.device:
         argv += ["--device", args.device]
     summary = pretrain(argv + extra)
+    full = argv + extra
+    seq = int(full[len(full) - 1 - full[::-1].index("--seq-length") + 1])
     tok = summary["tokens_per_sec"][args.skip:] or summary["tokens_per_sec"]
     mfu = [m for m in (summary["mfu"][args.skip:] or summary["mfu"]) if m is not None]
+    phases = [p for p in (summary["phase_ms"][args.skip:] or summary["phase_ms"]) if p]
+    peak = [m for m in summary["peak_memory_gib"] if m is not None]
     result = {"tokens_per_sec": statistics.median(tok),
               "mfu_percent": statistics.median(mfu) * 100 if mfu else None,
+              "ms_per_iter": gbs * seq / statistics.median(tok) * 1e3,
+              # GPU-timeline ms per iteration of each phase of train_step (median interval)
+              "phase_ms": {k: round(statistics.median(p[k] for p in phases), 2)
+                           for k in (phases[0] if phases else {})},
+              "peak_memory_gib": round(max(peak), 2) if peak else None,
               "flops_per_token": summary["flops_per_token"], "argv": argv + extra,
               "final_lm_loss": summary["lm_loss"][-1]}
     print(json.dumps({k: v for k, v in result.items() if k != "argv"}))

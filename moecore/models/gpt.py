@@ -206,7 +206,9 @@ class GPTModel(nn.Module):
         logits, _ = self.output_layer(hidden, weight=weight)  # [S, B, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous(),
+        # Unconverted logits: the loss upcasts to fp32 inside (a fused kernel on CUDA reads the
+        # bf16 logits once instead of materialising fp32 copies of [S, B, V/tp]).
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
                                             group=self.ps.tp_group)
         return loss.transpose(0, 1).contiguous()  # [B, S]
 

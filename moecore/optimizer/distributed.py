@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moecore.optimizer.clip_grads import clip_grad_norm, get_grad_norm_fp32
+from moecore.optimizer.clip_grads import get_grad_norm_fp32
 from moecore.optimizer.grad_buffer import DataParallelGradSync, GradBuffer, _all_gather
 from moecore.optimizer.grad_scaler import ConstantGradScaler
-from moecore.optimizer.optimizer import _HALF, _PARAM_ATTRS, MegatronOptimizer
+from moecore.optimizer.optimizer import _HALF, _PARAM_ATTRS, MegatronOptimizer, is_fused, make_adamw
 from moecore.parallel_state import ParallelState, get_parallel_state
 
 FULL_STATE_FORMAT = "moecore-per-parameter-adam"
@@ -102,8 +102,8 @@ class DistributedOptimizer(MegatronOptimizer):
                 for piece in self._bucket_pieces(buf, bucket, index):
                     self.pieces.append(piece)
                     torch_groups[group_of[id(piece.param)]]["params"].append(piece.main)
-        self.optimizer = torch.optim.AdamW(torch_groups, lr=lr, betas=betas, eps=eps,
-                                           weight_decay=weight_decay)
+        self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
+                                    weight_decay=weight_decay)
 
     @staticmethod
     def _bucket_pieces(buf: GradBuffer, bucket, index: dict) -> list[_Piece]:
@@ -175,8 +175,7 @@ class DistributedOptimizer(MegatronOptimizer):
         mains = self.main_params
         grad_norm = get_grad_norm_fp32(mains, self.ps, data_parallel_sharded=True)
         self._check_norm(grad_norm)
-        clip_grad_norm(mains, self.clip_grad, self.ps, total_norm=grad_norm)
-        self.optimizer.step()
+        self._clip_and_step(mains, grad_norm)
         half = [pc for pc in self.pieces if pc.half]
         if half:
             torch._foreach_copy_([pc.param_slice() for pc in half], [pc.main for pc in half])
@@ -256,8 +255,10 @@ class DistributedOptimizer(MegatronOptimizer):
                 pc.param_slice().copy_(pc.main)
             self.optimizer.state.pop(pc.main, None)
             if step > 0:
+                # The fused AdamW keeps its step counters on the parameters' device.
                 self.optimizer.state[pc.main] = {
-                    "step": torch.tensor(float(step)),
+                    "step": torch.tensor(float(step), device=pc.main.device
+                                         if is_fused(self.optimizer) else "cpu"),
                     **{k: saved[k].float().clone() for k in _MOMENTS}}
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])

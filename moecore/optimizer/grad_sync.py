@@ -38,7 +38,13 @@ from moecore.parallel_state import ParallelState, get_parallel_state
 
 
 def _accumulate_into_main_grad(param: torch.Tensor) -> None:
-    param.main_grad.add_(param.grad)
+    if param._main_grad_stale:
+        # First gradient since reset_main_grad: a copy instead of zeroing then adding (two
+        # passes over the fp32 buffer fewer; 0 + g == g exactly).
+        param.main_grad.copy_(param.grad)
+        param._main_grad_stale = False
+    else:
+        param.main_grad.add_(param.grad)
     param.grad = None
 
 
@@ -46,17 +52,32 @@ def attach_main_grad(param: nn.Parameter) -> None:
     """Give a low-precision ``param`` an fp32 ``main_grad`` that accumulates every backward.
 
     Micro-batch gradients then add up in fp32 (Megatron's gradient-accumulation buffer) instead
-    of in bf16/fp16 ``param.grad``.
+    of in bf16/fp16 ``param.grad``. Reset it with :func:`reset_main_grad` and read it with
+    :func:`model_grad`.
     """
     if hasattr(param, "main_grad"):
         return
     param.main_grad = torch.zeros_like(param, dtype=torch.float32)
+    param._main_grad_stale = False
     param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+
+
+def reset_main_grad(param: torch.Tensor) -> None:
+    """Start a new accumulation in ``param.main_grad`` (of :func:`attach_main_grad`).
+
+    Lazy: the buffer is not zeroed; the next backward overwrites it, and :func:`model_grad`
+    zeroes it only when no backward wrote it. Until then ``param.main_grad`` holds stale values:
+    read it through :func:`model_grad`.
+    """
+    param._main_grad_stale = True
 
 
 def model_grad(param: torch.Tensor) -> torch.Tensor:
     """The gradient buffer of ``param`` to reduce and step on; zeros when it got none."""
     if hasattr(param, "main_grad"):
+        if getattr(param, "_main_grad_stale", False):
+            param.main_grad.zero_()
+            param._main_grad_stale = False
         return param.main_grad
     if param.grad is None:
         param.grad = torch.zeros_like(param)

@@ -83,6 +83,9 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     is computed in at least fp32 and returned in that precision; the gradient comes back in the
     logits' dtype. ``label_smoothing`` ``a`` puts ``1 - a`` on the target and ``a / (V - 1)`` on
     every other token (Megatron's definition, not ``torch.nn.functional.cross_entropy``'s).
+    On CUDA a fused Triton kernel computes it in one pass each way
+    (:mod:`moecore.tensor_parallel.cross_entropy_kernel`): pass the logits in the model's dtype,
+    not upcast.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
@@ -92,4 +95,10 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     group = resolve_group(group)
     if label_smoothing > 0 and vocab_parallel_logits.shape[-1] * group_size(group) < 2:
         raise ValueError("label smoothing needs a vocabulary of at least 2 tokens")
+    if vocab_parallel_logits.is_cuda:
+        from moecore.tensor_parallel import cross_entropy_kernel as fused
+
+        if fused.use_fused(vocab_parallel_logits):
+            return fused.FusedVocabParallelCrossEntropy.apply(vocab_parallel_logits, target,
+                                                              label_smoothing, group)
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, group)

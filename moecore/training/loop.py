@@ -100,6 +100,27 @@ def _run_schedule(chunks, batches, args, ps, forward_only, optimizer=None) -> li
         grad_sync=None if optimizer is None else getattr(optimizer, "grad_sync", None))
 
 
+class PhaseTimer:
+    """CUDA events at the phase boundaries of one iteration (recording them does not sync);
+    :meth:`elapsed_ms` reads them once the caller has synchronised. A no-op off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.marks: list[tuple[str, torch.cuda.Event]] = []
+
+    def mark(self, name: str) -> None:
+        """End the phase ``name`` (the first mark starts the clock)."""
+        if self.enabled:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+
+    def elapsed_ms(self) -> dict[str, float]:
+        """``{phase: ms}`` between consecutive marks (GPU timeline, idle gaps included)."""
+        return {name: start.elapsed_time(end)
+                for (_, start), (name, end) in zip(self.marks, self.marks[1:])}
+
+
 def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
                args, ps: ParallelState) -> dict:
     """One iteration over ``args.num_microbatches`` micro-batches.
@@ -109,10 +130,13 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     micro-batch's masked-mean loss ``/ num_microbatches`` (times the fp16 loss scale), so
     gradients are the mean over the global batch; MoE aux losses reach each stage's routers
     through :class:`MoEAuxLossAutoScaler` with the same scaling. Returns ``{"lm loss": DP-mean
-    loss, "grad_norm", "updated", "lr"}`` (the same on every rank).
+    loss, "grad_norm", "updated", "lr", "timer"}`` (the same on every rank; ``timer`` is the
+    step's :class:`PhaseTimer`).
     """
     chunks = _chunks(model)
     device = torch.device(args.device)
+    timer = PhaseTimer(device)
+    timer.mark("start")
     for c in chunks:
         c.train()
     batches = _next_batches(data_iterator, args.num_microbatches, device,
@@ -120,9 +144,13 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
                             "was reached; the dataset is smaller than the run")
     optimizer.zero_grad()
     MoELossTracker.clear()
+    timer.mark("batch")
     store = _run_schedule(chunks, batches, args, ps, forward_only=False, optimizer=optimizer)
+    timer.mark("forward-backward")
     finalize_model_grads(chunks, ps, getattr(optimizer, "grad_sync", None))
+    timer.mark("grad-sync")
     updated, grad_norm = optimizer.step()
+    timer.mark("optimizer")
     if args.num_experts is not None and args.moe_router_enable_expert_bias:
         from moecore.moe.router import TopKRouter, update_expert_bias
 
@@ -131,8 +159,9 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     if updated:
         scheduler.step(increment=args.global_batch_size)
     lm_loss = _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
+    timer.mark("other")
     return {"lm loss": lm_loss.item(), "grad_norm": grad_norm, "updated": updated,
-            "lr": optimizer.param_groups[0]["lr"]}
+            "lr": optimizer.param_groups[0]["lr"], "timer": timer}
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ class RunState:
         self.moe_layers = [i for i, m in enumerate(self.config.moe_layer_pattern()) if m]
         self._reset_interval()
         self.history: dict = {"iterations": [], "lm_loss": [], "grad_norm": [], "lr": [],
-                              "val_loss": {}, "tokens_per_sec": [], "mfu": [], "moe_losses": []}
+                              "val_loss": {}, "tokens_per_sec": [], "mfu": [], "moe_losses": [],
+                              "phase_ms": [], "peak_memory_gib": []}
         self.test_loss = None
 
     # ---- resume ----------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class RunState:
         self._sums: dict[str, float] = {}
         self._grad_norm = None
         self._skipped = self._nan = 0
+        self._phase_ms: dict[str, float] = {}
 
     def iteration_start(self) -> None:
         _sync(self.args.device)
@@ -133,6 +135,10 @@ class RunState:
             for k, v in {"lm loss": loss, **moe}.items():
                 self._sums[k] = self._sums.get(k, 0.0) + v
         self._grad_norm = out["grad_norm"]
+        timer = out.get("timer")
+        if timer is not None:  # its events are complete: _sync above
+            for k, v in timer.elapsed_ms().items():
+                self._phase_ms[k] = self._phase_ms.get(k, 0.0) + v
         h = self.history
         h["iterations"].append(self.iteration)
         h["lm_loss"].append(loss)
@@ -173,6 +179,11 @@ class RunState:
             params_norm=params_norm, skipped=self._skipped, nan=self._nan))
         self.history["tokens_per_sec"].append(tok_s)
         self.history["mfu"].append(util)
+        # Per-iteration means over the interval (GPU timeline of each phase; {} off CUDA).
+        self.history["phase_ms"].append({k: v / max(self._iters, 1)
+                                         for k, v in self._phase_ms.items()})
+        self.history["peak_memory_gib"].append(
+            torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None)
         extra = {"throughput/tokens-per-sec": tok_s}
         if util is not None:
             extra["throughput/mfu"] = util

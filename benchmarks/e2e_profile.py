@@ -1,0 +1,196 @@
+"""Profile the end-to-end training step of ``benchmarks/e2e.py`` with ``torch.profiler``.
+
+    python benchmarks/e2e_profile.py --micro-batch-size 4 --out /tmp/prof
+
+Runs ``pretrain`` on the e2e model for ``--iters`` iterations; iterations
+``--profile-start .. --profile-start + --profile-iters - 1`` (1-based) run under the profiler.
+Prints tokens/s and MFU of the logged intervals that end before profiling starts, peak GPU
+memory, the top kernels by CUDA time, the host-side syncs and a GPU busy/idle summary, and
+writes a gzipped Chrome trace of the profiled iterations to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import gzip
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import COMMON, MODEL, TINY  # noqa: E402
+from moecore.training import loop  # noqa: E402
+
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+            "cudaEventSynchronize", "aten::item", "aten::_local_scalar_dense",
+            "aten::nonzero", "aten::masked_select", "aten::to", "aten::copy_")
+
+
+def _argv(mbs: int, iters: int, log_interval: int, extra: list[str]) -> list[str]:
+    tiny = not torch.cuda.is_available()  # CPU smoke run
+    return (TINY if tiny else MODEL) + COMMON + [
+        "--train-iters", str(iters), "--log-interval", str(log_interval),
+        "--lr-decay-iters", str(iters), "--micro-batch-size", str(mbs),
+        "--global-batch-size", str(mbs)] + ([] if tiny else ["--bf16"]) + extra
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _kernel_summary(prof, n_iters: int, wall_s: float) -> dict:
+    """GPU busy time (union of kernel intervals) per iteration vs wall time."""
+    spans = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0:
+            spans.append((e.time_range.start, e.time_range.end))
+    spans.sort()
+    busy, cur_s, cur_e = 0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    return {"gpu_busy_ms_per_iter": busy / 1e3 / n_iters,
+            "wall_ms_per_iter": wall_s * 1e3 / n_iters,
+            "kernels_per_iter": len(spans) / n_iters}
+
+
+def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: int,
+        out: Path | None, extra: list[str], rows: int) -> dict:
+    state = {"n": 0, "prof": None, "t0": 0.0}
+    orig = loop.train_step
+
+    def step(*a, **k):
+        state["n"] += 1
+        n = state["n"]
+        if prof_iters and n == prof_start:
+            _sync()
+            state["prof"] = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU,
+                            torch.profiler.ProfilerActivity.CUDA], record_shapes=False)
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        result = orig(*a, **k)
+        if state["prof"] is not None and n == prof_start + prof_iters - 1:
+            _sync()
+            state["wall"] = time.perf_counter() - state["t0"]
+            state["prof"].__exit__(None, None, None)
+        return result
+
+    loop.train_step = step
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        summary = loop.pretrain(_argv(mbs, iters, log_interval, extra))
+    finally:
+        loop.train_step = orig
+    clean = max(1, (prof_start - 1) // log_interval) if prof_iters else len(
+        summary["tokens_per_sec"])
+    tok = summary["tokens_per_sec"][1:clean] or summary["tokens_per_sec"][:clean]
+    mfu = [m for m in (summary["mfu"][1:clean] or summary["mfu"][:clean]) if m is not None]
+    res = {"micro_batch_size": mbs, "tokens_per_sec": statistics.median(tok),
+           "mfu_percent": statistics.median(mfu) * 100 if mfu else None,
+           "intervals_tok_s": [round(t) for t in summary["tokens_per_sec"]],
+           "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30
+           if torch.cuda.is_available() else None,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30
+           if torch.cuda.is_available() else None,
+           "final_lm_loss": summary["lm_loss"][-1]}
+    prof = state["prof"]
+    if prof is not None:
+        ka = prof.key_averages()
+        print(f"===== mbs {mbs}: top {rows} by CUDA time ({prof_iters} iterations) =====")
+        print(ka.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+        print(f"===== mbs {mbs}: top 25 by self CPU time =====")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        print(f"===== mbs {mbs}: host syncs / copies =====")
+        for e in ka:
+            if e.key in SYNC_OPS or "Memcpy" in e.key or "Memset" in e.key:
+                print(f"{e.key:40s} calls {e.count // prof_iters:6d}/iter  cpu "
+                      f"{e.cpu_time_total / 1e3 / prof_iters:8.2f} ms/iter  cuda "
+                      f"{e.device_time_total / 1e3 / prof_iters:8.2f} ms/iter")
+        res.update(_kernel_summary(prof, prof_iters, state["wall"]))
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = Path("/tmp") / f"trace_mbs{mbs}.json"
+            prof.export_chrome_trace(str(tmp))
+            with open(tmp, "rb") as f, gzip.open(out / f"trace_mbs{mbs}.json.gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+    print("RESULT", json.dumps(res))
+    return res
+
+
+def attention_bench(batch: int, heads: int, seq: int, dim: int) -> None:
+    """fwd+bwd ms of core_attention's SDPA call per backend, with and without dropout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from moecore.transformer.attention import core_attention
+
+    def qkv():
+        return [torch.randn(seq, batch, heads, dim, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(3)]
+
+    rows = []
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", None):
+        for p in (0.0, 0.1):
+            q, k, v = qkv()
+            ctx = sdpa_kernel([getattr(SDPBackend, name)]) if name else contextlib.nullcontext()
+            try:
+                with ctx:
+                    for _ in range(3):
+                        core_attention(q, k, v, None, p).sum().backward()
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        out = core_attention(q, k, v, None, p)
+                        out.backward(torch.ones_like(out))
+                    torch.cuda.synchronize()
+                rows.append((name or "torch default", p, (time.perf_counter() - t0) * 100))
+            except RuntimeError as e:
+                rows.append((name, p, f"n/a ({str(e).splitlines()[0][:60]})"))
+    print("===== attention fwd+bwd ms per call (B, H, S, d) =", (batch, heads, seq, dim))
+    for r in rows:
+        print(f"{r[0]:22s} dropout {r[1]}: {r[2]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--micro-batch-size", type=int, nargs="+", default=[4])
+    p.add_argument("--iters", type=int, default=24)
+    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--profile-start", type=int, default=21)
+    p.add_argument("--profile-iters", type=int, default=3)
+    p.add_argument("--rows", type=int, default=40)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--attn-bench", action="store_true")
+    args, extra = p.parse_known_args()
+    if args.attn_bench and torch.cuda.is_available():
+        attention_bench(4, 16, 2048, 64)
+    results = []
+    for i, mbs in enumerate(args.micro_batch_size):
+        prof_iters = args.profile_iters if i == 0 else 0
+        results.append(run(mbs, args.iters, args.log_interval, args.profile_start, prof_iters,
+                           args.out, extra, args.rows))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print("SUMMARY", json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Fused RoPE on CUDA: one Triton kernel forward, one backward, beside the torch reference
+:func:`moecore.transformer.rope.apply_rotary_pos_emb_torch`.
+
+The reference runs ~8 elementwise kernels per call (upcast, two products, negate, concatenate,
+add, downcast; as many again in backward) over ``[S, B, heads, d]`` fp32 temporaries; at the
+e2e benchmark's size that was ~0.4 ms per layer forward on an H200. Here each program rotates
+all heads of one ``(s, b)`` position: ``x`` is read once (any strides with a unit last stride,
+e.g. the q/k views of the fused QKV output), the output written once.
+
+Numerics: the same fp32 operations in the same order as the reference, each rounded to fp32
+(FMA contraction is turned off at launch: the PTX has only ``mul.rn``/``add.rn``), then one cast
+to ``x.dtype``. Under the Triton interpreter fp32 results equal the reference bit for bit; on an
+H200 (2026-11-30) they were not bit-identical (rounding-level differences; cause not
+established), so the check at first use on each device (:func:`use_fused`) accepts relative
+error <= 1e-6 (fp32) / 8e-3 (16-bit) and otherwise falls back to the reference.
+
+Backward (``y1 = x1 c1 - x2 s1``, ``y2 = x2 c2 + x1 s2`` on the two halves of the rotated
+channels): ``dx1 = g1 c1 + g2 s2``, ``dx2 = g2 c2 - g1 s1``; pass-through channels copy ``g``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional: CPU installs and CI run the torch reference.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, B, H, sx_s, sx_b, sx_h, sc_s, sc_b,
+                     D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+                     BACKWARD: tl.constexpr):
+        pid = tl.program_id(0)
+        s = pid // B
+        b = pid % B
+        h = tl.arange(0, BLOCK_H)
+        i = tl.arange(0, BLOCK_HALF)
+        mask = (h[:, None] < H) & (i[None, :] < HALF)
+        x_row = x_ptr + s.to(tl.int64) * sx_s + b.to(tl.int64) * sx_b + h[:, None] * sx_h
+        out_row = out_ptr + pid.to(tl.int64) * H * D + h[:, None] * D
+        x1 = tl.load(x_row + i[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
+        c_row = s.to(tl.int64) * sc_s + b.to(tl.int64) * sc_b
+        cmask = i < HALF
+        c1 = tl.load(cos_ptr + c_row + i, mask=cmask, other=0.0)[None, :]
+        c2 = tl.load(cos_ptr + c_row + HALF + i, mask=cmask, other=0.0)[None, :]
+        s1 = tl.load(sin_ptr + c_row + i, mask=cmask, other=0.0)[None, :]
+        s2 = tl.load(sin_ptr + c_row + HALF + i, mask=cmask, other=0.0)[None, :]
+        if BACKWARD:
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 + -(x1 * s1)
+        else:
+            y1 = x1 * c1 + -x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        dt = out_ptr.dtype.element_ty
+        tl.store(out_row + i[None, :], y1.to(dt), mask=mask)
+        tl.store(out_row + HALF + i[None, :], y2.to(dt), mask=mask)
+        if BLOCK_PASS > 0:
+            j = tl.arange(0, BLOCK_PASS)
+            pmask = (h[:, None] < H) & (j[None, :] < D - 2 * HALF)
+            p = tl.load(x_row + 2 * HALF + j[None, :], mask=pmask, other=0.0)
+            tl.store(out_row + 2 * HALF + j[None, :], p.to(dt), mask=pmask)
+
+
+def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                backward: bool = False) -> torch.Tensor:
+    """Rotate ``x`` ``[S, B, H, D]`` by ``cos``/``sin`` ``[S, B or 1, 1, R]`` fp32 (``R`` even,
+    ``<= D``); ``backward=True`` applies the transposed rotation (the gradient). Returns a new
+    contiguous ``[S, B, H, D]`` tensor of ``x``'s dtype."""
+    S, B, H, D = x.shape
+    R = cos.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = cos.float().reshape(cos.shape[0], cos.shape[1], R).contiguous()
+    sin = sin.float().reshape(sin.shape[0], sin.shape[1], R).contiguous()
+    out = torch.empty((S, B, H, D), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    sc_b = cos.stride(1) if cos.shape[1] > 1 else 0
+    half = R // 2
+    _rope_kernel[(S * B,)](
+        x, cos, sin, out, B, H, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), sc_b,
+        D=D, HALF=half, BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_PASS=triton.next_power_of_2(D - R) if D > R else 0, BACKWARD=backward,
+        enable_fp_fusion=False)
+    return out
+
+
+class _FusedRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rope_launch(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rope_launch(grad, cos, sin, backward=True), None, None
+
+
+def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Differentiable fused rotation of ``x`` (see :func:`rope_launch`); no grad to cos/sin."""
+    return _FusedRope.apply(x, cos, sin)
+
+
+def _check(device: torch.device) -> None:
+    """Forward and backward agree with the reference (to rounding) on a small random case."""
+    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.enable_grad():  # the first call may come from an eval / no-grad forward
+        _check_cases(device, g)
+
+
+def _check_cases(device: torch.device, g: torch.Generator) -> None:
+    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+
+    for dtype, rot in ((torch.bfloat16, 1.0), (torch.float32, 0.5)):
+        freqs = RotaryEmbedding(32, rot).to(device)(5, torch.randint(
+            0, 64, (3, 5), device=device, generator=g))
+        x = torch.randn(5, 3, 4, 32, device=device, dtype=dtype, generator=g)
+        gy = torch.randn(5, 3, 4, 32, device=device, dtype=dtype, generator=g)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ref = apply_rotary_pos_emb_torch(xs[0], freqs)
+        out = fused_rope(xs[1], freqs.cos(), freqs.sin())
+        ref.backward(gy)
+        out.backward(gy)
+        # Rounding-level differences only (see the module docstring).
+        tol = 1e-6 if dtype == torch.float32 else 8e-3
+        for got, want, what in ((out, ref, "output"), (xs[1].grad, xs[0].grad, "grad")):
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            if not err <= tol:
+                raise AssertionError(f"fused RoPE {what} differs from the reference ({dtype}): "
+                                     f"relative error {err:.3g}")
+
+
+@functools.cache
+def _self_check(device: torch.device) -> str:
+    try:
+        _check(device)
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the reference"
+        text = str(exc).strip().splitlines()
+        return f"self-check of the fused RoPE kernel failed: {text[0] if text else exc!r}"
+    return ""
+
+
+def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """``(ok, reason)`` for the fused kernel on ``device`` with ``dtype``."""
+    if os.environ.get("MOECORE_ROPE_BACKEND", "auto") == "torch":
+        return False, "MOECORE_ROPE_BACKEND=torch"
+    if not HAVE_TRITON:
+        return False, "Triton is not installed (pip install triton)"
+    if device.type != "cuda":
+        return False, "the fused RoPE kernel runs on CUDA tensors only"
+    if dtype not in _DTYPES:
+        return False, f"the fused RoPE kernel takes {_DTYPES}, not {dtype}"
+    reason = _self_check(device)
+    return (not reason), reason
+
+
+_LOGGED: set = set()
+
+
+def use_fused(t: torch.Tensor, freqs: torch.Tensor) -> bool:
+    """Whether :func:`apply_rotary_pos_emb` runs the fused kernel for ``t``/``freqs``."""
+    if (t.dim() != 4 or freqs.dim() != 4 or freqs.shape[-1] % 2 or t.shape[-1] > 4096
+            or freqs.shape[0] != t.shape[0] or freqs.shape[1] not in (1, t.shape[1])
+            or freqs.shape[2] != 1):
+        return False
+    ok, reason = availability(t.device, t.dtype)
+    key = (t.device, t.dtype, ok)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        import logging
+
+        logging.getLogger("moecore").info("rope backend: %s on %s %s%s",
+                                          "triton" if ok else "torch", t.device, t.dtype,
+                                          "" if ok else f" ({reason})")
+    return ok

@@ -1,0 +1,53 @@
+"""Fused RoPE and fused cross entropy on CUDA against their torch references."""
+
+import pytest
+import torch
+
+from moecore.tensor_parallel import cross_entropy_kernel as CE
+from moecore.transformer import rope_kernel as R
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and R.HAVE_TRITON),
+                                reason="needs CUDA and Triton")
+
+
+def test_self_checks_pass_on_this_gpu():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    R._check(dev)  # raises with the reason
+    assert R.availability(dev, torch.bfloat16) == (True, "")
+    assert CE.use_fused(torch.empty(1, 8, device=dev, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(2048, 4, 16, 64), (129, 3, 5, 128), (7, 1, 1, 32)])
+@pytest.mark.parametrize("rot,pos", [(1.0, False), (0.5, True)])
+def test_rope_matches_reference(shape, rot, pos):
+    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+
+    s, b, h, d = shape
+    freqs = RotaryEmbedding(d, rot).cuda()(
+        s, torch.randint(0, 4 * s, (b, s), device="cuda") if pos else None)
+    x = torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16)
+    a, f = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = apply_rotary_pos_emb_torch(a, freqs), R.fused_rope(f, freqs.cos(), freqs.sin())
+    gy = torch.randn_like(ref)
+    ref.backward(gy)
+    out.backward(gy)
+    for got, want in ((out, ref), (f.grad, a.grad)):
+        # Not bit-identical on an H200 (see rope_kernel's docstring): bf16 rounding level.
+        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert got.dtype == want.dtype and rel < 8e-3, rel
+
+
+@pytest.mark.parametrize("n,v,smoothing", [(8192, 32128, 0.0), (77, 50000, 0.1), (5, 3, 0.0)])
+def test_cross_entropy_matches_reference(n, v, smoothing):
+    from moecore.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy
+
+    logits = (3 * torch.randn(n, v, device="cuda")).to(torch.bfloat16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    a, f = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = _VocabParallelCrossEntropy.apply(a, target, smoothing, None)
+    out = CE.FusedVocabParallelCrossEntropy.apply(f, target, smoothing, None)
+    gy = torch.rand(n, device="cuda")
+    ref.backward(gy)
+    out.backward(gy)
+    rel = lambda x, y: ((x.double() - y.double()).norm() / y.double().norm()).item()  # noqa
+    assert rel(out, ref) < 1e-6 and rel(f.grad, a.grad) < 1e-2
