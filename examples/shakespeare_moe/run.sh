@@ -14,8 +14,8 @@ fi
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   SIZE=(--num-layers 6 --hidden-size 384 --num-attention-heads 6 --seq-length 256
         --max-position-embeddings 256 --ffn-hidden-size 1536 --moe-ffn-hidden-size 448
-        --micro-batch-size 64 --global-batch-size 64 --train-iters 1500
-        --lr-warmup-iters 100 --lr-decay-iters 1500 --eval-interval 100 --eval-iters 100
+        --micro-batch-size 64 --global-batch-size 64 --train-iters 1000
+        --lr-warmup-iters 100 --lr-decay-iters 1000 --eval-interval 50 --eval-iters 100
         --hidden-dropout 0.2 --attention-dropout 0.2 --bf16 --moe-grouped-gemm)
 else
   SIZE=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
