@@ -45,6 +45,7 @@ class ModelConfig:
     # Megatron's name; here it fuses SwiGLU (silu, gated) in the expert MLPs (a Triton kernel
     # on CUDA, see moecore.kernels.swiglu). False: the unfused torch ops.
     bias_swiglu_fusion: bool = True
+    apply_rope_fusion: bool = True
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     init_method_std: float = 0.02

@@ -171,17 +171,18 @@ def _add_training_args(p):
     g.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
                    help="Unfused SwiGLU in the expert MLPs (default: a fused Triton kernel on "
                    "CUDA).")
+    g.add_argument("--no-rope-fusion", action="store_false", dest="apply_rope_fusion",
+                   help="Unfused RoPE (default: a fused Triton kernel on CUDA).")
     for flag, why in [
         ("--use-mcore-models", "moecore models are the Megatron-Core ones"),
         ("--no-masked-softmax-fusion", "attention uses torch SDPA, no masked-softmax kernel"),
         ("--no-bias-gelu-fusion", "no fused bias-gelu kernel here"),
         ("--no-bias-dropout-fusion", "no fused bias-dropout kernel here"),
-        ("--no-rope-fusion", "no fused rope kernel here"),
         ("--no-gradient-accumulation-fusion", "grads always accumulate in fp32 main grads"),
         ("--no-async-tensor-model-parallel-allreduce", "deprecated in Megatron too"),
         ("--no-persist-layer-norm", "no persistent layer-norm kernel here"),
         ("--use-flash-attn", "torch SDPA selects flash attention when it can"),
-        ("--cross-entropy-loss-fusion", "vocab-parallel CE is one implementation"),
+        ("--cross-entropy-loss-fusion", "the vocab-parallel CE is fused on CUDA by default"),
         ("--manual-gc", "Python's default GC is used"),
         ("--use-cpu-initialization", "weights are always drawn as full master tensors first"),
         ("--distribute-saved-activations", "recompute keeps whole activations"),

@@ -325,7 +325,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
         qk_layernorm=args.qk_layernorm, gated_linear_unit=args.swiglu,
         activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
-        bias_swiglu_fusion=args.bias_swiglu_fusion,
+        bias_swiglu_fusion=args.bias_swiglu_fusion, apply_rope_fusion=args.apply_rope_fusion,
         add_qkv_bias=args.add_qkv_bias, init_method_std=args.init_method_std,
         apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
         rotary_base=float(args.rotary_base), rotary_percent=args.rotary_percent,

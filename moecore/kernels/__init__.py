@@ -38,13 +38,23 @@ def fusion_request(flag: bool | None) -> str:
 def cuda_triton_available(op: str, device=None, dtype=None) -> tuple[bool, str]:
     """``(ok, reason)``: Triton installed, ``device`` a CUDA device, ``dtype`` (if given) one the
     kernels take."""
-    if not HAVE_TRITON:
-        return False, "Triton is not installed (pip install triton)"
     if device is None or torch.device(device).type != "cuda":
         return False, f"the Triton {op} kernels run on CUDA tensors only"
+    if not HAVE_TRITON:
+        return False, "Triton is not installed (pip install triton)"
     if dtype is not None and dtype not in TRITON_DTYPES:
         return False, f"the Triton {op} kernels take {TRITON_DTYPES}, not {dtype}"
     return True, ""
+
+
+def always_available(**ctx) -> tuple[bool, str]:
+    """``is_available`` of a torch reference backend: runs anywhere."""
+    return True, ""
+
+
+def triton_on_cuda(op: str) -> Callable[..., tuple[bool, str]]:
+    """``is_available`` of a Triton backend that needs only Triton and a CUDA ``device``."""
+    return lambda device=None, **ctx: cuda_triton_available(op, device)
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from moecore.backends import Backend, BackendRegistry
+from moecore.kernels import always_available, triton_on_cuda
 
 try:  # Triton is optional: CPU installs and CI run the torch path.
     import triton
@@ -128,23 +129,11 @@ def combine_backward_triton(grad_out, rows, slot_rows, probs, need_probs_grad: b
 # ---- registry ------------------------------------------------------------------------------
 
 
-def _torch_available(**ctx):
-    return True, ""
-
-
-def _triton_available(device=None, **ctx):
-    if not HAVE_TRITON:
-        return False, "Triton is not installed (pip install triton)"
-    if device is None or torch.device(device).type != "cuda":
-        return False, "the Triton combine kernels run on CUDA tensors only"
-    return True, ""
-
-
 COMBINE = BackendRegistry("moe_combine")
-COMBINE.register(Backend("triton", _triton_available,
+COMBINE.register(Backend("triton", triton_on_cuda("combine"),
                          (combine_forward_triton, combine_backward_triton),
                          description="fused gather-weight-sum and its backward"))
-COMBINE.register(Backend("torch", _torch_available,
+COMBINE.register(Backend("torch", always_available,
                          (combine_forward_torch, combine_backward_torch),
                          description="gather + batched matmul"))
 

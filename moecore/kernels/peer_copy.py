@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from moecore.backends import Backend, BackendRegistry
+from moecore.kernels import always_available, triton_on_cuda
 
 try:  # Triton is optional: CPU installs and CI run the torch path.
     import triton
@@ -105,22 +106,10 @@ def pull_triton(out, slot, owner, splits, peers, ptr_table) -> None:
 # ---- registry ------------------------------------------------------------------------------
 
 
-def _torch_available(**ctx):
-    return True, ""
-
-
-def _triton_available(device=None, **ctx):
-    if not HAVE_TRITON:
-        return False, "Triton is not installed (pip install triton)"
-    if device is None or torch.device(device).type != "cuda":
-        return False, "the Triton peer-copy kernel runs on CUDA tensors only"
-    return True, ""
-
-
 PEER_COPY = BackendRegistry("peer_copy")
-PEER_COPY.register(Backend("triton", _triton_available, (push_triton, pull_triton),
+PEER_COPY.register(Backend("triton", triton_on_cuda("peer-copy"), (push_triton, pull_triton),
                            description="one launch for all peers through a pointer table"))
-PEER_COPY.register(Backend("torch", _torch_available, (push_torch, pull_torch),
+PEER_COPY.register(Backend("torch", always_available, (push_torch, pull_torch),
                            description="index_copy_ / index_select per peer"))
 
 

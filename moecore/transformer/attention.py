@@ -129,8 +129,9 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary_pos_emb is not None:
-            q = apply_rotary_pos_emb(q, rotary_pos_emb)
-            k = apply_rotary_pos_emb(k, rotary_pos_emb)
+            fused = self.config.apply_rope_fusion
+            q = apply_rotary_pos_emb(q, rotary_pos_emb, fused=fused)
+            k = apply_rotary_pos_emb(k, rotary_pos_emb, fused=fused)
         dropout_p = self.config.attention_dropout if self.training else 0.0
 
         def attend(q_, k_, v_):

@@ -85,19 +85,19 @@ def apply_rotary_pos_emb_torch(t: torch.Tensor, freqs: torch.Tensor) -> torch.Te
     return torch.cat((rot, t_pass), dim=-1)
 
 
-def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """Rotate ``t`` ``[S, B, heads, d]`` by angles ``freqs`` ``[S, B or 1, 1, rot_dim]``.
 
     The first ``rot_dim`` channels are rotated; the rest pass through. The rotation is done in
     fp32 and cast back to ``t.dtype`` so bf16 runs do not lose the angle precision at long S.
     On CUDA one fused Triton kernel does it (and one its backward) with the same fp32 operations
-    as the torch reference (:mod:`moecore.transformer.rope_kernel`);
-    ``MOECORE_ROPE_BACKEND=torch`` forces the reference.
+    as the torch reference (:mod:`moecore.transformer.rope_kernel`); ``fused=False``
+    (``--no-rope-fusion``) or ``MOECORE_ROPE_BACKEND=torch`` forces the reference.
     """
     rot_dim = freqs.shape[-1]
     if rot_dim > t.shape[-1]:
         raise ValueError(f"rotary dim {rot_dim} exceeds the head dim {t.shape[-1]}")
-    if t.is_cuda and not freqs.requires_grad:
+    if fused and t.is_cuda and not freqs.requires_grad:
         from moecore.transformer import rope_kernel
 
         if rope_kernel.use_fused(t, freqs):

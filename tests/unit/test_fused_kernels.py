@@ -199,13 +199,12 @@ def test_fusion_flags_reach_the_config():
     from tests.unit.test_arguments import BASE
 
     cfg = transformer_config_from_args(parse_args(list(BASE)))
-    assert (cfg.moe_router_fusion, cfg.moe_permute_fusion, cfg.bias_swiglu_fusion) == (
-        None, None, True)
+    flags = ("moe_router_fusion", "moe_permute_fusion", "bias_swiglu_fusion", "apply_rope_fusion")
+    assert tuple(getattr(cfg, f) for f in flags) == (None, None, True, True)
     args = parse_args(BASE + ["--moe-router-fusion", "--no-moe-permute-fusion",
-                              "--no-bias-swiglu-fusion"])
+                              "--no-bias-swiglu-fusion", "--no-rope-fusion"])
     cfg = transformer_config_from_args(args)
-    assert (cfg.moe_router_fusion, cfg.moe_permute_fusion, cfg.bias_swiglu_fusion) == (
-        True, False, False)
+    assert tuple(getattr(cfg, f) for f in flags) == (True, False, False, False)
 
 
 # ---- Triton kernels under the interpreter ---------------------------------------------------
