@@ -18,12 +18,12 @@ an fp32 softmax. Same function as the reference; the fp32 rounding differs (one-
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.distributed as dist
 
+from moecore.kernels import assert_close_rel, self_check
 from moecore.tensor_parallel.utils import group_rank, group_size
 
 try:  # Triton is optional: CPU installs and CI run the torch reference.
@@ -165,19 +165,11 @@ def _check(device: torch.device) -> None:
             out.backward(gy)
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             for got, want, what in ((out, ref, "loss"), (b.grad, a.grad, "grad")):
-                err = ((got.double() - want.double()).norm() / want.double().norm()).item()
-                if not err <= tol:
-                    raise AssertionError(f"fused cross entropy {what} ({dtype}): rel err {err}")
+                assert_close_rel(got, want, tol, f"fused cross entropy {what} ({dtype})")
 
 
-@functools.cache
 def _self_check(device: torch.device) -> str:
-    try:
-        _check(device)
-    except Exception as exc:  # noqa: BLE001 - any failure means "use the reference"
-        text = str(exc).strip().splitlines()
-        return f"self-check of the fused cross entropy failed: {text[0] if text else exc!r}"
-    return ""
+    return self_check("cross entropy", device, _check)
 
 
 _LOGGED: set = set()

@@ -20,10 +20,11 @@ channels): ``dx1 = g1 c1 + g2 s2``, ``dx2 = g2 c2 - g1 s1``; pass-through channe
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
+
+from moecore.kernels import assert_close_rel, self_check
 
 try:  # Triton is optional: CPU installs and CI run the torch reference.
     import triton
@@ -118,7 +119,6 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _check(device: torch.device) -> None:
     """Forward and backward agree with the reference (to rounding) on a small random case."""
-    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
 
     g = torch.Generator(device=device).manual_seed(0)
     with torch.enable_grad():  # the first call may come from an eval / no-grad forward
@@ -141,20 +141,11 @@ def _check_cases(device: torch.device, g: torch.Generator) -> None:
         # Rounding-level differences only (see the module docstring).
         tol = 1e-6 if dtype == torch.float32 else 8e-3
         for got, want, what in ((out, ref, "output"), (xs[1].grad, xs[0].grad, "grad")):
-            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
-            if not err <= tol:
-                raise AssertionError(f"fused RoPE {what} differs from the reference ({dtype}): "
-                                     f"relative error {err:.3g}")
+            assert_close_rel(got, want, tol, f"fused RoPE {what} ({dtype})")
 
 
-@functools.cache
 def _self_check(device: torch.device) -> str:
-    try:
-        _check(device)
-    except Exception as exc:  # noqa: BLE001 - any failure means "use the reference"
-        text = str(exc).strip().splitlines()
-        return f"self-check of the fused RoPE kernel failed: {text[0] if text else exc!r}"
-    return ""
+    return self_check("RoPE", device, _check)
 
 
 def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

@@ -5,12 +5,7 @@ the Triton interpreter (one subprocess, see triton_interpret_checks.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +21,7 @@ from moecore.moe.permute import TopKPlan, permute, permute_topk, unpermute, unpe
 from moecore.moe.router import TopKRouter, scores_for_aux_loss
 from moecore.parallel_state import ParallelState
 from tests.moe_reference import tiny_moe_config
+from tests.triton_interpret import run_interpreted
 
 SINGLE = ParallelState.single()
 CPU = torch.device("cpu")
@@ -214,13 +210,7 @@ CHECKS = ("swiglu", "router", "permute", "combine", "moe_layer")
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.triton_interpret_checks", *CHECKS],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    return proc.stdout + proc.stderr
+    return run_interpreted("tests.unit.triton_interpret_checks", CHECKS)
 
 
 @pytest.mark.parametrize("name", CHECKS)

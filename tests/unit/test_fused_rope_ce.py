@@ -3,12 +3,6 @@ the torch references, and the dispatch that keeps CPU tensors on the references.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,19 +12,14 @@ from moecore.transformer.rope import (
     apply_rotary_pos_emb,
     apply_rotary_pos_emb_torch,
 )
+from tests.triton_interpret import run_interpreted
 
 CHECKS = ("rope", "cross_entropy")
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.fused_rope_ce_checks", *CHECKS],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    return proc.stdout + proc.stderr
+    return run_interpreted("tests.unit.fused_rope_ce_checks", CHECKS)
 
 
 @pytest.mark.parametrize("name", CHECKS)

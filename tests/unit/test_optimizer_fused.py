@@ -15,7 +15,6 @@ from moecore.optimizer import MegatronOptimizer, finalize_model_grads, get_param
 from moecore.optimizer import optimizer as opt_mod
 from moecore.optimizer.grad_sync import model_grad
 
-
 _MAKE = opt_mod.make_adamw
 
 

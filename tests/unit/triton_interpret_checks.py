@@ -142,13 +142,12 @@ def check_combine(gen):
 
 def _force_triton_on_cpu():
     """Make the registries' ``auto`` pick the (interpreted) Triton kernels for CPU tensors."""
-    import moecore.kernels.permute as P
-    import moecore.kernels.router as R
-    import moecore.kernels.swiglu as S
-
     import dataclasses
 
     import moecore.kernels.combine as C
+    import moecore.kernels.permute as P
+    import moecore.kernels.router as R
+    import moecore.kernels.swiglu as S
 
     for mod in (P, R, S):
         mod.cuda_triton_available = lambda *a, **kw: (True, "")
