@@ -38,6 +38,11 @@ def _always(**ctx) -> bool:
     return True
 
 
+def always_available(**ctx) -> tuple[bool, str]:
+    """``is_available`` of a backend that runs anywhere (the torch references)."""
+    return True, ""
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of an op.

@@ -47,11 +47,6 @@ def cuda_triton_available(op: str, device=None, dtype=None) -> tuple[bool, str]:
     return True, ""
 
 
-def always_available(**ctx) -> tuple[bool, str]:
-    """``is_available`` of a torch reference backend: runs anywhere."""
-    return True, ""
-
-
 def triton_on_cuda(op: str) -> Callable[..., tuple[bool, str]]:
     """``is_available`` of a Triton backend that needs only Triton and a CUDA ``device``."""
     return lambda device=None, **ctx: cuda_triton_available(op, device)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from moecore.backends import Backend, BackendRegistry
-from moecore.kernels import always_available, triton_on_cuda
+from moecore.backends import Backend, BackendRegistry, always_available
+from moecore.kernels import triton_on_cuda
 
 try:  # Triton is optional: CPU installs and CI run the torch path.
     import triton

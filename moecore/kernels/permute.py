@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from moecore.backends import Backend, BackendRegistry
+from moecore.backends import Backend, BackendRegistry, always_available
 from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
 
 if HAVE_TRITON:
@@ -245,7 +245,7 @@ PERMUTE = BackendRegistry("moe_permute")
 PERMUTE.register(Backend("triton", _triton_available,
                          (permute_forward_triton, permute_backward_triton),
                          description="plan + gather in one kernel; per-token sum backward"))
-PERMUTE.register(Backend("torch", lambda **ctx: (True, ""),
+PERMUTE.register(Backend("torch", always_available,
                          (permute_forward_torch, permute_backward_torch),
                          description="masked_select plan, index_select, gather + sum"))
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from moecore.backends import Backend, BackendRegistry
+from moecore.backends import Backend, BackendRegistry, always_available
 from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
 
 if HAVE_TRITON:
@@ -270,7 +270,7 @@ def _triton_available(device=None, dtype=None, num_experts=None, **ctx):
 ROUTER = BackendRegistry("moe_router")
 ROUTER.register(Backend("triton", _triton_available, route_triton,
                         description="one fused pass each way over the fp32 logits"))
-ROUTER.register(Backend("torch", lambda **ctx: (True, ""), route_torch,
+ROUTER.register(Backend("torch", always_available, route_torch,
                         description="unfused torch ops"))
 
 

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moecore.backends import Backend, BackendRegistry
+from moecore.backends import Backend, BackendRegistry, always_available
 from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
 
 if HAVE_TRITON:
@@ -165,7 +165,7 @@ SWIGLU = BackendRegistry("moe_swiglu")
 SWIGLU.register(Backend("triton", _triton_available,
                         (swiglu_forward_triton, swiglu_backward_triton),
                         description="one fused pass forward and backward"))
-SWIGLU.register(Backend("torch", lambda **ctx: (True, ""),
+SWIGLU.register(Backend("torch", always_available,
                         (swiglu_forward_torch, swiglu_backward_torch),
                         description="unfused ops, silu recomputed in backward"))
 

@@ -13,6 +13,28 @@ import torch.distributed as dist
 from moecore.tensor_parallel.utils import TP_GROUP, group_rank, group_size, resolve_group
 
 
+def loss_from_partial_stats(stats: list, group, world: int, vocab: int, label_smoothing: float):
+    """Per-token CE from this rank's partial sums over its vocab shard.
+
+    ``stats``: [target_logit, sum_exp] (+ [sum of shifted logits] with label smoothing), each
+    [tokens], shifted by the global row max; summed over the TP ``group`` in one all-reduce.
+    Returns (loss [tokens], sum_exp [tokens], log_sum_exp [tokens], smoothing factor).
+    """
+    stats = torch.stack(stats)  # one all-reduce for every per-token sum
+    if world > 1:
+        dist.all_reduce(stats, group=group)
+    target_logit, sum_exp = stats[0], stats[1]
+    log_sum_exp = sum_exp.log()
+    loss = log_sum_exp - target_logit
+    smoothing = 0.0
+    if label_smoothing > 0:
+        # Megatron/NeMo: mass 1 - a on the target and a / (V - 1) on every other token
+        # equals (1 - s) * nll - s * mean_i log p_i with s = a * V / (V - 1).
+        smoothing = label_smoothing * vocab / (vocab - 1)
+        mean_log_probs = stats[2] / vocab - log_sum_exp
+        loss = (1.0 - smoothing) * loss - smoothing * mean_log_probs
+    return loss, sum_exp, log_sum_exp, smoothing
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, label_smoothing, group):
@@ -35,20 +57,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = [target_logit, exp.sum(dim=-1)]
         if label_smoothing > 0:
             stats.append(z.sum(dim=-1))
-        stats = torch.stack(stats)  # one all-reduce for every per-token sum
-        if world > 1:
-            dist.all_reduce(stats, group=group)
-        target_logit, sum_exp = stats[0], stats[1]
-        log_sum_exp = sum_exp.log()
-        loss = log_sum_exp - target_logit
-
-        smoothing = 0.0
-        if label_smoothing > 0:
-            # Megatron/NeMo: mass 1 - a on the target and a / (V - 1) on every other token
-            # equals (1 - s) * nll - s * mean_i log p_i with s = a * V / (V - 1).
-            smoothing = label_smoothing * vocab / (vocab - 1)
-            mean_log_probs = stats[2] / vocab - log_sum_exp
-            loss = (1.0 - smoothing) * loss - smoothing * mean_log_probs
+        loss, sum_exp, _, smoothing = loss_from_partial_stats(
+            stats, group, world, vocab, label_smoothing)
 
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, outside, local_target)

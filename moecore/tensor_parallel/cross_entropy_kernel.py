@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moecore.kernels import assert_close_rel, self_check
+from moecore.tensor_parallel.cross_entropy import loss_from_partial_stats
 from moecore.tensor_parallel.utils import group_rank, group_size
 
 try:  # Triton is optional: CPU installs and CI run the torch reference.
@@ -119,17 +120,8 @@ class FusedVocabParallelCrossEntropy(torch.autograd.Function):
         stats = [torch.where(outside, 0.0, t - m), s]
         if label_smoothing > 0:
             stats.append(total - part * m)
-        stats = torch.stack(stats)
-        if world > 1:
-            dist.all_reduce(stats, group=group)
-        target_logit, sum_exp = stats[0], stats[1]
-        log_sum_exp = sum_exp.log()
-        loss = log_sum_exp - target_logit
-        smoothing = 0.0
-        if label_smoothing > 0:
-            smoothing = label_smoothing * vocab / (vocab - 1)
-            mean_log_probs = stats[2] / vocab - log_sum_exp
-            loss = (1.0 - smoothing) * loss - smoothing * mean_log_probs
+        loss, _, log_sum_exp, smoothing = loss_from_partial_stats(
+            stats, group, world, vocab, label_smoothing)
         ctx.save_for_backward(x, tgt, m + log_sum_exp)
         ctx.smoothing, ctx.vocab, ctx.start = smoothing, vocab, rank * part
         ctx.shape = logits.shape

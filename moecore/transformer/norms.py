@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecore.backends import AUTO, Backend, BackendRegistry
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 
 NORM_BACKENDS = (AUTO, "te", "apex", "torch")
 
@@ -99,7 +99,7 @@ for _reg, _apex_fn, _torch_fn in ((RMS_NORM_BACKENDS, _apex_rms_norm, _torch_rms
                                   (LAYER_NORM_BACKENDS, _apex_layer_norm, _torch_layer_norm)):
     _reg.register(Backend("te", _te_available, _te_norm, description="Transformer Engine"))
     _reg.register(Backend("apex", _apex_available, _apex_fn, description="apex fused norm"))
-    _reg.register(Backend("torch", lambda **ctx: (True, ""), _torch_fn,
+    _reg.register(Backend("torch", always_available, _torch_fn,
                           description="torch.nn.functional"))
 
 _REQUESTED: str | None = None
