@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    help="also time ipc with the per-peer torch copies")
     p.add_argument("--layer", action="store_true", help="also time a whole MoELayer fwd+bwd")
     p.add_argument("--ffn", type=int, default=2048, help="expert FFN size for --layer")
+    p.add_argument("--shared-expert", type=int, default=0, metavar="FFN",
+                   help="with --layer: also time the layer with a shared expert of this FFN "
+                   "size, with and without --moe-shared-expert-overlap")
     p.add_argument("--copy-configs", nargs="*", default=[], metavar="BLOCKxWARPS",
                    help="also time the bare ipc exchange with these Triton launch configs "
                         "(e.g. 1024x4 2048x8 4096x16)")
@@ -72,8 +75,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args, experts: int, dispatcher: str, world: int) -> TransformerConfig:
+def make_config(args, experts: int, dispatcher: str, world: int, shared: int = 0,
+                overlap: bool = False) -> TransformerConfig:
     return TransformerConfig(
+        moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_overlap=overlap,
         num_layers=1, hidden_size=args.hidden, num_attention_heads=32, num_moe_experts=experts,
         moe_ffn_hidden_size=args.ffn, moe_router_topk=args.topk, moe_grouped_gemm=True,
         moe_token_dispatcher_type=dispatcher, moe_router_load_balancing_type="none",
@@ -177,12 +182,13 @@ def time_raw_exchange(args, experts, name, ps, world, rank, gen) -> float:
     return median_ms(step, args)
 
 
-def time_layer(args, experts, kind, ps, world, gen):
+def time_layer(args, experts, kind, ps, world, gen, shared: int = 0, overlap: bool = False):
     from moecore.moe.layer import MoELayer
 
     torch.manual_seed(0)
     with torch.device(args.device):
-        layer = MoELayer(make_config(args, experts, kind, world), parallel_state=ps)
+        layer = MoELayer(make_config(args, experts, kind, world, shared, overlap),
+                         parallel_state=ps)
     with torch.no_grad():
         layer.router.weight.normal_(0.0, args.hidden ** -0.5)
     x = torch.randn(args.tokens, 1, args.hidden, device=args.device, generator=gen).bfloat16()
@@ -214,6 +220,10 @@ def run(args) -> list[dict]:
             row.update(exchange_ms=raw, exchange_gbps=2 * nbytes / raw / 1e6)
             if args.layer and ":" not in name:
                 row["layer_ms"] = time_layer(args, experts, name, ps, world, gen)
+                if args.shared_expert:
+                    for key, overlap in (("shared_ms", False), ("shared_overlap_ms", True)):
+                        row[key] = time_layer(args, experts, name, ps, world, gen,
+                                              args.shared_expert, overlap)
             base = base or row
             row["fwd_bwd_vs_alltoall"] = fwd_bwd / base["fwd_bwd_ms"]
             row["fwd_vs_alltoall"] = fwd / base["fwd_ms"]
@@ -251,6 +261,14 @@ def print_table(rows: list[dict]) -> None:
               f"{r['fwd_gbps']:7.1f} {r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_gbps']:7.1f} "
               f"{r['fwd_vs_alltoall']:9.2f} {r['fwd_bwd_vs_alltoall']:9.2f} "
               f"{r['exchange_ms']:8.3f} {r['exchange_gbps']:7.1f} {layer}")
+    shared = [r for r in rows if "shared_ms" in r]
+    if shared:
+        print(f"\n{'EP':>3} {'E':>4} {'dispatcher':<10} {'+shared ms':>10} {'overlap ms':>10} "
+              f"{'ratio':>6}")
+        for r in shared:
+            print(f"{r['world']:>3} {r['experts']:>4} {r['dispatcher']:<10} "
+                  f"{r['shared_ms']:10.3f} {r['shared_overlap_ms']:10.3f} "
+                  f"{r['shared_overlap_ms'] / r['shared_ms']:6.2f}")
 
 
 def main(argv=None) -> None:

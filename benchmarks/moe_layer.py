@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moecore.config import TransformerConfig  # noqa: E402
+from moecore.memory import saved_activations  # noqa: E402
 from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
 
 CONFIGS = {
@@ -143,7 +144,11 @@ def time_layer(shape, device, dtype, args, fused: bool = True) -> dict:
     peak = _peak_gib(device)
     pipe = pipelined_ms(step, setup, lambda: layer.zero_grad(set_to_none=True), device)
     backend = getattr(layer.experts, "backend", None)
+    x, dy = setup()
+    (out, _), saved = saved_activations(lambda: layer(x), exclude=layer.parameters())
+    out.backward(dy)
     return {"layer_ms": ms, "layer_pipelined_ms": pipe, "layer_peak_gib": peak,
+            "saved_bytes_per_token": saved.total_bytes / tokens,
             "gemm_backend": backend.name if backend is not None else "sequential"}
 
 
@@ -268,6 +273,11 @@ def print_tables(layers: list[dict], backends: list[dict]) -> None:
             print(f"{r['config']:<10}{r['layer_ms']:>10.2f}{r['dense_ms']:>10.2f}"
                   f"{r['ratio_dense_over_layer']:>12.2f}{r['expert_tflops']:>16.1f}{peak:>10}"
                   f"  {r['gemm_backend']}")
+    if layers:
+        print("activation memory kept for backward (moecore.memory.saved_activations), "
+              "KiB per token:")
+        for r in layers:
+            print(f"{r['config']:<10}{r['saved_bytes_per_token'] / 1024:>10.1f}")
     if backends:
         print(f"\n{'grouped_mm backend':<20}{'ms':>10}{'TFLOP/s':>10}{'dense/backend':>15}")
         for r in backends:
