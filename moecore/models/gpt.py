@@ -240,7 +240,9 @@ class GPTModel(nn.Module):
             frac = self.config.moe_router_topk / self.config.num_moe_experts
             total = total - experts + round(experts * frac)
         if ps.pp_size > 1 and ps.pp_group is not None:
-            t = torch.tensor([total], dtype=torch.float64)
+            # On the parameters' device: NCCL groups reduce CUDA tensors only.
+            device = next(self.parameters()).device
+            t = torch.tensor([total], dtype=torch.float64, device=device)
             dist.all_reduce(t, group=ps.pp_group)
             total = int(t.item())
         return total
