@@ -64,6 +64,17 @@ def self_check(op: str, device: torch.device, check: Callable[[torch.device], No
     return ""
 
 
+def checked_triton_available(op: str, check: Callable[[torch.device], None], device=None,
+                             dtype=None) -> tuple[bool, str]:
+    """``(ok, reason)`` of a Triton backend: :func:`cuda_triton_available`, then the
+    once-per-process :func:`self_check` of ``check`` on ``device``."""
+    ok, reason = cuda_triton_available(op, device, dtype)
+    if not ok:
+        return ok, reason
+    failure = self_check(op, torch.device(device), check)
+    return not failure, failure
+
+
 def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
     """Raise ``AssertionError`` unless ``||got - ref|| / ||ref|| <= tol`` (and no NaN)."""
     got, ref = got.double(), ref.double()

@@ -23,15 +23,11 @@ from collections.abc import Sequence
 import torch
 
 from moecore.backends import Backend, BackendRegistry, always_available
-from moecore.kernels import triton_on_cuda
+from moecore.kernels import HAVE_TRITON, triton_on_cuda
 
-try:  # Triton is optional: CPU installs and CI run the torch path.
+if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
 
 
 # ---- torch reference -----------------------------------------------------------------------

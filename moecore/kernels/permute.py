@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from moecore.backends import Backend, BackendRegistry, always_available
-from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
+from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
     import triton
@@ -232,13 +232,9 @@ def _check_triton(device: torch.device) -> None:
 
 
 def _triton_available(device=None, num_experts=None, **ctx):
-    ok, reason = cuda_triton_available("permute", device)
-    if not ok:
-        return ok, reason
     if num_experts is not None and num_experts > MAX_EXPERTS:
         return False, f"the Triton permute kernel takes at most {MAX_EXPERTS} experts"
-    failure = self_check("permute", torch.device(device), _check_triton)
-    return not failure, failure
+    return checked_triton_available("permute", _check_triton, device)
 
 
 PERMUTE = BackendRegistry("moe_permute")

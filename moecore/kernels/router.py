@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from moecore.backends import Backend, BackendRegistry, always_available
-from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
+from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
     import triton
@@ -259,12 +259,8 @@ def _check_triton(device: torch.device) -> None:
         assert_close_rel(grads[0], grads[1], 1e-5, f"{kw} grad")
 
 
-def _triton_available(device=None, dtype=None, num_experts=None, **ctx):
-    ok, reason = cuda_triton_available("router", device)
-    if not ok:
-        return ok, reason
-    failure = self_check("router", torch.device(device), _check_triton)
-    return not failure, failure
+def _triton_available(device=None, **ctx):
+    return checked_triton_available("router", _check_triton, device)
 
 
 ROUTER = BackendRegistry("moe_router")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moecore.backends import Backend, BackendRegistry, always_available
-from moecore.kernels import HAVE_TRITON, assert_close_rel, cuda_triton_available, self_check
+from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
     import triton
@@ -154,11 +154,7 @@ def _check_triton(device: torch.device) -> None:
 
 
 def _triton_available(device=None, dtype=None, **ctx):
-    ok, reason = cuda_triton_available("swiglu", device, dtype)
-    if not ok:
-        return ok, reason
-    failure = self_check("swiglu", torch.device(device), _check_triton)
-    return not failure, failure
+    return checked_triton_available("swiglu", _check_triton, device, dtype)
 
 
 SWIGLU = BackendRegistry("moe_swiglu")

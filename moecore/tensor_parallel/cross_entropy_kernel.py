@@ -23,19 +23,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from moecore.kernels import assert_close_rel, self_check
+from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 from moecore.tensor_parallel.cross_entropy import loss_from_partial_stats
 from moecore.tensor_parallel.utils import group_rank, group_size
 
-try:  # Triton is optional: CPU installs and CI run the torch reference.
+if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 4096
 
 if HAVE_TRITON:
@@ -160,10 +155,6 @@ def _check(device: torch.device) -> None:
                 assert_close_rel(got, want, tol, f"fused cross entropy {what} ({dtype})")
 
 
-def _self_check(device: torch.device) -> str:
-    return self_check("cross entropy", device, _check)
-
-
 _LOGGED: set = set()
 
 
@@ -173,14 +164,9 @@ def use_fused(logits: torch.Tensor) -> bool:
     ``MOECORE_CE_BACKEND=torch`` forces the reference)."""
     if os.environ.get("MOECORE_CE_BACKEND", "auto") == "torch":
         reason = "MOECORE_CE_BACKEND=torch"
-    elif not HAVE_TRITON:
-        reason = "Triton is not installed (pip install triton)"
-    elif not logits.is_cuda:
-        reason = "CUDA tensors only"
-    elif logits.dtype not in _DTYPES:
-        reason = f"dtype {logits.dtype}"
     else:
-        reason = _self_check(logits.device)
+        _, reason = checked_triton_available("cross entropy", _check, logits.device,
+                                             logits.dtype)
     key = (logits.device, logits.dtype, reason)
     if key not in _LOGGED:
         _LOGGED.add(key)

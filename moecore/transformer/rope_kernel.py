@@ -24,17 +24,11 @@ import os
 
 import torch
 
-from moecore.kernels import assert_close_rel, self_check
+from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
-try:  # Triton is optional: CPU installs and CI run the torch reference.
+if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if HAVE_TRITON:
 
@@ -144,22 +138,11 @@ def _check_cases(device: torch.device, g: torch.Generator) -> None:
             assert_close_rel(got, want, tol, f"fused RoPE {what} ({dtype})")
 
 
-def _self_check(device: torch.device) -> str:
-    return self_check("RoPE", device, _check)
-
-
 def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     """``(ok, reason)`` for the fused kernel on ``device`` with ``dtype``."""
     if os.environ.get("MOECORE_ROPE_BACKEND", "auto") == "torch":
         return False, "MOECORE_ROPE_BACKEND=torch"
-    if not HAVE_TRITON:
-        return False, "Triton is not installed (pip install triton)"
-    if device.type != "cuda":
-        return False, "the fused RoPE kernel runs on CUDA tensors only"
-    if dtype not in _DTYPES:
-        return False, f"the fused RoPE kernel takes {_DTYPES}, not {dtype}"
-    reason = _self_check(device)
-    return (not reason), reason
+    return checked_triton_available("RoPE", _check, device, dtype)
 
 
 _LOGGED: set = set()
