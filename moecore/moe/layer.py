@@ -87,8 +87,8 @@ class MoELayer(nn.Module):
         return out, None
 
     def _shared_expert_stream(self, hidden: torch.Tensor):
-        """The side stream for ``moe_shared_expert_overlap`` on CUDA, else None (on CPU the
-        shared experts simply run after the routed ones)."""
+        """The side stream for ``moe_shared_expert_overlap`` on CUDA, else None (the shared
+        experts then run on the current stream, before the routed path)."""
         if (self.shared_experts is None or not self.config.moe_shared_expert_overlap
                 or hidden.device.type != "cuda"):
             return None

@@ -72,8 +72,8 @@ def test_shared_expert_overlap_needs_shared_experts_and_keeps_numerics():
     assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
 
 
-def test_permute_rows_backward_is_the_inverse_gather():
-    from moecore.moe.dispatcher.base import permute_rows
+def test_reorder_rows_backward_is_the_inverse_gather():
+    from moecore.moe.dispatcher.base import reorder_rows
 
     g = torch.Generator().manual_seed(3)
     index = torch.randperm(11, generator=g)
@@ -81,7 +81,7 @@ def test_permute_rows_backward_is_the_inverse_gather():
     inverse[index] = torch.arange(11)
     x = torch.randn(11, 5, generator=g, requires_grad=True)
     grad = torch.randn(11, 5, generator=g)
-    permute_rows(x, index, inverse).backward(grad)
+    reorder_rows(x, index, inverse).backward(grad)
     y = x.detach().clone().requires_grad_(True)
     y.index_select(0, index).backward(grad)
     assert torch.equal(x.grad, y.grad)

@@ -7,7 +7,7 @@ import torch
 from moecore.moe.dispatcher.base import (
     MoETokenDispatcher,
     chunk_permutation_index,
-    permute_rows,
+    reorder_rows,
 )
 from moecore.moe.permute import permute, permute_topk, unpermute, unpermute_topk
 from moecore.tensor_parallel.mappings import (
@@ -65,14 +65,14 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
         self.unsort_index[sort_index] = torch.arange(sort_index.numel())
         self.sort_index = sort_index.to(tokens.device)
         self.unsort_index = self.unsort_index.to(tokens.device)
-        tokens = permute_rows(tokens, self.sort_index, self.unsort_index)
+        tokens = reorder_rows(tokens, self.sort_index, self.unsort_index)
         tokens_per_local_expert = recv_cpu.sum((0, 1))
         return tokens, tokens_per_local_expert
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         if self.local_only:
             return self._unpermute(expert_output).reshape(self.hidden_shape)
-        restored = permute_rows(expert_output, self.unsort_index, self.sort_index)
+        restored = reorder_rows(expert_output, self.unsort_index, self.sort_index)
         if self.etp_size > 1:
             # Sum the ETP partial products and hand each ETP rank back its own rows.
             restored = reduce_scatter_to_sequence_parallel_region(

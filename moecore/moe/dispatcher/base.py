@@ -30,7 +30,7 @@ def chunk_permutation_index(split_sizes: torch.Tensor, order: torch.Tensor) -> t
     return shift + torch.arange(total, device=split_sizes.device)
 
 
-class _PermuteRows(torch.autograd.Function):
+class _ReorderRows(torch.autograd.Function):
     """``x.index_select(0, index)`` for a permutation ``index``, whose backward is the gather by
     the inverse permutation instead of index_select's atomic scatter-add."""
 
@@ -45,9 +45,9 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def reorder_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, H] reordered by the permutation ``index`` [N] (``inverse[index] = arange``)."""
-    return _PermuteRows.apply(x, index, inverse)
+    return _ReorderRows.apply(x, index, inverse)
 
 
 class MoETokenDispatcher:
