@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -42,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import elapsed_ms  # noqa: E402
 from moecore.config import TransformerConfig  # noqa: E402
 from moecore.moe.dispatcher import DISPATCHERS, ipc  # noqa: E402
 from moecore.moe.dispatcher.peer_buffers import (  # noqa: E402
@@ -99,21 +99,11 @@ def random_routing(args, experts: int, device, gen):
 def median_ms(step, args) -> float:
     """Median ms of ``step()`` over the repeats, the slowest rank's (ranks start together)."""
     times = []
-    cuda = args.device == "cuda"
     for i in range(args.warmup + args.repeats):
-        if cuda:
+        if args.device == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
-        t0 = time.perf_counter()
-        if cuda:
-            start, end = (torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True))
-            start.record()
-        step()
-        if cuda:
-            end.record()
-            end.synchronize()
-        elapsed = start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3
+        elapsed = elapsed_ms(step, args.device)
         if i >= args.warmup:
             times.append(elapsed)
     t = torch.tensor([statistics.median(times)], device=args.device)

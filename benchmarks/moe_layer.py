@@ -28,10 +28,10 @@ repeats; fresh random inputs are drawn before each iteration, outside the timed 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import elapsed_ms  # noqa: E402
 from moecore.config import TransformerConfig  # noqa: E402
 from moecore.memory import saved_activations  # noqa: E402
 from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
@@ -56,18 +57,7 @@ def median_ms(step, setup, device: torch.device, warmup: int, repeats: int) -> f
     times = []
     for i in range(warmup + repeats):
         args = setup()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            step(*args)
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            step(*args)
-            elapsed = (time.perf_counter() - t0) * 1e3
+        elapsed = elapsed_ms(functools.partial(step, *args), device)
         if i >= warmup:
             times.append(elapsed)
     return statistics.median(times)
