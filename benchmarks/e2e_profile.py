@@ -49,6 +49,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+# Kernel-name substrings -> category, first match wins (names as CUDA/Triton report them).
+CATEGORIES = (("grouped GEMM", ("cutlass", "grouped")), ("attention", ("sdpa", "flash", "fmha",
+              "attention")), ("GEMM", ("nvjet", "gemm", "sm90_xmma", "cublas")),
+              ("optimizer", ("adam", "multi_tensor_apply")), ("norm", ("norm", "GammaBeta")),
+              ("Triton MoE/SwiGLU/RoPE/CE", ("_kernel",)), ("copy/cast", ("copy", "Memcpy")),
+              ("elementwise/reduce", ("elementwise", "reduce", "Memset")))
+
+
+def _categories(prof, n_iters: int) -> dict[str, float]:
+    """CUDA kernel ms per iteration by :data:`CATEGORIES` (``other`` for the rest)."""
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k.lower() in name for k in keys)), "other")
+        out[cat] = out.get(cat, 0.0) + e.time_range.elapsed_us() / 1e3 / n_iters
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def _kernel_summary(prof, n_iters: int, wall_s: float) -> dict:
     """GPU busy time (union of kernel intervals) per iteration vs wall time."""
     spans = []
@@ -126,6 +146,7 @@ def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: in
                       f"{e.cpu_time_total / 1e3 / prof_iters:8.2f} ms/iter  cuda "
                       f"{e.device_time_total / 1e3 / prof_iters:8.2f} ms/iter")
         res.update(_kernel_summary(prof, prof_iters, state["wall"]))
+        res["kernel_ms_per_iter_by_category"] = _categories(prof, prof_iters)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             tmp = Path("/tmp") / f"trace_mbs{mbs}.json"

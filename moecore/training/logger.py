@@ -98,6 +98,11 @@ class MetricWriters:
                        entity=args.wandb_entity or None, dir=save_dir, config=args_to_dict(args))
             self.wandb = wandb
 
+    @property
+    def active(self) -> bool:
+        """Whether any writer records scalars (on this rank)."""
+        return self.tb is not None or self.wandb is not None
+
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.tb is not None:
             for k, v in values.items():

@@ -130,8 +130,8 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     micro-batch's masked-mean loss ``/ num_microbatches`` (times the fp16 loss scale), so
     gradients are the mean over the global batch; MoE aux losses reach each stage's routers
     through :class:`MoEAuxLossAutoScaler` with the same scaling. Returns ``{"lm loss": DP-mean
-    loss, "grad_norm", "updated", "lr", "timer"}`` (the same on every rank; ``timer`` is the
-    step's :class:`PhaseTimer`).
+    loss (a 0-dim device tensor: reading it waits for the step), "grad_norm", "updated", "lr",
+    "timer"}`` (the same on every rank; ``timer`` is the step's :class:`PhaseTimer`).
     """
     chunks = _chunks(model)
     device = torch.device(args.device)
@@ -160,7 +160,7 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
         scheduler.step(increment=args.global_batch_size)
     lm_loss = _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
     timer.mark("other")
-    return {"lm loss": lm_loss.item(), "grad_norm": grad_norm, "updated": updated,
+    return {"lm loss": lm_loss.detach(), "grad_norm": grad_norm, "updated": updated,
             "lr": optimizer.param_groups[0]["lr"], "timer": timer}
 
 
@@ -252,10 +252,14 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
     while run.iteration < args.train_iters:
         run.iteration_start()
         out = train_step(model, optimizer, scheduler, train_it, args, ps)
-        run.iteration_end(out)
-        it = run.iteration
-        if args.eval_interval and it % args.eval_interval == 0 and valid_it is not None \
-                and args.eval_iters > 0:
+        it = run.iteration + 1
+        do_eval = bool(args.eval_interval and it % args.eval_interval == 0
+                       and valid_it is not None and args.eval_iters > 0)
+        stop = it == args.train_iters or bool(args.exit_interval and it % args.exit_interval == 0)
+        save = bool(args.save and args.save_interval and it % args.save_interval == 0)
+        # Book the iteration; read its values now only when something else will wait anyway.
+        run.iteration_end(out, flush=do_eval or stop or save or bool(args.exit_duration_in_mins))
+        if do_eval:
             losses, used = evaluate(model, valid_it, args, ps)
             run.consumed_valid_samples += used
             run.log_validation(f"iteration {it}", losses, it)

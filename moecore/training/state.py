@@ -93,14 +93,15 @@ class RunState:
         self._grad_norm = None
         self._skipped = self._nan = 0
         self._phase_ms: dict[str, float] = {}
+        self._pending: list[dict] = []
 
     def iteration_start(self) -> None:
-        _sync(self.args.device)
         self._t0 = time.perf_counter()
 
-    def _moe_losses(self) -> dict[str, float]:
-        """Per-name MoE losses of this iteration: mean over MoE layers of the per-layer values
-        (summed over micro-batches, so divided by their number), averaged over DP ranks."""
+    def _moe_losses(self) -> dict[str, torch.Tensor]:
+        """Per-name MoE losses of this iteration (0-dim device tensors): mean over MoE layers of
+        the per-layer values (summed over micro-batches, so divided by their number), averaged
+        over DP ranks."""
         if not self.moe_layers:
             return {}
         reduced = MoELossTracker.reduce(group=self.ps.pp_group,
@@ -110,55 +111,80 @@ class RunState:
             layers = [i for i in self.moe_layers if i < values.numel()]
             if layers:
                 v = values[layers].float() / self.args.num_microbatches
-                out[name] = float(v.mean().item())
+                out[name] = v.mean()
                 if self.args.moe_per_layer_logging:
                     self.writers.scalars({f"moe/{name}_layer_{i}": float(v[j]) for j, i in
                                           enumerate(layers)}, self.iteration)
         MoELossTracker.clear()
         return out
 
-    def iteration_end(self, out: dict) -> None:
-        _sync(self.args.device)
-        dt = time.perf_counter() - self._t0
+    def iteration_end(self, out: dict, flush: bool = False) -> None:
+        """Book one iteration of :func:`train_step` (``out``).
+
+        The loss and MoE losses stay on the device and the device is not synchronised, so the
+        host can fetch and launch the next iteration while this one's optimizer step still runs.
+        Values are read (one sync) at log iterations, TensorBoard/wandb iterations, and when
+        ``flush`` is set (the caller is about to evaluate, save or stop).
+        """
         a = self.args
         self.iteration += 1
         self.consumed_train_samples += a.global_batch_size
-        moe = self._moe_losses()
-        loss = out["lm loss"]
-        self._time += dt
+        self._pending.append({"iteration": self.iteration, "loss": out["lm loss"],
+                              "moe": self._moe_losses(), "grad_norm": out["grad_norm"],
+                              "lr": out["lr"], "updated": out["updated"],
+                              "timer": out.get("timer")})
+        log = self.iteration % a.log_interval == 0
+        write = bool(a.tensorboard_log_interval and self.writers.active
+                     and self.iteration % a.tensorboard_log_interval == 0)
+        if flush or log or write:
+            _sync(a.device)
+        self._time += time.perf_counter() - self._t0
         self._iters += 1
-        if not out["updated"]:
-            self._skipped += 1
-        if not math.isfinite(loss):
-            self._nan += 1
-        else:
-            for k, v in {"lm loss": loss, **moe}.items():
-                self._sums[k] = self._sums.get(k, 0.0) + v
-        self._grad_norm = out["grad_norm"]
-        timer = out.get("timer")
-        if timer is not None:  # its events are complete: _sync above
-            for k, v in timer.elapsed_ms().items():
-                self._phase_ms[k] = self._phase_ms.get(k, 0.0) + v
-        h = self.history
-        h["iterations"].append(self.iteration)
-        h["lm_loss"].append(loss)
-        h["grad_norm"].append(out["grad_norm"])
-        h["lr"].append(out["lr"])
-        h["moe_losses"].append(moe)
-        if a.tensorboard_log_interval and self.iteration % a.tensorboard_log_interval == 0:
-            self._write_scalars(out, moe)
-        if self.iteration % a.log_interval == 0:
+        if flush or log or write:
+            self._read_pending()
+        if log:
             self._log_interval(out["lr"])
 
-    def _write_scalars(self, out: dict, moe: dict) -> None:
-        vals = {"lm loss": out["lm loss"], "learning-rate": out["lr"],
+    def _read_pending(self) -> None:
+        """Turn the pending iterations' device values into floats (one device-to-host copy) and
+        book them: interval sums, NaN count, phase times, history, metric writers."""
+        pending, self._pending = self._pending, []
+        values = [v for p in pending for v in (p["loss"], *p["moe"].values())]
+        tensors = [v.detach().double().reshape(()) for v in values if torch.is_tensor(v)]
+        host = iter(torch.stack(tensors).tolist() if tensors else [])
+        floats = iter([next(host) if torch.is_tensor(v) else float(v) for v in values])
+        a, h = self.args, self.history
+        for p in pending:
+            loss = next(floats)
+            moe = {k: next(floats) for k in p["moe"]}
+            if not p["updated"]:
+                self._skipped += 1
+            if not math.isfinite(loss):
+                self._nan += 1
+            else:
+                for k, v in {"lm loss": loss, **moe}.items():
+                    self._sums[k] = self._sums.get(k, 0.0) + v
+            self._grad_norm = p["grad_norm"]
+            if p["timer"] is not None:  # its events are complete: synchronised above
+                for k, v in p["timer"].elapsed_ms().items():
+                    self._phase_ms[k] = self._phase_ms.get(k, 0.0) + v
+            h["iterations"].append(p["iteration"])
+            h["lm_loss"].append(loss)
+            h["grad_norm"].append(p["grad_norm"])
+            h["lr"].append(p["lr"])
+            h["moe_losses"].append(moe)
+            if a.tensorboard_log_interval and p["iteration"] % a.tensorboard_log_interval == 0:
+                self._write_scalars(p["iteration"], loss, p, moe)
+
+    def _write_scalars(self, iteration: int, loss: float, p: dict, moe: dict) -> None:
+        vals = {"lm loss": loss, "learning-rate": p["lr"],
                 "batch-size": self.args.global_batch_size,
                 **{f"moe/{k}": v for k, v in moe.items()}}
-        if out["grad_norm"] is not None:
-            vals["grad-norm"] = out["grad_norm"]
+        if p["grad_norm"] is not None:
+            vals["grad-norm"] = p["grad_norm"]
         if self.args.fp16 and self.args.log_loss_scale_to_tensorboard:
             vals["loss-scale"] = float(self.optimizer.get_loss_scale().item())
-        self.writers.scalars(vals, self.iteration)
+        self.writers.scalars(vals, iteration)
 
     def _log_interval(self, lr: float) -> None:
         a = self.args
@@ -204,6 +230,8 @@ class RunState:
 
     # ---- end ---------------------------------------------------------------------------------
     def summary(self) -> dict:
+        _sync(self.args.device)
+        self._read_pending()
         return {**self.history, "test_loss": self.test_loss,
                 "start_iteration": self.start_iteration, "final_iteration": self.iteration,
                 "consumed_train_samples": self.consumed_train_samples,

@@ -201,7 +201,7 @@ def _check_restore(name, run, plain_argv):
             errors.append((f"{name} restore {variant} weight{i}", _rel(a, b)))
         for o, r in zip(outs, cont):
             errors.append((f"{name} restore {variant} loss", _rel(
-                torch.tensor(o["lm loss"]), torch.tensor(r["lm loss"]))))
+                torch.as_tensor(o["lm loss"]), torch.as_tensor(r["lm loss"]))))
     return errors
 
 

@@ -70,3 +70,35 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
                               wandb_project="")
     with pytest.raises(ImportError, match="needs the tensorboard package"):
         MetricWriters(args)
+
+
+def test_iteration_values_are_read_only_at_log_iterations(monkeypatch):
+    """The loop keeps each step's loss on the device and reads the pending ones (one host copy)
+    at log iterations, before evaluation and at the end; the logged numbers are unchanged."""
+    from moecore.training import pretrain
+    from moecore.training import state as state_mod
+
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--ffn-hidden-size", "64", "--seq-length", "16", "--max-position-embeddings", "16",
+            "--num-experts", "4", "--moe-router-topk", "2", "--mock-data", "--vocab-size", "64",
+            "--tokenizer-type", "NullTokenizer", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--train-iters", "7", "--eval-iters", "1", "--eval-interval", "5",
+            "--split", "90,10,0", "--device", "cpu", "--seed", "3", "--disable-bias-linear",
+            "--moe-aux-loss-coeff", "1e-2"]
+    reads: list[list[int]] = []
+    orig = state_mod.RunState._read_pending
+
+    def spy(self):
+        reads.append([p["iteration"] for p in self._pending])
+        orig(self)
+
+    monkeypatch.setattr(state_mod.RunState, "_read_pending", spy)
+    lazy = pretrain(argv + ["--log-interval", "3"])
+    # log at 3 and 6, eval after 5, the last iteration (7), then summary() with nothing left
+    assert reads == [[1, 2, 3], [4, 5], [6], [7], []]
+    reads.clear()
+    eager = pretrain(argv + ["--log-interval", "1"])
+    assert reads[:7] == [[i] for i in range(1, 8)]
+    assert lazy["lm_loss"] == eager["lm_loss"] and len(lazy["lm_loss"]) == 7
+    assert lazy["iterations"] == list(range(1, 8))
+    assert lazy["moe_losses"] == eager["moe_losses"] and lazy["moe_losses"][0]
