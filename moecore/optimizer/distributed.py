@@ -103,7 +103,7 @@ class DistributedOptimizer(MegatronOptimizer):
                     self.pieces.append(piece)
                     torch_groups[group_of[id(piece.param)]]["params"].append(piece.main)
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
-                                    weight_decay=weight_decay)
+                                    weight_decay=weight_decay, triton=False)
 
     @staticmethod
     def _bucket_pieces(buf: GradBuffer, bucket, index: dict) -> list[_Piece]:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moecore.kernels.optim import accumulate_main_grad_
 from moecore.optimizer.clip_grads import is_expert_param
 from moecore.parallel_state import ParallelState
 
@@ -216,7 +217,7 @@ class DataParallelGradSync:
 
     # ---- gradient reduction ------------------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
-        p.main_grad.add_(p.grad)
+        accumulate_main_grad_(p.main_grad, p.grad)  # fp32 += grad; one Triton pass on CUDA
         p.grad = None
         c = self._chunk_of[id(p)]
         if self.overlap_grad_reduce and self._enabled[c]:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moecore.kernels import optim as kernels_optim
+from moecore.kernels.optim import TritonAdamW
 from moecore.optimizer.clip_grads import clip_grad_norm, get_grad_norm_fp32
 from moecore.optimizer.grad_scaler import ConstantGradScaler, build_grad_scaler
 from moecore.optimizer.grad_sync import attach_main_grad, model_grad, reset_main_grad
@@ -55,31 +57,48 @@ def get_param_groups(model: nn.Module | list[nn.Module]) -> list[dict]:
 
 
 def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-               weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over ``groups``, fused (one multi-tensor kernel per dtype/device
-    for the whole update) when every parameter is a CUDA tensor.
+               weight_decay: float, fused: bool | None = None,
+               triton: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over ``groups``: fused (one pass over each fp32 tensor for the whole update) when
+    every parameter is a CUDA tensor, as :class:`~moecore.kernels.optim.TritonAdamW` (which can
+    also write the low-precision model copies in that pass) where its kernel passed its
+    self-check, else ``torch.optim.AdamW(fused=True)``.
 
     ``fused=None`` picks it automatically; ``MOECORE_FUSED_ADAM=0`` turns it off (the
     ``foreach`` implementation then runs ~8 passes over every fp32 tensor instead of one, which
-    for a 2B-parameter MoE is tens of milliseconds per step). Both compute the same update up to
-    floating-point rounding; CPU runs keep the default implementation.
+    for a 2B-parameter MoE is tens of milliseconds per step) and ``MOECORE_FUSED_ADAM=torch``
+    keeps torch's fused kernel. ``triton=False`` never takes the Triton one, ``triton=True``
+    always (it runs torch's ops for tensors its kernel cannot take). All compute the same update
+    up to floating-point rounding; CPU runs keep the default implementation.
     """
     params = [p for g in groups for p in g["params"]]
+    env = os.environ.get("MOECORE_FUSED_ADAM", "1")
     if fused is None:
-        fused = (os.environ.get("MOECORE_FUSED_ADAM", "1") != "0" and bool(params)
+        fused = (env != "0" and bool(params)
                  and all(p.is_cuda and p.is_floating_point() for p in params))
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             **({"fused": True} if fused else {}))
+    if triton is None:
+        triton = (fused and env != "torch" and bool(params)
+                  and all(kernels_optim.triton_adamw_available(d)
+                          for d in {p.device for p in params}))
+    kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if triton:
+        return TritonAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
 
 
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` is one fused pass that divides by ``optimizer.grad_scale``
+    (torch's fused AdamW or :class:`TritonAdamW`)."""
+    if isinstance(optimizer, TritonAdamW):
+        return True
     return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
     """After ``optimizer.load_state_dict``: the loaded groups carry the saving run's
     ``fused``/``foreach`` choice; restore this run's, with the step counters where it keeps them
-    (on the parameters' device when fused, on the host otherwise)."""
+    (on the parameters' device for torch's fused AdamW, on the host otherwise, TritonAdamW
+    included)."""
     fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = optimizer.defaults.get("fused"), \
@@ -135,6 +154,9 @@ class MegatronOptimizer:
                                  "weight_decay": weight_decay * group.get("wd_mult", 1.0)})
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
                                     weight_decay=weight_decay)
+        if isinstance(self.optimizer, TritonAdamW):  # model copies written in the AdamW pass
+            self.optimizer.set_model_copies(
+                (m, p) for p, m in zip(self.model_params, self.main_params) if m is not p)
 
     # ---- views --------------------------------------------------------------------------------
     @property
@@ -212,9 +234,9 @@ class MegatronOptimizer:
     def _clip_and_step(self, mains: list[torch.Tensor], grad_norm: float) -> None:
         """Clip the main grads to ``clip_grad`` (global norm ``grad_norm``) and run AdamW.
 
-        The fused AdamW divides each gradient by ``grad_scale`` as it reads it, so clipping
-        costs no pass over the gradients of its own there (``1 / coeff`` instead of ``coeff``:
-        equal up to rounding).
+        A fused AdamW (torch's or TritonAdamW) divides each gradient by ``grad_scale`` as it
+        reads it, so clipping costs no pass over the gradients of its own there (``1 / coeff``
+        instead of ``coeff``: equal up to rounding).
         """
         coeff = self.clip_grad / (grad_norm + 1e-6) if self.clip_grad > 0 else 1.0
         if coeff < 1.0 and is_fused(self.optimizer) and mains:
@@ -241,7 +263,9 @@ class MegatronOptimizer:
         grad_norm = get_grad_norm_fp32(self.main_params, self.ps)
         self._check_norm(grad_norm)
         self._clip_and_step(self.main_params, grad_norm)
-        pairs = [(p, m) for p, m in zip(self.model_params, self.main_params) if m is not p]
+        written = getattr(self.optimizer, "model_copies_written", ())  # by TritonAdamW's pass
+        pairs = [(p, m) for p, m in zip(self.model_params, self.main_params)
+                 if m is not p and id(m) not in written]
         if pairs:  # one fused launch instead of one copy per parameter
             torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         return True, grad_norm
