@@ -60,7 +60,7 @@ def self_check(op: str, device: torch.device, check: Callable[[torch.device], No
         check(device)
     except Exception as exc:  # noqa: BLE001 - any failure means "do not use this kernel"
         text = str(exc).strip().splitlines()
-        return f"self-check of the Triton {op} kernel failed: {text[0] if text else exc!r}"
+        return f"self-check of the Triton {op} kernel failed: {text[0] if text else repr(exc)}"
     return ""
 
 

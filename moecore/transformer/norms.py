@@ -1,11 +1,13 @@
 """RMSNorm and LayerNorm over the last dimension, with a fused-kernel backend when one exists.
 
 Backends (registries ``RMS_NORM_BACKENDS`` / ``LAYER_NORM_BACKENDS`` in :mod:`moecore.backends`),
-in ``auto`` preference order: ``te`` (Transformer Engine), ``apex`` (apex fused norms), ``torch``
-(``torch.nn.functional.rms_norm`` / ``layer_norm``, always available). The name comes from
-:func:`set_norm_backend` or ``MOECORE_NORM_BACKEND`` (``auto`` by default); the backend is
-resolved once per process and device type (the fused ones need CUDA tensors, so CPU tensors
-resolve to ``torch`` under ``auto``) and logged once.
+in ``auto`` preference order: ``te`` (Transformer Engine), ``apex`` (apex fused norms), ``triton``
+(RMSNorm only: :mod:`moecore.kernels.rmsnorm`, used once it passed its self-check on the device),
+``torch`` (``torch.nn.functional.rms_norm`` / ``layer_norm``, always available). The name comes
+from :func:`set_norm_backend` or ``MOECORE_NORM_BACKEND`` (``auto`` by default); the backend is
+resolved once per process, device, dtype and hidden size (the fused ones need CUDA tensors, so
+CPU tensors resolve to ``torch`` under ``auto``) and logged once. Probes see ``device`` (the
+device type, a str), ``device_obj`` (the ``torch.device``), ``dtype`` and ``hidden``.
 
 Each norm owns its ``weight`` (and LayerNorm's ``bias``); a backend only computes with them, so
 checkpoints and optimizers see the same parameters whichever backend runs.
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.kernels import rmsnorm
 
-NORM_BACKENDS = (AUTO, "te", "apex", "torch")
+NORM_BACKENDS = (AUTO, "te", "apex", "triton", "torch")
 
 
 def _torch_rms_norm(norm, x):
@@ -93,21 +96,33 @@ def _te_norm(norm, x):
     return te_mod(x)
 
 
+def _triton_available(device: str = "cpu", device_obj=None, **ctx) -> tuple[bool, str]:
+    return rmsnorm.triton_available(device if device_obj is None else device_obj, **ctx)
+
+
+def _triton_rms_norm(norm, x):
+    return rmsnorm.rms_norm(x, norm.weight, norm.eps)
+
+
 RMS_NORM_BACKENDS = BackendRegistry("rms_norm")
 LAYER_NORM_BACKENDS = BackendRegistry("layer_norm")
 for _reg, _apex_fn, _torch_fn in ((RMS_NORM_BACKENDS, _apex_rms_norm, _torch_rms_norm),
                                   (LAYER_NORM_BACKENDS, _apex_layer_norm, _torch_layer_norm)):
     _reg.register(Backend("te", _te_available, _te_norm, description="Transformer Engine"))
     _reg.register(Backend("apex", _apex_available, _apex_fn, description="apex fused norm"))
+    if _reg is RMS_NORM_BACKENDS:
+        _reg.register(Backend("triton", _triton_available, _triton_rms_norm,
+                              description="one-pass Triton forward and backward"))
     _reg.register(Backend("torch", always_available, _torch_fn,
                           description="torch.nn.functional"))
 
 _REQUESTED: str | None = None
-_RESOLVED: dict[tuple[str, str], Backend] = {}
+_RESOLVED: dict[tuple, Backend] = {}
 
 
 def set_norm_backend(name: str) -> None:
-    """Choose the norm backend for this process: ``auto``, ``te``, ``apex`` or ``torch``.
+    """Choose the norm backend for this process: ``auto``, ``te``, ``apex``, ``triton`` (RMSNorm
+    only: LayerNorm then raises ``ValueError``) or ``torch``.
 
     A named backend that cannot run a tensor raises ``BackendUnavailableError`` (a
     ``ValueError``) with the reason at that tensor's first norm.
@@ -122,10 +137,11 @@ def set_norm_backend(name: str) -> None:
 def _resolve(registry: BackendRegistry, x: torch.Tensor) -> Backend:
     if _REQUESTED is None:
         set_norm_backend(os.environ.get("MOECORE_NORM_BACKEND", AUTO))
-    key = (registry.op, x.device.type)
+    key = (registry.op, x.device, x.dtype, x.shape[-1])
     backend = _RESOLVED.get(key)
     if backend is None:
-        backend = registry.select(_REQUESTED, device=x.device.type)
+        backend = registry.select(_REQUESTED, device=x.device.type, device_obj=x.device,
+                                  dtype=x.dtype, hidden=x.shape[-1])
         _RESOLVED[key] = backend
     return backend
 

@@ -1,0 +1,72 @@
+"""Time the Triton RMSNorm (forward + backward) and optimizer kernels against the torch ops they
+replace, on one GPU, in one run.
+
+    python benchmarks/norm_optim_kernels.py                 # CUDA with Triton
+    python benchmarks/norm_optim_kernels.py --numel 1048576 # smaller optimizer tensor
+
+RMSNorm: ``F.rms_norm`` (torch's fused kernel) vs ``moecore.kernels.rmsnorm.rms_norm`` on bf16
+``[tokens, hidden]``; optimizer: :func:`moecore.kernels.optim.benchmark` (fp32 += bf16 grad,
+fp32 = bf16 grad, AdamW step + bf16 model copy) on one tensor of ``--numel`` elements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import elapsed_ms  # noqa: E402
+
+from moecore.kernels import optim, rmsnorm  # noqa: E402
+
+
+def _fwd_bwd_ms(fn, x, w, dy, reps: int) -> float:
+    def run():
+        torch.autograd.grad(fn(x, w), (x, w), dy)
+
+    for _ in range(3):
+        run()
+    return statistics.median(elapsed_ms(run, x.device) for _ in range(reps))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="16384x1024,16384x4096,8192x8192")
+    p.add_argument("--numel", type=int, default=1 << 28)
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU with Triton (the kernels under test are GPU kernels)")
+    ok, why = rmsnorm.triton_available(torch.device("cuda"), torch.bfloat16)
+    if not ok:
+        sys.exit(f"Triton RMSNorm unavailable: {why}")
+    rows = {}
+    for shape in args.shapes.split(","):
+        n, h = map(int, shape.split("x"))
+        x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        t = _fwd_bwd_ms(lambda a, b: F.rms_norm(a, a.shape[-1:], b, 1e-5), x, w, dy, args.reps)
+        k = _fwd_bwd_ms(lambda a, b: rmsnorm.rms_norm(a, b, 1e-5), x, w, dy, args.reps)
+        rows[f"rms_norm fwd+bwd {shape} bf16"] = (t, k)
+    o = optim.benchmark(args.numel)
+    rows[f"main_grad += bf16 grad ({args.numel})"] = (o["torch_add_ms"], o["triton_add_ms"])
+    rows[f"main_grad = bf16 grad ({args.numel})"] = (o["torch_copy_ms"], o["triton_copy_ms"])
+    rows[f"AdamW + bf16 copy ({args.numel})"] = (o["torch_fused_adamw_plus_copy_ms"],
+                                                 o["triton_adamw_with_copy_ms"])
+    print(f"{'op':48s} {'torch ms':>9s} {'triton ms':>9s} {'speed-up':>8s}")
+    for name, (t, k) in rows.items():
+        print(f"{name:48s} {t:9.3f} {k:9.3f} {t / k:8.2f}")
+    print(json.dumps({k: [round(a, 4), round(b, 4)] for k, (a, b) in rows.items()}))
+
+
+if __name__ == "__main__":
+    main()
