@@ -52,17 +52,22 @@ def _sync() -> None:
 # Kernel-name substrings -> category, first match wins (names as CUDA/Triton report them).
 CATEGORIES = (("grouped GEMM", ("cutlass", "grouped")), ("attention", ("sdpa", "flash", "fmha",
               "attention")), ("GEMM", ("nvjet", "gemm", "sm90_xmma", "cublas")),
-              ("optimizer", ("adam", "multi_tensor_apply")), ("norm", ("norm", "GammaBeta")),
+              ("optimizer", ("adam", "multi_tensor_apply")), ("norm", ("norm", "GammaBeta",
+              "_rms_")), ("main-grad accumulate", ("_accumulate_kernel",)),
               ("Triton MoE/SwiGLU/RoPE/CE", ("_kernel",)), ("copy/cast", ("copy", "Memcpy")),
               ("elementwise/reduce", ("elementwise", "reduce", "Memset")))
+
+
+def _kernels(prof):
+    """The profiler's CUDA kernel/memcpy events (not the user annotations mirrored on the GPU)."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and e.time_range.elapsed_us() > 0]
 
 
 def _categories(prof, n_iters: int) -> dict[str, float]:
     """CUDA kernel ms per iteration by :data:`CATEGORIES` (``other`` for the rest)."""
     out: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    for e in _kernels(prof):
         name = e.name.lower()
         cat = next((c for c, keys in CATEGORIES if any(k.lower() in name for k in keys)), "other")
         out[cat] = out.get(cat, 0.0) + e.time_range.elapsed_us() / 1e3 / n_iters
@@ -71,11 +76,7 @@ def _categories(prof, n_iters: int) -> dict[str, float]:
 
 def _kernel_summary(prof, n_iters: int, wall_s: float) -> dict:
     """GPU busy time (union of kernel intervals) per iteration vs wall time."""
-    spans = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0:
-            spans.append((e.time_range.start, e.time_range.end))
-    spans.sort()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in _kernels(prof))
     busy, cur_s, cur_e = 0, None, None
     for s, e in spans:
         if cur_e is None or s > cur_e:
