@@ -7,17 +7,20 @@ checks module prints ``PASS <name>`` for each check that passed; tests look for 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 
 def run_interpreted(module: str, checks: tuple[str, ...]) -> str:
     """stdout + stderr of ``python -m module *checks`` under the interpreter; skips the calling
     test when Triton is not installed (as in CI)."""
+    import pytest
+
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
     root = Path(__file__).resolve().parents[1]
@@ -25,3 +28,24 @@ def run_interpreted(module: str, checks: tuple[str, ...]) -> str:
     proc = subprocess.run([sys.executable, "-m", module, *checks], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     return proc.stdout + proc.stderr
+
+
+def run_checks(checks: dict[str, Callable], names: list[str]) -> int:
+    """A checks module's ``main``: run ``checks`` (all, or those ``names``) under the
+    interpreter, each given a seeded CPU ``torch.Generator`` if it takes an argument; print
+    ``PASS name`` or ``FAIL name`` with the traceback; exit status 1 if any failed."""
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    failed = 0
+    for name in names or checks:
+        fn = checks[name]
+        try:
+            fn(torch.Generator().manual_seed(0)) if inspect.signature(fn).parameters else fn()
+            print(f"PASS {name}", flush=True)
+        except Exception:  # noqa: BLE001 - report every check
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+    return 1 if failed else 0

@@ -7,10 +7,11 @@ compared bit for bit and 16-bit dtypes within rounding. Prints ``PASS <name>`` p
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+
+from tests.triton_interpret import run_checks
 
 
 def check_rope() -> None:
@@ -67,15 +68,5 @@ def check_cross_entropy() -> None:
 CHECKS = {"rope": check_rope, "cross_entropy": check_cross_entropy}
 
 
-def main(names: list[str]) -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    for name in names or list(CHECKS):
-        CHECKS[name]()
-        print(f"PASS {name}", flush=True)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_checks(CHECKS, sys.argv[1:]))

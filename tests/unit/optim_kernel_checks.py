@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import sys
-import traceback
 
 import torch
 from torch import nn
+
+from tests.triton_interpret import run_checks
 
 SIZES = (1, 1000, 4097, 3 * 8192 + 5)
 HALF = (torch.bfloat16, torch.float16)
@@ -234,20 +234,5 @@ CHECKS = {"accumulate": check_accumulate, "adamw": check_adamw,
           "megatron_optimizer": check_megatron_optimizer}
 
 
-def main(names) -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    failed = 0
-    for name in names or CHECKS:
-        try:
-            CHECKS[name](torch.Generator().manual_seed(0))
-            print(f"PASS {name}", flush=True)
-        except Exception:  # noqa: BLE001 - report every check
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_checks(CHECKS, sys.argv[1:]))

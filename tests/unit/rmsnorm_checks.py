@@ -6,13 +6,12 @@ Prints ``PASS name`` or ``FAIL name`` and a traceback per check; exits 1 if any 
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
 import torch
 
 from moecore.kernels import assert_close_rel
+from tests.triton_interpret import run_checks
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -158,20 +157,5 @@ def check_norm_module(gen):
 CHECKS = {"kernels": check_kernels, "autograd": check_autograd, "norm_module": check_norm_module}
 
 
-def main(names) -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    failed = 0
-    for name in names or CHECKS:
-        try:
-            CHECKS[name](torch.Generator().manual_seed(0))
-            print(f"PASS {name}", flush=True)
-        except Exception:  # noqa: BLE001 - report every check
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_checks(CHECKS, sys.argv[1:]))

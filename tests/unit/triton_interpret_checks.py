@@ -7,12 +7,12 @@ definition), so ``test_fused_kernels.py`` runs this in one subprocess. Prints ``
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
+
+from tests.triton_interpret import run_checks
 
 
 def _rel(a, b) -> float:
@@ -198,20 +198,5 @@ CHECKS = {"swiglu": check_swiglu, "router": check_router, "permute": check_permu
           "combine": check_combine, "moe_layer": check_moe_layer}
 
 
-def main(names) -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    failed = 0
-    for name in names or CHECKS:
-        try:
-            CHECKS[name](torch.Generator().manual_seed(0))
-            print(f"PASS {name}", flush=True)
-        except Exception:  # noqa: BLE001 - report every check
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_checks(CHECKS, sys.argv[1:]))
