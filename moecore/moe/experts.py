@@ -16,14 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
-from moecore.kernels.swiglu import swiglu
 from moecore.moe.grouped_gemm import default_compute_device, grouped_mm, select_backend
 from moecore.parallel_state import ParallelState, get_parallel_state
+from moecore.transformer.mlp import apply_activation
 
 
 def _expert_layout(num_local_experts: int, config: TransformerConfig, ps: ParallelState):
@@ -78,21 +77,6 @@ def _mark_expert_param(param: nn.Parameter, partition_dim: int, stride: int = 1)
     param.tensor_model_parallel = True
     param.partition_dim = partition_dim
     param.partition_stride = stride
-
-
-def _activation(config: TransformerConfig, h: torch.Tensor) -> torch.Tensor:
-    """``act(gate) * up`` on ``[.., 2F]`` (gated, as ``[gate | up]``) or ``act(h)``.
-
-    SwiGLU on ``[N, 2F]`` goes through ``moecore.kernels.swiglu`` (fused on CUDA, saves only
-    ``h``) unless ``config.bias_swiglu_fusion`` is off.
-    """
-    if (config.gated_linear_unit and config.bias_swiglu_fusion and h.dim() == 2
-            and config.activation_func is F.silu):
-        return swiglu(h)
-    if config.gated_linear_unit:
-        gate, up = torch.chunk(h, 2, dim=-1)
-        return config.activation_func(gate) * up
-    return config.activation_func(h)
 
 
 def _check_counts(tokens_per_expert: torch.Tensor, num_local_experts: int) -> None:
@@ -153,7 +137,7 @@ class GroupedMLP(nn.Module):
         _check_counts(tokens_per_expert, self.num_local_experts)
         backend = self._resolve(permuted.device, permuted.dtype)
         h = grouped_mm(permuted, self.weight1, tokens_per_expert, backend)
-        h = _activation(self.config, h)
+        h = apply_activation(self.config, h)
         return grouped_mm(h, self.weight2, tokens_per_expert, backend), None
 
 
@@ -179,7 +163,7 @@ class ExpertMLP(nn.Module):
         self.linear_fc2 = _ExpertLinear(w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(_activation(self.config, self.linear_fc1(x)))
+        return self.linear_fc2(apply_activation(self.config, self.linear_fc1(x)))
 
 
 class SequentialMLP(nn.Module):

@@ -12,11 +12,28 @@ rank ``r`` holds chunks ``r`` and ``r + tp`` of its ``2 * tp`` row chunks. The i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from moecore.kernels.swiglu import swiglu
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
+
+
+def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` on ``h [..., 2F]`` (gated, laid out ``[gate | up]``) or ``act(h)``.
+
+    SwiGLU goes through ``moecore.kernels.swiglu`` (one fused pass each way on CUDA; autograd
+    saves only ``h``; on CPU bitwise the unfused ops) unless ``config.bias_swiglu_fusion`` is
+    off. Shared by the dense MLP and the experts.
+    """
+    if config.gated_linear_unit and config.bias_swiglu_fusion and config.activation_func is F.silu:
+        return swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
+    if config.gated_linear_unit:
+        gate, up = torch.chunk(h, 2, dim=-1)
+        return config.activation_func(gate) * up
+    return config.activation_func(h)
 
 
 def glu_interleaved_init(base_init, tp: int):
@@ -57,7 +74,6 @@ class MLP(nn.Module):
             raise ValueError(f"ffn_hidden_size={ffn} is not divisible by the tensor parallel size "
                              f"{ps.tp_size}")
         self.gated = config.gated_linear_unit
-        self.activation_func = config.activation_func
         init = init_method_normal(config.init_method_std)
         if self.gated:
             init = glu_interleaved_init(init, ps.tp_size)
@@ -75,9 +91,4 @@ class MLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor):
         x, _ = self.linear_fc1(hidden)
-        if self.gated:
-            gate, up = torch.chunk(x, 2, dim=-1)
-            x = self.activation_func(gate) * up
-        else:
-            x = self.activation_func(x)
-        return self.linear_fc2(x)
+        return self.linear_fc2(apply_activation(self.config, x))
