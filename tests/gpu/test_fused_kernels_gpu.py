@@ -135,7 +135,8 @@ def test_moe_layer_fused_matches_unfused(score, pre):
                               moe_router_pre_softmax=pre, moe_grouped_gemm_backend="auto",
                               moe_router_fusion=fused, moe_permute_fusion=fused,
                               bias_swiglu_fusion=fused is None, bf16=True,
-                              params_dtype=torch.bfloat16)
+                              params_dtype=torch.bfloat16,
+                              moe_shared_expert_intermediate_size=256)  # dense MLP SwiGLU too
         torch.manual_seed(0)
         with torch.device(DEV):
             layer = MoELayer(cfg, parallel_state=ParallelState.single())
