@@ -30,6 +30,14 @@ def run_interpreted(module: str, checks: tuple[str, ...]) -> str:
     return proc.stdout + proc.stderr
 
 
+def assert_checks_pass(module: str, checks: tuple[str, ...]) -> None:
+    """Run ``module``'s ``checks`` under the interpreter (one subprocess) and fail the calling
+    test, with the output, unless every one printed ``PASS``; skips without Triton."""
+    out = run_interpreted(module, checks)
+    failed = [name for name in checks if f"PASS {name}" not in out]
+    assert not failed, f"{failed} did not pass under the Triton interpreter:\n{out}"
+
+
 def run_checks(checks: dict[str, Callable], names: list[str]) -> int:
     """A checks module's ``main``: run ``checks`` (all, or those ``names``) under the
     interpreter, each given a seeded CPU ``torch.Generator`` if it takes an argument; print
