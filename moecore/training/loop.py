@@ -255,22 +255,22 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
         it = run.iteration + 1
         do_eval = bool(args.eval_interval and it % args.eval_interval == 0
                        and valid_it is not None and args.eval_iters > 0)
-        stop = it == args.train_iters or bool(args.exit_interval and it % args.exit_interval == 0)
+        exit_now = bool(args.exit_interval and it % args.exit_interval == 0)
         save = bool(args.save and args.save_interval and it % args.save_interval == 0)
         # Book the iteration; read its values now only when something else will wait anyway.
-        run.iteration_end(out, flush=do_eval or stop or save or bool(args.exit_duration_in_mins))
+        run.iteration_end(out, flush=do_eval or save or exit_now or it == args.train_iters
+                          or bool(args.exit_duration_in_mins))
         if do_eval:
             losses, used = evaluate(model, valid_it, args, ps)
             run.consumed_valid_samples += used
             run.log_validation(f"iteration {it}", losses, it)
-        exit_now = bool(args.exit_interval and it % args.exit_interval == 0)
         if args.exit_duration_in_mins:
             elapsed = torch.tensor([(time.time() - start) / 60.0], device=args.device)
             if dist.is_initialized():
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             exit_now = exit_now or elapsed.item() > args.exit_duration_in_mins
         saved = False
-        if args.save and ((args.save_interval and it % args.save_interval == 0) or exit_now):
+        if save or (args.save and exit_now):
             save_checkpoint(it, model, optimizer, scheduler, args, run.data_state(), ps)
             saved = True
         if exit_now:

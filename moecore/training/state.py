@@ -150,7 +150,7 @@ class RunState:
         book them: interval sums, NaN count, phase times, history, metric writers."""
         pending, self._pending = self._pending, []
         values = [v for p in pending for v in (p["loss"], *p["moe"].values())]
-        tensors = [v.detach().double().reshape(()) for v in values if torch.is_tensor(v)]
+        tensors = [v.detach().float().reshape(()) for v in values if torch.is_tensor(v)]
         host = iter(torch.stack(tensors).tolist() if tensors else [])
         floats = iter([next(host) if torch.is_tensor(v) else float(v) for v in values])
         a, h = self.args, self.history
