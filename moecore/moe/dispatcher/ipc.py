@@ -118,14 +118,20 @@ def _reserve(bufs: PeerBuffers, route: Route, dtype: torch.dtype, cols: int,
     bufs.ensure(half, limit)
 
 
+def _next_buffers(rows: torch.Tensor, route: Route, bufs: PeerBuffers, opts: ExchangeOptions):
+    """Check the bound and grow (collective), then take the next half of the buffers for rows
+    like ``rows`` [*, H]: ``(views, ptr_table)`` of that half on every rank."""
+    h = rows.shape[1]
+    _reserve(bufs, route, rows.dtype, h, opts.limit)
+    half = bufs.next_half()
+    return bufs.views(rows.dtype, h, half), bufs.ptr_table(rows.dtype, h, half)
+
+
 def push_rows(rows: torch.Tensor, route: Route, bufs: PeerBuffers,
               opts: ExchangeOptions) -> torch.Tensor:
     """Scatter this rank's permuted rows ``[n, H]`` into their owners' buffers (over the EP
     group); return the rows this rank owns, ``[recv_rows, H]`` ordered [local_expert, src]."""
-    h = rows.shape[1]
-    _reserve(bufs, route, rows.dtype, h, opts.limit)
-    half = bufs.next_half()
-    views, table = bufs.views(rows.dtype, h, half), bufs.ptr_table(rows.dtype, h, half)
+    views, table = _next_buffers(rows, route, bufs, opts)
     push, _ = select_peer_copy(rows.device.type, opts.copy).fn
     push(rows.contiguous(), route.slot, route.owner, route.send_splits, views, table)
     bufs.barrier()  # every row has landed
@@ -137,14 +143,11 @@ def pull_rows(owned: torch.Tensor, route: Route, bufs: PeerBuffers,
               opts: ExchangeOptions) -> torch.Tensor:
     """Inverse of :func:`push_rows`: owners publish ``owned`` ``[recv_rows, H]``; every rank
     gathers its own rows back, ``[n, H]`` in its permuted order (over the EP group)."""
-    h = owned.shape[1]
-    _reserve(bufs, route, owned.dtype, h, opts.limit)
-    half = bufs.next_half()
-    views, table = bufs.views(owned.dtype, h, half), bufs.ptr_table(owned.dtype, h, half)
+    views, table = _next_buffers(owned, route, bufs, opts)
     _, pull = select_peer_copy(owned.device.type, opts.copy).fn
     views[bufs.rank][:route.recv_rows].copy_(owned)
     bufs.barrier()  # every owner's rows are published
-    out = torch.empty(route.num_rows, h, dtype=owned.dtype, device=owned.device)
+    out = owned.new_empty(route.num_rows, owned.shape[1])
     pull(out, route.slot, route.owner, route.send_splits, views, table)
     return out
 
