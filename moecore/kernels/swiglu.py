@@ -54,8 +54,9 @@ def swiglu_backward_torch(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 if HAVE_TRITON:
 
     @triton.jit
-    def _swiglu_fwd_kernel(x_ptr, out_ptr, N, FF, stride_x, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+    def _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's [BLOCK_R, BLOCK_C] tile of ``x [N, 2F]``: (int64 row index [R, 1],
+        columns [C], in-bounds mask [R, C], gate and up in fp32 [R, C])."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows < N)[:, None] & (cols < FF)[None, :]
@@ -63,6 +64,12 @@ if HAVE_TRITON:
         x_off = rows64 * stride_x + cols[None, :]
         g = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + x_off + FF, mask=mask, other=0.0).to(tl.float32)
+        return rows64, cols, mask, g, u
+
+    @triton.jit
+    def _swiglu_fwd_kernel(x_ptr, out_ptr, N, FF, stride_x, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        rows64, cols, mask, g, u = _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R, BLOCK_C)
         act = g * tl.sigmoid(g) * u
         tl.store(out_ptr + rows64 * FF + cols[None, :], act.to(out_ptr.dtype.element_ty),
                  mask=mask)
@@ -70,13 +77,7 @@ if HAVE_TRITON:
     @triton.jit
     def _swiglu_bwd_kernel(x_ptr, grad_ptr, dx_ptr, N, FF, stride_x, stride_g,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows < N)[:, None] & (cols < FF)[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x_off = rows64 * stride_x + cols[None, :]
-        g = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + x_off + FF, mask=mask, other=0.0).to(tl.float32)
+        rows64, cols, mask, g, u = _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R, BLOCK_C)
         dy = tl.load(grad_ptr + rows64 * stride_g + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
