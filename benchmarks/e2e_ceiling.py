@@ -12,7 +12,6 @@ did nothing else: ``flops_per_token * tokens / (sum of those times * peak)``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,16 +21,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import elapsed_ms  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 from moecore.config import TransformerConfig  # noqa: E402
 from moecore.training import mfu  # noqa: E402
-
-
-def _ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    return statistics.median(elapsed_ms(fn, "cuda") for _ in range(reps))
 
 
 def main() -> None:
@@ -57,7 +50,7 @@ def main() -> None:
         x, w, dy = (torch.randn(*s, device=dev, dtype=bf16) for s in ((m, k), (k, n), (m, n)))
         for part, fn in (("fwd", lambda: x @ w), ("dgrad", lambda: dy @ w.t()),
                          ("wgrad", lambda: x.t() @ dy)):
-            rows.append((f"{name} {part}", _ms(fn, a.reps), 2 * m * k * n,
+            rows.append((f"{name} {part}", median_ms(fn, "cuda", 3, a.reps), 2 * m * k * n,
                          a.layers if per_layer else 1))
 
     def grouped(name, k, n):
@@ -69,7 +62,8 @@ def main() -> None:
         for part, fn in (("fwd", lambda: torch._grouped_mm(x, w, offs=offs)),
                          ("dgrad", lambda: torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs)),
                          ("wgrad", lambda: torch._grouped_mm(x.t(), dy, offs=offs))):
-            rows.append((f"{name} {part}", _ms(fn, a.reps), 2 * rows_total * k * n, a.layers))
+            rows.append((f"{name} {part}", median_ms(fn, "cuda", 3, a.reps),
+                         2 * rows_total * k * n, a.layers))
 
     dense("qkv", t, h, 3 * h)
     dense("proj", t, h, h)
@@ -84,7 +78,7 @@ def main() -> None:
         o.backward(torch.ones_like(o))
 
     # fwd+bwd FLOPs over the full S x S square, as moecore.training.mfu counts them
-    rows.append(("attention fwd+bwd (SDPA, causal)", _ms(attention, a.reps),
+    rows.append(("attention fwd+bwd (SDPA, causal)", median_ms(attention, "cuda", 3, a.reps),
                  3 * 4 * a.micro_batch_size * a.seq * a.seq * h, a.layers))
     print(f"{'op':36s} {'ms/call':>8s} {'calls':>5s} {'TFLOP/s':>8s}")
     for name, ms, flops, calls in rows:

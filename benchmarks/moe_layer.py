@@ -28,9 +28,7 @@ repeats; fresh random inputs are drawn before each iteration, outside the timed 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import elapsed_ms  # noqa: E402
+from benchmarks.timing import median_ms  # noqa: E402
 from moecore.config import TransformerConfig  # noqa: E402
 from moecore.memory import saved_activations  # noqa: E402
 from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
@@ -50,17 +48,6 @@ CONFIGS = {
     "olmoe": dict(hidden=2048, ffn=1024, experts=64, topk=8, tokens=16384),
 }
 TINY = {"tiny": dict(hidden=64, ffn=96, experts=4, topk=2, tokens=256)}
-
-
-def median_ms(step, setup, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``step(*setup())`` in ms; ``setup`` runs outside the timed region."""
-    times = []
-    for i in range(warmup + repeats):
-        args = setup()
-        elapsed = elapsed_ms(functools.partial(step, *args), device)
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
 
 
 def pipelined_ms(step, setup, reset, device: torch.device, repeats: int = 10) -> float | None:
@@ -130,7 +117,7 @@ def time_layer(shape, device, dtype, args, fused: bool = True) -> dict:
         out.backward(dy)
 
     _peak_reset(device)
-    ms = median_ms(step, setup, device, args.warmup, args.repeats)
+    ms = median_ms(step, device, args.warmup, args.repeats, setup)
     peak = _peak_gib(device)
     pipe = pipelined_ms(step, setup, lambda: layer.zero_grad(set_to_none=True), device)
     backend = getattr(layer.experts, "backend", None)
@@ -161,7 +148,7 @@ def time_dense_equivalent(shape, device, dtype, args) -> dict:
         w1.grad = w2.grad = None
 
     _peak_reset(device)
-    ms = median_ms(step, setup, device, args.warmup, args.repeats)
+    ms = median_ms(step, device, args.warmup, args.repeats, setup)
     peak = _peak_gib(device)
     return {"dense_ms": ms, "dense_pipelined_ms": pipelined_ms(step, setup, reset, device),
             "dense_peak_gib": peak}
@@ -219,7 +206,7 @@ def run_backends(args, device, dtype) -> list[dict]:
             grouped_mm(x, w, counts, backend).backward(dy)
 
         _peak_reset(device)
-        ms = median_ms(step, setup, device, args.warmup, args.repeats)
+        ms = median_ms(step, device, args.warmup, args.repeats, setup)
         results.append({"backend": name, "ms": ms, "tflops": flops / ms / 1e9,
                         "peak_gib": _peak_gib(device)})
         print(json.dumps(results[-1]), flush=True)
@@ -228,7 +215,7 @@ def run_backends(args, device, dtype) -> list[dict]:
     def dense_step(x, counts, dy):
         (x @ dense_w).backward(dy)
 
-    ms = median_ms(dense_step, setup, device, args.warmup, args.repeats)
+    ms = median_ms(dense_step, device, args.warmup, args.repeats, setup)
     results.append({"backend": "dense matmul", "ms": ms, "tflops": flops / ms / 1e9,
                     "peak_gib": None})
     for r in results:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,18 +22,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import elapsed_ms  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 from moecore.kernels import optim, rmsnorm  # noqa: E402
 
 
 def _fwd_bwd_ms(fn, x, w, dy, reps: int) -> float:
-    def run():
-        torch.autograd.grad(fn(x, w), (x, w), dy)
-
-    for _ in range(3):
-        run()
-    return statistics.median(elapsed_ms(run, x.device) for _ in range(reps))
+    return median_ms(lambda: torch.autograd.grad(fn(x, w), (x, w), dy), x.device, 3, reps)
 
 
 def main() -> None:

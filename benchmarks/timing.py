@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 from collections.abc import Callable
 
@@ -22,3 +24,15 @@ def elapsed_ms(fn: Callable[[], object], device: torch.device | str) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def median_ms(step: Callable[..., object], device: torch.device | str, warmup: int,
+              repeats: int, setup: Callable[[], tuple] = tuple) -> float:
+    """Median :func:`elapsed_ms` of ``step(*setup())`` over ``repeats`` runs after ``warmup``
+    untimed ones; ``setup`` (fresh inputs, none by default) runs outside the timed region."""
+    times = []
+    for i in range(warmup + repeats):
+        elapsed = elapsed_ms(functools.partial(step, *setup()), device)
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
