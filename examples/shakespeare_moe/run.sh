@@ -17,6 +17,12 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
         --micro-batch-size 64 --global-batch-size 64 --train-iters 1000
         --lr-warmup-iters 100 --lr-decay-iters 1000 --eval-interval 50 --eval-iters 100
         --hidden-dropout 0.2 --attention-dropout 0.2 --bf16 --moe-grouped-gemm)
+  # This model is too small to keep a GPU busy from Python: replay each step as a CUDA graph
+  # (~4x faster, same numbers) where it can be captured (torch._grouped_mm on sm90+, Triton).
+  if python -c "import importlib.util as u, sys, torch
+sys.exit(0 if torch.cuda.get_device_capability()[0] >= 9 and u.find_spec('triton') else 1)"; then
+    SIZE+=(--cuda-graph-impl local)
+  fi
 else
   SIZE=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
         --max-position-embeddings 64 --ffn-hidden-size 256 --moe-ffn-hidden-size 64

@@ -36,8 +36,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--retro-project-dir": "Retro", "--cpu-offloading-num-layers": "activation CPU offload",
     "--optimizer-cpu-offload": "optimizer CPU offload",
     "--use-precision-aware-optimizer": "precision-aware optimizer",
-    "--enable-cuda-graph": "CUDA graphs", "--cuda-graph-impl": "CUDA graphs",
-    "--external-cuda-graph": "CUDA graphs", "--use-legacy-models": "legacy (non-core) models",
+    "--external-cuda-graph": "Transformer Engine CUDA graphs; use --cuda-graph-impl local",
+    "--use-legacy-models": "legacy (non-core) models",
     "--is-hybrid-model": "hybrid Mamba models", "--hybrid-override-pattern": "hybrid models",
     "--heterogeneous-layers-config-path": "heterogeneous layers",
     "--rampup-batch-size": "batch-size ramp-up", "--window-size": "sliding-window attention",
@@ -173,6 +173,19 @@ def _add_training_args(p):
                    "CUDA).")
     g.add_argument("--no-rope-fusion", action="store_false", dest="apply_rope_fusion",
                    help="Unfused RoPE (default: a fused Triton kernel on CUDA).")
+    g.add_argument("--cuda-graph-impl", default="none",
+                   choices=["none", "local", "transformer_engine"],
+                   help="local: capture each training micro-batch's forward-backward in a CUDA "
+                   "graph after the warm-up iterations and replay it (one GPU or data "
+                   "parallel; see moecore.training.cuda_graph).")
+    g.add_argument("--enable-cuda-graph", action="store_true",
+                   help="Megatron's older spelling of --cuda-graph-impl local.")
+    g.add_argument("--cuda-graph-scope", default="full_iteration",
+                   choices=["full", "attn", "full_iteration"],
+                   help="What one graph holds; moecore captures whole micro-batches "
+                   "(full_iteration) only.")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
+                   help="Eager training iterations before the first capture.")
     for flag, why in [
         ("--use-mcore-models", "moecore models are the Megatron-Core ones"),
         ("--no-masked-softmax-fusion", "attention uses torch SDPA, no masked-softmax kernel"),

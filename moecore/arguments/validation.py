@@ -272,6 +272,65 @@ def _validate_precision_and_data(args) -> None:
         args.split = "969, 30, 1"
 
 
+def _validate_cuda_graph(args) -> None:
+    """``--enable-cuda-graph`` / ``--cuda-graph-impl``: only ``local`` with the
+    ``full_iteration`` scope (``moecore.training.cuda_graph``), and only for configurations
+    whose training step it can capture."""
+    if args.enable_cuda_graph and args.cuda_graph_impl == "none":
+        args.cuda_graph_impl = "local"  # Megatron's deprecated spelling of the same
+    if args.cuda_graph_impl == "transformer_engine":
+        raise ValueError("--cuda-graph-impl transformer_engine (Transformer Engine's "
+                         "make_graphed_callables) is not supported; use --cuda-graph-impl local")
+    if args.cuda_graph_impl != "local":
+        return
+    flag = "--cuda-graph-impl local"
+    if args.cuda_graph_scope != "full_iteration":
+        raise ValueError(f"--cuda-graph-scope {args.cuda_graph_scope} (per-layer graphs) is not "
+                         "supported: moecore captures whole micro-batches; use "
+                         "--cuda-graph-scope full_iteration (the default)")
+    if args.device != "cuda":
+        raise ValueError(f"{flag} needs a CUDA device (--device {args.device}); drop the flag")
+    sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
+             "--pipeline-model-parallel-size": args.pipeline_model_parallel_size,
+             "--expert-model-parallel-size": args.expert_model_parallel_size,
+             "--expert-tensor-parallel-size": args.expert_tensor_parallel_size or 1,
+             "--context-parallel-size": args.context_parallel_size}
+    for name, size in sizes.items():
+        if size != 1:
+            raise ValueError(f"{flag} supports data parallelism only so far: {name} {size} "
+                             "(its collectives and host-side split sizes are not captured); "
+                             f"drop {flag} or use {name} 1")
+    problems = {
+        "--fp16": (args.fp16, "its dynamic loss scale changes between steps; use --bf16"),
+        "--recompute-granularity / --moe-layer-recompute": (
+            args.recompute_granularity is not None or args.moe_layer_recompute,
+            "recompute saves and restores the CUDA RNG state"),
+        "--overlap-grad-reduce / --overlap-param-gather": (
+            args.overlap_grad_reduce or args.overlap_param_gather,
+            "their collectives start from Python hooks"),
+        "--moe-expert-capacity-factor": (
+            args.num_experts is not None and args.moe_expert_capacity_factor is not None,
+            "token dropping sizes its buffers on the host; use dropless routing"),
+        "--moe-router-load-balancing-type sinkhorn": (
+            args.num_experts is not None and args.moe_router_load_balancing_type == "sinkhorn",
+            "Sinkhorn iterates until a host-side convergence test"),
+        "MoE without --moe-grouped-gemm": (
+            args.num_experts is not None and not args.moe_grouped_gemm,
+            "per-expert MLPs split tokens by host-side counts; pass --moe-grouped-gemm"),
+        "MoE experts outside torch._grouped_mm (bf16 only)": (
+            args.num_experts is not None and (
+                not args.bf16 or args.moe_grouped_gemm_backend not in ("auto", "torch")),
+            "the other grouped-GEMM backends size their GEMMs on the host; pass --bf16 and "
+            "--moe-grouped-gemm-backend auto or torch"),
+    }
+    for what, (bad, why) in problems.items():
+        if bad:
+            raise ValueError(f"{flag} cannot capture the training step with {what}: {why}")
+    if args.cuda_graph_warmup_steps < 1:
+        raise ValueError(f"--cuda-graph-warmup-steps {args.cuda_graph_warmup_steps} must be >= 1 "
+                         "(Triton kernels compile and self-check eagerly before a capture)")
+
+
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Check cross-flag consistency and fill derived values, as Megatron's ``validate_args``.
 
@@ -287,6 +346,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_parallel(args, world_size)
     _validate_pipeline_and_ddp(args)
     _validate_batch_and_schedule(args)
+    _validate_cuda_graph(args)
     if args.num_experts is not None:
         if args.add_bias_linear:
             raise ValueError("MoE expert MLPs have no bias (as Megatron-Core's GroupedMLP); "

@@ -103,9 +103,17 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
 
     @staticmethod
     def set_loss_scale(scale: float | torch.Tensor) -> None:
-        """Multiply the gradient every later backward gives the aux losses (default 1.0)."""
-        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.as_tensor(
-            scale, dtype=torch.float32).detach().clone()
+        """Multiply the gradient every later backward gives the aux losses (default 1.0).
+
+        A scale already on the same device is updated in place, so a captured CUDA graph that
+        reads it (``moecore.training.cuda_graph``) sees the new value.
+        """
+        new = torch.as_tensor(scale, dtype=torch.float32).detach()
+        cur = MoEAuxLossAutoScaler.main_loss_backward_scale
+        if cur is not None and cur.device == new.device and cur.shape == new.shape:
+            cur.copy_(new)
+        else:
+            MoEAuxLossAutoScaler.main_loss_backward_scale = new.clone()
 
 
 def _group_size(group) -> int:
@@ -159,6 +167,36 @@ class MoELossTracker:
         cls._values[name] = cur
         cls._reduce_groups[name] = reduce_group
         cls._avg_groups[name] = avg_group
+
+    @classmethod
+    def add_values(cls, name: str, values: torch.Tensor, reduce_group=None,
+                   avg_group=None) -> None:
+        """Add a whole ``[num_layers]`` vector to ``name`` (what :meth:`save` built for one
+        micro-batch, e.g. the static output of a replayed CUDA graph); ``values`` is copied."""
+        cur = cls._values.get(name)
+        if cur is None or cur.device != values.device:
+            cur = values.detach().float().clone()
+        else:
+            if cur.numel() < values.numel():
+                cur = torch.cat([cur, cur.new_zeros(values.numel() - cur.numel())])
+            cur[:values.numel()] += values.detach().float()
+        cls._values[name] = cur
+        cls._reduce_groups[name] = reduce_group
+        cls._avg_groups[name] = avg_group
+
+    @classmethod
+    def groups(cls, name: str) -> tuple[object, object]:
+        """``(reduce_group, avg_group)`` saved with ``name``."""
+        return cls._reduce_groups.get(name), cls._avg_groups.get(name)
+
+    @classmethod
+    def state(cls) -> tuple[dict, dict, dict]:
+        """Everything saved so far, for :meth:`set_state` (set aside while capturing a graph)."""
+        return dict(cls._values), dict(cls._reduce_groups), dict(cls._avg_groups)
+
+    @classmethod
+    def set_state(cls, state: tuple[dict, dict, dict]) -> None:
+        cls._values, cls._reduce_groups, cls._avg_groups = (dict(d) for d in state)
 
     @classmethod
     def values(cls) -> dict[str, torch.Tensor]:

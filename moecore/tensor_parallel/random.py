@@ -71,17 +71,35 @@ class RNGStatesTracker:
     def reset(self) -> None:
         self.states_: dict[str, dict] = {}
         self.seeds_: set[int] = set()
+        self.generators_: dict[str, torch.Generator] = {}
 
     def is_initialized(self) -> bool:
         return bool(self.states_)
 
     def get_states(self) -> dict[str, dict]:
         """A copy of every named state, for checkpoints and recomputation."""
+        for name, gen in self.generators_.items():
+            self.states_[name]["cuda"] = gen.get_state()
         return {name: dict(state) for name, state in self.states_.items()}
 
     def set_states(self, states: dict[str, dict]) -> None:
         """Replace the named states (e.g. from a checkpoint); seeds are not restored."""
         self.states_ = {name: dict(state) for name, state in states.items()}
+        for name, gen in self.generators_.items():
+            gen.set_state(self.states_[name]["cuda"])
+
+    def make_graph_safe(self) -> list[torch.Generator]:
+        """Keep each stream's CUDA state in a ``torch.Generator`` from now on, and fork by
+        swapping generator states (``graphsafe_set_state``) instead of copying them in and out
+        with ``torch.cuda.set_rng_state``, which a CUDA graph capture forbids. The streams draw
+        the same numbers either way. Returns the generators, which every graph that forks must
+        register (``CUDAGraph.register_generator_state``)."""
+        for name, state in self.states_.items():
+            if name not in self.generators_ and state.get("cuda") is not None:
+                gen = torch.Generator(device=torch.device("cuda", torch.cuda.current_device()))
+                gen.set_state(state["cuda"])
+                self.generators_[name] = gen
+        return list(self.generators_.values())
 
     def add(self, name: str, seed: int) -> None:
         """Create stream ``name`` seeded with ``seed`` without disturbing the default state."""
@@ -104,13 +122,28 @@ class RNGStatesTracker:
             raise RuntimeError(
                 f"RNG stream {name!r} was never added; call "
                 "moecore.tensor_parallel.model_parallel_seed(seed) after initialize_model_parallel")
-        outside = get_device_rng_state()
-        set_device_rng_state(self.states_[name])
+        gen = self.generators_.get(name)
+        if gen is None:
+            outside = get_device_rng_state()
+            set_device_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = get_device_rng_state()
+                set_device_rng_state(outside)
+            return
+        # Graph-safe: the default CUDA generator shares the stream's state while forked, so what
+        # the body draws advances the stream; the CPU state is copied as above.
+        default = torch.cuda.default_generators[gen.device.index]
+        outside_cpu, outside_cuda = torch.get_rng_state(), default.graphsafe_get_state()
+        torch.set_rng_state(self.states_[name]["cpu"])
+        default.graphsafe_set_state(gen.graphsafe_get_state())
         try:
             yield
         finally:
-            self.states_[name] = get_device_rng_state()
-            set_device_rng_state(outside)
+            default.graphsafe_set_state(outside_cuda)
+            self.states_[name]["cpu"] = torch.get_rng_state()
+            torch.set_rng_state(outside_cpu)
 
 
 _RNG_STATE_TRACKER = RNGStatesTracker()

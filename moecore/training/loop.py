@@ -26,6 +26,7 @@ from moecore.optimizer import (
 from moecore.parallel_state import ParallelState
 from moecore.pipeline_parallel import get_forward_backward_func, make_data_iterators
 from moecore.training import builders, initialize
+from moecore.training.cuda_graph import MicroBatchGraphs
 from moecore.training.logger import print_rank_0
 from moecore.training.state import RunState
 
@@ -66,14 +67,55 @@ def forward_step_func(data_iterator, model: nn.Module):
     return forward_step(model, batch), partial(_loss_func, batch["loss_mask"])
 
 
+class DataRanOut(RuntimeError):
+    """The data iterator stopped before the run needed it to."""
+
+
 def _next_batches(data_iterator, n: int, device: torch.device, what: str) -> list[dict]:
     batches = []
     for _ in range(n):
         try:
             batches.append(builders.batch_to_device(next(data_iterator), device))
         except StopIteration:
-            raise RuntimeError(what) from None
+            raise DataRanOut(what) from None
     return batches
+
+
+_TRAIN_DATA_RAN_OUT = ("the training data ran out before --train-iters/--train-samples was "
+                       "reached; the dataset is smaller than the run")
+
+
+class BatchPrefetcher:
+    """The training iterator, one iteration ahead: :meth:`prefetch` fetches the next
+    iteration's micro-batches (to the device) while the GPU still runs this one's
+    forward-backward, so the host does not fetch them after the optimizer's sync while the GPU
+    waits. Running out of data is reported by the :meth:`take` that needs the batches.
+    Prefetched batches are not counted as consumed: a checkpoint resumes from the run's
+    ``consumed_train_samples``."""
+
+    def __init__(self, data_iterator, device: torch.device):
+        self.data_iterator, self.device = data_iterator, device
+        self.ready: list[dict] | None = None
+        self.ran_out = False
+
+    def prefetch(self, n: int) -> None:
+        if self.ready is None and not self.ran_out:
+            try:
+                self.ready = _next_batches(self.data_iterator, n, self.device, "")
+            except DataRanOut:
+                self.ran_out = True
+
+    def take(self, n: int) -> list[dict]:
+        """This iteration's ``n`` micro-batches."""
+        if self.ready is None:
+            if self.ran_out:
+                raise DataRanOut(_TRAIN_DATA_RAN_OUT)
+            return _next_batches(self.data_iterator, n, self.device, _TRAIN_DATA_RAN_OUT)
+        batches, self.ready = self.ready, None
+        if len(batches) != n:
+            raise RuntimeError(f"prefetched {len(batches)} micro-batches but the iteration "
+                               f"needs {n}")
+        return batches
 
 
 def _last_stage_mean(store: list[dict], ps: ParallelState, device) -> torch.Tensor:
@@ -122,16 +164,20 @@ class PhaseTimer:
 
 
 def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
-               args, ps: ParallelState) -> dict:
+               args, ps: ParallelState, graphs: MicroBatchGraphs | None = None) -> dict:
     """One iteration over ``args.num_microbatches`` micro-batches.
 
-    ``model`` is a module or this rank's list of pipeline model chunks. The schedule
+    ``model`` is a module or this rank's list of pipeline model chunks; ``data_iterator``
+    yields micro-batches, or is a :class:`BatchPrefetcher` (``pretrain``'s), which this step
+    asks for the next iteration's batches once the forward-backward is queued. The schedule
     (no pipelining, 1F1B or interleaved; :func:`get_forward_backward_func`) back-propagates each
     micro-batch's masked-mean loss ``/ num_microbatches`` (times the fp16 loss scale), so
     gradients are the mean over the global batch; MoE aux losses reach each stage's routers
     through :class:`MoEAuxLossAutoScaler` with the same scaling. Returns ``{"lm loss": DP-mean
     loss (a 0-dim device tensor: reading it waits for the step), "grad_norm", "updated", "lr",
     "timer"}`` (the same on every rank; ``timer`` is the step's :class:`PhaseTimer`).
+    With ``graphs`` (``--cuda-graph-impl local``) each micro-batch's forward-backward is a
+    replayed CUDA graph after the warm-up iterations.
     """
     chunks = _chunks(model)
     device = torch.device(args.device)
@@ -139,13 +185,23 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     timer.mark("start")
     for c in chunks:
         c.train()
-    batches = _next_batches(data_iterator, args.num_microbatches, device,
-                            "the training data ran out before --train-iters/--train-samples "
-                            "was reached; the dataset is smaller than the run")
+    prefetcher = data_iterator if isinstance(data_iterator, BatchPrefetcher) else None
+    if prefetcher is not None:
+        batches = prefetcher.take(args.num_microbatches)
+    else:
+        batches = _next_batches(data_iterator, args.num_microbatches, device,
+                                _TRAIN_DATA_RAN_OUT)
     optimizer.zero_grad()
     MoELossTracker.clear()
     timer.mark("batch")
-    store = _run_schedule(chunks, batches, args, ps, forward_only=False, optimizer=optimizer)
+    if graphs is None:
+        store = _run_schedule(chunks, batches, args, ps, forward_only=False, optimizer=optimizer)
+    else:
+        store = graphs.run(batches, forward_step_func,
+                           partial(_run_schedule, chunks, batches, args, ps, False, optimizer),
+                           optimizer.scale_loss)
+    if prefetcher is not None:  # the GPU is busy with this iteration: fetch the next one
+        prefetcher.prefetch(args.num_microbatches)
     timer.mark("forward-backward")
     finalize_model_grads(chunks, ps, getattr(optimizer, "grad_sync", None))
     timer.mark("grad-sync")
@@ -249,9 +305,15 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
     """Iterate to ``--train-iters``; True when an exit condition stopped the run early."""
     start = time.time()
     saved = False
+    graphs = None
+    if getattr(args, "cuda_graph_impl", "none") == "local":
+        graphs = MicroBatchGraphs(model, args.cuda_graph_warmup_steps)
+        run.log(f" > CUDA graphs: each micro-batch's forward-backward is captured after "
+                f"{args.cuda_graph_warmup_steps} eager iterations and replayed")
+    batches = BatchPrefetcher(train_it, torch.device(args.device))
     while run.iteration < args.train_iters:
         run.iteration_start()
-        out = train_step(model, optimizer, scheduler, train_it, args, ps)
+        out = train_step(model, optimizer, scheduler, batches, args, ps, graphs)
         it = run.iteration + 1
         do_eval = bool(args.eval_interval and it % args.eval_interval == 0
                        and valid_it is not None and args.eval_iters > 0)
