@@ -311,6 +311,11 @@ def _validate_cuda_graph(args) -> None:
         "--moe-expert-capacity-factor": (
             args.num_experts is not None and args.moe_expert_capacity_factor is not None,
             "token dropping sizes its buffers on the host; use dropless routing"),
+        "--moe-router-load-balancing-type global_aux_loss and data parallelism": (
+            args.num_experts is not None and args.moe_router_load_balancing_type ==
+            "global_aux_loss" and getattr(args, "data_parallel_size", 1) > 1,
+            "it all-reduces the token counts over data parallel inside the forward; use "
+            "aux_loss or seq_aux_loss"),
         "--moe-router-load-balancing-type sinkhorn": (
             args.num_experts is not None and args.moe_router_load_balancing_type == "sinkhorn",
             "Sinkhorn iterates until a host-side convergence test"),

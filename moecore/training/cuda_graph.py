@@ -14,8 +14,9 @@ Protocol, per training iteration (``run``):
 3. The graph is looked up by the *Python-side* state that decides which kernels a backward
    launches: per parameter, whether its fp32 ``main_grad`` is stale (the first micro-batch after
    ``zero_grad`` overwrites it, later ones add) and which tensor ``param.grad`` is; plus the
-   number of micro-batches (the loss is divided by it). In practice there are two graphs: the
-   first micro-batch of an iteration and the others. A missing one is captured (a capture
+   number of micro-batches (the loss is divided by it). In practice there are two graphs (the
+   first micro-batch of an iteration and the others), or one with the distributed optimizer,
+   whose gradient buffers are zeroed and always added to. A missing one is captured (a capture
    records kernels without running them), then replayed.
 4. After a replay, what Python would have done is redone: the parameters' ``grad`` /
    ``_main_grad_stale`` are set to their state at the end of the capture, the micro-batch's
@@ -29,10 +30,12 @@ static inputs).
 Dropout works: the default CUDA generator is graph-safe, and the tensor-parallel RNG tracker
 switches to generator objects that each graph registers (``RNGStatesTracker.make_graph_safe``).
 The step must not synchronise with the host or copy RNG states (``torch.cuda.set_rng_state``):
-``validate_args`` rejects the configurations known to (pipeline/tensor/expert/context
-parallelism, fp16's dynamic loss scale, activation recompute, overlapped grad reduction or param
-gather, capacity-factor token dropping, Sinkhorn routing, experts outside ``torch._grouped_mm``),
-and a capture that fails anyway raises an error naming the flag to drop.
+``validate_args`` (and, for the experts' GEMM backend, :class:`MicroBatchGraphs`) rejects the
+configurations known to (pipeline/tensor/expert/context parallelism, fp16's dynamic loss scale,
+activation recompute, overlapped grad reduction or param gather, capacity-factor token
+dropping, Sinkhorn routing, the global aux loss under data parallelism, experts outside
+``torch._grouped_mm``), and a capture that fails anyway raises an error naming the flag to
+drop.
 """
 
 from __future__ import annotations

@@ -62,36 +62,32 @@ class RerunBackend:
         self.reruns += 1
 
 
-def _train(argv, graphs_backend=None, monkeypatch=None):
+def train(argv, backend=None):
+    """``pretrain(argv)`` -> (summary, model, graph runners); with ``backend``, the run uses
+    ``--cuda-graph-impl local`` (one warm-up iteration) through that backend."""
     args = parse_args(argv)
-    models = []
+    models, runners = [], []
 
     def provider(config, a, ps, **stage):
         models.append(default_model_provider(config, a, ps, **stage))
         return models[-1]
 
-    runners = []
-    if graphs_backend is not None:
+    def make(model, warmup):
+        runners.append(MicroBatchGraphs(model, warmup, backend=backend))
+        return runners[-1]
+
+    if backend is not None:
         args.cuda_graph_impl, args.cuda_graph_warmup_steps = "local", 1
-
-        def make(model, warmup):
-            runners.append(MicroBatchGraphs(model, warmup, backend=graphs_backend))
-            return runners[-1]
-
-        monkeypatch.setattr(loop, "MicroBatchGraphs", make)
-    summary = pretrain(args, model_provider=provider)
+    original, loop.MicroBatchGraphs = loop.MicroBatchGraphs, make
+    try:
+        summary = pretrain(args, model_provider=provider)
+    finally:
+        loop.MicroBatchGraphs = original
     return summary, models[0], runners
 
 
-@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32-grad", "bf16-main-grad"])
-def test_graphed_training_matches_eager(monkeypatch, precision):
-    eager, eager_model, _ = _train(ARGV + precision)
-    backend = RerunBackend()
-    graphed, graphed_model, runners = _train(ARGV + precision, backend, monkeypatch)
-    # 1 warm-up iteration, then 4 x 3 micro-batches: two graphs (first micro-batch of an
-    # iteration, and the others), every later micro-batch a replay.
-    assert backend.eager_runs == 1 and backend.captures == 2
-    assert runners[0].replays == 12 and backend.reruns == 10
+def assert_same_training(eager, eager_model, graphed, graphed_model) -> None:
+    """Graphed training gave exactly eager training's losses, norms, MoE losses and weights."""
     assert graphed["lm_loss"] == eager["lm_loss"] and len(eager["lm_loss"]) == 5
     assert graphed["grad_norm"] == eager["grad_norm"]
     assert graphed["moe_losses"] == eager["moe_losses"]
@@ -100,15 +96,27 @@ def test_graphed_training_matches_eager(monkeypatch, precision):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32-grad", "bf16-main-grad"])
+def test_graphed_training_matches_eager(precision):
+    eager, eager_model, _ = train(ARGV + precision)
+    backend = RerunBackend()
+    graphed, graphed_model, runners = train(ARGV + precision, backend)
+    # 1 warm-up iteration, then 4 x 3 micro-batches: two graphs (first micro-batch of an
+    # iteration, and the others), every later micro-batch a replay.
+    assert backend.eager_runs == 1 and backend.captures == 2
+    assert runners[0].replays == 12 and backend.reruns == 10
+    assert_same_training(eager, eager_model, graphed, graphed_model)
+
+
 def test_stale_static_inputs_would_be_caught(monkeypatch):
     """If the runner skipped copying a micro-batch into the static buffers, every replay would
     train on the captured micro-batch again: the losses would differ from eager training."""
-    eager, _, _ = _train(ARGV)
+    eager, _, _ = train(ARGV)
     monkeypatch.setattr(MicroBatchGraphs, "_load", lambda self, batch: (
         None if self.static_batch is not None else
         setattr(self, "static_batch", {k: v.clone() for k, v in batch.items()
                                        if isinstance(v, torch.Tensor)})))
-    broken, _, _ = _train(ARGV, RerunBackend(), monkeypatch)
+    broken, _, _ = train(ARGV, RerunBackend())
     assert broken["lm_loss"][0] == eager["lm_loss"][0]  # the warm-up iteration is eager
     assert broken["lm_loss"][1:] != eager["lm_loss"][1:]
 
@@ -139,6 +147,8 @@ def _cuda_args(*extra):
     ([], "overlap_grad_reduce", True, "--overlap-grad-reduce"),
     ([], "moe_expert_capacity_factor", 1.0, "capacity"),
     ([], "moe_router_load_balancing_type", "sinkhorn", "Sinkhorn"),
+    (["--moe-router-load-balancing-type", "global_aux_loss"], "data_parallel_size", 2,
+     "global_aux_loss"),
     ([], "moe_grouped_gemm", False, "--moe-grouped-gemm"),
     ([], "cuda_graph_warmup_steps", 0, "warmup-steps"),
     ([], "cuda_graph_scope", "full", "full_iteration"),
