@@ -175,9 +175,9 @@ def _add_training_args(p):
                    help="Unfused RoPE (default: a fused Triton kernel on CUDA).")
     g.add_argument("--cuda-graph-impl", default="none",
                    choices=["none", "local", "transformer_engine"],
-                   help="local: capture each training micro-batch's forward-backward in a CUDA "
-                   "graph after the warm-up iterations and replay it (one GPU or data "
-                   "parallel; see moecore.training.cuda_graph).")
+                   help="local: capture each training micro-batch's forward-backward (and the "
+                   "evaluation forward) in a CUDA graph after the warm-up iterations and replay "
+                   "it (one GPU or data parallel; see moecore.training.cuda_graph).")
     g.add_argument("--enable-cuda-graph", action="store_true",
                    help="Megatron's older spelling of --cuda-graph-impl local.")
     g.add_argument("--cuda-graph-scope", default="full_iteration",

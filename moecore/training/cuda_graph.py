@@ -1,5 +1,7 @@
 """CUDA graphs of whole micro-batches: ``--cuda-graph-impl local`` (Megatron's
 ``--cuda-graph-scope full_iteration`` at micro-batch granularity; the optimizer stays eager).
+Evaluation forwards are replayed too, through one forward-only graph (``run(...,
+forward_only=True)``), after the first evaluation iteration ran eagerly.
 
 A training micro-batch launches ~2,000 kernels (embedding, every layer's attention, router,
 permute, grouped GEMMs, the loss, the whole backward and the fp32 main-grad accumulation). With
@@ -141,26 +143,34 @@ class MicroBatchGraphs:
         self.backend = backend
         self.static_batch: dict[str, torch.Tensor] | None = None
         self.graphs: dict[tuple, _Graph] = {}
-        self.steps = 0
+        self.steps = self.evals = 0
         self.replays = 0
 
     def run(self, batches: list[dict], forward_step_func: Callable, eager_schedule: Callable,
-            grad_scale_func: Callable | None = None) -> list[dict]:
-        """Forward and backward every micro-batch of one iteration; returns the schedule's
-        per-micro-batch loss dicts. ``eager_schedule()`` runs the iteration without graphs
-        (used for the warm-up iterations)."""
-        self.steps += 1
-        if self.steps <= self.warmup_steps:
-            return self.backend.eager(eager_schedule)
+            grad_scale_func: Callable | None = None, forward_only: bool = False) -> list[dict]:
+        """Forward and backward (or, with ``forward_only``, the evaluation forward of) every
+        micro-batch of one iteration; returns the schedule's per-micro-batch loss dicts.
+        ``eager_schedule()`` runs the iteration without graphs: for the training warm-up
+        iterations, and for the first evaluation (forward-only kernels warm up there)."""
+        if forward_only:
+            self.evals += 1
+            if self.evals == 1 or self.steps < self.warmup_steps:
+                return self.backend.eager(eager_schedule)
+        else:
+            self.steps += 1
+            if self.steps <= self.warmup_steps:
+                return self.backend.eager(eager_schedule)
         n = len(batches)
-        _set_aux_loss_scale(n, grad_scale_func, self.model)
+        if not forward_only:
+            _set_aux_loss_scale(n, grad_scale_func, self.model)
         store = []
         for batch in batches:
             self._load(batch)
-            key = self._key(n)
+            key = ("forward", n, self.model.training) if forward_only else self._key(n)
             graph = self.graphs.get(key)
             if graph is None:
-                graph = self.graphs[key] = self._capture(n, forward_step_func, grad_scale_func)
+                graph = self.graphs[key] = self._capture(n, forward_step_func, grad_scale_func,
+                                                         forward_only)
             self.backend.replay(graph.handle)
             self.replays += 1
             store.append(self._publish(graph))
@@ -185,14 +195,16 @@ class MicroBatchGraphs:
             (getattr(p, "_main_grad_stale", None), None if p.grad is None else id(p.grad))
             for p in self.params))
 
-    def _capture(self, n: int, forward_step_func: Callable, grad_scale_func) -> _Graph:
+    def _capture(self, n: int, forward_step_func: Callable, grad_scale_func,
+                 forward_only: bool = False) -> _Graph:
         names: dict[str, list] = {}
 
         def step() -> list[torch.Tensor]:
             store: list[dict] = []
             loss = forward_step(forward_step_func, iter([self.static_batch]), self.model, n,
                                 None, store, True)
-            backward_step(None, loss, None, grad_scale_func)
+            if not forward_only:
+                backward_step(None, loss, None, grad_scale_func)
             names["loss"] = sorted(store[0])
             values = MoELossTracker.values()
             names["tracker"] = sorted(values)
@@ -207,14 +219,15 @@ class MicroBatchGraphs:
             tracker = [(name, *MoELossTracker.groups(name)) for name in names["tracker"]]
         except RuntimeError as e:
             raise RuntimeError(
-                "capturing a training micro-batch into a CUDA graph failed. Some op in the "
+                "capturing a micro-batch into a CUDA graph failed. Some op in the "
                 "forward or backward synchronises with the host or changes RNG state (known: "
                 "the non-fused MoE permute (--no-moe-permute-fusion or a failed Triton "
                 "self-check), grouped-GEMM backends other than torch._grouped_mm). Run "
                 f"without --cuda-graph-impl. Cause: {e}") from e
         finally:
             MoELossTracker.set_state(saved)
-        after = [(p, getattr(p, "_main_grad_stale", None), p.grad) for p in self.params]
+        after = [] if forward_only else [(p, getattr(p, "_main_grad_stale", None), p.grad)
+                                         for p in self.params]
         return _Graph(handle, outputs, names["loss"], tracker, after)
 
     def _publish(self, graph: _Graph) -> dict:

@@ -221,10 +221,11 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
 
 
 @torch.no_grad()
-def evaluate(model, data_iterator, args, ps: ParallelState,
-             num_iters: int | None = None) -> tuple[dict[str, float], int]:
+def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | None = None,
+             graphs: MicroBatchGraphs | None = None) -> tuple[dict[str, float], int]:
     """Mean masked loss over ``num_iters`` (``--eval-iters``) global batches; returns
-    ``({"lm loss": value}, samples consumed)``."""
+    ``({"lm loss": value}, samples consumed)``. With ``graphs`` the forwards are replayed CUDA
+    graphs (after the first evaluation)."""
     num_iters = args.eval_iters if num_iters is None else num_iters
     chunks = _chunks(model)
     device = torch.device(args.device)
@@ -235,7 +236,12 @@ def evaluate(model, data_iterator, args, ps: ParallelState,
         batches = _next_batches(data_iterator, args.num_microbatches, device,
                                 "the validation data ran out; raise the valid share of "
                                 "--split or lower --eval-iters")
-        store += _run_schedule(chunks, batches, args, ps, forward_only=True)
+        if graphs is None:
+            store += _run_schedule(chunks, batches, args, ps, forward_only=True)
+        else:
+            store += graphs.run(batches, forward_step_func,
+                                partial(_run_schedule, chunks, batches, args, ps, True),
+                                forward_only=True)
     MoELossTracker.clear()  # eval forwards must not leak into the next training log
     for c in chunks:
         c.train()
@@ -288,10 +294,17 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         train_it = builders.make_iterator(train_ds, args, run.consumed_train_samples, ps)
         valid_it = builders.make_iterator(valid_ds, args, run.consumed_valid_samples, ps)
         exited = False
+        graphs = None
+        if getattr(args, "cuda_graph_impl", "none") == "local":
+            graphs = MicroBatchGraphs(model, args.cuda_graph_warmup_steps)
+            run.log(f" > CUDA graphs: each micro-batch's forward-backward (and evaluation "
+                    f"forward) is captured after {args.cuda_graph_warmup_steps} eager "
+                    "iterations and replayed")
         if not args.skip_train:
-            exited = _train(run, model, optimizer, scheduler, train_it, valid_it, args, ps)
+            exited = _train(run, model, optimizer, scheduler, train_it, valid_it, args, ps,
+                            graphs)
         if not exited:  # --exit-interval/--exit-duration-in-mins stop right after the save
-            _final_evals(run, model, valid_it, test_ds, args, ps)
+            _final_evals(run, model, valid_it, test_ds, args, ps, graphs)
         return run.summary()
     finally:
         if run is not None:
@@ -301,15 +314,11 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
             dist.destroy_process_group()
 
 
-def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps) -> bool:
+def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,
+           graphs: MicroBatchGraphs | None) -> bool:
     """Iterate to ``--train-iters``; True when an exit condition stopped the run early."""
     start = time.time()
     saved = False
-    graphs = None
-    if getattr(args, "cuda_graph_impl", "none") == "local":
-        graphs = MicroBatchGraphs(model, args.cuda_graph_warmup_steps)
-        run.log(f" > CUDA graphs: each micro-batch's forward-backward is captured after "
-                f"{args.cuda_graph_warmup_steps} eager iterations and replayed")
     batches = BatchPrefetcher(train_it, torch.device(args.device))
     while run.iteration < args.train_iters:
         run.iteration_start()
@@ -323,7 +332,7 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
         run.iteration_end(out, flush=do_eval or save or exit_now or it == args.train_iters
                           or bool(args.exit_duration_in_mins))
         if do_eval:
-            losses, used = evaluate(model, valid_it, args, ps)
+            losses, used = evaluate(model, valid_it, args, ps, graphs=graphs)
             run.consumed_valid_samples += used
             run.log_validation(f"iteration {it}", losses, it)
         if args.exit_duration_in_mins:
@@ -345,17 +354,18 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
     return False
 
 
-def _final_evals(run: RunState, model, valid_it, test_ds, args, ps) -> None:
+def _final_evals(run: RunState, model, valid_it, test_ds, args, ps,
+                 graphs: MicroBatchGraphs | None) -> None:
     if args.eval_iters <= 0:
         return
     it = run.iteration
     if valid_it is not None and not (args.eval_interval and it % args.eval_interval == 0 and
                                      it > run.start_iteration):
-        losses, used = evaluate(model, valid_it, args, ps)
+        losses, used = evaluate(model, valid_it, args, ps, graphs=graphs)
         run.consumed_valid_samples += used
         run.log_validation(f"iteration {it} on validation set", losses, it)
     test_it = builders.make_iterator(test_ds, args, 0, ps)
     if test_it is not None:
-        losses, _ = evaluate(model, test_it, args, ps)
+        losses, _ = evaluate(model, test_it, args, ps, graphs=graphs)
         run.test_loss = losses["lm loss"]
         run.log_validation(f"iteration {it} on test set", losses, it, split="test")

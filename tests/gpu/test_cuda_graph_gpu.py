@@ -27,7 +27,8 @@ BASE = ["--num-layers", "2", "--hidden-size", "256", "--num-attention-heads", "4
         "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--mock-data",
         "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--micro-batch-size", "4",
         "--global-batch-size", "12", "--lr", "1e-3", "--train-iters", "6", "--log-interval", "1",
-        "--eval-iters", "0", "--split", "100,0,0", "--device", "cuda", "--seed", "11",
+        "--eval-iters", "2", "--eval-interval", "3", "--split", "80,20,0", "--device", "cuda",
+        "--seed", "11",
         "--attention-dropout", "0", "--hidden-dropout", "0", "--clip-grad", "1.0"]
 MOE = ["--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "256",
        "--moe-grouped-gemm", "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3",
@@ -60,7 +61,13 @@ def test_graphed_training_matches_eager(monkeypatch, argv):
     graphed, graphed_model, runners = _train(
         argv + ["--cuda-graph-impl", "local", "--cuda-graph-warmup-steps", "2"], monkeypatch)
     (runner,) = runners
-    assert len(runner.graphs) == 2 and runner.replays == 4 * 3
+    # two training graphs (4 x 3 replays) and one evaluation graph (validation at 3 and 6, then
+    # test; 2 x 3 micro-batches each, the first evaluation iteration eager)
+    assert len(runner.graphs) == 3 and runner.replays == 4 * 3 + 5 * 3
+    assert graphed["val_loss"].keys() == eager["val_loss"].keys() == {3, 6}
+    torch.testing.assert_close(torch.tensor(list(graphed["val_loss"].values())),
+                               torch.tensor(list(eager["val_loss"].values())), rtol=1e-5, atol=0)
+    assert math.isclose(graphed["test_loss"], eager["test_loss"], rel_tol=1e-5)
     torch.testing.assert_close(torch.tensor(graphed["lm_loss"]), torch.tensor(eager["lm_loss"]),
                                rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(graphed["grad_norm"]),

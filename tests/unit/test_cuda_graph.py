@@ -29,7 +29,8 @@ ARGV = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--disable-bias-linear", "--mock-data", "--vocab-size", "64",
         "--tokenizer-type", "NullTokenizer", "--micro-batch-size", "2",
         "--global-batch-size", "6", "--lr", "1e-3", "--train-iters", "5", "--log-interval", "1",
-        "--eval-iters", "0", "--split", "100,0,0", "--device", "cpu", "--seed", "7",
+        "--eval-iters", "2", "--eval-interval", "2", "--split", "80,20,0", "--device", "cpu",
+        "--seed", "7",
         "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 
@@ -89,6 +90,8 @@ def train(argv, backend=None):
 def assert_same_training(eager, eager_model, graphed, graphed_model) -> None:
     """Graphed training gave exactly eager training's losses, norms, MoE losses and weights."""
     assert graphed["lm_loss"] == eager["lm_loss"] and len(eager["lm_loss"]) == 5
+    assert graphed["val_loss"] == eager["val_loss"] and len(eager["val_loss"]) == 3
+    assert graphed["test_loss"] == eager["test_loss"] is not None
     assert graphed["grad_norm"] == eager["grad_norm"]
     assert graphed["moe_losses"] == eager["moe_losses"]
     assert set(eager["moe_losses"][0]) == {"load_balancing_loss", "z_loss"}
@@ -101,10 +104,12 @@ def test_graphed_training_matches_eager(precision):
     eager, eager_model, _ = train(ARGV + precision)
     backend = RerunBackend()
     graphed, graphed_model, runners = train(ARGV + precision, backend)
-    # 1 warm-up iteration, then 4 x 3 micro-batches: two graphs (first micro-batch of an
-    # iteration, and the others), every later micro-batch a replay.
-    assert backend.eager_runs == 1 and backend.captures == 2
-    assert runners[0].replays == 12 and backend.reruns == 10
+    # Training: 1 warm-up iteration, then 4 x 3 micro-batches through two graphs (the first
+    # micro-batch of an iteration, and the others). Evaluation (validation at iterations 2, 4
+    # and 5, then test; 2 iterations of 3 micro-batches each): the first iteration eager, the
+    # other 7 through one forward-only graph.
+    assert backend.eager_runs == 2 and backend.captures == 3
+    assert runners[0].replays == 12 + 21 and backend.reruns == 33 - 3
     assert_same_training(eager, eager_model, graphed, graphed_model)
 
 
