@@ -18,11 +18,11 @@ from moecore.pipeline_parallel.schedules import (
     _as_list,
     _communicator,
     _requires_grad,
-    _set_aux_loss_scale,
     _Sync,
     backward_step,
     forward_backward_pipelining_without_interleaving,
     forward_step,
+    set_aux_loss_scale,
 )
 
 
@@ -165,7 +165,7 @@ def forward_backward_pipelining_with_interleaving(
                          f"({num_microbatches}) to be a multiple of the pipeline size {pp}; "
                          "change --global-batch-size or --micro-batch-size")
     comm = _communicator(models[0], config, seq_length, micro_batch_size, ps)
-    _set_aux_loss_scale(num_microbatches, grad_scale_func, models[0])
+    set_aux_loss_scale(num_microbatches, grad_scale_func, models[0])
     sync = _Sync(grad_sync, forward_only)
     sync.disable()
     total = num_microbatches * len(models)

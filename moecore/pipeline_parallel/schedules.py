@@ -48,7 +48,7 @@ def _model_config(model: nn.Module, config):
     return cfg
 
 
-def _set_aux_loss_scale(num_microbatches: int, grad_scale_func, model=None) -> None:
+def set_aux_loss_scale(num_microbatches: int, grad_scale_func, model=None) -> None:
     # On the model's device: a host tensor would be copied to the GPU (a host sync) in the
     # backward of every MoE layer.
     param = next(iter(_as_list(model)[0].parameters()), None) if model is not None else None
@@ -114,7 +114,7 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
     if len(models) != 1:
         raise ValueError(f"no-pipelining schedule takes one model chunk, got {len(models)}")
     model, data_iterator = models[0], iters[0]
-    _set_aux_loss_scale(num_microbatches, grad_scale_func, model)
+    set_aux_loss_scale(num_microbatches, grad_scale_func, model)
     sync, store = _Sync(grad_sync, forward_only), []
     sync.disable()
     for i in range(num_microbatches):
@@ -156,7 +156,7 @@ def forward_backward_pipelining_without_interleaving(
                          "interleaved schedule for virtual pipeline stages")
     model, data_iterator = models[0], iters[0]
     comm = _communicator(model, config, seq_length, micro_batch_size, ps)
-    _set_aux_loss_scale(num_microbatches, grad_scale_func, model)
+    set_aux_loss_scale(num_microbatches, grad_scale_func, model)
     last = ps.is_pipeline_last_stage()
     sync, store = _Sync(grad_sync, forward_only), []
     sync.disable()

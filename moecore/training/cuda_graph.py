@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from moecore.moe.losses import MoELossTracker
-from moecore.pipeline_parallel.schedules import _set_aux_loss_scale, backward_step, forward_step
+from moecore.pipeline_parallel.schedules import backward_step, forward_step, set_aux_loss_scale
 from moecore.tensor_parallel.random import get_rng_tracker
 
 # One static input buffer per batch key the loop's forward step reads.
@@ -133,9 +133,7 @@ class MicroBatchGraphs:
             raise ValueError(f"CUDA graphs capture one model chunk; got {len(chunks)} "
                              "(pipeline parallelism is not supported with --cuda-graph-impl)")
         self.model = chunks[0]
-        seen: set[int] = set()
-        self.params = [p for p in self.model.parameters()
-                       if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.warmup_steps = warmup_steps
         if backend is None:
             _check_experts_capturable(self.model)
@@ -162,7 +160,7 @@ class MicroBatchGraphs:
                 return self.backend.eager(eager_schedule)
         n = len(batches)
         if not forward_only:
-            _set_aux_loss_scale(n, grad_scale_func, self.model)
+            set_aux_loss_scale(n, grad_scale_func, self.model)
         store = []
         for batch in batches:
             self._load(batch)
