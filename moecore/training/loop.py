@@ -224,8 +224,8 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
 def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | None = None,
              graphs: MicroBatchGraphs | None = None) -> tuple[dict[str, float], int]:
     """Mean masked loss over ``num_iters`` (``--eval-iters``) global batches; returns
-    ``({"lm loss": value}, samples consumed)``. With ``graphs`` the forwards are replayed CUDA
-    graphs (after the first evaluation)."""
+    ``({"lm loss": value}, samples consumed)``. With ``graphs`` the forwards are replays of one
+    CUDA graph (after the run's first evaluation iteration, which warms up eagerly)."""
     num_iters = args.eval_iters if num_iters is None else num_iters
     chunks = _chunks(model)
     device = torch.device(args.device)
