@@ -93,7 +93,7 @@ def _kernel_summary(prof, n_iters: int, wall_s: float) -> dict:
 
 
 def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: int,
-        out: Path | None, extra: list[str], rows: int) -> dict:
+        out: Path | None, extra: list[str], rows: int, shapes: bool = False) -> dict:
     state = {"n": 0, "prof": None, "t0": 0.0}
     orig = loop.train_step
 
@@ -104,7 +104,7 @@ def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: in
             _sync()
             state["prof"] = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU,
-                            torch.profiler.ProfilerActivity.CUDA], record_shapes=False)
+                            torch.profiler.ProfilerActivity.CUDA], record_shapes=shapes)
             state["prof"].__enter__()
             state["t0"] = time.perf_counter()
         result = orig(*a, **k)
@@ -138,6 +138,11 @@ def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: in
         ka = prof.key_averages()
         print(f"===== mbs {mbs}: top {rows} by CUDA time ({prof_iters} iterations) =====")
         print(ka.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+        if shapes:  # which aten ops (and input shapes) launch the kernels; eager mode only
+            print(f"===== mbs {mbs}: top {rows} ops by device time, by input shape =====")
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_device_time_total", row_limit=rows, max_name_column_width=40,
+                max_shapes_column_width=80))
         print(f"===== mbs {mbs}: top 25 by self CPU time =====")
         print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
         print(f"===== mbs {mbs}: host syncs / copies =====")
@@ -201,6 +206,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--attn-bench", action="store_true")
+    p.add_argument("--shapes", action="store_true",
+                   help="record input shapes and print the ops by device time per shape")
     args, extra = p.parse_known_args()
     if args.attn_bench and torch.cuda.is_available():
         attention_bench(4, 16, 2048, 64)
@@ -208,7 +215,7 @@ def main() -> None:
     for i, mbs in enumerate(args.micro_batch_size):
         prof_iters = args.profile_iters if i == 0 else 0
         results.append(run(mbs, args.iters, args.log_interval, args.profile_start, prof_iters,
-                           args.out, extra, args.rows))
+                           args.out, extra, args.rows, args.shapes))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -5,7 +5,9 @@ replace, on one GPU, in one run.
     python benchmarks/norm_optim_kernels.py --numel 1048576 # smaller optimizer tensor
 
 RMSNorm: ``F.rms_norm`` (torch's fused kernel) vs ``moecore.kernels.rmsnorm.rms_norm`` on bf16
-``[tokens, hidden]``; optimizer: :func:`moecore.kernels.optim.benchmark` (fp32 += bf16 grad,
+``[tokens, hidden]``; router gating (fp32 logits from bf16 activations, forward + backward):
+the upcast GEMMs vs ``moecore.kernels.router_gating`` at ``--gating`` (tokens x hidden x
+experts); optimizer: :func:`moecore.kernels.optim.benchmark` (fp32 += bf16 grad,
 fp32 = bf16 grad, AdamW step + bf16 model copy) on one tensor of ``--numel`` elements.
 """
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import median_ms  # noqa: E402
 
-from moecore.kernels import optim, rmsnorm  # noqa: E402
+from moecore.kernels import optim, rmsnorm, router_gating  # noqa: E402
 
 
 def _fwd_bwd_ms(fn, x, w, dy, reps: int) -> float:
@@ -34,6 +36,7 @@ def _fwd_bwd_ms(fn, x, w, dy, reps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="16384x1024,16384x4096,8192x8192")
+    p.add_argument("--gating", default="16384x1024x16,32768x1024x16,16384x4096x64")
     p.add_argument("--numel", type=int, default=1 << 28)
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
@@ -51,6 +54,14 @@ def main() -> None:
         t = _fwd_bwd_ms(lambda a, b: F.rms_norm(a, a.shape[-1:], b, 1e-5), x, w, dy, args.reps)
         k = _fwd_bwd_ms(lambda a, b: rmsnorm.rms_norm(a, b, 1e-5), x, w, dy, args.reps)
         rows[f"rms_norm fwd+bwd {shape} bf16"] = (t, k)
+    for shape in args.gating.split(","):
+        n, h, e = map(int, shape.split("x"))
+        x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(e, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(n, e, device="cuda")
+        t = _fwd_bwd_ms(router_gating.gating_torch, x, w, dy, args.reps)
+        k = _fwd_bwd_ms(router_gating.gating_triton, x, w, dy, args.reps)
+        rows[f"router gating fwd+bwd {shape} bf16"] = (t, k)
     o = optim.benchmark(args.numel)
     rows[f"main_grad += bf16 grad ({args.numel})"] = (o["torch_add_ms"], o["triton_add_ms"])
     rows[f"main_grad = bf16 grad ({args.numel})"] = (o["torch_copy_ms"], o["triton_copy_ms"])

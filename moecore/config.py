@@ -27,6 +27,9 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = 2
@@ -46,6 +49,9 @@ class ModelConfig:
     # on CUDA, see moecore.kernels.swiglu). False: the unfused torch ops.
     bias_swiglu_fusion: bool = True
     apply_rope_fusion: bool = True
+    # SDPA kernel (Megatron's --attention-backend): auto (PyTorch's pick), flash, fused (cuDNN),
+    # unfused / local (the math reference); see moecore.transformer.attention.SDPA_BACKENDS.
+    attention_backend: str = "auto"
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     init_method_std: float = 0.02
@@ -81,6 +87,7 @@ class ModelConfig:
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         _check_choice("position_embedding_type", self.position_embedding_type,
                       ("rope", "learned_absolute", "none"))
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are mutually exclusive; pick one")
         if self.recompute_granularity not in (None, "full", "selective"):

@@ -17,7 +17,7 @@ import os
 import sys
 
 from moecore.arguments.validation import _moe_freq_type, validate_args
-from moecore.config import DISPATCHER_TYPES, GROUPED_GEMM_BACKENDS
+from moecore.config import ATTENTION_BACKENDS, DISPATCHER_TYPES, GROUPED_GEMM_BACKENDS
 
 UNSUPPORTED_FLAGS: dict[str, str] = {
     "--fp8-format": "FP8 training", "--fp8-recipe": "FP8 training",
@@ -116,8 +116,10 @@ def _add_network_size_args(p):
     g.add_argument("--squared-relu", action="store_true")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    _noop(g, "--attention-backend", "attention always runs through torch SDPA, which picks "
-          "its own kernel", action="store", default="auto")
+    g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                   help="SDPA kernel: auto (PyTorch's pick: cuDNN on Hopper), flash "
+                   "(FlashAttention-2), fused (cuDNN fused attention, TE's 'fused'), unfused / "
+                   "local (the math reference, any device).")
     _noop(g, "--apply-layernorm-1p", "(accepted for scripts; LayerNorm is standard here)")
 
 
@@ -194,7 +196,8 @@ def _add_training_args(p):
         ("--no-gradient-accumulation-fusion", "grads always accumulate in fp32 main grads"),
         ("--no-async-tensor-model-parallel-allreduce", "deprecated in Megatron too"),
         ("--no-persist-layer-norm", "no persistent layer-norm kernel here"),
-        ("--use-flash-attn", "torch SDPA selects flash attention when it can"),
+        ("--use-flash-attn", "SDPA picks its fastest kernel (cuDNN on Hopper); "
+         "--attention-backend flash pins FlashAttention-2"),
         ("--cross-entropy-loss-fusion", "the vocab-parallel CE is fused on CUDA by default"),
         ("--manual-gc", "Python's default GC is used"),
         ("--use-cpu-initialization", "weights are always drawn as full master tensors first"),

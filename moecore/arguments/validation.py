@@ -260,6 +260,9 @@ def _validate_precision_and_data(args) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    if args.attention_backend in ("flash", "fused") and args.device != "cuda":
+        raise ValueError(f"--attention-backend {args.attention_backend} needs a CUDA GPU "
+                         f"(--device {args.device}); use auto or unfused")
     if args.fp16 and args.device == "cpu":
         raise ValueError("--fp16 needs a GPU (fp16 matmuls on CPU are very slow and lossy); "
                          "use --bf16 or fp32 on CPU")
@@ -391,6 +394,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         qk_layernorm=args.qk_layernorm, gated_linear_unit=args.swiglu,
         activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
         bias_swiglu_fusion=args.bias_swiglu_fusion, apply_rope_fusion=args.apply_rope_fusion,
+        attention_backend=args.attention_backend,
         add_qkv_bias=args.add_qkv_bias, init_method_std=args.init_method_std,
         apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
         rotary_base=float(args.rotary_base), rotary_percent=args.rotary_percent,

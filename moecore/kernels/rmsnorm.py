@@ -7,17 +7,26 @@ x's dtype, ``dweight`` in weight's). Backward, with ``x_hat = x * rstd`` per row
 
     dx = rstd * (dy * w - x_hat * mean(dy * w * x_hat))      dweight = sum_rows(dy * x_hat)
 
+``add_rms_norm(residual, out, weight, eps) -> (hidden, y)`` fuses the residual add in front of
+the norm: ``hidden = residual + out`` (residual's dtype, summed in fp32 and rounded once, as
+torch's ``residual + out``) and ``y = rms_norm(hidden, weight, eps)``. It saves ``hidden``,
+``weight`` and ``rstd``; backward sums the two consumers' grads of ``hidden`` in fp32 with one
+rounding: ``d_residual = d_out = dx(dy) + d_hidden``.
+
 Two implementations, selected by ``moecore.transformer.norms`` (registry ``RMS_NORM_BACKENDS``,
 backend ``triton``):
 
-- ``torch`` (``rms_norm_forward_torch`` / ``rms_norm_backward_torch``): the formulas above in
-  plain torch ops, any device; the reference (``rms_norm_torch`` runs it through the same
-  autograd function).
+- ``torch`` (``rms_norm_forward_torch`` / ``rms_norm_backward_torch``, and
+  ``add_rms_norm_forward_torch``): the formulas above in plain torch ops, any device; the
+  reference (``rms_norm_torch`` / ``add_rms_norm_torch`` run it through the same autograd
+  functions).
 - ``triton``: one pass each way on CUDA (fp32, bf16, fp16), ``H <= MAX_H``; every row is one
   block of ``next_power_of_2(H)`` columns. Forward: each program normalises a few rows (>= 4096
-  elements). Backward: about ``4 * SMs`` programs (``2 * SMs`` for H > 2048) each loop over a
-  contiguous slab of rows, write ``dx`` and keep a running ``dy * x_hat`` sum; their fp32
-  [programs, H] partials are then summed by torch, so ``dweight`` costs one small extra read.
+  elements; for ``add_rms_norm`` it adds ``out`` first and stores ``hidden``). Backward: about
+  ``4 * SMs`` programs (``2 * SMs`` for H > 2048) each loop over a contiguous slab of rows,
+  write ``dx`` (plus ``d_hidden`` for ``add_rms_norm``: a constexpr flag of the same kernel) and
+  keep a running ``dy * x_hat`` sum; their fp32 [programs, H] partials are then summed by torch,
+  so ``dweight`` costs one small extra read.
 
 Kernel times on one H200, bf16 (torch 2.11 ``F.rms_norm`` -> this): [16384, 1024] forward 24 ->
 17.5 us, backward 94 -> 40 us; [16384, 4096] 79 -> 67 and 218 -> 121 us; [8192, 8192] 101 -> 68
@@ -59,16 +68,28 @@ def rms_norm_forward_torch(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return ((xf * rstd[:, None]) * weight.to(xf.dtype)).to(x.dtype), rstd
 
 
+def add_rms_norm_forward_torch(residual: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                               eps: float):
+    """residual, out [N, H] (one dtype), weight [H] -> (hidden = residual + out [N, H], y [N, H],
+    rstd [N]): the sum in fp32 (fp64 for fp64) rounded once, then :func:`rms_norm_forward_torch`
+    of that rounded ``hidden``."""
+    ct = _math_dtype(residual)
+    hidden = (residual.to(ct) + out.to(ct)).to(residual.dtype)
+    return (hidden, *rms_norm_forward_torch(hidden, weight, eps))
+
+
 def rms_norm_backward_torch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                            rstd: torch.Tensor, need_dx: bool = True, need_dw: bool = True):
+                            rstd: torch.Tensor, need_dx: bool = True, need_dw: bool = True,
+                            dx_add: torch.Tensor | None = None):
     """dy, x [N, H], weight [H], rstd [N] -> (dx [N, H] x's dtype or None, dweight [H] weight's
-    dtype or None)."""
+    dtype or None). ``dx_add`` [N, H] (optional) is added to ``dx`` before its one rounding."""
     ct = _math_dtype(x)
     dyf, x_hat = dy.to(ct), x.to(ct) * rstd[:, None].to(ct)
     dx = dw = None
     if need_dx:
         wdy = dyf * weight.to(ct)
-        dx = (rstd[:, None] * (wdy - x_hat * (wdy * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+        dx = rstd[:, None] * (wdy - x_hat * (wdy * x_hat).mean(-1, keepdim=True))
+        dx = (dx if dx_add is None else dx + dx_add.to(ct)).to(x.dtype)
     if need_dw:
         dw = (dyf * x_hat).sum(0).to(weight.dtype)
     return dx, dw
@@ -79,14 +100,20 @@ def rms_norm_backward_torch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 if HAVE_TRITON:
 
     @triton.jit
-    def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, H, stride_x, eps,
-                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rms_fwd_kernel(x_ptr, add_ptr, hidden_ptr, w_ptr, y_ptr, rstd_ptr, N, H, stride_x,
+                        stride_add, eps, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                        ADD: tl.constexpr):
+        # ADD: normalise hidden = x + add (fp32 sum, rounded once to x's dtype), also stored.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_H)
         rmask, cmask = rows < N, cols < H
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+        if ADD:
+            a = tl.load(add_ptr + rows64 * stride_add + cols[None, :], mask=mask, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(hidden_ptr.dtype.element_ty)
+            tl.store(hidden_ptr + rows64 * H + cols[None, :], x, mask=mask)
         x = x.to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
@@ -95,9 +122,11 @@ if HAVE_TRITON:
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
     @triton.jit
-    def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, N, H, stride_dy,
-                        stride_x, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_H: tl.constexpr, STORE_DX: tl.constexpr, STORE_DW: tl.constexpr):
+    def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, dx_add_ptr, N, H,
+                        stride_dy, stride_x, stride_dx_add, ROWS_PER_PROGRAM: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, STORE_DX: tl.constexpr,
+                        STORE_DW: tl.constexpr, ADD_DX: tl.constexpr):
+        # ADD_DX: dx_add [N, H] is added to dx in fp32 before its one rounding.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_H)
         cmask = cols < H
@@ -119,6 +148,9 @@ if HAVE_TRITON:
                 wdy = dy * w[None, :]
                 c = tl.sum(wdy * x_hat, axis=1) / H
                 dx = rstd * (wdy - x_hat * c[:, None])
+                if ADD_DX:
+                    dx += tl.load(dx_add_ptr + rows64 * stride_dx_add + cols[None, :], mask=mask,
+                                  other=0.0).to(tl.float32)
                 tl.store(dx_ptr + rows64 * H + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                          mask=mask)
         if STORE_DW:
@@ -131,6 +163,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
         raise ValueError(f"rms_norm needs x [..., H] and weight [H]; got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     return h
+
+
+def _check_add(residual: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> int:
+    """H of ``add_rms_norm``'s ``residual [..., H]``, ``out`` (same shape and dtype), ``weight``."""
+    if out.shape != residual.shape or out.dtype != residual.dtype:
+        raise ValueError(f"add_rms_norm needs residual and out of one shape and dtype; got "
+                         f"{tuple(residual.shape)} {residual.dtype} and {tuple(out.shape)} "
+                         f"{out.dtype}")
+    return _check(residual, weight)
 
 
 def _check_triton(x: torch.Tensor, weight: torch.Tensor):
@@ -157,25 +198,45 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """Same contract as :func:`rms_norm_forward_torch` (rstd always fp32), one fused pass."""
+def _forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    add: torch.Tensor | None = None):
+    """One launch of ``_rms_fwd_kernel`` on x [N, H] (and ``add`` [N, H], x's dtype: then it
+    normalises ``hidden = x + add``) -> (hidden [N, H] or None, y [N, H], rstd [N] fp32)."""
     block_r, block_h, warps = _check_triton(x, weight)
     n, h = x.shape
+    if add is not None:
+        _check_add(x, add, weight)
     y = torch.empty(n, h, dtype=x.dtype, device=x.device)
+    hidden = None if add is None else torch.empty_like(y)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
+        a = x if add is None else add  # without ADD: never-read / never-written stand-ins
         _rms_fwd_kernel[(triton.cdiv(n, block_r),)](
-            x, weight.contiguous(), y, rstd, n, h, x.stride(0), eps, BLOCK_R=block_r,
-            BLOCK_H=block_h, num_warps=warps)
-    return y, rstd
+            x, a, y if hidden is None else hidden, weight.contiguous(), y, rstd, n, h,
+            x.stride(0), a.stride(0), eps, BLOCK_R=block_r, BLOCK_H=block_h,
+            ADD=add is not None, num_warps=warps)
+    return hidden, y, rstd
+
+
+def rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Same contract as :func:`rms_norm_forward_torch` (rstd always fp32), one fused pass."""
+    return _forward_triton(x, weight, eps)[1:]
+
+
+def add_rms_norm_forward_triton(residual: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                                eps: float):
+    """Same contract as :func:`add_rms_norm_forward_torch` (rstd always fp32): one pass that
+    reads ``residual`` and ``out`` once and writes ``hidden``, ``y`` and ``rstd``."""
+    return _forward_triton(residual, weight, eps, out)
 
 
 def rms_norm_backward_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              rstd: torch.Tensor, need_dx: bool = True, need_dw: bool = True,
-                             num_programs: int | None = None):
+                             dx_add: torch.Tensor | None = None, num_programs: int | None = None):
     """Same contract as :func:`rms_norm_backward_torch`, one fused pass plus the [programs, H]
-    partial-sum reduction; ``num_programs`` (default ``4 * SMs``, ``2 * SMs`` for H > 2048) is
-    rounded to whole power-of-two slabs of rows per program."""
+    partial-sum reduction (``dx_add`` [N, H], read in that pass); ``num_programs`` (default
+    ``4 * SMs``, ``2 * SMs`` for H > 2048) is rounded to whole power-of-two slabs of rows per
+    program."""
     block_r, block_h, warps = _check_triton(x, weight)
     n, h = x.shape
     dx = torch.empty(n, h, dtype=x.dtype, device=x.device) if need_dx else None
@@ -189,11 +250,15 @@ def rms_norm_backward_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     rows_per_program = block_r * triton.next_power_of_2(triton.cdiv(n, block_r * programs))
     programs = triton.cdiv(n, rows_per_program)
     partial = torch.empty(programs, h, dtype=torch.float32, device=x.device) if need_dw else None
+    add = need_dx and dx_add is not None
+    if add and dx_add.shape != (n, h):
+        raise ValueError(f"dx_add must be [N, H] = {(n, h)}, not {tuple(dx_add.shape)}")
+    dxa = dx_add if add else dy  # never read without ADD_DX
     _rms_bwd_kernel[(programs,)](  # an output not asked for gets a never-written stand-in
         dy, x, weight.contiguous(), rstd, x if dx is None else dx,
-        rstd if partial is None else partial, n, h, dy.stride(0), x.stride(0),
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK_R=block_r, BLOCK_H=block_h, STORE_DX=need_dx,
-        STORE_DW=need_dw, num_warps=warps)
+        rstd if partial is None else partial, dxa, n, h, dy.stride(0), x.stride(0),
+        dxa.stride(0), ROWS_PER_PROGRAM=rows_per_program, BLOCK_R=block_r, BLOCK_H=block_h,
+        STORE_DX=need_dx, STORE_DW=need_dw, ADD_DX=add, num_warps=warps)
     return dx, partial.sum(0).to(weight.dtype) if need_dw else None
 
 
@@ -221,8 +286,39 @@ class _RMSNorm(torch.autograd.Function):
         return (dx.view(ctx.x_shape) if need_dx else None), (dw if need_dw else None), None, None
 
 
+class _AddRMSNorm(torch.autograd.Function):
+    """``hidden = residual + out`` and RMSNorm of it (``[..., H]`` each), saving ``hidden``,
+    ``weight`` and ``rstd [N]``; ``residual`` and ``out`` get one grad, ``dx + d_hidden``."""
+
+    @staticmethod
+    def forward(ctx, residual, out, weight, eps, fns):
+        forward_fn, ctx.backward_fn = fns
+        h = _check_add(residual, out, weight)
+        hidden, y, rstd = forward_fn(_rows(residual, h), _rows(out, h), weight, eps)
+        ctx.save_for_backward(hidden, weight, rstd)
+        ctx.set_materialize_grads(False)  # d_hidden (or dy) is None when it is not used
+        ctx.x_shape = residual.shape
+        return hidden.view(residual.shape), y.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, d_hidden, dy):
+        hidden, weight, rstd = ctx.saved_tensors
+        need_res, need_out, need_dw = ctx.needs_input_grad[:3]
+        if dy is None:  # y unused: d_hidden passes through, weight gets no grad
+            dx, dw = d_hidden, None
+        else:
+            h = hidden.shape[1]
+            d_add = None if d_hidden is None else _rows(d_hidden, h)
+            dx, dw = ctx.backward_fn(_rows(dy, h), hidden, weight, rstd, need_res or need_out,
+                                     need_dw, dx_add=d_add)
+            dx = None if dx is None else dx.view(ctx.x_shape)
+        return (dx if need_res else None), (dx if need_out else None), dw, None, None
+
+
 TORCH_FNS = (rms_norm_forward_torch, rms_norm_backward_torch)
 TRITON_FNS = (rms_norm_forward_triton, rms_norm_backward_triton)
+ADD_TORCH_FNS = (add_rms_norm_forward_torch, rms_norm_backward_torch)
+ADD_TRITON_FNS = (add_rms_norm_forward_triton, rms_norm_backward_triton)
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -235,6 +331,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     (x's dtype). CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``); no availability check,
     see :func:`triton_available`."""
     return _RMSNorm.apply(x, weight, eps, TRITON_FNS)
+
+
+def add_rms_norm_torch(residual: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                       eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`add_rms_norm`: ``residual, out [..., H]`` (one shape and
+    dtype), ``weight [H]`` -> ``(hidden = residual + out, y = rms_norm(hidden))``, ``[..., H]``."""
+    return _AddRMSNorm.apply(residual, out, weight, eps, ADD_TORCH_FNS)
+
+
+def add_rms_norm(residual: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels: ``residual, out [..., H]`` (one shape and dtype, ``H <= MAX_H``),
+    ``weight [H]`` -> ``(hidden = residual + out, y = rms_norm(hidden, weight, eps))``, both
+    ``[..., H]`` in residual's dtype; one kernel forward, one backward (both inputs get
+    ``dx + d_hidden``). Same devices and checks as :func:`rms_norm`."""
+    return _AddRMSNorm.apply(residual, out, weight, eps, ADD_TRITON_FNS)
 
 
 def _self_check(device: torch.device) -> None:
@@ -250,6 +362,13 @@ def _self_check(device: torch.device) -> None:
         want = rms_norm_backward_torch(dy.double(), x.double(), w.double(), rstd_ref)
         for a, b, what in zip(got, want, ("dx", "dweight")):
             assert_close_rel(a, b, tol, what)
+        # add_rms_norm: hidden = x + dy, y of that hidden, dx + d_hidden.
+        hidden, y, _ = add_rms_norm_forward_triton(x, dy, w, 1e-5)
+        assert_close_rel(hidden, x.double() + dy.double(), tol, "add forward hidden")
+        assert_close_rel(y, rms_norm_forward_torch(hidden.double(), w.double(), 1e-5)[0], tol,
+                         "add forward")
+        dx, _ = rms_norm_backward_triton(dy, x, w, rstd, need_dw=False, dx_add=y)
+        assert_close_rel(dx, want[0] + y.double(), tol, "add backward")
 
 
 def triton_available(device=None, dtype=None, hidden=None, **ctx) -> tuple[bool, str]:

@@ -24,6 +24,7 @@ from torch import nn
 from moecore.config import TransformerConfig
 from moecore.kernels import fusion_request
 from moecore.kernels.router import RouterOutput, fused_router_unsupported, select_router
+from moecore.kernels.router_gating import gating_fusable, gating_torch, select_gating
 from moecore.moe.capacity import apply_token_drop, get_capacity
 from moecore.moe.losses import (
     MoEAuxLossAutoScaler,
@@ -215,8 +216,18 @@ class TopKRouter(nn.Module):
         return hidden * noise
 
     def gating(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[T, H] -> [T, E]`` logits in the router dtype."""
-        return hidden.to(self.router_dtype) @ self.weight.to(self.router_dtype).t()
+        """``[T, H] -> [T, E]`` logits in the router dtype.
+
+        With ``moe_router_fusion`` on (the default on CUDA) and a bf16/fp16 model, the Triton
+        gating kernels compute the same fp32 logits without fp32 copies of the activations
+        (:mod:`moecore.kernels.router_gating`); otherwise ``hidden`` and the weight are upcast.
+        """
+        requested = fusion_request(self.config.moe_router_fusion)
+        fn = gating_torch
+        if requested != "torch" and not gating_fusable(hidden.dtype, self.weight.dtype,
+                                                       self.router_dtype):
+            fn = select_gating(hidden.device, requested).fn
+        return fn(hidden, self.weight, self.router_dtype)
 
     def routing(self, logits: torch.Tensor):
         """Expert selection on ``[T, E]`` logits, before dropping: ``(probs, routing_map)``."""

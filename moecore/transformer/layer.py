@@ -4,6 +4,12 @@
 -> + residual``. Whether the MLP is a :class:`MoELayer` is read from
 ``config.moe_layer_pattern()[layer_number - 1]`` (``layer_number`` is 1-based and global across
 pipeline stages).
+
+Where that cannot change semantics (an RMSNorm, no attention bias, no active hidden dropout, the
+residual is the layer input) the attention residual add and ``pre_mlp_layernorm`` run as
+:meth:`RMSNorm.add_and_norm`: under the ``triton`` norm backend one kernel each way with the same
+forward values (the summed grad of ``hidden`` is rounded once instead of twice); under any other
+backend the same two ops as before.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.transformer.attention import SelfAttention
 from moecore.transformer.mlp import MLP
-from moecore.transformer.norms import build_norm
+from moecore.transformer.norms import RMSNorm, build_norm
 
 
 class TransformerLayer(nn.Module):
@@ -54,6 +60,15 @@ class TransformerLayer(nn.Module):
             out = out + bias
         return residual + F.dropout(out, p=self.config.hidden_dropout, training=self.training)
 
+    def _fuse_pre_mlp_add(self, attn_bias) -> bool:
+        """Whether the attention residual add may run fused into ``pre_mlp_layernorm``
+        (:meth:`RMSNorm.add_and_norm`): an RMSNorm, no bias, no active dropout, and the residual
+        is the layer input (not the post-norm ``x``)."""
+        cfg = self.config
+        return (isinstance(self.pre_mlp_layernorm, RMSNorm) and attn_bias is None
+                and (not self.training or cfg.hidden_dropout == 0)
+                and not cfg.apply_residual_connection_post_layernorm)
+
     def _mlp(self, x: torch.Tensor):
         if self.is_moe and self.config.moe_layer_recompute and torch.is_grad_enabled():
             return tp_random.checkpoint(lambda t: self.mlp(t)[0], False, x,
@@ -65,7 +80,11 @@ class TransformerLayer(nn.Module):
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
         x = self.input_layernorm(hidden)
         attn_out, attn_bias = self.self_attention(x, attention_mask, rotary_pos_emb)
-        hidden = self._bias_dropout_add(attn_out, attn_bias, x if post_ln_residual else hidden)
-        x = self.pre_mlp_layernorm(hidden)
+        if self._fuse_pre_mlp_add(attn_bias):
+            hidden, x = self.pre_mlp_layernorm.add_and_norm(hidden, attn_out)
+        else:
+            hidden = self._bias_dropout_add(attn_out, attn_bias,
+                                            x if post_ln_residual else hidden)
+            x = self.pre_mlp_layernorm(hidden)
         mlp_out, mlp_bias = self._mlp(x)
         return self._bias_dropout_add(mlp_out, mlp_bias, x if post_ln_residual else hidden)

@@ -9,6 +9,10 @@ resolved once per process, device, dtype and hidden size (the fused ones need CU
 CPU tensors resolve to ``torch`` under ``auto``) and logged once. Probes see ``device`` (the
 device type, a str), ``device_obj`` (the ``torch.device``), ``dtype`` and ``hidden``.
 
+``norm.add_and_norm(residual, out) -> (residual + out, norm(residual + out))`` is a residual add
+and the norm after it; under the ``triton`` RMSNorm backend it is one fused kernel each way
+(:func:`moecore.kernels.rmsnorm.add_rms_norm`), under every other backend the two ops.
+
 Each norm owns its ``weight`` (and LayerNorm's ``bias``); a backend only computes with them, so
 checkpoints and optimizers see the same parameters whichever backend runs.
 """
@@ -157,6 +161,13 @@ class _NormBase(nn.Module):
         # is a partial sum that the trainer must all-reduce over the TP group.
         self.weight.sequence_parallel = sequence_parallel
 
+    def add_and_norm(self, residual: torch.Tensor,
+                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, y)`` = ``(residual + out, self(residual + out))`` for ``[..., hidden]``
+        inputs: the residual add and this norm (RMSNorm fuses them where it can)."""
+        hidden = residual + out
+        return hidden, self(hidden)
+
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
 
@@ -168,8 +179,25 @@ class RMSNorm(_NormBase):
                  params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
         super().__init__(hidden_size, eps, params_dtype, sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused_add: torch.Tensor | None = None):
+        """``x [..., hidden] -> y``. ``fused_add`` is for :meth:`add_and_norm` only (it checked
+        the ``triton`` backend): ``(x + fused_add, y of that sum)`` by the fused Triton op."""
+        if fused_add is not None:
+            return rmsnorm.add_rms_norm(x, fused_add, self.weight, self.eps)
         return _resolve(RMS_NORM_BACKENDS, x).fn(self, x)
+
+    def add_and_norm(self, residual: torch.Tensor,
+                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, y)`` = ``(residual + out, self(residual + out))``, ``residual, out`` ``[...,
+        hidden]``. When ``residual`` resolves to the ``triton`` backend and ``out`` has its shape
+        and dtype: one Triton kernel each way (:func:`rmsnorm.add_rms_norm`: the same ``hidden``
+        and ``y``, the summed grad of ``hidden`` rounded once instead of twice); otherwise the
+        add and then this norm, as before."""
+        if (out.shape == residual.shape and out.dtype == residual.dtype
+                and _resolve(RMS_NORM_BACKENDS, residual).name == "triton"):
+            # through __call__, so the module's hooks (the param all-gather wait) still run
+            return self(residual, fused_add=out)
+        return super().add_and_norm(residual, out)
 
 
 class LayerNorm(_NormBase):

@@ -61,7 +61,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(freqs.cos(), freqs.sin())``, computed once per angle tensor: every layer's q and k of
     one forward rotate by the same ``freqs``, so the pair is cached on that tensor."""
     cached = getattr(freqs, "_moecore_cos_sin", None)
@@ -77,7 +77,7 @@ def apply_rotary_pos_emb_torch(t: torch.Tensor, freqs: torch.Tensor) -> torch.Te
     """The reference :func:`apply_rotary_pos_emb`: fp32 torch ops."""
     rot_dim = freqs.shape[-1]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    cos, sin = _cos_sin(freqs)
+    cos, sin = rope_cos_sin(freqs)
     rot = t_rot.float() * cos + _rotate_half(t_rot.float()) * sin
     rot = rot.to(t.dtype)
     if t_pass.shape[-1] == 0:
@@ -101,6 +101,6 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, fused: bool = Tru
         from moecore.transformer import rope_kernel
 
         if rope_kernel.use_fused(t, freqs):
-            cos, sin = _cos_sin(freqs)
+            cos, sin = rope_cos_sin(freqs)
             return rope_kernel.fused_rope(t, cos, sin)
     return apply_rotary_pos_emb_torch(t, freqs)

@@ -33,18 +33,21 @@ if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
 if HAVE_TRITON:
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, B, H, sx_s, sx_b, sx_h, sc_s, sc_b,
-                     D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-                     BACKWARD: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, B, H, sx_s, sx_b, sx_g, sx_j, so_s, so_b,
+                     so_g, so_j, sc_s, sc_b, D: tl.constexpr, HALF: tl.constexpr,
+                     HPG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     BLOCK_PASS: tl.constexpr, BACKWARD: tl.constexpr):
         pid = tl.program_id(0)
         s = pid // B
         b = pid % B
         h = tl.arange(0, BLOCK_H)
         i = tl.arange(0, BLOCK_HALF)
         mask = (h[:, None] < H) & (i[None, :] < HALF)
-        x_row = x_ptr + s.to(tl.int64) * sx_s + b.to(tl.int64) * sx_b + h[:, None] * sx_h
-        out_row = out_ptr + pid.to(tl.int64) * H * D + h[:, None] * D
+        g, j = h // HPG, h % HPG  # head h is head j of group g
+        x_row = (x_ptr + s.to(tl.int64) * sx_s + b.to(tl.int64) * sx_b
+                 + (g * sx_g + j * sx_j)[:, None])
+        out_row = (out_ptr + s.to(tl.int64) * so_s + b.to(tl.int64) * so_b
+                   + (g * so_g + j * so_j)[:, None])
         x1 = tl.load(x_row + i[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
         c_row = s.to(tl.int64) * sc_s + b.to(tl.int64) * sc_b
@@ -63,31 +66,46 @@ if HAVE_TRITON:
         tl.store(out_row + i[None, :], y1.to(dt), mask=mask)
         tl.store(out_row + HALF + i[None, :], y2.to(dt), mask=mask)
         if BLOCK_PASS > 0:
-            j = tl.arange(0, BLOCK_PASS)
-            pmask = (h[:, None] < H) & (j[None, :] < D - 2 * HALF)
-            p = tl.load(x_row + 2 * HALF + j[None, :], mask=pmask, other=0.0)
-            tl.store(out_row + 2 * HALF + j[None, :], p.to(dt), mask=pmask)
+            p_ = tl.arange(0, BLOCK_PASS)
+            pmask = (h[:, None] < H) & (p_[None, :] < D - 2 * HALF)
+            p = tl.load(x_row + 2 * HALF + p_[None, :], mask=pmask, other=0.0)
+            tl.store(out_row + 2 * HALF + p_[None, :], p.to(dt), mask=pmask)
+
+
+def _grouped_heads(t: torch.Tensor) -> torch.Tensor:
+    """``[S, B, H, D]`` as ``[S, B, H, 1, D]``; ``[S, B, G, J, D]`` as is."""
+    return t.unsqueeze(3) if t.dim() == 4 else t
 
 
 def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                backward: bool = False) -> torch.Tensor:
-    """Rotate ``x`` ``[S, B, H, D]`` by ``cos``/``sin`` ``[S, B or 1, 1, R]`` fp32 (``R`` even,
-    ``<= D``); ``backward=True`` applies the transposed rotation (the gradient). Returns a new
-    contiguous ``[S, B, H, D]`` tensor of ``x``'s dtype."""
-    S, B, H, D = x.shape
+                backward: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate ``x`` ``[S, B, H, D]`` (or ``[S, B, G, J, D]``: head ``g * J + j``, e.g. the query
+    heads of each group in a fused QKV output) by ``cos``/``sin`` ``[S, B or 1, 1, R]`` fp32
+    (``R`` even, ``<= D``); ``backward=True`` applies the transposed rotation (the gradient).
+    Writes into ``out`` (``x``'s shape, any strides with a unit last stride) when given, else
+    into a new contiguous ``[S, B, H or G * J, D]`` tensor of ``x``'s dtype; returns it."""
+    x5 = _grouped_heads(x)
+    S, B, G, J, D = x5.shape
     R = cos.shape[-1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    if x5.stride(-1) != 1:
+        x5 = x5.contiguous()
     cos = cos.float().reshape(cos.shape[0], cos.shape[1], R).contiguous()
     sin = sin.float().reshape(sin.shape[0], sin.shape[1], R).contiguous()
-    out = torch.empty((S, B, H, D), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
+    if out is None:
+        out = torch.empty((S, B, G * J, D), dtype=x.dtype, device=x.device)
+        out5 = out.view(S, B, G, J, D)
+    else:
+        out5 = _grouped_heads(out)
+        if out5.shape != x5.shape or out5.stride(-1) != 1:
+            raise ValueError(f"rope out {tuple(out.shape)} (strides {out.stride()}) must have "
+                             f"x's shape {tuple(x.shape)} and a unit last stride")
+    if out5.numel() == 0:
         return out
     sc_b = cos.stride(1) if cos.shape[1] > 1 else 0
     half = R // 2
     _rope_kernel[(S * B,)](
-        x, cos, sin, out, B, H, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), sc_b,
-        D=D, HALF=half, BLOCK_H=triton.next_power_of_2(H),
+        x5, cos, sin, out5, B, G * J, *x5.stride()[:4], *out5.stride()[:4], cos.stride(0),
+        sc_b, D=D, HALF=half, HPG=J, BLOCK_H=triton.next_power_of_2(G * J),
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_PASS=triton.next_power_of_2(D - R) if D > R else 0, BACKWARD=backward,
         enable_fp_fusion=False)
@@ -109,6 +127,54 @@ class _FusedRope(torch.autograd.Function):
 def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Differentiable fused rotation of ``x`` (see :func:`rope_launch`); no grad to cos/sin."""
     return _FusedRope.apply(x, cos, sin)
+
+
+class _FusedQKVRope(torch.autograd.Function):
+    """Split a fused QKV output and rotate q and k; backward writes one [.., (J + 2) * D] grad.
+
+    Unfused, ``torch.split`` + two rotations leave three gradients that autograd concatenates
+    (one extra read and write of the whole QKV gradient per layer); here the two backward
+    rotations write straight into their slots of the QKV gradient and ``dv`` is copied into its
+    slot, so that ``cat`` is gone. ``v`` is returned as a view of ``mixed`` (no copy).
+    """
+
+    @staticmethod
+    def forward(ctx, mixed, cos, sin, heads_per_group, head_dim):
+        S, B, G = mixed.shape[:3]
+        J, D = heads_per_group, head_dim
+        q = rope_launch(mixed[..., : J * D].unflatten(3, (J, D)), cos, sin)  # [S, B, G*J, D]
+        k = rope_launch(mixed[..., J * D: (J + 1) * D], cos, sin)  # [S, B, G, D]
+        ctx.save_for_backward(cos, sin)
+        ctx.shape, ctx.dtype, ctx.jd = mixed.shape, mixed.dtype, (J, D)
+        return q, k, mixed[..., (J + 1) * D:]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        J, D = ctx.jd
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=cos.device)
+        slots = (grad[..., : J * D].unflatten(3, (J, D)), grad[..., J * D: (J + 1) * D],
+                 grad[..., (J + 1) * D:])
+        for g, slot in ((dq, slots[0]), (dk, slots[1])):
+            if g is None:
+                slot.zero_()
+            else:
+                rope_launch(g.unflatten(2, slot.shape[2:4]) if slot.dim() == 5 else g, cos,
+                            sin, backward=True, out=slot)
+        if dv is None:
+            slots[2].zero_()
+        else:
+            slots[2].copy_(dv)
+        return grad, None, None, None, None
+
+
+def fused_qkv_rope(mixed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   heads_per_group: int, head_dim: int):
+    """``mixed [S, B, G, (J + 2) * D]`` (per query group: J query heads, k, v) ->
+    ``q [S, B, G * J, D]`` and ``k [S, B, G, D]`` rotated by ``cos``/``sin``
+    ``[S, B or 1, 1, R]``, and ``v [S, B, G, D]`` (a view of ``mixed``); differentiable in
+    ``mixed``. The same values as splitting and calling :func:`fused_rope` on q and k."""
+    return _FusedQKVRope.apply(mixed, cos, sin, heads_per_group, head_dim)
 
 
 def _check(device: torch.device) -> None:

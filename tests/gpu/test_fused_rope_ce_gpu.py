@@ -37,6 +37,28 @@ def test_rope_matches_reference(shape, rot, pos):
         assert got.dtype == want.dtype and rel < 8e-3, rel
 
 
+@pytest.mark.parametrize("s,b,ng,hpg,d,rot", [(2048, 4, 16, 1, 64, 1.0), (129, 3, 4, 4, 128, 0.5),
+                                             (7, 1, 1, 3, 32, 1.0)])
+def test_qkv_rope_matches_split_and_reference(s, b, ng, hpg, d, rot):
+    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+
+    freqs = RotaryEmbedding(d, rot).cuda()(s)
+    mixed = torch.randn(s, b, ng, (hpg + 2) * d, device="cuda", dtype=torch.bfloat16)
+    torch.full((64 << 20,), float("nan"), device="cuda")  # recycled NaN memory: unwritten shows
+    a, f = mixed.clone().requires_grad_(), mixed.clone().requires_grad_()
+    q, k, v = torch.split(a, [hpg * d, d, d], dim=3)
+    ref = (apply_rotary_pos_emb_torch(q.reshape(s, b, ng * hpg, d), freqs),
+           apply_rotary_pos_emb_torch(k, freqs), v)
+    out = R.fused_qkv_rope(f, freqs.cos(), freqs.sin(), hpg, d)
+    grads = [torch.randn_like(r) for r in ref]
+    sum((r * g).sum() for r, g in zip(ref, grads)).backward()
+    sum((o * g).sum() for o, g in zip(out, grads)).backward()
+    for got, want in list(zip(out, ref)) + [(f.grad, a.grad)]:
+        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert got.dtype == want.dtype and got.shape == want.shape and rel < 8e-3, rel
+    assert torch.equal(out[2], ref[2]) and not f.grad.isnan().any()
+
+
 @pytest.mark.parametrize("n,v,smoothing", [(8192, 32128, 0.0), (77, 50000, 0.1), (5, 3, 0.0)])
 def test_cross_entropy_matches_reference(n, v, smoothing):
     from moecore.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy

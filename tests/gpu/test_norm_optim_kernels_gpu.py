@@ -1,5 +1,6 @@
-"""Triton RMSNorm, fp32 main-grad accumulation and TritonAdamW on CUDA vs their references at
-training sizes (outputs poisoned first), and that ``auto`` selects them after the self-checks."""
+"""Triton RMSNorm (also with the residual add fused in), fp32 main-grad accumulation and
+TritonAdamW on CUDA vs their references at training sizes (outputs poisoned first), and that
+``auto`` selects them after the self-checks."""
 
 import pytest
 import torch
@@ -44,6 +45,85 @@ def test_rms_norm_matches_fp64_reference(shape, dtype):
     dxt, dwt = torch.autograd.grad(yt, (xt, wt), dy)
     for got, ref, want in ((y, yt, y64), (dx, dxt, dx64), (dw, dwt, dw64)):
         assert _rel(got, want) <= 2 * _rel(ref, want) + 1e-6
+
+
+@pytest.mark.parametrize("shape", [(16384, 1024), (2049, 2, 1000), (3, 4096), (0, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_d_hidden", [True, False])
+def test_add_rms_norm_matches_fp64_reference(shape, dtype, with_d_hidden):
+    gen = torch.Generator(device=DEV).manual_seed(shape[0] + 1)
+    torch.full((64 << 20,), float("nan"), device=DEV)  # recycled NaN memory
+    h = shape[-1]
+    res, out = (torch.randn(*shape, device=DEV, generator=gen).to(dtype).requires_grad_()
+                for _ in range(2))
+    w = (1 + 0.1 * torch.randn(h, device=DEV, generator=gen)).to(dtype).requires_grad_()
+    dh, dy = (torch.randn(*shape, device=DEV, generator=gen).to(dtype) for _ in range(2))
+    outs, seeds = (2, (dh, dy)) if with_d_hidden else (1, (dy,))
+    hidden, y = R.add_rms_norm(res, out, w, 1e-5)
+    dres, dout, dw = torch.autograd.grad((hidden, y)[-outs:], (res, out, w), seeds)
+    # hidden is torch's own residual + out bit for bit; both inputs get one grad
+    assert torch.equal(hidden, res.detach() + out.detach())
+    assert torch.equal(dres, dout) and dres.dtype == dtype and dw.dtype == dtype
+    r64, o64, w64 = (t.detach().double().requires_grad_() for t in (res, out, w))
+    h64 = r64 + o64
+    y64 = F.rms_norm(h64, (h,), w64, 1e-5)
+    dr64, _, dw64 = torch.autograd.grad((h64, y64)[-outs:], (r64, o64, w64),
+                                        [t.double() for t in seeds])
+    if res.numel() == 0:
+        assert y.shape == dres.shape == shape and not dw.any()
+        return
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want, what in ((y, y64, "y"), (dres, dr64, "d_residual"), (dw, dw64, "dw")):
+        assert _rel(got, want) < tol, what
+    # no worse than the unfused torch ops (add, F.rms_norm, autograd's add) (x2 slack)
+    rt, ot, wt = (t.detach().requires_grad_() for t in (res, out, w))
+    ht = rt + ot
+    yt = F.rms_norm(ht, (h,), wt, 1e-5)
+    drt, _, dwt = torch.autograd.grad((ht, yt)[-outs:], (rt, ot, wt), seeds)
+    for got, ref, want in ((y, yt, y64), (dres, drt, dr64), (dw, dwt, dw64)):
+        assert _rel(got, want) <= 2 * _rel(ref, want) + 1e-6
+
+
+def test_transformer_layer_fused_add_norm_matches_unfused_bf16(monkeypatch):
+    """A bf16 TransformerLayer under the ``triton`` norm backend: the attention residual add
+    fused into pre_mlp_layernorm (taken: counted) gives the unfused layer's output and grads."""
+    from moecore.config import TransformerConfig
+    from moecore.parallel_state import ParallelState
+    from moecore.transformer import norms
+    from moecore.transformer.layer import TransformerLayer
+
+    calls = []
+    real = R.add_rms_norm
+    monkeypatch.setattr(R, "add_rms_norm", lambda *a: (calls.append(1), real(*a))[1])
+    cfg = TransformerConfig(num_layers=2, hidden_size=1024, num_attention_heads=8,
+                            num_query_groups=4, ffn_hidden_size=2048, bf16=True,
+                            params_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        layer = TransformerLayer(cfg, layer_number=2, parallel_state=ParallelState.single())
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    with torch.no_grad():
+        layer.pre_mlp_layernorm.weight.copy_(1 + 0.1 * torch.randn(1024, device=DEV,
+                                                                   generator=gen))
+    x0 = torch.randn(256, 2, 1024, device=DEV, generator=gen).bfloat16()
+    probe = torch.randn(256, 2, 1024, device=DEV, generator=gen)
+    results = []
+    try:
+        norms.set_norm_backend("triton")
+        for fuse in (True, False):
+            if not fuse:
+                monkeypatch.setattr(layer, "_fuse_pre_mlp_add", lambda bias: False)
+            x = x0.clone().requires_grad_()
+            loss = (layer(x).float() * probe).sum()
+            loss.backward()
+            results.append((loss.detach(), x.grad, *[p.grad for p in layer.parameters()]))
+            layer.zero_grad(set_to_none=True)
+    finally:
+        norms.set_norm_backend("auto")
+    assert len(calls) == 1
+    assert _rel(results[0][0], results[1][0]) < 1e-2, "loss"
+    for a, b in zip(results[0][1:], results[1][1:]):
+        assert _rel(a, b) < 1e-2
 
 
 def test_auto_picks_triton_rms_norm_on_cuda():

@@ -65,7 +65,70 @@ def check_cross_entropy() -> None:
             torch.testing.assert_close(f.grad, a.grad, rtol=tol, atol=1e-5)
 
 
-CHECKS = {"rope": check_rope, "cross_entropy": check_cross_entropy}
+def check_qkv_rope() -> None:
+    """fused_qkv_rope vs split + the torch rotation: values and the QKV gradient, with GQA,
+    partial rotation, per-sequence positions, and outputs that get no gradient."""
+    from moecore.transformer import rope_kernel as K
+    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+
+    torch.manual_seed(0)
+    cases = [(7, 2, 3, 2, 16, 1.0, False), (4, 3, 1, 1, 64, 0.25, True),
+             (9, 1, 5, 3, 8, 1.0, False), (0, 2, 1, 1, 8, 1.0, False)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for s, b, ng, hpg, d, rot, pos in cases:
+            mixed = torch.randn(s, b, ng, (hpg + 2) * d).to(dtype)
+            freqs = RotaryEmbedding(d, rot)(s, torch.randint(0, 100, (b, s)) if pos else None)
+            grads = [torch.randn(s, b, n, d).to(dtype) for n in (ng * hpg, ng, ng)]
+            for used in ((0, 1, 2), (0, 1), (1, 2)):  # which of q, k, v reach the loss
+                a, f = mixed.clone().requires_grad_(), mixed.clone().requires_grad_()
+                q, k, v = torch.split(a, [hpg * d, d, d], dim=3)
+                ref = (apply_rotary_pos_emb_torch(q.reshape(s, b, ng * hpg, d), freqs),
+                       apply_rotary_pos_emb_torch(k, freqs), v)
+                out = K.fused_qkv_rope(f, freqs.cos(), freqs.sin(), hpg, d)
+                for i in range(3):
+                    assert out[i].shape == ref[i].shape and out[i].dtype == dtype
+                assert out[2]._base is f  # v is a view, not a copy
+                sum(((r * grads[i]).sum() for i, r in enumerate(ref) if i in used),
+                    torch.zeros(())).backward()
+                sum(((o * grads[i]).sum() for i, o in enumerate(out) if i in used),
+                    torch.zeros(())).backward()
+                if dtype == torch.float32:
+                    assert all(torch.equal(o, r) for o, r in zip(out, ref)), (s, b, d)
+                    assert torch.equal(f.grad, a.grad), (s, b, d, used)
+                else:
+                    for o, r in zip(out, ref):
+                        torch.testing.assert_close(o, r, rtol=1e-2, atol=1e-2)
+                    torch.testing.assert_close(f.grad, a.grad, rtol=1e-2, atol=1e-2)
+
+
+def check_attention_qkv_rope() -> None:
+    """SelfAttention (GQA, RoPE) with the fused split + rotation vs the unfused path: output
+    and every gradient bit for bit in fp32."""
+    import moecore.kernels as MK
+    from moecore.config import TransformerConfig
+    from moecore.parallel_state import ParallelState
+    from moecore.transformer.attention import SelfAttention
+    from moecore.transformer.rope import RotaryEmbedding
+
+    MK.cuda_triton_available = lambda *a, **kw: (True, "")  # let CPU tensors take the kernel
+    results = []
+    for fusion in (True, False):
+        cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                                num_query_groups=2, apply_rope_fusion=fusion)
+        torch.manual_seed(0)
+        attn = SelfAttention(cfg, 1, parallel_state=ParallelState.single())
+        x = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        freqs = RotaryEmbedding(cfg.kv_channels)(6)
+        assert attn._fuse_split_and_rope(torch.zeros(6, 2, 64), freqs) == fusion
+        out, _ = attn(x, rotary_pos_emb=freqs)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append([out.detach(), x.grad] + [p.grad for p in attn.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+CHECKS = {"rope": check_rope, "qkv_rope": check_qkv_rope,
+          "attention_qkv_rope": check_attention_qkv_rope, "cross_entropy": check_cross_entropy}
 
 
 if __name__ == "__main__":

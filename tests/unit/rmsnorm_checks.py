@@ -154,7 +154,162 @@ def check_norm_module(gen):
         assert_close_rel(a, b, 1e-2, "triton vs torch backend")
 
 
-CHECKS = {"kernels": check_kernels, "autograd": check_autograd, "norm_module": check_norm_module}
+def _assert_one_rounding(hidden, residual, out):
+    """``hidden`` is ``residual + out`` (fp32 sum) rounded once to their dtype: exactly torch's
+    sum for fp32; for bf16 per element either torch's (round to nearest even, as on GPU) or the
+    truncation the interpreter's casts do."""
+    exact = residual.float() + out.float()
+    if hidden.dtype == torch.float32:
+        assert torch.equal(hidden, exact), "hidden != residual + out"
+        return
+    truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(hidden.dtype)
+    ok = (hidden == exact.to(hidden.dtype)) | (hidden == truncated)
+    assert ok.all(), f"hidden is not one rounding of residual + out at {(~ok).sum()} elements"
+
+
+def check_add_kernels(gen):
+    """``add_rms_norm``'s launchers: forward (hidden, and y / rstd equal to ``rms_norm``'s of
+    that hidden) and backward with ``dx_add`` (strided, absent, or with only dweight asked), odd
+    H, N = 0 and 1, several rows per program."""
+    from moecore.kernels import rmsnorm as R
+
+    eps = 1e-5
+    for n, h, programs in [(0, 7, None), (1, 1000, None), (6, 1000, 2), (37, 300, 3),
+                           (64, 128, 64)]:
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            res, out, dy = (torch.randn(n, h, generator=gen).to(dtype) for _ in range(3))
+            dh = torch.randn(n, 2 * h, generator=gen).to(dtype)[:, h:]  # row stride 2H
+            w = (1 + torch.randn(h, generator=gen)).to(dtype)
+            hidden, y, rstd = R.add_rms_norm_forward_triton(res, out, w, eps)
+            assert hidden.shape == y.shape == (n, h) and rstd.shape == (n,)
+            assert (hidden.dtype, y.dtype, rstd.dtype) == (dtype, dtype, torch.float32)
+            _assert_one_rounding(hidden, res, out)
+            y_plain, rstd_plain = R.rms_norm_forward_triton(hidden, w, eps)
+            assert torch.equal(y, y_plain) and torch.equal(rstd, rstd_plain)
+            dx, dw = R.rms_norm_backward_triton(dy, hidden, w, rstd, dx_add=dh,
+                                                num_programs=programs)
+            y_ref, rstd_ref = R.rms_norm_forward_torch(hidden.double(), w.double(), eps)
+            dx_ref, dw_ref = R.rms_norm_backward_torch(dy.double(), hidden.double(), w.double(),
+                                                       rstd_ref, dx_add=dh.double())
+            assert dx.shape == (n, h) and dx.dtype == dtype and dw.shape == (h,)
+            if n == 0:
+                assert torch.equal(dw, torch.zeros_like(w))
+                continue
+            for got, want, what in ((y, y_ref, "y"), (rstd, rstd_ref, "rstd"),
+                                    (dx, dx_ref, "dx + d_hidden"), (dw, dw_ref, "dweight")):
+                assert_close_rel(got, want, 1e-5 if what == "rstd" else tol,
+                                 f"{what} n={n} h={h} {dtype}")
+            # Without dx_add: the plain backward; dx_add with only dweight asked: ignored.
+            dx_plain, dw_plain = R.rms_norm_backward_triton(dy, hidden, w, rstd,
+                                                            num_programs=programs)
+            none, dw_only = R.rms_norm_backward_triton(dy, hidden, w, rstd, need_dx=False,
+                                                       dx_add=dh, num_programs=programs)
+            assert none is None and torch.equal(dw_only, dw) and torch.equal(dw_plain, dw)
+            assert not torch.equal(dx_plain, dx)
+            assert_close_rel(dx_plain, R.rms_norm_backward_torch(
+                dy.double(), hidden.double(), w.double(), rstd_ref)[0], tol, "dx")
+
+
+def check_add_autograd(gen):
+    """``add_rms_norm`` on [S, B, H] inputs (``out`` a transposed view) against the torch
+    reference: both outputs used, only ``y`` (d_hidden None), only ``hidden`` (dy None), one
+    input needing grad, fp32 weight with bf16 inputs."""
+    from moecore.kernels import rmsnorm as R
+
+    eps = 1e-6
+    for dtype, wdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                          (torch.bfloat16, torch.float32)):
+        tol = 1e-6 if dtype == torch.float32 else TOL[dtype]
+        res = torch.randn(5, 3, 72, generator=gen).to(dtype)
+        out = torch.randn(72, 3, 5, generator=gen).to(dtype).permute(2, 1, 0)
+        w = (1 + torch.randn(72, generator=gen)).to(wdtype)
+        dh, dy = (torch.randn(5, 3, 72, generator=gen).to(dtype) for _ in range(2))
+        for grads in ((dh, dy), (None, dy), (dh, None)):
+            results = []
+            for fn in (R.add_rms_norm, R.add_rms_norm_torch):
+                r, o, wt = (t.clone().requires_grad_() for t in (res, out, w))
+                outs = fn(r, o, wt, eps)
+                used = [(t, g) for t, g in zip(outs, grads) if g is not None]
+                torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+                assert torch.equal(r.grad, o.grad) and r.grad.dtype == dtype
+                results.append((*outs, r.grad, wt.grad))
+            (hidden, y, dx, dw), (hidden_ref, y_ref, dx_ref, dw_ref) = results
+            _assert_one_rounding(hidden, res, out)
+            assert_close_rel(y, y_ref, tol, "y")
+            assert_close_rel(dx, dx_ref, tol, f"dx {dtype} {[g is None for g in grads]}")
+            if grads[1] is None:  # y unused: d_hidden passes through, no weight grad
+                assert torch.equal(dx, dh) and dw is None
+            else:
+                assert dw.dtype == wdtype
+                assert_close_rel(dw, dw_ref, tol, "dweight")
+        r = res.clone().requires_grad_()  # only residual needs a grad: the same one
+        R.add_rms_norm(r, out, w, eps)[1].backward(dy)
+        o = out.clone().requires_grad_()
+        R.add_rms_norm(res, o, w, eps)[1].backward(dy)
+        assert torch.equal(r.grad, o.grad)
+    empty = torch.randn(0, 2, 16, generator=gen).requires_grad_()
+    w = torch.ones(16, requires_grad=True)
+    hidden, y = R.add_rms_norm(empty, empty.detach(), w)
+    y.backward(torch.ones_like(y))
+    assert hidden.shape == y.shape == empty.grad.shape == (0, 2, 16)
+    assert torch.equal(w.grad, torch.zeros(16))
+
+
+def check_add_layer(gen):
+    """A TransformerLayer under the ``triton`` norm backend: the fused attention residual add +
+    pre-MLP norm (taken, counted) against the unfused layer, fp32 and bf16."""
+    from moecore.kernels import rmsnorm as R
+    from moecore.transformer import norms
+
+    real_available, real_add = R.triton_available, R.add_rms_norm
+    R.triton_available = lambda *a, **kw: (True, "")  # norms' probe looks it up at call time
+    calls = []
+    R.add_rms_norm = lambda *a: (calls.append(1), real_add(*a))[1]
+    norms.set_norm_backend("triton")
+    try:
+        _compare_layers(gen, calls)
+    finally:
+        R.triton_available, R.add_rms_norm = real_available, real_add
+        norms.set_norm_backend("auto")
+
+
+def _compare_layers(gen, calls):
+    """check_add_layer's comparison; ``calls`` records each fused op call."""
+    from moecore.config import TransformerConfig
+    from moecore.transformer import norms
+    from moecore.transformer.layer import TransformerLayer
+
+    x0 = torch.randn(6, 2, 32, generator=gen)
+    # bf16: the interpreter truncates hidden where torch rounds it, a bf16 ulp at most.
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                                num_query_groups=2, ffn_hidden_size=48, init_method_std=0.05,
+                                params_dtype=dtype, bf16=dtype == torch.bfloat16)
+        torch.manual_seed(0)
+        layer = TransformerLayer(cfg, layer_number=1)
+        with torch.no_grad():
+            layer.pre_mlp_layernorm.weight.normal_(generator=gen)
+        results = []
+        for fuse in (True, False):
+            if not fuse:
+                layer._fuse_pre_mlp_add = lambda bias: False  # the unfused code path
+            x = x0.to(dtype).clone().requires_grad_()
+            out = layer(x)
+            out.float().square().sum().backward()
+            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+            layer.zero_grad(set_to_none=True)
+        assert len(calls) == 1, calls
+        calls.clear()
+        assert norms._resolve(norms.RMS_NORM_BACKENDS, x).name == "triton"
+        for a, b in zip(*results):
+            assert_close_rel(a, b, tol, f"layer {dtype}")
+        if dtype == torch.float32:  # the same fp32 math: the forward is bit for bit equal
+            assert torch.equal(results[0][0], results[1][0])
+
+
+CHECKS = {"kernels": check_kernels, "autograd": check_autograd, "norm_module": check_norm_module,
+          "add_kernels": check_add_kernels, "add_autograd": check_add_autograd,
+          "add_layer": check_add_layer}
 
 
 if __name__ == "__main__":

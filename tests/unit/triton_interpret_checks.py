@@ -194,8 +194,52 @@ def check_moe_layer(gen):
             assert _rel(ga, gb) < 1e-5
 
 
+def check_router_gating(gen):
+    """The gating kernels against an fp64 reference (ragged shapes, several expert and token
+    chunks, no tokens), then a bf16 TopKRouter whose gating runs through them."""
+    from moecore.kernels import router_gating as G
+
+    for t, e, h in [(0, 4, 8), (1, 1, 8), (37, 10, 72), (600, 70, 130), (64, 16, 64)]:
+        x = torch.randn(t, h, generator=gen).bfloat16()
+        w = torch.randn(e, h, generator=gen).bfloat16()
+        g = torch.randn(t, e, generator=gen)
+        out = G.gating_forward_triton(x, w)
+        dx, dw = G.gating_backward_triton(x, w, g)
+        ref = x.double() @ w.double().t()
+        assert out.dtype == torch.float32 and out.shape == (t, e)
+        assert ((out.double() - ref).abs() <= 1e-6 * (1 + ref.abs()) * h ** 0.5).all()
+        for got, want in ((dx, g.double() @ w.double()), (dw, g.double().t() @ x.double())):
+            assert got.dtype == torch.bfloat16
+            # one bf16 rounding of the fp32 result (the interpreter truncates): under one ulp
+            assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-5).all()
+        dx_only, none = G.gating_backward_triton(x, w, g, need_dw=False)
+        assert none is None and torch.equal(dx_only, dx)
+
+    from moecore.moe.router import TopKRouter
+    from moecore.parallel_state import ParallelState
+    from tests.moe_reference import tiny_moe_config
+
+    _force_triton_on_cpu()
+    outs = []
+    for fused in (None, False):
+        cfg = tiny_moe_config(moe_router_fusion=fused, num_moe_experts=6, moe_router_topk=2,
+                              params_dtype=torch.bfloat16, bf16=True)
+        torch.manual_seed(0)
+        router = TopKRouter(cfg, parallel_state=ParallelState.single())
+        x = torch.randn(9, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+        x.requires_grad_()
+        logits = router.gating(x)
+        logits.backward(torch.linspace(-1, 1, logits.numel()).view_as(logits))
+        outs.append((logits.detach(), x.grad, router.weight.grad))
+    assert G.select_gating(torch.device("cpu")).name == "triton"
+    assert _rel(outs[0][0], outs[1][0]) < 1e-6
+    for a, b in zip(outs[0][1:], outs[1][1:]):  # bf16 grads; the interpreter truncates
+        assert _rel(a, b) < 1e-2
+
+
 CHECKS = {"swiglu": check_swiglu, "router": check_router, "permute": check_permute,
-          "combine": check_combine, "moe_layer": check_moe_layer}
+          "combine": check_combine, "moe_layer": check_moe_layer,
+          "router_gating": check_router_gating}
 
 
 if __name__ == "__main__":
