@@ -68,27 +68,37 @@ class TransformerBlock(nn.Module):
         """Pipeline parallel: the activation received from the previous stage ``[S, B, H]``."""
         self.input_tensor = input_tensor
 
+    def _layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb):
+        """Layers ``start .. end - 1`` -> ``(residual, pending)``: their output is
+        ``residual + pending`` (``pending`` None when the last add was not deferred)."""
+        pending = None
+        for layer in self.layers[start:end]:
+            hidden, pending = layer(hidden, attention_mask, rotary_pos_emb, pending=pending,
+                                    defer_residual=True)
+        return hidden, pending
+
     def _run_layers(self, hidden, attention_mask, rotary_pos_emb):
+        """All layers -> ``(residual, pending)`` (see :meth:`_layers`); checkpointed chunks
+        return their summed output, since a recompute boundary needs one tensor."""
         def run(start, end):
             def fn(h):
-                for layer in self.layers[start:end]:
-                    h = layer(h, attention_mask, rotary_pos_emb)
-                return h
+                h, pending = self._layers(start, end, h, attention_mask, rotary_pos_emb)
+                return h if pending is None else h + pending
             return fn
 
         n_layers = len(self.layers)
         if self.config.recompute_granularity != "full" or not torch.is_grad_enabled():
-            return run(0, n_layers)(hidden)
+            return self._layers(0, n_layers, hidden, attention_mask, rotary_pos_emb)
         chunk = self.config.recompute_num_layers or 1
         if self.config.recompute_method == "block":
             n_ckpt = min(chunk, n_layers)
             for i in range(n_ckpt):
                 hidden = tp_random.checkpoint(run(i, i + 1), False, hidden, group=self.tp_group)
-            return run(n_ckpt, n_layers)(hidden)
+            return self._layers(n_ckpt, n_layers, hidden, attention_mask, rotary_pos_emb)
         for start in range(0, n_layers, chunk):
             end = min(start + chunk, n_layers)
             hidden = tp_random.checkpoint(run(start, end), False, hidden, group=self.tp_group)
-        return hidden
+        return hidden, None
 
     def forward(self, hidden: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +114,9 @@ class TransformerBlock(nn.Module):
         rng = (tp_random.get_rng_tracker().fork() if dropout and self.config.sequence_parallel
                else contextlib.nullcontext())
         with rng:
-            hidden = self._run_layers(hidden, attention_mask, rotary_pos_emb)
+            hidden, pending = self._run_layers(hidden, attention_mask, rotary_pos_emb)
         if self.final_layernorm is not None:
-            hidden = self.final_layernorm(hidden)
-        return hidden
+            if pending is None:
+                return self.final_layernorm(hidden)
+            return self.final_layernorm.add_and_norm(hidden, pending)[1]
+        return hidden if pending is None else hidden + pending

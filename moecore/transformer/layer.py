@@ -5,11 +5,13 @@
 ``config.moe_layer_pattern()[layer_number - 1]`` (``layer_number`` is 1-based and global across
 pipeline stages).
 
-Where that cannot change semantics (an RMSNorm, no attention bias, no active hidden dropout, the
-residual is the layer input) the attention residual add and ``pre_mlp_layernorm`` run as
-:meth:`RMSNorm.add_and_norm`: under the ``triton`` norm backend one kernel each way with the same
-forward values (the summed grad of ``hidden`` is rounded once instead of twice); under any other
-backend the same two ops as before.
+Where a residual add is plain (no bias, no active hidden dropout, the residual is the pre-norm
+stream) it runs inside the norm that follows it, :meth:`add_and_norm`: the attention add inside
+``pre_mlp_layernorm``, and, when the caller asks for it (``defer_residual``, as
+:class:`TransformerBlock` does), the MLP add inside the next layer's ``input_layernorm`` or the
+final norm. Under the ``triton`` RMSNorm backend that is one kernel each way with the same
+forward values (the summed gradient of the residual stream is rounded once instead of twice);
+under any other norm backend the same two ops as before.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.transformer.attention import SelfAttention
 from moecore.transformer.mlp import MLP
-from moecore.transformer.norms import RMSNorm, build_norm
+from moecore.transformer.norms import build_norm
 
 
 class TransformerLayer(nn.Module):
@@ -60,13 +62,12 @@ class TransformerLayer(nn.Module):
             out = out + bias
         return residual + F.dropout(out, p=self.config.hidden_dropout, training=self.training)
 
-    def _fuse_pre_mlp_add(self, attn_bias) -> bool:
-        """Whether the attention residual add may run fused into ``pre_mlp_layernorm``
-        (:meth:`RMSNorm.add_and_norm`): an RMSNorm, no bias, no active dropout, and the residual
-        is the layer input (not the post-norm ``x``)."""
+    def _plain_residual_add(self, bias) -> bool:
+        """Whether a residual add of this layer is plain ``residual + out`` (no bias, no active
+        hidden dropout, the residual is the pre-norm stream), so the norm after it may run it
+        (:meth:`add_and_norm`)."""
         cfg = self.config
-        return (isinstance(self.pre_mlp_layernorm, RMSNorm) and attn_bias is None
-                and (not self.training or cfg.hidden_dropout == 0)
+        return (bias is None and (not self.training or cfg.hidden_dropout == 0)
                 and not cfg.apply_residual_connection_post_layernorm)
 
     def _mlp(self, x: torch.Tensor):
@@ -76,15 +77,29 @@ class TransformerLayer(nn.Module):
         return self.mlp(x)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+                rotary_pos_emb: torch.Tensor | None = None, pending: torch.Tensor | None = None,
+                defer_residual: bool = False):
+        """``hidden [S, B, H]`` -> ``[S, B, H]``.
+
+        ``pending`` ``[S, B, H]``: the previous layer's deferred MLP output; this layer's input
+        is ``hidden + pending``, added inside ``input_layernorm``. With ``defer_residual`` the
+        result is ``(residual, mlp_out)``, whose sum is the layer output, when the final add is
+        plain (else ``(output, None)``), for the next layer's ``pending``.
+        """
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
-        x = self.input_layernorm(hidden)
+        if pending is None:
+            x = self.input_layernorm(hidden)
+        else:
+            hidden, x = self.input_layernorm.add_and_norm(hidden, pending)
         attn_out, attn_bias = self.self_attention(x, attention_mask, rotary_pos_emb)
-        if self._fuse_pre_mlp_add(attn_bias):
+        if self._plain_residual_add(attn_bias):
             hidden, x = self.pre_mlp_layernorm.add_and_norm(hidden, attn_out)
         else:
             hidden = self._bias_dropout_add(attn_out, attn_bias,
                                             x if post_ln_residual else hidden)
             x = self.pre_mlp_layernorm(hidden)
         mlp_out, mlp_bias = self._mlp(x)
-        return self._bias_dropout_add(mlp_out, mlp_bias, x if post_ln_residual else hidden)
+        if defer_residual and self._plain_residual_add(mlp_bias):
+            return hidden, mlp_out
+        out = self._bias_dropout_add(mlp_out, mlp_bias, x if post_ln_residual else hidden)
+        return (out, None) if defer_residual else out

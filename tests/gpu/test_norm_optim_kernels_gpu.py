@@ -84,27 +84,33 @@ def test_add_rms_norm_matches_fp64_reference(shape, dtype, with_d_hidden):
         assert _rel(got, want) <= 2 * _rel(ref, want) + 1e-6
 
 
-def test_transformer_layer_fused_add_norm_matches_unfused_bf16(monkeypatch):
-    """A bf16 TransformerLayer under the ``triton`` norm backend: the attention residual add
-    fused into pre_mlp_layernorm (taken: counted) gives the unfused layer's output and grads."""
+@pytest.mark.parametrize("what,fused_calls", [("layer", 1), ("block", 6)])
+def test_fused_residual_add_norm_matches_unfused_bf16(monkeypatch, what, fused_calls):
+    """bf16 under the ``triton`` norm backend: a TransformerLayer (the attention residual add
+    fused into pre_mlp_layernorm) and a 3-layer TransformerBlock (also each MLP add fused into
+    the next input norm and the final norm) give the unfused output and grads."""
     from moecore.config import TransformerConfig
     from moecore.parallel_state import ParallelState
     from moecore.transformer import norms
+    from moecore.transformer.block import TransformerBlock
     from moecore.transformer.layer import TransformerLayer
 
     calls = []
     real = R.add_rms_norm
     monkeypatch.setattr(R, "add_rms_norm", lambda *a: (calls.append(1), real(*a))[1])
-    cfg = TransformerConfig(num_layers=2, hidden_size=1024, num_attention_heads=8,
+    cfg = TransformerConfig(num_layers=3, hidden_size=1024, num_attention_heads=8,
                             num_query_groups=4, ffn_hidden_size=2048, bf16=True,
                             params_dtype=torch.bfloat16)
     torch.manual_seed(0)
+    ps = ParallelState.single()
     with torch.device(DEV):
-        layer = TransformerLayer(cfg, layer_number=2, parallel_state=ParallelState.single())
+        model = (TransformerLayer(cfg, layer_number=2, parallel_state=ps) if what == "layer"
+                 else TransformerBlock(cfg, parallel_state=ps))
     gen = torch.Generator(device=DEV).manual_seed(1)
     with torch.no_grad():
-        layer.pre_mlp_layernorm.weight.copy_(1 + 0.1 * torch.randn(1024, device=DEV,
-                                                                   generator=gen))
+        for m in model.modules():
+            if isinstance(m, norms.RMSNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(1024, device=DEV, generator=gen))
     x0 = torch.randn(256, 2, 1024, device=DEV, generator=gen).bfloat16()
     probe = torch.randn(256, 2, 1024, device=DEV, generator=gen)
     results = []
@@ -112,15 +118,15 @@ def test_transformer_layer_fused_add_norm_matches_unfused_bf16(monkeypatch):
         norms.set_norm_backend("triton")
         for fuse in (True, False):
             if not fuse:
-                monkeypatch.setattr(layer, "_fuse_pre_mlp_add", lambda bias: False)
+                monkeypatch.setattr(TransformerLayer, "_plain_residual_add", lambda s, b: False)
             x = x0.clone().requires_grad_()
-            loss = (layer(x).float() * probe).sum()
+            loss = (model(x).float() * probe).sum()
             loss.backward()
-            results.append((loss.detach(), x.grad, *[p.grad for p in layer.parameters()]))
-            layer.zero_grad(set_to_none=True)
+            results.append((loss.detach(), x.grad, *[p.grad for p in model.parameters()]))
+            model.zero_grad(set_to_none=True)
     finally:
         norms.set_norm_backend("auto")
-    assert len(calls) == 1
+    assert len(calls) == fused_calls
     assert _rel(results[0][0], results[1][0]) < 1e-2, "loss"
     for a, b in zip(results[0][1:], results[1][1:]):
         assert _rel(a, b) < 1e-2

@@ -274,37 +274,49 @@ def check_add_layer(gen):
 
 
 def _compare_layers(gen, calls):
-    """check_add_layer's comparison; ``calls`` records each fused op call."""
+    """check_add_layer's comparison; ``calls`` records each fused op call. A layer fuses its
+    attention residual add; a 3-layer block also each MLP add into the next norm (6 calls)."""
     from moecore.config import TransformerConfig
     from moecore.transformer import norms
+    from moecore.transformer.block import TransformerBlock
     from moecore.transformer.layer import TransformerLayer
 
     x0 = torch.randn(6, 2, 32, generator=gen)
-    # bf16: the interpreter truncates hidden where torch rounds it, a bf16 ulp at most.
-    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
-        cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                                num_query_groups=2, ffn_hidden_size=48, init_method_std=0.05,
-                                params_dtype=dtype, bf16=dtype == torch.bfloat16)
-        torch.manual_seed(0)
-        layer = TransformerLayer(cfg, layer_number=1)
-        with torch.no_grad():
-            layer.pre_mlp_layernorm.weight.normal_(generator=gen)
-        results = []
-        for fuse in (True, False):
-            if not fuse:
-                layer._fuse_pre_mlp_add = lambda bias: False  # the unfused code path
-            x = x0.to(dtype).clone().requires_grad_()
-            out = layer(x)
-            out.float().square().sum().backward()
-            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
-            layer.zero_grad(set_to_none=True)
-        assert len(calls) == 1, calls
-        calls.clear()
-        assert norms._resolve(norms.RMS_NORM_BACKENDS, x).name == "triton"
-        for a, b in zip(*results):
-            assert_close_rel(a, b, tol, f"layer {dtype}")
-        if dtype == torch.float32:  # the same fp32 math: the forward is bit for bit equal
-            assert torch.equal(results[0][0], results[1][0])
+    plain = TransformerLayer._plain_residual_add
+    # bf16: the interpreter truncates hidden where torch rounds it, a bf16 ulp at most per
+    # fused add (6 of them in the block).
+    for what, n_calls in (("layer", 1), ("block", 6)):
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2 * (1 + (what == "block")))):
+            cfg = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4,
+                                    num_query_groups=2, ffn_hidden_size=48,
+                                    init_method_std=0.05, params_dtype=dtype,
+                                    bf16=dtype == torch.bfloat16)
+            torch.manual_seed(0)
+            model = TransformerLayer(cfg, layer_number=1) if what == "layer" else \
+                TransformerBlock(cfg)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, norms.RMSNorm):
+                        m.weight.normal_(generator=gen)
+            results = []
+            try:
+                for fuse in (True, False):
+                    if not fuse:  # the unfused code path
+                        TransformerLayer._plain_residual_add = lambda self, bias: False
+                    x = x0.to(dtype).clone().requires_grad_()
+                    out = model(x)
+                    out.float().square().sum().backward()
+                    results.append([out.detach(), x.grad] + [p.grad for p in model.parameters()])
+                    model.zero_grad(set_to_none=True)
+            finally:
+                TransformerLayer._plain_residual_add = plain
+            assert len(calls) == n_calls, (what, calls)
+            calls.clear()
+            assert norms._resolve(norms.RMS_NORM_BACKENDS, x).name == "triton"
+            for a, b in zip(*results):
+                assert_close_rel(a, b, tol, f"{what} {dtype}")
+            if dtype == torch.float32:  # the same fp32 math: the forward is bit for bit equal
+                assert torch.equal(results[0][0], results[1][0])
 
 
 CHECKS = {"kernels": check_kernels, "autograd": check_autograd, "norm_module": check_norm_module,

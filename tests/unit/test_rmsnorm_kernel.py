@@ -195,21 +195,22 @@ def _count_add_and_norm(monkeypatch) -> list:
     return calls
 
 
-_LAYER_CASES = [  # (config overrides, training, fused)
+_LAYER_CASES = [  # (config overrides, training, plain attention residual add)
     (dict(), True, True),
     (dict(hidden_dropout=0.1), True, False),
     (dict(hidden_dropout=0.1), False, True),
     (dict(add_bias_linear=True), True, False),
     (dict(apply_residual_connection_post_layernorm=True), True, False),
-    (dict(normalization="LayerNorm"), True, False),
+    (dict(normalization="LayerNorm"), True, True),
     (dict(num_moe_experts=4, moe_ffn_hidden_size=24, moe_layer_recompute=True), True, True),
 ]
 
 
-@pytest.mark.parametrize("overrides,training,fused", _LAYER_CASES)
-def test_layer_fuses_pre_mlp_add_only_where_it_is_exact(monkeypatch, overrides, training, fused):
-    """The layer takes ``add_and_norm`` only for an RMSNorm without bias, dropout or post-norm
-    residual; on CPU (torch backend) that is bit for bit the unfused layer."""
+@pytest.mark.parametrize("overrides,training,plain", _LAYER_CASES)
+def test_layer_fuses_pre_mlp_add_only_where_it_is_exact(monkeypatch, overrides, training, plain):
+    """The layer hands the attention residual add to ``pre_mlp_layernorm.add_and_norm`` only
+    without bias, active dropout or post-norm residual; on CPU (torch backend) that is bit for
+    bit the unfused layer, for RMSNorm and LayerNorm."""
     from moecore.config import TransformerConfig
     from moecore.transformer.layer import TransformerLayer
 
@@ -225,11 +226,11 @@ def test_layer_fuses_pre_mlp_add_only_where_it_is_exact(monkeypatch, overrides, 
     torch.manual_seed(2)
     calls = _count_add_and_norm(monkeypatch)
     got = _layer_grads(layer, x)
-    assert calls == ([norms.RMSNorm] if fused else []), calls
-    monkeypatch.setattr(type(layer), "_fuse_pre_mlp_add", lambda self, bias: False)
+    assert calls == ([type(layer.pre_mlp_layernorm)] if plain else []), calls
+    monkeypatch.setattr(type(layer), "_plain_residual_add", lambda self, bias: False)
     torch.manual_seed(2)  # the same dropout masks
     want = _layer_grads(layer, x)
-    assert len(calls) == int(fused)
+    assert len(calls) == int(plain)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

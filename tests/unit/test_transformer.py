@@ -211,6 +211,50 @@ def test_recompute_matches_plain_forward_backward(recompute):
         assert _rel(g, rg) < 1e-6
 
 
+@pytest.mark.parametrize("case,calls,final_fused", [
+    # 3 pre-MLP adds; layers 2 and 3 take the previous MLP add; the final norm takes layer 3's
+    (dict(), 6, True),
+    # checkpointed chunks [1, 2] and [3] return their sum: 3 pre-MLP adds + layer 2's input
+    (dict(recompute_granularity="full", recompute_num_layers=2), 4, False),
+    # layer 1 checkpointed alone, layers 2-3 plain: 3 + layer 3's input + the final norm
+    (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1), 5,
+     True),
+    (dict(post_process=False), 5, False),  # no final norm: the block returns the sum itself
+])
+def test_block_defers_mlp_residual_adds_into_the_next_norm(monkeypatch, case, calls,
+                                                           final_fused):
+    """Each plain MLP residual add runs inside the next norm (``add_and_norm``); on CPU that is
+    the unfused block bit for bit, across recompute boundaries and without a final norm."""
+    from moecore.transformer import norms
+
+    case = dict(case)
+    post_process = case.pop("post_process", True)
+    cfg = _cfg(num_layers=3, attention_dropout=0.2, **case)
+    x = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(8))
+    freqs = RotaryEmbedding(8)(6)
+    seen = []
+    real = norms._NormBase.add_and_norm
+    monkeypatch.setattr(norms._NormBase, "add_and_norm",
+                        lambda self, r, o: (seen.append(self), real(self, r, o))[1])
+    results = []
+    for deferred in (True, False):
+        if not deferred:
+            monkeypatch.setattr(TransformerLayer, "_plain_residual_add", lambda self, b: False)
+        model_parallel_seed(7, ParallelState.single())
+        block = TransformerBlock(cfg, post_process=post_process)
+        xx = x.clone().requires_grad_(True)
+        out = block(xx, rotary_pos_emb=freqs)
+        if deferred:  # forward calls only (recompute repeats them in backward)
+            assert len(seen) == calls, len(seen)
+            assert (seen[-1] is block.final_layernorm) == final_fused
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), xx.grad] + [p.grad for p in block.parameters()])
+        seen.clear()
+    assert not seen  # the run without deferral called none
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_layer_and_block_structure_and_errors():
     cfg = _cfg(num_layers=4)
     block = TransformerBlock(cfg, post_process=False, layer_offset=1, num_layers=2)
