@@ -15,9 +15,9 @@
   TF32 parts, the 16-bit operand is exact in TF32 and every product exact in fp32, so the only
   loss is ``g``'s ~2^-21 split remainder, below fp32 summation noise. ``dx`` is written in
   ``x``'s dtype, ``dw`` in ``w``'s (what autograd's casts give the torch path), ``dw`` summed
-  over fixed 512-token chunks in a fixed order (deterministic, no atomics). Under the Triton
-  interpreter (CPU tests) the dots run as plain fp32 (``WIDEN``), which the interpreter
-  supports.
+  over fixed token chunks (512, longer when the fp32 partials would pass 64 MiB) in a fixed
+  order (deterministic, no atomics). Under the Triton interpreter (CPU tests) the dots run as
+  plain fp32 (``WIDEN``), which the interpreter supports.
 """
 
 from __future__ import annotations
@@ -132,6 +132,18 @@ def _block_e(E: int) -> int:
     return min(64, max(16, triton.next_power_of_2(E)))
 
 
+# The dw kernel's fp32 partial sums [chunks, E, H]: at most this many bytes (a power-of-two
+# chunk length >= 512 tokens, so few distinct lengths get compiled).
+MAX_PARTIAL_BYTES = 64 << 20
+
+
+def _rows_per_chunk(T: int, E: int, H: int) -> int:
+    """Tokens per ``dw`` chunk: 512, or the next power of two keeping the partials in
+    :data:`MAX_PARTIAL_BYTES` (e.g. 256 experts x 7168 at 65536 tokens)."""
+    max_chunks = max(1, MAX_PARTIAL_BYTES // (4 * E * H))
+    return max(512, triton.next_power_of_2(triton.cdiv(T, max_chunks)))
+
+
 def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -167,7 +179,7 @@ def gating_backward_triton(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
             _gating_dx_kernel[grid](grad, w, dx, T, H, E, w.stride(0), BLOCK_T=64, BLOCK_E=be,
                                     BLOCK_H=64, PRECISION=_PRECISION)
     if need_dw:
-        rows_per_chunk = 512
+        rows_per_chunk = _rows_per_chunk(T, E, H)
         chunks = max(1, triton.cdiv(T, rows_per_chunk))
         part = torch.empty(chunks, E, H, device=x.device, dtype=torch.float32)
         if T:

@@ -117,7 +117,8 @@ def test_fused_permute_does_not_sync():
 
 
 @pytest.mark.parametrize("t,e,h", [(0, 8, 1024), (1, 8, 64), (16384, 16, 1024), (4099, 64, 2048),
-                                   (1000, 160, 4096), (777, 8, 1030)])
+                                   (1000, 160, 4096), (777, 8, 1030),
+                                   (8192, 256, 7168)])  # 1024-token dw chunks (partials cap)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_router_gating_triton_matches_upcast_gemm(t, e, h, dtype):
     g = _gen(t + e + h)

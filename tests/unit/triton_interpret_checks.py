@@ -214,6 +214,17 @@ def check_router_gating(gen):
             assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-5).all()
         dx_only, none = G.gating_backward_triton(x, w, g, need_dw=False)
         assert none is None and torch.equal(dx_only, dx)
+    # Longer dw chunks once the fp32 partials would be too big (here: one chunk of 1024 rows).
+    x, w = torch.randn(600, 130, generator=gen).bfloat16(), torch.randn(70, 130).bfloat16()
+    g = torch.randn(600, 70, generator=gen)
+    cap, G.MAX_PARTIAL_BYTES = G.MAX_PARTIAL_BYTES, 4 * 70 * 130
+    try:
+        assert G._rows_per_chunk(600, 70, 130) == 1024
+        dw_long = G.gating_backward_triton(x, w, g, need_dx=False)[1]
+    finally:
+        G.MAX_PARTIAL_BYTES = cap
+    want = g.double().t() @ x.double()
+    assert ((dw_long.double() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-5).all()
 
     from moecore.moe.router import TopKRouter
     from moecore.parallel_state import ParallelState
