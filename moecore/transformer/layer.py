@@ -11,7 +11,8 @@ stream) it runs inside the norm that follows it, :meth:`add_and_norm`: the atten
 :class:`TransformerBlock` does), the MLP add inside the next layer's ``input_layernorm`` or the
 final norm. Under the ``triton`` RMSNorm backend that is one kernel each way with the same
 forward values (the summed gradient of the residual stream is rounded once instead of twice);
-under any other norm backend the same two ops as before.
+under any other norm backend the same two ops as before. (So a forward hook on a layer inside
+a block sees ``(residual, mlp_out)`` where the add was deferred; their sum is the layer output.)
 """
 
 from __future__ import annotations
