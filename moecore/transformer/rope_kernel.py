@@ -129,6 +129,13 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _FusedRope.apply(x, cos, sin)
 
 
+def _qkv_views(t: torch.Tensor, heads_per_group: int, head_dim: int):
+    """``t [S, B, G, (J + 2) * D]`` -> views ``q [S, B, G, J, D]``, ``k, v [S, B, G, D]``."""
+    J, D = heads_per_group, head_dim
+    return (t[..., : J * D].unflatten(3, (J, D)), t[..., J * D: (J + 1) * D],
+            t[..., (J + 1) * D:])
+
+
 class _FusedQKVRope(torch.autograd.Function):
     """Split a fused QKV output and rotate q and k; backward writes one [.., (J + 2) * D] grad.
 
@@ -140,31 +147,27 @@ class _FusedQKVRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mixed, cos, sin, heads_per_group, head_dim):
-        S, B, G = mixed.shape[:3]
-        J, D = heads_per_group, head_dim
-        q = rope_launch(mixed[..., : J * D].unflatten(3, (J, D)), cos, sin)  # [S, B, G*J, D]
-        k = rope_launch(mixed[..., J * D: (J + 1) * D], cos, sin)  # [S, B, G, D]
+        q, k, v = _qkv_views(mixed, heads_per_group, head_dim)
         ctx.save_for_backward(cos, sin)
-        ctx.shape, ctx.dtype, ctx.jd = mixed.shape, mixed.dtype, (J, D)
-        return q, k, mixed[..., (J + 1) * D:]
+        ctx.shape, ctx.dtype, ctx.jd = mixed.shape, mixed.dtype, (heads_per_group, head_dim)
+        return rope_launch(q, cos, sin), rope_launch(k, cos, sin), v  # q [S, B, G*J, D]
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
-        J, D = ctx.jd
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=cos.device)
-        slots = (grad[..., : J * D].unflatten(3, (J, D)), grad[..., J * D: (J + 1) * D],
-                 grad[..., (J + 1) * D:])
-        for g, slot in ((dq, slots[0]), (dk, slots[1])):
+        q_slot, k_slot, v_slot = _qkv_views(grad, *ctx.jd)
+        if dq is not None:
+            dq = dq.unflatten(2, q_slot.shape[2:4])  # [S, B, G*J, D] -> [S, B, G, J, D]
+        for g, slot in ((dq, q_slot), (dk, k_slot)):
             if g is None:
                 slot.zero_()
             else:
-                rope_launch(g.unflatten(2, slot.shape[2:4]) if slot.dim() == 5 else g, cos,
-                            sin, backward=True, out=slot)
+                rope_launch(g, cos, sin, backward=True, out=slot)
         if dv is None:
-            slots[2].zero_()
+            v_slot.zero_()
         else:
-            slots[2].copy_(dv)
+            v_slot.copy_(dv)
         return grad, None, None, None, None
 
 
