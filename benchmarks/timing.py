@@ -36,3 +36,21 @@ def median_ms(step: Callable[..., object], device: torch.device | str, warmup: i
         if i >= warmup:
             times.append(elapsed)
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], repeats: int = 20) -> float:
+    """GPU milliseconds per call of ``fn`` (CUDA): ``repeats`` calls captured in one CUDA graph
+    and replayed once, so host launch cost does not count (small kernels timed from the host
+    measure their launches)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph wants
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    graph.replay()
+    return elapsed_ms(graph.replay, "cuda") / repeats

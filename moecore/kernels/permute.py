@@ -7,7 +7,8 @@ in token order, exactly as :func:`moecore.moe.permute.permute`. Backends (``moe_
 
 - ``torch``: masks, cumsums and ``masked_select`` (one host sync, and a check that every token
   has exactly ``topk`` experts), ``index_select`` forward, gather + sum backward. The reference.
-- ``triton``: one cumsum over the map in torch, then ONE kernel that builds the plan and copies
+- ``triton``: the per-expert running token counts (a two-kernel scan over token chunks; torch's
+  cumsum for many experts or very long inputs), then ONE kernel that builds the plan and copies
   every token row to its k destination rows (each token read once); backward reads each token's
   k gradient rows and writes their fp32 sum once. No host sync (the row count is ``T * k``);
   the exactly-``topk`` contract is checked on the device (``torch._assert_async``).
@@ -133,6 +134,34 @@ if HAVE_TRITON:
             tl.store(out_ptr + d * H + offs, x, mask=hmask & (d < n_rows))
 
     @triton.jit
+    def _chunk_count_kernel(map_ptr, counts_ptr, T, E, CHUNK: tl.constexpr,
+                            BLOCK_E: tl.constexpr):
+        """Program c: ``counts[c, e]`` = tokens of chunk c (CHUNK tokens) routed to expert e."""
+        c = tl.program_id(0)
+        rows = c * CHUNK + tl.arange(0, CHUNK)
+        cols = tl.arange(0, BLOCK_E)
+        m = tl.load(map_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :],
+                    mask=(rows[:, None] < T) & (cols[None, :] < E), other=0)
+        tl.store(counts_ptr + c * BLOCK_E + cols, tl.sum(m.to(tl.int32), axis=0))
+
+    @triton.jit
+    def _chunk_scan_kernel(map_ptr, counts_ptr, pos_ptr, T, E, CHUNK: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program c: ``pos[e, t]`` (inclusive count of expert e's tokens up to t) for the
+        tokens of chunk c: the earlier chunks' counts plus a scan within the chunk."""
+        c = tl.program_id(0)
+        prev = tl.arange(0, BLOCK_C)
+        cols = tl.arange(0, BLOCK_E)
+        before = tl.load(counts_ptr + prev[:, None] * BLOCK_E + cols[None, :],
+                         mask=prev[:, None] < c, other=0)
+        rows = c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < T) & (cols[None, :] < E)
+        m = tl.load(map_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], mask=mask,
+                    other=0)
+        pos = tl.cumsum(m.to(tl.int32), axis=0) + tl.sum(before, axis=0)[None, :]
+        tl.store(pos_ptr + cols.to(tl.int64)[None, :] * T + rows[:, None], pos, mask=mask)
+
+    @triton.jit
     def _permute_bwd_kernel(grad_ptr, slot_rows_ptr, out_ptr, H, stride_g, K: tl.constexpr,
                             BLOCK_H: tl.constexpr):
         """Program (t, hb): ``out[t, block] = sum_j grad[slot_rows[t*K + j], block]`` (fp32)."""
@@ -144,6 +173,31 @@ if HAVE_TRITON:
             src = tl.load(slot_rows_ptr + t * K + j)
             acc += tl.load(grad_ptr + src * stride_g + offs, mask=hmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+# The chunked scan holds a [CHUNK, BLOCK_E] tile (CHUNK_TILE elements) and the [chunks,
+# BLOCK_E] counts (at most SCAN_TILE) in registers.
+CHUNK_TILE = 16384
+SCAN_TILE = 16384
+
+
+def expert_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``mask [T, E]`` uint8 (0/1) -> ``pos [E, T]`` int32, ``pos[e, t]`` = tokens ``<= t``
+    routed to expert e. Two Triton launches over token chunks: 6.2 us of GPU time for 16
+    experts x 32768 tokens on an H200 against 47.8 us for torch's scan along T (one block per
+    expert); torch's ``cumsum`` where the tiles would not fit. Integers: the same result."""
+    t, e = mask.shape
+    block_e = triton.next_power_of_2(e)
+    chunk = max(16, CHUNK_TILE // block_e)
+    chunks = triton.cdiv(t, chunk)
+    if block_e > 64 or chunks * block_e > SCAN_TILE:
+        return torch.cumsum(mask.T.contiguous(), 1, dtype=torch.int32)
+    counts = torch.empty(chunks, block_e, dtype=torch.int32, device=mask.device)
+    pos = torch.empty(e, t, dtype=torch.int32, device=mask.device)
+    _chunk_count_kernel[(chunks,)](mask, counts, t, e, CHUNK=chunk, BLOCK_E=block_e)
+    _chunk_scan_kernel[(chunks,)](mask, counts, pos, t, e, CHUNK=chunk, BLOCK_E=block_e,
+                                  BLOCK_C=triton.next_power_of_2(chunks), num_warps=8)
+    return pos
 
 
 def _block_h(h: int) -> int:
@@ -165,9 +219,7 @@ def permute_forward_triton(tokens: torch.Tensor, routing_map: torch.Tensor, topk
         counts = torch.zeros(e, dtype=torch.int64, device=dev)
         return permuted, PlanParts(slot_rows, row_slots, sorted_indices, counts, expert_ids)
     mask = routing_map.to(torch.bool).contiguous().view(torch.uint8)
-    # [E, T] inclusive count of each expert's tokens up to t. Scanned along the contiguous dim:
-    # torch's scan over dim 0 of [T, E] runs one serial thread per expert.
-    pos = torch.cumsum(mask.T.contiguous(), 1, dtype=torch.int32)
+    pos = expert_positions(mask)  # [E, T] inclusive count of each expert's tokens up to t
     counts = torch.empty(e, dtype=torch.int64, device=dev)
     ok = torch.ones(1, dtype=torch.uint8, device=dev)
     if tokens.stride(-1) != 1:

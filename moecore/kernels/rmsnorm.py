@@ -230,20 +230,27 @@ def add_rms_norm_forward_triton(residual: torch.Tensor, out: torch.Tensor, weigh
     return _forward_triton(residual, weight, eps, out)
 
 
+def _backward_tile(block_h: int, block_r: int, warps: int) -> tuple[int, int]:
+    """(BLOCK_R, num_warps) of the backward: 8192-element row blocks and 4 warps up to
+    ``BLOCK_H`` 4096 (swept on an H200, ``benchmarks/small_kernels.py``, 2026-12-01: 88 -> 83
+    us at 32768 x 1024, 211 -> 159 us at 16384 x 4096), else the forward's."""
+    return (8192 // block_h, 4) if block_h <= 4096 else (block_r, warps)
+
+
 def rms_norm_backward_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              rstd: torch.Tensor, need_dx: bool = True, need_dw: bool = True,
                              dx_add: torch.Tensor | None = None, num_programs: int | None = None):
     """Same contract as :func:`rms_norm_backward_torch`, one fused pass plus the [programs, H]
     partial-sum reduction (``dx_add`` [N, H], read in that pass); ``num_programs`` (default
-    ``4 * SMs``, ``2 * SMs`` for H > 2048) is rounded to whole power-of-two slabs of rows per
-    program."""
+    ``2 * SMs``) is rounded to whole power-of-two slabs of rows per program."""
     block_r, block_h, warps = _check_triton(x, weight)
     n, h = x.shape
     dx = torch.empty(n, h, dtype=x.dtype, device=x.device) if need_dx else None
     if n == 0 or not (need_dx or need_dw):
         return dx, torch.zeros_like(weight) if need_dw else None
-    # Fewer programs for wide rows: their fp32 partials cost programs * H * 8 bytes of traffic.
-    programs = min(n, num_programs or (4 if h <= 2048 else 2) * _sm_count(x.device))
+    block_r, warps = _backward_tile(block_h, block_r, warps)
+    # Two programs per SM: their fp32 partials cost programs * H * 8 bytes of traffic.
+    programs = min(n, num_programs or 2 * _sm_count(x.device))
     # Whole row blocks per program, a power of two of them: few compiles of the (constexpr) loop
     # bound, and (programs / 2, programs] programs (a runtime bound would do on GPU, but the
     # interpreter cannot loop to one under numpy >= 2.4).

@@ -128,6 +128,14 @@ if HAVE_TRITON:
         tl.store(part_at, acc, mask=part_in)
 
 
+# (BLOCK_T, BLOCK_H, num_warps) of the backward kernels, from a sweep on an H200 (2026-12-01:
+# dx 43.7 -> 35.7 us and dw 85.8 -> 49.7 us at 32768 tokens x 1024 x 16 experts; the wide dw
+# tile lost at 64 experts x 4096, which keeps the narrow one).
+DX_TILE = (128, 64, 4)
+DW_TILE_FEW_EXPERTS = (64, 128, 4)
+DW_TILE = (32, 64, 4)
+
+
 def _block_e(E: int) -> int:
     return min(64, max(16, triton.next_power_of_2(E)))
 
@@ -175,18 +183,20 @@ def gating_backward_triton(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
     if need_dx:
         dx = torch.empty(T, H, device=x.device, dtype=x.dtype)
         if T:
-            grid = (triton.cdiv(T, 64), triton.cdiv(H, 64))
-            _gating_dx_kernel[grid](grad, w, dx, T, H, E, w.stride(0), BLOCK_T=64, BLOCK_E=be,
-                                    BLOCK_H=64, PRECISION=_PRECISION)
+            bt, bh, warps = DX_TILE
+            grid = (triton.cdiv(T, bt), triton.cdiv(H, bh))
+            _gating_dx_kernel[grid](grad, w, dx, T, H, E, w.stride(0), BLOCK_T=bt, BLOCK_E=be,
+                                    BLOCK_H=bh, PRECISION=_PRECISION, num_warps=warps)
     if need_dw:
         rows_per_chunk = _rows_per_chunk(T, E, H)
         chunks = max(1, triton.cdiv(T, rows_per_chunk))
         part = torch.empty(chunks, E, H, device=x.device, dtype=torch.float32)
         if T:
-            grid = (triton.cdiv(H, 64), triton.cdiv(E, be), chunks)
+            bt, bh, warps = DW_TILE_FEW_EXPERTS if be <= 16 else DW_TILE
+            grid = (triton.cdiv(H, bh), triton.cdiv(E, be), chunks)
             _gating_dw_kernel[grid](grad, x, part, T, H, E, x.stride(0),
-                                    ROWS_PER_CHUNK=rows_per_chunk, BLOCK_T=32, BLOCK_E=be,
-                                    BLOCK_H=64, PRECISION=_PRECISION)
+                                    ROWS_PER_CHUNK=rows_per_chunk, BLOCK_T=bt, BLOCK_E=be,
+                                    BLOCK_H=bh, PRECISION=_PRECISION, num_warps=warps)
         else:
             part.zero_()
         dw = part.sum(dim=0).to(w.dtype)

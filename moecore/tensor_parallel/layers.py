@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecore.kernels.embedding import embedding
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -227,6 +228,8 @@ class VocabParallelEmbedding(nn.Module):
     TP: ``[..., H]``. With ``reduce_scatter_embeddings=True`` the ids must be ``[B, S]``; the
     result is transposed to ``[S, B, H]`` and reduce-scattered along S, returning this rank's
     sequence-parallel shard ``[S/tp, B, H]`` (one collective instead of all-reduce + scatter).
+    The lookup goes through :func:`moecore.kernels.embedding.embedding` (``F.embedding``; on
+    CUDA by default with the deterministic Triton backward, ``MOECORE_EMBEDDING_BACKEND``).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, config, init_method=None,
@@ -254,9 +257,9 @@ class VocabParallelEmbedding(nn.Module):
         if self.tp_size > 1:
             outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
             local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
-            out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            out = embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         else:
-            out = F.embedding(input_ids, self.weight)
+            out = embedding(input_ids, self.weight)
         if self.reduce_scatter_embeddings:
             out = out.transpose(0, 1).contiguous()  # [B, S, H] -> [S, B, H]
             return reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)

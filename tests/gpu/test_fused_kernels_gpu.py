@@ -102,6 +102,17 @@ def test_permute_triton_matches_reference(t, e, k, h, dtype):
         assert _rel(dx, want) < (1e-6 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("t,e", [(65536, 16), (32768, 8), (16384, 64), (200000, 16),
+                                 (4096, 128)])
+def test_expert_positions_match_cumsum(t, e):
+    """The chunked scan (and its fallbacks: 200000 tokens, 128 experts) vs torch.cumsum."""
+    g = _gen(t + e)
+    mask = (torch.rand(t, e, device=DEV, generator=g) < 0.2).to(torch.uint8)
+    _poison()
+    want = torch.cumsum(mask.T.contiguous(), 1, dtype=torch.int32)
+    assert torch.equal(P.expert_positions(mask), want)
+
+
 def test_fused_permute_does_not_sync():
     g = _gen(0)
     idx = torch.randn(512, 64, device=DEV, generator=g).topk(8, dim=1).indices

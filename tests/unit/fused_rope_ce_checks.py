@@ -127,7 +127,26 @@ def check_attention_qkv_rope() -> None:
         assert torch.equal(a, b)
 
 
-CHECKS = {"rope": check_rope, "qkv_rope": check_qkv_rope,
+def check_copy_heads() -> None:
+    """copy_heads: a permuted ([B, H, S, D] as [S, B, H, D]) source into the v slot of a QKV
+    gradient, bit for bit; shape / stride mismatches raise."""
+    from moecore.transformer import rope_kernel as K
+
+    for dtype in (torch.float32, torch.bfloat16):
+        src = torch.randn(3, 4, 5, 24).to(dtype).permute(2, 0, 1, 3)  # [S=5, B=3, H=4, D=24]
+        slot = torch.zeros(5, 3, 4, 72, dtype=dtype)[..., 48:]
+        K.copy_heads(src, slot)
+        assert torch.equal(slot, src)
+    for bad in (torch.zeros(5, 3, 4, 23), torch.zeros(5, 3, 4, 48)[..., ::2]):
+        try:
+            K.copy_heads(torch.zeros(5, 3, 4, 24), bad)
+        except ValueError as exc:
+            assert "copy_heads" in str(exc)
+        else:
+            raise AssertionError("no error for a mismatched copy_heads output")
+
+
+CHECKS = {"rope": check_rope, "qkv_rope": check_qkv_rope, "copy_heads": check_copy_heads,
           "attention_qkv_rope": check_attention_qkv_rope, "cross_entropy": check_cross_entropy}
 
 

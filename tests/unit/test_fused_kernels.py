@@ -205,7 +205,8 @@ def test_fusion_flags_reach_the_config():
 
 # ---- Triton kernels under the interpreter ---------------------------------------------------
 
-CHECKS = ("swiglu", "router", "permute", "combine", "moe_layer", "router_gating")
+CHECKS = ("swiglu", "router", "permute", "expert_positions", "combine", "moe_layer",
+          "router_gating")
 
 
 def test_triton_kernels_under_interpreter():

@@ -13,7 +13,7 @@ from moecore.transformer.rope import (
 )
 from tests.triton_interpret import assert_checks_pass
 
-CHECKS = ("rope", "qkv_rope", "attention_qkv_rope", "cross_entropy")
+CHECKS = ("rope", "qkv_rope", "copy_heads", "attention_qkv_rope", "cross_entropy")
 
 
 def test_fused_kernels_under_interpreter():

@@ -117,6 +117,21 @@ def check_permute(gen):
             raise AssertionError(f"no error for {per_token} experts per token")
 
 
+def check_expert_positions(gen):
+    """The chunked Triton scan vs torch's cumsum: one and many chunks, ragged last chunks, the
+    widest expert tile, and the torch fallback (many experts); plans over several chunks."""
+    from moecore.kernels import permute as P
+
+    for t, e in [(1, 1), (5000, 16), (3001, 64), (1025, 3), (700, 100)]:
+        mask = (torch.rand(t, e, generator=gen) < 0.3).to(torch.uint8)
+        want = torch.cumsum(mask.T.contiguous(), 1, dtype=torch.int32)
+        assert torch.equal(P.expert_positions(mask), want), (t, e)
+    rmap = _routing(2500, 16, 2, gen)
+    parts = P.permute_forward_triton(torch.randn(2500, 3, generator=gen), rmap, 2)[1]
+    for name, a, b in zip(P.PlanParts._fields, parts, P.plan_torch(rmap, 2)):
+        assert torch.equal(a, b), name
+
+
 def check_combine(gen):
     from moecore.kernels import combine as C
     from moecore.moe.permute import TopKPlan
@@ -249,6 +264,7 @@ def check_router_gating(gen):
 
 
 CHECKS = {"swiglu": check_swiglu, "router": check_router, "permute": check_permute,
+          "expert_positions": check_expert_positions,
           "combine": check_combine, "moe_layer": check_moe_layer,
           "router_gating": check_router_gating}
 

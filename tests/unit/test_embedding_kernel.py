@@ -1,0 +1,125 @@
+"""Embedding kernel module: the ``embedding`` registry and its selection (``set_embedding_backend``,
+``MOECORE_EMBEDDING_BACKEND``, errors) on CPU, the torch path bit for bit ``F.embedding`` (also
+through ``VocabParallelEmbedding``), and the Triton backward under the interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecore.backends import BackendUnavailableError
+from moecore.kernels import embedding as E
+from tests.triton_interpret import assert_checks_pass
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choice(monkeypatch):
+    """Each test starts with no process-wide choice (the env var read again) and leaves none."""
+    monkeypatch.setattr(E, "_REQUESTED", None)
+    monkeypatch.delenv(E.ENV, raising=False)
+    E._RESOLVED.clear()
+    yield
+    E._RESOLVED.clear()
+
+
+def _lookup_and_grad(fn, ids, weight, probe):
+    w = weight.clone().requires_grad_()
+    out = fn(ids, w)
+    out.backward(probe)
+    return out, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 9), (9, 4), (13,), (0, 3), ()])
+def test_torch_path_is_f_embedding_bitwise(shape, dtype):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 24, generator=gen).to(dtype)
+    ids = torch.randint(0, 20, shape, generator=gen)
+    probe = torch.randn(*shape, 24, generator=gen).to(dtype)
+    assert E.select_embedding(weight.device, dtype).name == "torch"  # auto on CPU
+    want = _lookup_and_grad(F.embedding, ids, weight, probe)
+    for fn in (E.embedding, E.embedding_torch,
+               lambda i, w: E.embedding(i, w, backend="torch")):
+        for a, b in zip(_lookup_and_grad(fn, ids, weight, probe), want):
+            assert torch.equal(a, b)
+
+
+def test_vocab_parallel_embedding_cpu_is_f_embedding_bitwise():
+    from moecore.config import TransformerConfig
+    from moecore.parallel_state import ParallelState
+    from moecore.tensor_parallel import VocabParallelEmbedding
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4,
+                            ffn_hidden_size=32, init_method_std=0.3, params_dtype=torch.bfloat16)
+    emb = VocabParallelEmbedding(64, 16, config=cfg, parallel_state=ParallelState.single())
+    ids = torch.randint(0, 64, (3, 11))
+    probe = torch.randn(3, 11, 16).bfloat16()
+    emb(ids).backward(probe)
+    got = emb.weight.grad
+    want = _lookup_and_grad(F.embedding, ids, emb.weight.detach(), probe)
+    assert torch.equal(emb(ids), want[0]) and torch.equal(got, want[1])
+
+
+def test_registry_and_selection_on_cpu():
+    assert E.EMBEDDING.names() == ["triton", "torch"]
+    assert E.EMBEDDING.op == "embedding"
+    cpu = torch.device("cpu")
+    assert E.select_embedding(cpu, torch.float32).name == "torch"
+    assert E.select_embedding(cpu, torch.float32) is E.select_embedding(cpu, torch.float32)
+    ok, why = E.triton_available(cpu, torch.float32)
+    assert not ok and "CUDA tensors only" in why and "MOECORE_EMBEDDING_BACKEND=torch" in why
+    ok, why = E.triton_available(torch.device("cuda"), torch.float64)
+    assert not ok and ("float64" in why or "not installed" in why)
+    with pytest.raises(ValueError, match="unknown embedding backend 'fast'"):
+        E.embedding(torch.zeros(2, dtype=torch.long), torch.ones(3, 4), backend="fast")
+
+
+def test_requested_triton_on_cpu_raises_naming_the_fix():
+    ids, weight = torch.zeros(2, dtype=torch.long), torch.ones(3, 4)
+    with pytest.raises(BackendUnavailableError, match=r"embedding backend 'triton' is not "
+                                                      r"available: .*CUDA tensors only.*"
+                                                      r"MOECORE_EMBEDDING_BACKEND=torch or auto"):
+        E.embedding(ids, weight, backend="triton")
+    E.set_embedding_backend("triton")
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors only"):
+        E.embedding(ids, weight)
+    E.set_embedding_backend("torch")
+    assert torch.equal(E.embedding(ids, weight), F.embedding(ids, weight))
+
+
+@pytest.mark.parametrize("value,expect", [("torch", "torch"), ("auto", "torch"),
+                                          ("triton", BackendUnavailableError),
+                                          ("fastest", ValueError)])
+def test_env_var_chooses_the_backend(monkeypatch, value, expect):
+    monkeypatch.setenv(E.ENV, value)
+    ids, weight = torch.zeros(2, dtype=torch.long), torch.ones(3, 4)
+    if isinstance(expect, str):
+        assert E.select_embedding(weight.device, weight.dtype).name == expect
+        assert torch.equal(E.embedding(ids, weight), F.embedding(ids, weight))
+        return
+    match = "MOECORE_EMBEDDING_BACKEND" if expect is ValueError else "CUDA tensors only"
+    with pytest.raises(expect, match=match):
+        E.embedding(ids, weight)
+
+
+def test_set_embedding_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"'apex' is unknown \(MOECORE_EMBEDDING_BACKEND\?\); "
+                                         r"choose one of \['auto', 'triton', 'torch'\]"):
+        E.set_embedding_backend("apex")
+
+
+def test_backward_argument_errors():
+    grad = torch.zeros(3, 4, 8)
+    with pytest.raises(ValueError, match=r"grad \[\.\.\., H\] over ids"):
+        E.embedding_backward_triton(grad, torch.zeros(4, 3, dtype=torch.long), 5)
+    # empty ids need no kernel: zeros of the table's shape
+    out = E.embedding_backward_triton(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), 5)
+    assert out.shape == (5, 8) and not out.any()
+
+
+CHECKS = ("kernels", "determinism", "autograd", "vocab_parallel")
+
+
+def test_triton_kernels_under_interpreter():
+    assert_checks_pass("tests.unit.embedding_checks", CHECKS)
