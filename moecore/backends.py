@@ -15,6 +15,7 @@ once per process per op on the ``"moecore"`` logger.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -130,3 +131,37 @@ def log_choice(op: str, name: str, requested: str, ctx: dict) -> None:
         return
     _LOGGED.add((op, name))
     logger.info("%s backend: %s (requested %r; %s)", op, name, requested, _describe(ctx))
+
+
+class ProcessChoice:
+    """A backend request that holds for the whole process (the norm and embedding ops): set by
+    :meth:`set`, else read once from the environment variable ``env`` (default ``auto``); each
+    lookup key is resolved once (:attr:`resolved`, cleared by :meth:`set`)."""
+
+    def __init__(self, what: str, env: str, names: Sequence[str]):
+        self.what, self.env, self.names = what, env, tuple(names)
+        self.requested: str | None = None
+        self.resolved: dict[tuple, Backend] = {}
+
+    def set(self, name: str) -> None:
+        """Choose ``name`` (one of :attr:`names`) for the rest of the process."""
+        if name not in self.names:
+            raise ValueError(f"{self.what} backend {name!r} is unknown ({self.env}?); choose "
+                             f"one of {list(self.names)}")
+        self.requested = name
+        self.resolved.clear()
+
+    def current(self) -> str:
+        """The process-wide request (the environment's on first use)."""
+        if self.requested is None:
+            self.set(os.environ.get(self.env, AUTO))
+        return self.requested
+
+    def resolve(self, key: tuple, select: Callable[[str], Backend],
+                requested: str | None = None) -> Backend:
+        """``select(name)`` for ``requested`` (default :meth:`current`) once per ``key``."""
+        name = requested or self.current()
+        backend = self.resolved.get((*key, name))
+        if backend is None:
+            backend = self.resolved[(*key, name)] = select(name)
+        return backend

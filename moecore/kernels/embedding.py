@@ -37,7 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.backends import AUTO, Backend, BackendRegistry, ProcessChoice, always_available
 from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
@@ -278,19 +278,13 @@ EMBEDDING.register(Backend("triton", triton_available, embedding_triton,
 EMBEDDING.register(Backend("torch", always_available, embedding_torch,
                            description="F.embedding"))
 
-_REQUESTED: str | None = None
-_RESOLVED: dict[tuple, Backend] = {}
+_CHOICE = ProcessChoice("embedding", ENV, EMBEDDING_BACKENDS)
 
 
 def set_embedding_backend(name: str) -> None:
     """Choose the embedding backend for this process: ``auto``, ``triton`` or ``torch`` (a
     ``triton`` that cannot run raises ``BackendUnavailableError`` at the first lookup)."""
-    global _REQUESTED
-    if name not in EMBEDDING_BACKENDS:
-        raise ValueError(f"embedding backend {name!r} is unknown ({ENV}?); choose one of "
-                         f"{list(EMBEDDING_BACKENDS)}")
-    _REQUESTED = name
-    _RESOLVED.clear()
+    _CHOICE.set(name)
 
 
 def select_embedding(device: torch.device, dtype: torch.dtype,
@@ -298,15 +292,9 @@ def select_embedding(device: torch.device, dtype: torch.dtype,
     """The backend for a ``dtype`` weight on ``device``: ``requested``, or by default the
     process-wide choice (:func:`set_embedding_backend`, else ``MOECORE_EMBEDDING_BACKEND``,
     else ``auto``); resolved once per (device, dtype, request), logged once."""
-    if requested is None:
-        if _REQUESTED is None:
-            set_embedding_backend(os.environ.get(ENV, AUTO))
-        requested = _REQUESTED
-    key = (torch.device(device), dtype, requested)
-    backend = _RESOLVED.get(key)
-    if backend is None:
-        backend = _RESOLVED[key] = EMBEDDING.select(requested, device=key[0], dtype=dtype)
-    return backend
+    device = torch.device(device)
+    return _CHOICE.resolve((device, dtype), lambda name: EMBEDDING.select(
+        name, device=device, dtype=dtype), requested)
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:

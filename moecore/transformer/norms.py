@@ -19,13 +19,11 @@ checkpoints and optimizers see the same parameters whichever backend runs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.backends import AUTO, Backend, BackendRegistry, ProcessChoice, always_available
 from moecore.kernels import rmsnorm
 
 NORM_BACKENDS = (AUTO, "te", "apex", "triton", "torch")
@@ -120,8 +118,8 @@ for _reg, _apex_fn, _torch_fn in ((RMS_NORM_BACKENDS, _apex_rms_norm, _torch_rms
     _reg.register(Backend("torch", always_available, _torch_fn,
                           description="torch.nn.functional"))
 
-_REQUESTED: str | None = None
-_RESOLVED: dict[tuple, Backend] = {}
+_CHOICE = ProcessChoice("norm", "MOECORE_NORM_BACKEND", NORM_BACKENDS)
+_RESOLVED = _CHOICE.resolved  # (op, device, dtype, hidden, request) -> Backend
 
 
 def set_norm_backend(name: str) -> None:
@@ -131,23 +129,14 @@ def set_norm_backend(name: str) -> None:
     A named backend that cannot run a tensor raises ``BackendUnavailableError`` (a
     ``ValueError``) with the reason at that tensor's first norm.
     """
-    global _REQUESTED
-    if name not in NORM_BACKENDS:
-        raise ValueError(f"norm backend {name!r} is unknown; choose one of {list(NORM_BACKENDS)}")
-    _REQUESTED = name
-    _RESOLVED.clear()
+    _CHOICE.set(name)
 
 
 def _resolve(registry: BackendRegistry, x: torch.Tensor) -> Backend:
-    if _REQUESTED is None:
-        set_norm_backend(os.environ.get("MOECORE_NORM_BACKEND", AUTO))
-    key = (registry.op, x.device, x.dtype, x.shape[-1])
-    backend = _RESOLVED.get(key)
-    if backend is None:
-        backend = registry.select(_REQUESTED, device=x.device.type, device_obj=x.device,
-                                  dtype=x.dtype, hidden=x.shape[-1])
-        _RESOLVED[key] = backend
-    return backend
+    return _CHOICE.resolve(
+        (registry.op, x.device, x.dtype, x.shape[-1]),
+        lambda name: registry.select(name, device=x.device.type, device_obj=x.device,
+                                     dtype=x.dtype, hidden=x.shape[-1]))
 
 
 class _NormBase(nn.Module):

@@ -16,11 +16,11 @@ from tests.triton_interpret import assert_checks_pass
 @pytest.fixture(autouse=True)
 def _fresh_choice(monkeypatch):
     """Each test starts with no process-wide choice (the env var read again) and leaves none."""
-    monkeypatch.setattr(E, "_REQUESTED", None)
+    monkeypatch.setattr(E._CHOICE, "requested", None)
     monkeypatch.delenv(E.ENV, raising=False)
-    E._RESOLVED.clear()
+    E._CHOICE.resolved.clear()
     yield
-    E._RESOLVED.clear()
+    E._CHOICE.resolved.clear()
 
 
 def _lookup_and_grad(fn, ids, weight, probe):
