@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from moecore.kernels import optim as O
-from moecore.optimizer import MegatronOptimizer, finalize_model_grads, get_param_groups
+from moecore.optimizer import MegatronOptimizer, get_param_groups
 from moecore.optimizer import optimizer as opt_mod
 from tests.triton_interpret import assert_checks_pass
+from tests.unit.test_optimizer_fused import _model, _steps
 
 CPU = torch.device("cpu")
 HP = dict(beta1=0.9, beta2=0.999, eps=1e-8)
@@ -152,12 +153,6 @@ def test_make_adamw_selection(monkeypatch):
     assert type(make(fused=True)) is torch.optim.AdamW and opt_mod.is_fused(make(fused=True))
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16),
-                         nn.Linear(16, 4, bias=False)).to(torch.bfloat16)
-
-
 def _train(monkeypatch, triton: bool, steps=3, state=None):
     monkeypatch.setattr(opt_mod, "make_adamw",
                         functools.partial(O_MAKE, fused=True, triton=triton))
@@ -170,13 +165,7 @@ def _train(monkeypatch, triton: bool, steps=3, state=None):
     real_copy = torch._foreach_copy_
     monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (copies.append(len(dst)),
                                                                    real_copy(dst, src)))
-    torch.manual_seed(1)
-    norms = []
-    for _ in range(steps):
-        opt.zero_grad()
-        (model(torch.randn(8, 16, dtype=torch.bfloat16)).float().pow(2).mean() * 10).backward()
-        finalize_model_grads(model)
-        norms.append(opt.step()[1])
+    norms = _steps(model, opt, steps)
     monkeypatch.setattr(torch, "_foreach_copy_", real_copy)
     for p, m in zip(opt.model_params, opt.main_params):
         assert torch.equal(p.detach(), m.to(torch.bfloat16))
