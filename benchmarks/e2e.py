@@ -10,6 +10,10 @@ optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated
     python benchmarks/e2e.py --micro-batch-size 32 --global-batch-size 256 \
         --cuda-graph-impl local --cuda-graph-warmup-steps 2 --iters 6 --log-interval 2
                                                      # fastest measured (H200, 109 GiB)
+    python benchmarks/e2e.py --micro-batch-size 16 --global-batch-size 128 \
+        --cuda-graph-impl local --recompute-granularity selective \
+        --recompute-modules moe_act layernorm --max-memory-gib 79
+                                                     # 67 GiB: room on an 80 GB H100
 
 Model (issue "GPU performance"): hidden 1024, 16 layers, 16 heads, 16 experts top-2, expert
 FFN 2816, seq 2048, bf16, mock data, no dropout (as Mixtral, DeepSeek-MoE and OLMoE pretrain;
@@ -57,7 +61,17 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="cap this process's CUDA allocations (e.g. 79 to check that a "
+                        "configuration fits an 80 GB H100 on a larger GPU)")
     args, extra = p.parse_known_args()
+    if args.max_memory_gib is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--max-memory-gib caps CUDA memory; there is no CUDA device here")
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * 2**30 / total))
     gbs = args.global_batch_size or args.micro_batch_size
     argv = (TINY if args.tiny else MODEL) + COMMON + [
         "--train-iters", str(args.iters), "--log-interval", str(args.log_interval),

@@ -28,6 +28,22 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+# Megatron's --recompute-modules (see moecore.transformer.recompute for what each one does).
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+UNSUPPORTED_RECOMPUTE_MODULES = {"mla_up_proj": "moecore has no multi-latent attention"}
+DEFAULT_RECOMPUTE_MODULES = ("core_attn",)
+
+
+def check_recompute_modules(modules) -> tuple[str, ...]:
+    """``modules`` as a tuple of known names, or ``ValueError`` naming the bad one."""
+    out = tuple(modules)
+    for name in out:
+        why = UNSUPPORTED_RECOMPUTE_MODULES.get(name)
+        if why is not None or name not in RECOMPUTE_MODULES:
+            raise ValueError(f"recompute module {name!r} is "
+                             f"{'not supported: ' + why if why else 'unknown'}; choose from "
+                             f"{', '.join(RECOMPUTE_MODULES)}")
+    return out
 
 
 @dataclass
@@ -68,6 +84,8 @@ class ModelConfig:
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
+    # Under 'selective' granularity: the submodules to recompute (None: DEFAULT_RECOMPUTE_MODULES).
+    recompute_modules: tuple[str, ...] | None = None
 
     def _validate_model(self) -> None:
         if self.ffn_hidden_size is None:
@@ -93,6 +111,13 @@ class ModelConfig:
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"recompute_granularity={self.recompute_granularity!r} must be "
                              "'full', 'selective' or None")
+        if self.recompute_modules is not None:
+            if self.recompute_granularity != "selective":
+                raise ValueError(
+                    f"recompute_modules={tuple(self.recompute_modules)} apply only under "
+                    f"recompute_granularity='selective' (got {self.recompute_granularity!r}); "
+                    "set it (--recompute-granularity selective) or drop the modules")
+            self.recompute_modules = check_recompute_modules(self.recompute_modules)
 
 
 @dataclass
@@ -234,6 +259,17 @@ class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig):
             # token's expert gradient once per TP rank.
             raise ValueError("MoE with tensor_model_parallel_size > 1 needs sequence_parallel "
                              "(as in Megatron-Core): pass --sequence-parallel")
+
+    def recomputes(self, module: str) -> bool:
+        """Whether the submodule ``module`` (a :data:`RECOMPUTE_MODULES` name) is recomputed in
+        backward: selective granularity with it in ``recompute_modules``; ``moe`` also under
+        ``moe_layer_recompute``."""
+        if module == "moe" and self.moe_layer_recompute:
+            return True
+        if self.recompute_granularity != "selective":
+            return False
+        modules = self.recompute_modules
+        return module in (DEFAULT_RECOMPUTE_MODULES if modules is None else modules)
 
     @property
     def compute_dtype(self) -> torch.dtype:

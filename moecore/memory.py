@@ -27,25 +27,32 @@ class SavedActivations:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    storage = t.untyped_storage()
-    return (t.device, storage.data_ptr(), storage.nbytes())
+    # The storage object itself, not its address: memory freed during ``fn`` (selective
+    # recompute) may be handed to a later tensor of the same size at the same address.
+    return (t.device, t.untyped_storage()._cdata)
 
 
 def saved_activations(fn: Callable[[], object],
                       exclude: Iterable[torch.Tensor] = ()) -> tuple[object, SavedActivations]:
-    """``(fn(), report)``: run ``fn`` and account the tensors saved for its backward."""
+    """``(fn(), report)``: run ``fn`` and account the tensors saved for its backward.
+
+    Storages are measured when ``fn`` returns, so memory freed until backward (selective
+    recompute, :func:`moecore.transformer.recompute.discard_until_backward`) counts as 0."""
     skip = {_storage_key(t) for t in exclude}
-    seen: set = set()
-    report = SavedActivations()
+    saved: dict = {}
 
     def pack(t: torch.Tensor):
         key = _storage_key(t)
-        if key not in skip and key not in seen and key[1] != 0:
-            seen.add(key)
-            report.total_bytes += key[2]
-            report.shapes.append((tuple(t.shape), t.dtype, key[2]))
+        if key not in skip and key not in saved and t.untyped_storage().nbytes():
+            saved[key] = (tuple(t.shape), t.dtype, t.untyped_storage())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    report = SavedActivations()
+    for shape, dtype, storage in saved.values():
+        nbytes = storage.nbytes()
+        if nbytes:
+            report.total_bytes += nbytes
+            report.shapes.append((shape, dtype, nbytes))
     return out, report

@@ -150,6 +150,13 @@ def _add_training_args(p):
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="*", default=None, metavar="MODULE",
+                   help="Under --recompute-granularity selective: the submodules to recompute "
+                        "(default core_attn): core_attn, moe_act (the experts' activation "
+                        "output), layernorm (the two norm outputs of each layer), mlp (dense "
+                        "MLPs), moe (the MoE MLP), shared_experts. moe_act and layernorm free "
+                        "one tensor and recompute it bit-identically (CUDA-graph safe); the "
+                        "others checkpoint the module.")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None)
     g.add_argument("--log-interval", type=int, default=100)

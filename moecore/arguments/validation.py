@@ -11,7 +11,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moecore.config import TransformerConfig
+from moecore.config import DEFAULT_RECOMPUTE_MODULES, TransformerConfig, check_recompute_modules
+from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
 
 # ---- --moe-layer-freq ------------------------------------------------------------------------
 _MAX_PATTERN_LEN = 100_000
@@ -132,6 +133,11 @@ def _validate_model_shape(args) -> None:
         raise ValueError("--swiglu, --squared-relu and --openai-gelu are mutually exclusive")
     if args.recompute_activations:
         args.recompute_granularity = "selective"
+    if args.recompute_modules is not None:
+        if args.recompute_granularity != "selective":
+            raise ValueError("--recompute-modules applies only under --recompute-granularity "
+                             "selective; pass it, or drop --recompute-modules")
+        check_recompute_modules(args.recompute_modules)
 
 
 def _validate_parallel(args, world_size: int) -> None:
@@ -306,8 +312,13 @@ def _validate_cuda_graph(args) -> None:
     problems = {
         "--fp16": (args.fp16, "its dynamic loss scale changes between steps; use --bf16"),
         "--recompute-granularity / --moe-layer-recompute": (
-            args.recompute_granularity is not None or args.moe_layer_recompute,
-            "recompute saves and restores the CUDA RNG state"),
+            args.moe_layer_recompute or args.recompute_granularity == "full" or (
+                args.recompute_granularity == "selective" and not set(
+                    DEFAULT_RECOMPUTE_MODULES if args.recompute_modules is None
+                    else args.recompute_modules) <= set(DISCARD_RECOMPUTE_MODULES)),
+            "checkpoint-style recompute saves and restores the CUDA RNG state; under "
+            "--recompute-granularity selective only --recompute-modules "
+            + " / ".join(DISCARD_RECOMPUTE_MODULES) + " are capturable"),
         "--overlap-grad-reduce / --overlap-param-gather": (
             args.overlap_grad_reduce or args.overlap_param_gather,
             "their collectives start from Python hooks"),
@@ -404,6 +415,8 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         params_dtype=dtype, bf16=args.bf16, fp16=args.fp16,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=(None if args.recompute_modules is None
+                           else tuple(args.recompute_modules)),
         num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         moe_router_topk=args.moe_router_topk,
         moe_router_score_function=args.moe_router_score_function,

@@ -199,14 +199,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    add: torch.Tensor | None = None):
+                    add: torch.Tensor | None = None, y: torch.Tensor | None = None):
     """One launch of ``_rms_fwd_kernel`` on x [N, H] (and ``add`` [N, H], x's dtype: then it
-    normalises ``hidden = x + add``) -> (hidden [N, H] or None, y [N, H], rstd [N] fp32)."""
+    normalises ``hidden = x + add``) -> (hidden [N, H] or None, y [N, H], rstd [N] fp32);
+    ``y`` is written into when given (contiguous [N, H], x's dtype)."""
     block_r, block_h, warps = _check_triton(x, weight)
     n, h = x.shape
     if add is not None:
         _check_add(x, add, weight)
-    y = torch.empty(n, h, dtype=x.dtype, device=x.device)
+    if y is None:
+        y = torch.empty(n, h, dtype=x.dtype, device=x.device)
+    elif y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous():
+        raise ValueError(f"rms_norm out must be a contiguous {tuple(x.shape)} {x.dtype} tensor; "
+                         f"got {tuple(y.shape)} {y.dtype}")
     hidden = None if add is None else torch.empty_like(y)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
@@ -338,6 +343,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     (x's dtype). CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``); no availability check,
     see :func:`triton_available`."""
     return _RMSNorm.apply(x, weight, eps, TRITON_FNS)
+
+
+def rms_norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """:func:`rms_norm`'s forward values written into ``out`` (``x``'s shape, contiguous), no
+    autograd: the recompute of a freed norm output (``--recompute-modules layernorm``)."""
+    h = _check(x, weight)
+    _forward_triton(_rows(x, h), weight, eps, y=out.view(-1, h))
 
 
 def add_rms_norm_torch(residual: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,

@@ -36,10 +36,11 @@ def _check(x: torch.Tensor) -> int:
 # ---- torch reference -----------------------------------------------------------------------
 
 
-def swiglu_forward_torch(x: torch.Tensor) -> torch.Tensor:
-    """x [N, 2F] (``[gate | up]``) -> ``silu(gate) * up`` [N, F]."""
+def swiglu_forward_torch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, 2F] (``[gate | up]``) -> ``silu(gate) * up`` [N, F] (written into ``out`` when
+    given)."""
     gate, up = torch.chunk(x, 2, dim=-1)
-    return F.silu(gate) * up
+    return torch.mul(F.silu(gate), up, **({} if out is None else {"out": out}))
 
 
 def swiglu_backward_torch(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,12 @@ def swiglu_backward_torch(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     gate, up = torch.chunk(x, 2, dim=-1)
     grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
     return torch.cat([grad_gate, grad * F.silu(gate)], dim=-1)
+
+
+def swiglu_backward_and_forward_torch(x: torch.Tensor, grad: torch.Tensor):
+    """``(swiglu_backward_torch(x, grad), swiglu_forward_torch(x))``: the gradient and the
+    recomputed activation."""
+    return swiglu_backward_torch(x, grad), swiglu_forward_torch(x)
 
 
 # ---- triton --------------------------------------------------------------------------------
@@ -75,8 +82,9 @@ if HAVE_TRITON:
                  mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(x_ptr, grad_ptr, dx_ptr, N, FF, stride_x, stride_g,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _swiglu_bwd_kernel(x_ptr, grad_ptr, dx_ptr, act_ptr, N, FF, stride_x, stride_g,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                           STORE_ACT: tl.constexpr):
         rows64, cols, mask, g, u = _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R, BLOCK_C)
         dy = tl.load(grad_ptr + rows64 * stride_g + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
@@ -86,6 +94,10 @@ if HAVE_TRITON:
         dx_off = rows64 * (2 * FF) + cols[None, :]
         tl.store(dx_ptr + dx_off, d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_ptr + dx_off + FF, d_up.to(dx_ptr.dtype.element_ty), mask=mask)
+        if STORE_ACT:  # the forward's value: the same products in the same order
+            act = g * s * u
+            tl.store(act_ptr + rows64 * FF + cols[None, :], act.to(act_ptr.dtype.element_ty),
+                     mask=mask)
 
 
 def _grid(n: int, ff: int):
@@ -99,11 +111,15 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def swiglu_forward_triton(x: torch.Tensor) -> torch.Tensor:
-    """Same contract as :func:`swiglu_forward_torch` (one fused pass)."""
+def swiglu_forward_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as :func:`swiglu_forward_torch` (one fused pass; ``out`` contiguous)."""
     ff = _check(x)
     x = _rows_contiguous(x)
-    out = torch.empty(x.shape[0], ff, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape[0], ff, dtype=x.dtype, device=x.device)
+    elif out.shape != (x.shape[0], ff) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"swiglu out must be a contiguous [{x.shape[0]}, {ff}] {x.dtype} "
+                         f"tensor; got {tuple(out.shape)} {out.dtype}")
     if out.numel() == 0:
         return out
     grid, block_r, block_c = _grid(x.shape[0], ff)
@@ -112,17 +128,29 @@ def swiglu_forward_triton(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def swiglu_backward_triton(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Same contract as :func:`swiglu_backward_torch` (one fused pass)."""
+def _backward_triton(x: torch.Tensor, grad: torch.Tensor, with_act: bool):
     ff = _check(x)
     x, grad = _rows_contiguous(x), _rows_contiguous(grad)
     dx = torch.empty(x.shape[0], 2 * ff, dtype=x.dtype, device=x.device)
-    if dx.numel() == 0:
-        return dx
-    grid, block_r, block_c = _grid(x.shape[0], ff)
-    _swiglu_bwd_kernel[grid](x, grad, dx, x.shape[0], ff, x.stride(0), grad.stride(0),
-                             BLOCK_R=block_r, BLOCK_C=block_c)
-    return dx
+    act = torch.empty(x.shape[0], ff, dtype=x.dtype, device=x.device) if with_act else None
+    if dx.numel():
+        grid, block_r, block_c = _grid(x.shape[0], ff)
+        _swiglu_bwd_kernel[grid](x, grad, dx, dx if act is None else act, x.shape[0], ff,
+                                 x.stride(0), grad.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
+                                 STORE_ACT=with_act)
+    return dx, act
+
+
+def swiglu_backward_triton(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`swiglu_backward_torch` (one fused pass)."""
+    return _backward_triton(x, grad, False)[0]
+
+
+def swiglu_backward_and_forward_triton(x: torch.Tensor, grad: torch.Tensor):
+    """Same contract as :func:`swiglu_backward_and_forward_torch`: one pass that also writes
+    the activation (bit-identical to :func:`swiglu_forward_triton`'s), for one extra write
+    instead of a separate forward pass."""
+    return _backward_triton(x, grad, True)
 
 
 # ---- autograd + registry -------------------------------------------------------------------
@@ -133,7 +161,7 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fns):
-        forward_fn, ctx.backward_fn = fns
+        forward_fn, ctx.backward_fn = fns[:2]
         ctx.save_for_backward(x)
         return forward_fn(x)
 
@@ -150,8 +178,9 @@ def _check_triton(device: torch.device) -> None:
         g = torch.randn(37, 24, device=device, generator=gen).to(dtype)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert_close_rel(swiglu_forward_triton(x), swiglu_forward_torch(x.double()), tol, "fwd")
-        assert_close_rel(swiglu_backward_triton(x, g),
-                         swiglu_backward_torch(x.double(), g.double()), tol, "bwd")
+        dx, act = swiglu_backward_and_forward_triton(x, g)
+        assert_close_rel(dx, swiglu_backward_torch(x.double(), g.double()), tol, "bwd")
+        assert_close_rel(act, swiglu_forward_torch(x.double()), tol, "bwd activation")
 
 
 def _triton_available(device=None, dtype=None, **ctx):
@@ -159,11 +188,14 @@ def _triton_available(device=None, dtype=None, **ctx):
 
 
 SWIGLU = BackendRegistry("moe_swiglu")
+# Each backend's fn: (forward, backward, backward_and_forward).
 SWIGLU.register(Backend("triton", _triton_available,
-                        (swiglu_forward_triton, swiglu_backward_triton),
+                        (swiglu_forward_triton, swiglu_backward_triton,
+                         swiglu_backward_and_forward_triton),
                         description="one fused pass forward and backward"))
 SWIGLU.register(Backend("torch", always_available,
-                        (swiglu_forward_torch, swiglu_backward_torch),
+                        (swiglu_forward_torch, swiglu_backward_torch,
+                         swiglu_backward_and_forward_torch),
                         description="unfused ops, silu recomputed in backward"))
 
 
@@ -171,6 +203,13 @@ SWIGLU.register(Backend("torch", always_available,
 def select_swiglu(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> Backend:
     """The SwiGLU backend for ``device``/``dtype`` (resolved once per process, logged once)."""
     return SWIGLU.select(requested, device=device, dtype=dtype)
+
+
+def swiglu_into(x: torch.Tensor, out: torch.Tensor, requested: str = "auto") -> None:
+    """The forward of :func:`swiglu` (same backend, same values), no autograd, written into
+    ``out [N, F]`` (contiguous): the recompute of a discarded activation."""
+    _check(x)
+    select_swiglu(x.device, x.dtype, requested).fn[0](x, out=out)
 
 
 def swiglu(x: torch.Tensor, requested: str = "auto") -> torch.Tensor:

@@ -20,9 +20,14 @@ from torch import nn
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
-from moecore.moe.grouped_gemm import default_compute_device, grouped_mm, select_backend
+from moecore.moe.grouped_gemm import (
+    default_compute_device,
+    grouped_mm,
+    select_backend,
+    swiglu_grouped_mm,
+)
 from moecore.parallel_state import ParallelState, get_parallel_state
-from moecore.transformer.mlp import apply_activation
+from moecore.transformer.mlp import activation_then, fused_swiglu
 
 
 def _expert_layout(num_local_experts: int, config: TransformerConfig, ps: ParallelState):
@@ -137,8 +142,15 @@ class GroupedMLP(nn.Module):
         _check_counts(tokens_per_expert, self.num_local_experts)
         backend = self._resolve(permuted.device, permuted.dtype)
         h = grouped_mm(permuted, self.weight1, tokens_per_expert, backend)
-        h = apply_activation(self.config, h)
-        return grouped_mm(h, self.weight2, tokens_per_expert, backend), None
+        recompute = self.config.recomputes("moe_act")
+        out = None
+        if recompute and fused_swiglu(self.config) and torch.is_grad_enabled():
+            out = swiglu_grouped_mm(h, self.weight2, tokens_per_expert, backend)
+        if out is None:
+            out = activation_then(
+                self.config, h, lambda act: grouped_mm(act, self.weight2, tokens_per_expert,
+                                                       backend), recompute)
+        return out, None
 
 
 class _ExpertLinear(nn.Module):
@@ -163,7 +175,8 @@ class ExpertMLP(nn.Module):
         self.linear_fc2 = _ExpertLinear(w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(apply_activation(self.config, self.linear_fc1(x)))
+        return activation_then(self.config, self.linear_fc1(x), self.linear_fc2,
+                               self.config.recomputes("moe_act"))
 
 
 class SequentialMLP(nn.Module):

@@ -115,32 +115,91 @@ class _TorchGroupedMM(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, offs, empty = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs)  # [N, K]
-        if ctx.needs_input_grad[1]:
-            # 2D x 2D with groups along the contraction (token) dim -> [E, K, M].
-            dw = torch._grouped_mm(x.t(), dy, offs=offs)
-            if ctx.zero_empty:
-                dw.masked_fill_(empty[:, None, None], 0)
+        dx = _torch_dgrad(dy, w, offs) if ctx.needs_input_grad[0] else None
+        dw = _torch_wgrad(x, dy, offs, empty, ctx.zero_empty) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None
 
 
+def _torch_dgrad(dy, w, offs):
+    """``dy [N, M]``, ``w [E, K, M]`` -> ``dx [N, K]``."""
+    return torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs)
+
+
+def _torch_wgrad(x, dy, offs, empty, zero_empty: bool):
+    """``x [N, K]``, ``dy [N, M]`` -> ``dw [E, K, M]`` (2D x 2D with groups along the token
+    dim); empty experts zeroed where the kernel leaves them unwritten."""
+    dw = torch._grouped_mm(x.t(), dy, offs=offs)
+    if zero_empty:
+        dw.masked_fill_(empty[:, None, None], 0)
+    return dw
+
+
+def _offsets(tokens_per_expert, device):
+    """``(offs [E] int32 cumulative row ends, empty [E] bool)`` on ``device``."""
+    counts = tokens_per_expert.to(torch.int64)
+    # offs[-1] == N: the kernel leaves rows past offs[-1] uninitialised, so there must be none.
+    offs = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32, non_blocking=True)
+    return offs, (counts == 0).to(device, non_blocking=True)
+
+
+def _aligned(t: torch.Tensor, *sizes: int) -> bool:
+    # The kernel needs 16-byte-aligned row strides.
+    return all(size % (16 // t.element_size()) == 0 for size in sizes)
+
+
 def _torch_grouped_mm(x, w, tokens_per_expert):
-    # The kernel needs 16-byte-aligned row strides: pad K and M (zeros change no result). Real
-    # model sizes are multiples of 8 already, so this costs nothing there.
+    # Misaligned K or M are zero-padded (zeros change no result). Real model sizes are
+    # multiples of 8 already, so this costs nothing there.
     align = 16 // x.element_size()
     k, m = x.shape[1], w.shape[2]
     pad_k, pad_m = -k % align, -m % align
     if pad_k or pad_m:
         x = F.pad(x, (0, pad_k))
         w = F.pad(w, (0, pad_m, 0, pad_k))
-    counts = tokens_per_expert.to(torch.int64)
-    # offs[-1] == N: the kernel leaves rows past offs[-1] uninitialised, so there must be none.
-    offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32, non_blocking=True)
-    empty = (counts == 0).to(x.device, non_blocking=True)
+    offs, empty = _offsets(tokens_per_expert, x.device)
     out = _TorchGroupedMM.apply(x.contiguous(), w.contiguous(), offs, empty)
     return out[:, :m] if pad_m else out
+
+
+class _TorchSwiGLUGroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm(swiglu(h), w)`` keeping only ``h`` and ``w`` for backward.
+
+    Backward: ``d_act = dy @ w^T``, then one SwiGLU backward pass that also rewrites the
+    activation (bit-identical to the forward's), then the weight gradient from it. So
+    ``--recompute-modules moe_act`` costs one extra ``[N, F]`` write, not a forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, offs, empty, fns):
+        forward_fn, _, ctx.backward_and_forward = fns
+        ctx.save_for_backward(h, w, offs, empty)
+        ctx.zero_empty = not _empty_groups_write_zeros(h.device)
+        return torch._grouped_mm(forward_fn(h), w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, w, offs, empty = ctx.saved_tensors
+        dy = dy.contiguous()
+        dh, act = ctx.backward_and_forward(h, _torch_dgrad(dy, w, offs))
+        dw = _torch_wgrad(act, dy, offs, empty, ctx.zero_empty) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
+
+
+def swiglu_grouped_mm(h: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
+                      backend: Backend) -> torch.Tensor | None:
+    """``grouped_mm(swiglu(h), w, tokens_per_expert)`` for ``h [N, 2F]`` (``[gate | up]``),
+    ``w [E, F, M]``, without keeping ``swiglu(h)`` for backward (:class:`_TorchSwiGLUGroupedMM`).
+    None where that path does not apply (another backend, no rows, sizes the kernel would need
+    padded): the caller then runs the activation and ``grouped_mm`` itself."""
+    from moecore.kernels.swiglu import select_swiglu
+
+    if (backend.name != "torch" or h.dim() != 2 or h.shape[0] == 0
+            or h.shape[1] != 2 * w.shape[1] or not _aligned(h, w.shape[1], w.shape[2])):
+        return None
+    _check_inputs(h[:, : w.shape[1]], w, tokens_per_expert)
+    offs, empty = _offsets(tokens_per_expert, h.device)
+    fns = select_swiglu(h.device, h.dtype).fn
+    return _TorchSwiGLUGroupedMM.apply(h.contiguous(), w.contiguous(), offs, empty, fns)
 
 
 # --------------------------------------------------------------------------------------------

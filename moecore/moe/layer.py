@@ -19,6 +19,7 @@ from moecore.moe.experts import GroupedMLP, SequentialMLP
 from moecore.moe.router import TopKRouter
 from moecore.moe.shared_experts import SharedExpertMLP
 from moecore.parallel_state import ParallelState, get_parallel_state
+from moecore.tensor_parallel import random as tp_random
 
 
 class MoELayer(nn.Module):
@@ -44,6 +45,7 @@ class MoELayer(nn.Module):
                 f"parallel state has ep={ps.ep_size}, etp={ps.etp_size}; pass the same sizes to "
                 "initialize_model_parallel and the config")
         self.num_local_experts = config.num_moe_experts // ps.ep_size
+        self.tp_group = ps.tp_group
         self.router = TopKRouter(config, layer_number=layer_number, parallel_state=ps)
         expert_cls = GroupedMLP if config.moe_grouped_gemm else SequentialMLP
         self.experts = expert_cls(self.num_local_experts, config, parallel_state=ps)
@@ -70,9 +72,9 @@ class MoELayer(nn.Module):
             # ran on, so the backward overlaps the same way.
             overlap.wait_stream(torch.cuda.current_stream(hidden.device))
             with torch.cuda.stream(overlap):
-                shared = self.shared_experts(hidden)
+                shared = self._shared(hidden)
         elif self.shared_experts is not None:
-            shared = self.shared_experts(hidden)
+            shared = self._shared(hidden)
         probs, routing_map = self.router(hidden)
         tokens, tokens_per_expert = self.token_dispatcher.dispatch(hidden, probs, routing_map)
         expert_out, _ = self.experts(tokens, tokens_per_expert)
@@ -85,6 +87,12 @@ class MoELayer(nn.Module):
             out = out + shared
         self.last_stats = dict(getattr(self.router, "last_stats", {}))
         return out, None
+
+    def _shared(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output, checkpointed under ``--recompute-modules shared_experts``."""
+        if self.config.recomputes("shared_experts") and torch.is_grad_enabled():
+            return tp_random.checkpoint(self.shared_experts, False, hidden, group=self.tp_group)
+        return self.shared_experts(hidden)
 
     def _shared_expert_stream(self, hidden: torch.Tensor):
         """The side stream for ``moe_shared_expert_overlap`` on CUDA, else None (the shared

@@ -34,7 +34,8 @@ switches to generator objects that each graph registers (``RNGStatesTracker.make
 The step must not synchronise with the host or copy RNG states (``torch.cuda.set_rng_state``):
 ``validate_args`` (and, for the experts' GEMM backend, :class:`MicroBatchGraphs`) rejects the
 configurations known to (pipeline/tensor/expert/context parallelism, fp16's dynamic loss scale,
-activation recompute, overlapped grad reduction or param gather, capacity-factor token
+checkpoint-style activation recompute (selective ``moe_act`` / ``layernorm`` recompute is
+capturable), overlapped grad reduction or param gather, capacity-factor token
 dropping, Sinkhorn routing, the global aux loss under data parallelism, experts outside
 ``torch._grouped_mm``), and a capture that fails anyway raises an error naming the flag to
 drop.
@@ -215,6 +216,13 @@ class MicroBatchGraphs:
         try:
             handle, outputs = self.backend.capture(step)
             tracker = [(name, *MoELossTracker.groups(name)) for name in names["tracker"]]
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(
+                "capturing a micro-batch into a CUDA graph ran out of GPU memory (the graph "
+                "keeps its own memory pool beside the eager warm-up's). Lower "
+                "--micro-batch-size, free activations with --recompute-granularity selective "
+                "--recompute-modules moe_act layernorm, or run without --cuda-graph-impl. "
+                f"Cause: {e}") from e
         except RuntimeError as e:
             raise RuntimeError(
                 "capturing a micro-batch into a CUDA graph failed. Some op in the "

@@ -184,7 +184,7 @@ class SelfAttention(nn.Module):
                 return core_attention(q_, k_, v_, attention_mask, dropout_p,
                                       self.config.attention_backend)
 
-        if self.config.recompute_granularity == "selective" and torch.is_grad_enabled():
+        if self.config.recomputes("core_attn") and torch.is_grad_enabled():
             context = tp_random.checkpoint(attend, False, q, k, v, group=self.tp_group)
         else:
             context = attend(q, k, v)

@@ -26,6 +26,7 @@ from moecore.tensor_parallel import random as tp_random
 from moecore.transformer.attention import SelfAttention
 from moecore.transformer.mlp import MLP
 from moecore.transformer.norms import build_norm
+from moecore.transformer.recompute import discard_until_backward
 
 
 class TransformerLayer(nn.Module):
@@ -33,9 +34,10 @@ class TransformerLayer(nn.Module):
 
     ``S`` is the local shard ``S/tp`` under sequence parallel. ``rotary_pos_emb`` is the
     ``[S_full, B or 1, 1, rot_dim]`` angle tensor of :class:`RotaryEmbedding`.
-    ``config.moe_layer_recompute`` recomputes the MoE MLP in backward instead of storing its
-    activations (the whole-layer ``full`` recompute lives in :class:`TransformerBlock`, which
-    decides which layers to checkpoint).
+    Selective recompute (``config.recomputes``): ``moe`` / ``mlp`` checkpoint the MLP,
+    ``layernorm`` frees both norm outputs until their consumers' backward (see
+    :mod:`moecore.transformer.recompute`); the whole-layer ``full`` recompute lives in
+    :class:`TransformerBlock`, which decides which layers to checkpoint.
     """
 
     def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
@@ -72,10 +74,18 @@ class TransformerLayer(nn.Module):
                 and not cfg.apply_residual_connection_post_layernorm)
 
     def _mlp(self, x: torch.Tensor):
-        if self.is_moe and self.config.moe_layer_recompute and torch.is_grad_enabled():
+        if self.config.recomputes("moe" if self.is_moe else "mlp") and torch.is_grad_enabled():
             return tp_random.checkpoint(lambda t: self.mlp(t)[0], False, x,
                                         group=self.tp_group), None
         return self.mlp(x)
+
+    def _discard_norm_output(self, normed: torch.Tensor, norm, norm_input: torch.Tensor,
+                             consumer_out: torch.Tensor) -> None:
+        """``--recompute-modules layernorm``: free ``normed = norm(norm_input)`` (kept by the
+        GEMMs / router that read it) until backward reaches ``consumer_out``."""
+        if self.config.recomputes("layernorm"):
+            discard_until_backward(normed, consumer_out,
+                                   lambda dst: norm.recompute_into(norm_input, dst))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None, pending: torch.Tensor | None = None,
@@ -93,14 +103,18 @@ class TransformerLayer(nn.Module):
         else:
             hidden, x = self.input_layernorm.add_and_norm(hidden, pending)
         attn_out, attn_bias = self.self_attention(x, attention_mask, rotary_pos_emb)
+        attn_in, attn_norm_in = x, hidden
         if self._plain_residual_add(attn_bias):
             hidden, x = self.pre_mlp_layernorm.add_and_norm(hidden, attn_out)
         else:
             hidden = self._bias_dropout_add(attn_out, attn_bias,
                                             x if post_ln_residual else hidden)
             x = self.pre_mlp_layernorm(hidden)
+        self._discard_norm_output(attn_in, self.input_layernorm, attn_norm_in, attn_out)
         mlp_out, mlp_bias = self._mlp(x)
         if defer_residual and self._plain_residual_add(mlp_bias):
+            self._discard_norm_output(x, self.pre_mlp_layernorm, hidden, mlp_out)
             return hidden, mlp_out
         out = self._bias_dropout_add(mlp_out, mlp_bias, x if post_ln_residual else hidden)
+        self._discard_norm_output(x, self.pre_mlp_layernorm, hidden, mlp_out)
         return (out, None) if defer_residual else out

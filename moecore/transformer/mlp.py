@@ -11,14 +11,23 @@ rank ``r`` holds chunks ``r`` and ``r + tp`` of its ``2 * tp`` row chunks. The i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecore.kernels.swiglu import swiglu
+from moecore.kernels.swiglu import swiglu, swiglu_into
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from moecore.transformer.recompute import discard_until_backward
 from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
+
+
+def fused_swiglu(config) -> bool:
+    """Whether the activation is SwiGLU through :mod:`moecore.kernels.swiglu`."""
+    return (config.gated_linear_unit and config.bias_swiglu_fusion
+            and config.activation_func is F.silu)
 
 
 def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
@@ -28,12 +37,33 @@ def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
     saves only ``h``; on CPU bitwise the unfused ops) unless ``config.bias_swiglu_fusion`` is
     off. Shared by the dense MLP and the experts.
     """
-    if config.gated_linear_unit and config.bias_swiglu_fusion and config.activation_func is F.silu:
+    if fused_swiglu(config):
         return swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
     if config.gated_linear_unit:
         gate, up = torch.chunk(h, 2, dim=-1)
         return config.activation_func(gate) * up
     return config.activation_func(h)
+
+
+def _activation_into(config, h: torch.Tensor, out: torch.Tensor) -> None:
+    """Write :func:`apply_activation` ``(config, h)`` into ``out`` (no autograd; the same
+    kernels, so the same values)."""
+    if fused_swiglu(config) and out.is_contiguous():
+        swiglu_into(h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1]))
+    else:
+        out.copy_(apply_activation(config, h))
+
+
+def activation_then(config, h: torch.Tensor, fc2: Callable[[torch.Tensor], torch.Tensor],
+                    recompute: bool = False) -> torch.Tensor:
+    """``fc2(apply_activation(config, h))``. With ``recompute`` the activation output (which
+    ``fc2`` keeps only for its weight gradient) is freed after ``fc2``'s forward and recomputed
+    from ``h`` just before ``fc2``'s backward (``--recompute-modules moe_act``)."""
+    act = apply_activation(config, h)
+    out = fc2(act)
+    if recompute:
+        discard_until_backward(act, out, lambda dst: _activation_into(config, h, dst))
+    return out
 
 
 def glu_interleaved_init(base_init, tp: int):

@@ -157,6 +157,11 @@ class _NormBase(nn.Module):
         hidden = residual + out
         return hidden, self(hidden)
 
+    def recompute_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``self(x)``'s values into ``out`` without autograd or module hooks (the
+        recompute of a freed norm output): the same kernel, so the same values."""
+        out.copy_(self.forward(x))
+
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
 
@@ -187,6 +192,13 @@ class RMSNorm(_NormBase):
             # through __call__, so the module's hooks (the param all-gather wait) still run
             return self(residual, fused_add=out)
         return super().add_and_norm(residual, out)
+
+
+    def recompute_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if out.is_contiguous() and _resolve(RMS_NORM_BACKENDS, x).name == "triton":
+            rmsnorm.rms_norm_into(x, self.weight, self.eps, out)  # no temporary, no copy
+        else:
+            super().recompute_into(x, out)
 
 
 class LayerNorm(_NormBase):

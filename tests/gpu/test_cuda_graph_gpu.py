@@ -52,10 +52,14 @@ def _train(argv, monkeypatch):
 
 
 DROPOUT = ["--attention-dropout", "0.1", "--hidden-dropout", "0.1"]  # later flags win
+RECOMPUTE = ["--recompute-granularity", "selective", "--recompute-modules", "moe_act",
+             "layernorm"]
 
 
-@pytest.mark.parametrize("argv", [BASE + MOE + ["--bf16"], BASE, BASE + MOE + ["--bf16"] + DROPOUT],
-                         ids=["moe-bf16-main-grad", "dense-fp32-grad", "moe-bf16-dropout"])
+@pytest.mark.parametrize("argv", [BASE + MOE + ["--bf16"], BASE, BASE + MOE + ["--bf16"] + DROPOUT,
+                                  BASE + MOE + ["--bf16"] + RECOMPUTE],
+                         ids=["moe-bf16-main-grad", "dense-fp32-grad", "moe-bf16-dropout",
+                              "moe-bf16-recompute"])
 def test_graphed_training_matches_eager(monkeypatch, argv):
     eager, eager_model, _ = _train(argv, monkeypatch)
     graphed, graphed_model, runners = _train(

@@ -47,6 +47,10 @@ def test_swiglu_triton_matches_reference(n, f, dtype):
     if n:
         assert _rel(out, S.swiglu_forward_torch(x.double())) < tol
         assert _rel(dx, S.swiglu_backward_torch(x.double(), dy.double())) < tol
+    _poison()
+    dx2, act = S.swiglu_backward_and_forward_triton(x, dy)
+    # the recomputed activation (--recompute-modules moe_act) is the forward's, bit for bit
+    assert torch.equal(dx2, dx) and torch.equal(act, out)
 
 
 CASES = [dict(score_function="softmax"), dict(score_function="softmax", use_pre_softmax=True),

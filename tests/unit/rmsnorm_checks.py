@@ -319,9 +319,48 @@ def _compare_layers(gen, calls):
                 assert torch.equal(results[0][0], results[1][0])
 
 
+def check_recompute_layernorm(gen):
+    """``--recompute-modules layernorm`` under the ``triton`` norm backend: the freed norm
+    outputs are rewritten by :func:`rms_norm_into` (2 per layer) and a block trains bit for bit
+    as without recompute, fp32 and bf16."""
+    from moecore.config import TransformerConfig
+    from moecore.kernels import rmsnorm as R
+    from moecore.transformer import norms
+    from moecore.transformer.block import TransformerBlock
+
+    real_available, real_into = R.triton_available, R.rms_norm_into
+    R.triton_available = lambda *a, **kw: (True, "")
+    calls = []
+    R.rms_norm_into = lambda *a: (calls.append(1), real_into(*a))[1]
+    norms.set_norm_backend("triton")
+    try:
+        x0 = torch.randn(6, 2, 32, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            results = []
+            for modules in ((), ("layernorm",)):
+                cfg = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4,
+                                        ffn_hidden_size=48, init_method_std=0.05,
+                                        params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                                        recompute_granularity="selective",
+                                        recompute_modules=modules)
+                torch.manual_seed(0)
+                block = TransformerBlock(cfg)
+                x = x0.to(dtype).clone().requires_grad_()
+                out = block(x)
+                out.float().square().sum().backward()
+                results.append([out.detach(), x.grad] + [p.grad for p in block.parameters()])
+            assert len(calls) == 2 * 3, calls
+            calls.clear()
+            for a, b in zip(*results):
+                assert torch.equal(a, b), dtype
+    finally:
+        R.triton_available, R.rms_norm_into = real_available, real_into
+        norms.set_norm_backend("auto")
+
+
 CHECKS = {"kernels": check_kernels, "autograd": check_autograd, "norm_module": check_norm_module,
           "add_kernels": check_add_kernels, "add_autograd": check_add_autograd,
-          "add_layer": check_add_layer}
+          "add_layer": check_add_layer, "recompute_layernorm": check_recompute_layernorm}
 
 
 if __name__ == "__main__":

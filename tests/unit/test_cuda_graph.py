@@ -99,7 +99,10 @@ def assert_same_training(eager, eager_model, graphed, graphed_model) -> None:
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32-grad", "bf16-main-grad"])
+@pytest.mark.parametrize("precision", [
+    [], ["--bf16"],
+    ["--recompute-granularity", "selective", "--recompute-modules", "moe_act", "layernorm"]],
+    ids=["fp32-grad", "bf16-main-grad", "recompute-moe-act-layernorm"])
 def test_graphed_training_matches_eager(precision):
     eager, eager_model, _ = train(ARGV + precision)
     backend = RerunBackend()
@@ -124,6 +127,16 @@ def test_stale_static_inputs_would_be_caught(monkeypatch):
     broken, _, _ = train(ARGV, RerunBackend())
     assert broken["lm_loss"][0] == eager["lm_loss"][0]  # the warm-up iteration is eager
     assert broken["lm_loss"][1:] != eager["lm_loss"][1:]
+
+
+def test_running_out_of_memory_in_capture_names_the_fixes():
+    class OutOfMemoryBackend(RerunBackend):
+        def capture(self, fn):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.38 GiB.")
+
+    with pytest.raises(torch.OutOfMemoryError, match="--micro-batch-size.*--recompute-modules"
+                                                     ".*Tried to allocate"):
+        train(ARGV, OutOfMemoryBackend())
 
 
 def test_micro_batch_shape_change_is_an_error():
@@ -164,6 +177,16 @@ def test_configurations_graphs_cannot_capture_are_rejected(extra, field, value, 
     setattr(args, field, value)
     with pytest.raises(ValueError, match=match):
         _validate_cuda_graph(args)
+
+
+def test_only_capturable_recompute_modules_are_accepted():
+    args = _cuda_args("--recompute-granularity", "selective", "--recompute-modules", "moe_act",
+                      "layernorm")
+    _validate_cuda_graph(args)  # no checkpoint replay, no RNG: capturable
+    for modules in (None, ["moe_act", "core_attn"], ["moe"]):
+        args.recompute_modules = modules  # None: Megatron's default, core_attn
+        with pytest.raises(ValueError, match="only --recompute-modules moe_act / layernorm"):
+            _validate_cuda_graph(args)
 
 
 def _parse_error(argv, capsys) -> str:

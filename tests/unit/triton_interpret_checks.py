@@ -44,6 +44,8 @@ def check_swiglu(gen):
             if n:
                 assert _rel(out, ref) < tol, (n, f, dtype, _rel(out, ref))
                 assert _rel(x.grad, x_ref.grad) < tol, (n, f, dtype)
+            dx, act = S.swiglu_backward_and_forward_triton(x.detach(), g)
+            assert torch.equal(dx, x.grad) and torch.equal(act, out.detach()), (n, f, dtype)
 
 
 def check_router(gen):
