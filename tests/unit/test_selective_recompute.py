@@ -105,7 +105,8 @@ def _loss_and_grads(cfg):
 
 @pytest.mark.parametrize("modules, exact", [
     (("moe_act",), True), (("layernorm",), True), (("moe_act", "layernorm"), True),
-    ((), True), (("moe",), False), (("core_attn", "mlp", "shared_experts"), False)])
+    ((), True), (("moe",), False), (("core_attn", "mlp", "shared_experts"), False),
+    (("layernorm", "moe_act", "moe", "core_attn", "mlp", "shared_experts"), False)])
 @pytest.mark.parametrize("variant", [
     {}, {"moe_grouped_gemm": False}, {"apply_residual_connection_post_layernorm": True},
     {"normalization": "LayerNorm", "bias_swiglu_fusion": False}])
