@@ -35,7 +35,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--yaml-cfg": "YAML configs", "--spec": "custom module specs",
     "--retro-project-dir": "Retro", "--cpu-offloading-num-layers": "activation CPU offload",
     "--optimizer-cpu-offload": "optimizer CPU offload",
-    "--use-precision-aware-optimizer": "precision-aware optimizer",
     "--external-cuda-graph": "Transformer Engine CUDA graphs; use --cuda-graph-impl local",
     "--use-legacy-models": "legacy (non-core) models",
     "--is-hybrid-model": "hybrid Mamba models", "--hybrid-override-pattern": "hybrid models",
@@ -275,6 +274,19 @@ def _add_mixed_precision_args(p):
     g.add_argument("--min-loss-scale", type=float, default=1.0)
     g.add_argument("--loss-scale-window", type=float, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--use-precision-aware-optimizer", action="store_true",
+                   help="Keep Adam's moments in the dtypes --exp-avg-dtype / --exp-avg-sq-dtype "
+                        "name (bf16 saves 2 bytes per parameter each; updated in fp32, rounded "
+                        "to nearest even). Main params and main grads stay fp32.")
+    g.add_argument("--exp-avg-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="Adam's first moment under --use-precision-aware-optimizer: fp32 or "
+                        "bf16 (fp16/fp8 are Megatron's choices too, refused here).")
+    g.add_argument("--exp-avg-sq-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="Adam's second moment; as --exp-avg-dtype.")
+    g.add_argument("--main-grads-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="Only fp32: gradients accumulate and reduce in fp32 main grads.")
+    g.add_argument("--main-params-dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="Only fp32: the optimizer steps on fp32 main params.")
     for flag, why in [
         ("--accumulate-allreduce-grads-in-fp32", "grads are always accumulated and reduced in "
          "fp32"),

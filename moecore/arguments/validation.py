@@ -272,6 +272,7 @@ def _validate_precision_and_data(args) -> None:
     if args.fp16 and args.device == "cpu":
         raise ValueError("--fp16 needs a GPU (fp16 matmuls on CPU are very slow and lossy); "
                          "use --bf16 or fp32 on CPU")
+    _validate_precision_aware_optimizer(args)
     if not args.mock_data and not args.data_path:
         raise ValueError("pass --data-path PREFIX (or weight/prefix pairs) or --mock-data")
     if args.tokenizer_type is None and not (args.mock_data and args.vocab_size):
@@ -279,6 +280,28 @@ def _validate_precision_and_data(args) -> None:
                          "--mock-data, --vocab-size")
     if args.split is None:
         args.split = "969, 30, 1"
+
+
+def _validate_precision_aware_optimizer(args) -> None:
+    dtype_flags = {"--exp-avg-dtype": args.exp_avg_dtype,
+                   "--exp-avg-sq-dtype": args.exp_avg_sq_dtype,
+                   "--main-grads-dtype": args.main_grads_dtype,
+                   "--main-params-dtype": args.main_params_dtype}
+    if not args.use_precision_aware_optimizer:
+        changed = [f"{flag} {value}" for flag, value in dtype_flags.items() if value != "fp32"]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} takes effect only with "
+                             "--use-precision-aware-optimizer; pass it, or drop the flag")
+        return
+    for flag in ("--main-grads-dtype", "--main-params-dtype"):
+        if dtype_flags[flag] != "fp32":
+            raise ValueError(f"{flag} {dtype_flags[flag]} is not supported: moecore keeps fp32 "
+                             "main params and accumulates fp32 main grads; use fp32 (the "
+                             "default)")
+    for flag in ("--exp-avg-dtype", "--exp-avg-sq-dtype"):
+        if dtype_flags[flag] not in ("fp32", "bf16"):
+            raise ValueError(f"{flag} {dtype_flags[flag]} is not supported (no scaled fp16/fp8 "
+                             "moments here); use bf16 or fp32")
 
 
 def _validate_cuda_graph(args) -> None:

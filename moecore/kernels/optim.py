@@ -66,9 +66,10 @@ def adamw_step_torch(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
                      exp_avg_sq: torch.Tensor, model_param: torch.Tensor | None = None, *,
                      step: float, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, grad_scale: torch.Tensor | None = None) -> None:
-    """One AdamW update in place: param, exp_avg, exp_avg_sq [*] (param's dtype), grad [*]
-    (divided by the 0-dim ``grad_scale`` first when given; not written), ``step`` the count
-    including this update; then ``model_param [*] <- param`` (its dtype). The ops of
+    """One AdamW update in place: param, exp_avg, exp_avg_sq [*] (param's dtype, or bf16
+    moments: updated in param's dtype and rounded back), grad [*] (divided by the 0-dim
+    ``grad_scale`` first when given; not written), ``step`` the count including this update;
+    then ``model_param [*] <- param`` (its dtype). The ops of
     ``torch.optim.AdamW(foreach=False)``."""
     if grad.dtype != param.dtype:
         grad = grad.to(param.dtype)
@@ -76,11 +77,15 @@ def adamw_step_torch(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
         grad = grad / grad_scale.to(grad.device)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m, v = (t if t.dtype == param.dtype else t.to(param.dtype) for t in (exp_avg, exp_avg_sq))
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
-    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    param.addcdiv_(m, denom, value=-step_size)
+    for low, full in ((exp_avg, m), (exp_avg_sq, v)):
+        if low is not full:  # low-precision moments: the update in param's dtype, rounded once
+            low.copy_(full)
     if model_param is not None:
         model_param.copy_(param)
 
@@ -108,16 +113,23 @@ if HAVE_TRITON:
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _store_fp32_or_bf16(ptr, offs, x, mask, BF16: tl.constexpr):
+        if BF16:
+            tl.store(ptr + offs, _to_bf16_rne(x), mask=mask)
+        else:
+            tl.store(ptr + offs, x, mask=mask)
+
+    @triton.jit
     def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, n, decay, w1, beta2, w2,
                       neg_step_size, bc2_sqrt, eps, HAS_OUT: tl.constexpr,
                       OUT_BF16: tl.constexpr, HAS_SCALE: tl.constexpr, SMALL_W1: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      M_BF16: tl.constexpr, V_BF16: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask)
-        v = tl.load(v_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if HAS_SCALE:
             g = tl.div_rn(g, tl.load(scale_ptr))
         p = p * decay
@@ -129,8 +141,8 @@ if HAVE_TRITON:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p + tl.div_rn(neg_step_size * m, denom)
         tl.store(p_ptr + offs, p, mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        _store_fp32_or_bf16(m_ptr, offs, m, mask, M_BF16)
+        _store_fp32_or_bf16(v_ptr, offs, v, mask, V_BF16)
         if HAS_OUT:
             if OUT_BF16:
                 tl.store(out_ptr + offs, _to_bf16_rne(p), mask=mask)
@@ -146,6 +158,15 @@ def _fits(fp32: tuple, other: tuple) -> bool:
             and all(t.dtype in TRITON_DTYPES for t in ts)
             and all(t.is_contiguous() and t.numel() == ts[0].numel()
                     and t.device == ts[0].device for t in ts))
+
+
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _adamw_fits(param, grad, exp_avg, exp_avg_sq, model_param) -> bool:
+    """The AdamW kernel's layout: :func:`_fits` with fp32 ``param`` and fp32/bf16 moments."""
+    return (exp_avg.dtype in MOMENT_DTYPES and exp_avg_sq.dtype in MOMENT_DTYPES
+            and _fits((param,), (grad, exp_avg, exp_avg_sq, model_param)))
 
 
 def _launch_accumulate(main, grad, overwrite):
@@ -169,8 +190,9 @@ def _launch_adamw(param, grad, exp_avg, exp_avg_sq, model_param, *, step, lr, be
         param, grad, exp_avg, exp_avg_sq, out, param if grad_scale is None else grad_scale, n,
         1 - lr * weight_decay, w1, beta2, 1 - beta2, -step_size, bc2_sqrt, eps,
         HAS_OUT=model_param is not None, OUT_BF16=out.dtype == torch.bfloat16,
-        HAS_SCALE=grad_scale is not None, SMALL_W1=abs(w1) < 0.5, BLOCK=_ADAM_BLOCK,
-        num_warps=_ADAM_WARPS)
+        HAS_SCALE=grad_scale is not None, SMALL_W1=abs(w1) < 0.5,
+        M_BF16=exp_avg.dtype == torch.bfloat16, V_BF16=exp_avg_sq.dtype == torch.bfloat16,
+        BLOCK=_ADAM_BLOCK, num_warps=_ADAM_WARPS)
 
 
 def accumulate_main_grad_triton(main: torch.Tensor, grad: torch.Tensor,
@@ -186,10 +208,11 @@ def adamw_step_triton(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
                       exp_avg_sq: torch.Tensor, model_param: torch.Tensor | None = None, *,
                       step: float, lr: float, beta1: float, beta2: float, eps: float,
                       weight_decay: float, grad_scale: torch.Tensor | None = None) -> None:
-    """Same contract as :func:`adamw_step_torch` for contiguous fp32 param/exp_avg/exp_avg_sq,
-    fp32/bf16/fp16 grad and model_param: one pass over all of them."""
-    if not _fits((param, exp_avg, exp_avg_sq), (grad, model_param)):
-        raise ValueError("adamw_step_triton needs contiguous fp32 param and moments and "
+    """Same contract as :func:`adamw_step_torch` for contiguous fp32 param, fp32/bf16
+    exp_avg/exp_avg_sq, fp32/bf16/fp16 grad and model_param: one pass over all of them (bf16
+    moments are read, updated in fp32 and rounded to nearest even)."""
+    if not _adamw_fits(param, grad, exp_avg, exp_avg_sq, model_param):
+        raise ValueError("adamw_step_triton needs contiguous fp32 param, fp32/bf16 moments and "
                          "fp32/bf16/fp16 grad and model_param, all of one numel and device")
     _launch_adamw(param, grad, exp_avg, exp_avg_sq, model_param, step=step, lr=lr, beta1=beta1,
                   beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale)
@@ -230,6 +253,15 @@ def _check_adamw(device: torch.device) -> None:
     assert_close_rel(v, torch_opt.state[ref]["exp_avg_sq"], 1e-5, "adamw exp_avg_sq")
     if not torch.equal(model, param.to(torch.bfloat16)):
         raise AssertionError("adamw: the bf16 model copy is not param.to(bf16)")
+    # bf16 moments (--exp-avg-dtype / --exp-avg-sq-dtype bf16) against the reference
+    want = [param.clone(), m.bfloat16(), v.bfloat16()]
+    got = [t.clone() for t in want]
+    grad = torch.randn(param.shape, device=device, generator=gen)
+    hp = dict(step=4, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    adamw_step_torch(*want[:1], grad, *want[1:], **hp)
+    adamw_step_triton(*got[:1], grad, *got[1:], **hp)
+    for a, b, what in zip(got, want, ("param", "exp_avg", "exp_avg_sq")):
+        assert_close_rel(a, b, 1e-5 if what == "param" else 1e-2, f"adamw bf16-moment {what}")
 
 
 _CHECKS = {"main_grad_accumulate": _check_accumulate, "adamw": _check_adamw}
@@ -272,7 +304,10 @@ class TritonAdamW(torch.optim.AdamW):
     State and state dict are exactly torch's non-fused AdamW's (``state[p]`` = ``step`` (0-dim
     fp32 CPU tensor), ``exp_avg``, ``exp_avg_sq``; the same ``param_groups`` keys), so
     checkpoints load both ways; a ``step`` loaded onto a device (from a fused AdamW) moves to
-    the host on the next step. ``grad_scale`` (attribute, 0-dim fp32 tensor): every gradient is
+    the host on the next step. ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` ``torch.bfloat16`` keep
+    that moment in bf16 (Megatron's precision-aware optimizer: updated in fp32, rounded to
+    nearest even, in the kernel or the per-tensor reference; loaded moments of another dtype
+    are cast at the next step). ``grad_scale`` (attribute, 0-dim fp32 tensor): every gradient is
     divided by it, as in torch's fused AdamW (the gradients themselves are left unscaled).
     :meth:`set_model_copies` names low-precision copies written by the step (in the kernel's
     pass, else one ``_foreach_copy_``); the last step's are in ``model_copies_written`` (ids of
@@ -281,12 +316,29 @@ class TritonAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False):
+                 maximize: bool = False, exp_avg_dtype: torch.dtype | None = None,
+                 exp_avg_sq_dtype: torch.dtype | None = None):
         if amsgrad or maximize:
             raise ValueError("TritonAdamW supports neither amsgrad nor maximize")
+        for name, dtype in (("exp_avg_dtype", exp_avg_dtype),
+                            ("exp_avg_sq_dtype", exp_avg_sq_dtype)):
+            if dtype not in (None, torch.float32, torch.bfloat16):
+                raise ValueError(f"TritonAdamW {name}={dtype}: the moments are kept in fp32 "
+                                 "or bf16")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # None: the parameter's dtype (torch's AdamW); bf16: the precision-aware optimizer.
+        self.moment_dtypes = {"exp_avg": exp_avg_dtype, "exp_avg_sq": exp_avg_sq_dtype}
         self._model_of: dict[int, torch.Tensor] = {}
         self.model_copies_written: set[int] = set()
+
+    def _moments(self, p: torch.Tensor, state: dict) -> None:
+        """Create ``state``'s moments (zeros) or bring loaded ones to the configured dtype."""
+        for key, dtype in self.moment_dtypes.items():
+            dtype = dtype or p.dtype
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            elif state[key].dtype != dtype:  # e.g. torch's load_state_dict cast them to p's
+                state[key] = state[key].to(dtype)
 
     def set_model_copies(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``(main, model)`` pairs: each step writes ``model <- main`` (model's dtype)."""
@@ -295,7 +347,7 @@ class TritonAdamW(torch.optim.AdamW):
     @staticmethod
     def _kernel_takes(p, grad, exp_avg, exp_avg_sq, model) -> bool:
         return (HAVE_TRITON and p.numel() >= TRITON_MIN_NUMEL and _triton_ready("adamw", p.device)
-                and _fits((p, exp_avg, exp_avg_sq), (grad, model)))
+                and p.dtype == torch.float32 and _adamw_fits(p, grad, exp_avg, exp_avg_sq, model))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -326,16 +378,20 @@ class TritonAdamW(torch.optim.AdamW):
                     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 \
                         else torch.float32  # torch's _get_scalar_dtype()
                     state["step"] = torch.tensor(0.0, dtype=dtype)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 elif state["step"].device.type != "cpu":
                     state["step"] = state["step"].cpu()
+                self._moments(p, state)
                 model = model_of.get(id(p))
                 tensors = (p.grad, state["exp_avg"], state["exp_avg_sq"], model)
                 if self._kernel_takes(p, *tensors):
                     state["step"] += 1
                     _launch_adamw(p, *tensors, step=state["step"].item(), grad_scale=grad_scale,
                                   **hparams)
+                elif state["exp_avg"].dtype != p.dtype or state["exp_avg_sq"].dtype != p.dtype:
+                    # low-precision moments outside the kernel: the per-tensor reference
+                    state["step"] += 1
+                    adamw_step_torch(p, *tensors, step=state["step"].item(),
+                                     grad_scale=grad_scale, **hparams)
                 else:
                     lists = rest.setdefault(p.device, [[], [], [], [], []])
                     for lst, t in zip(lists, (p,) + tensors[:3] + (state["step"],)):

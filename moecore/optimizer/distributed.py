@@ -77,7 +77,8 @@ class DistributedOptimizer(MegatronOptimizer):
                  weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, clip_grad: float = 0.0,
                  grad_scaler: ConstantGradScaler | None = None,
-                 parallel_state: ParallelState | None = None, check_for_nan: bool = True):
+                 parallel_state: ParallelState | None = None, check_for_nan: bool = True,
+                 moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None)):
         if not grad_sync.shard:
             raise ValueError("the distributed optimizer needs a DataParallelGradSync built with "
                              "shard=True")
@@ -102,8 +103,10 @@ class DistributedOptimizer(MegatronOptimizer):
                 for piece in self._bucket_pieces(buf, bucket, index):
                     self.pieces.append(piece)
                     torch_groups[group_of[id(piece.param)]]["params"].append(piece.main)
+        self.moment_dtypes = moment_dtypes
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
-                                    weight_decay=weight_decay, triton=False)
+                                    weight_decay=weight_decay, triton=False,
+                                    moment_dtypes=moment_dtypes)
 
     @staticmethod
     def _bucket_pieces(buf: GradBuffer, bucket, index: dict) -> list[_Piece]:
@@ -139,15 +142,18 @@ class DistributedOptimizer(MegatronOptimizer):
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state on this rank: fp32 main slices of low-precision params, fp32
         main grads of low-precision params (the full gradient buffer, as in ZeRO-1) and Adam's
-        two moments of this rank's slices."""
+        two moments (fp32, or bf16 under the precision-aware optimizer) of this rank's
+        slices."""
         n_main = sum(pc.hi - pc.lo for pc in self.pieces if pc.half)
         n_grad = sum(p.numel() for p in self.model_params if p.dtype in _HALF)
         n_all = sum(pc.hi - pc.lo for pc in self.pieces)
-        out = {"main_params": 4 * n_main, "main_grads": 4 * n_grad, "adam_moments": 2 * 4 * n_all}
+        moments = self._moment_bytes()
+        out = {"main_params": 4 * n_main, "main_grads": 4 * n_grad,
+               "adam_moments": moments * n_all}
         out["total"] = sum(out.values())
         # What MegatronOptimizer (replicated AdamW) would hold on this rank, for comparison.
         n_params = sum(p.numel() for p in self.model_params)
-        out["replicated_total"] = 4 * n_grad + 4 * n_grad + 2 * 4 * n_params
+        out["replicated_total"] = 4 * n_grad + 4 * n_grad + moments * n_params
         return out
 
     # ---- stepping -------------------------------------------------------------------------------

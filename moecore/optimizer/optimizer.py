@@ -57,8 +57,9 @@ def get_param_groups(model: nn.Module | list[nn.Module]) -> list[dict]:
 
 
 def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-               weight_decay: float, fused: bool | None = None,
-               triton: bool | None = None) -> torch.optim.AdamW:
+               weight_decay: float, fused: bool | None = None, triton: bool | None = None,
+               moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None)
+               ) -> torch.optim.AdamW:
     """AdamW over ``groups``: fused (one pass over each fp32 tensor for the whole update) when
     every parameter is a CUDA tensor, as :class:`~moecore.kernels.optim.TritonAdamW` (which can
     also write the low-precision model copies in that pass) where its kernel passed its
@@ -70,7 +71,14 @@ def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps
     keeps torch's fused kernel. ``triton=False`` never takes the Triton one, ``triton=True``
     always (it runs torch's ops for tensors its kernel cannot take). All compute the same update
     up to floating-point rounding; CPU runs keep the default implementation.
+
+    ``moment_dtypes``: ``(exp_avg, exp_avg_sq)`` dtypes, None for the parameter's. A bf16 one
+    (``--use-precision-aware-optimizer``) always takes :class:`TritonAdamW`, which keeps
+    low-precision moments (its torch path included); torch's AdamW cannot.
     """
+    if any(d not in (None, torch.float32) for d in moment_dtypes):
+        return TritonAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           exp_avg_dtype=moment_dtypes[0], exp_avg_sq_dtype=moment_dtypes[1])
     params = [p for g in groups for p in g["params"]]
     env = os.environ.get("MOECORE_FUSED_ADAM", "1")
     if fused is None:
@@ -127,8 +135,10 @@ class MegatronOptimizer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  clip_grad: float = 0.0, grad_scaler: ConstantGradScaler | None = None,
                  parallel_state: ParallelState | None = None, check_for_nan: bool = True,
-                 grad_sync=None):
+                 grad_sync=None,
+                 moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None)):
         self.ps = parallel_state or get_parallel_state()
+        self.moment_dtypes = moment_dtypes
         # Optional DataParallelGradSync (--overlap-grad-reduce): main grads live in its buffers.
         self.grad_sync = grad_sync
         self.clip_grad = clip_grad
@@ -153,7 +163,7 @@ class MegatronOptimizer:
                                  "params": mains,
                                  "weight_decay": weight_decay * group.get("wd_mult", 1.0)})
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
-                                    weight_decay=weight_decay)
+                                    weight_decay=weight_decay, moment_dtypes=moment_dtypes)
         if isinstance(self.optimizer, TritonAdamW):  # model copies written in the AdamW pass
             self.optimizer.set_model_copies(
                 (m, p) for p, m in zip(self.model_params, self.main_params) if m is not p)
@@ -176,14 +186,18 @@ class MegatronOptimizer:
             return loss
         return loss * self.grad_scaler.scale.to(loss.device)
 
+    def _moment_bytes(self) -> int:
+        """Bytes per element of Adam's two moments (fp32 each, 2 for a bf16 one)."""
+        return sum(4 if d in (None, torch.float32) else d.itemsize for d in self.moment_dtypes)
+
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state on this rank (allocated lazily by the first step): fp32 main
-        copies of low-precision params, fp32 main grads, and Adam's two fp32 moments."""
+        copies of low-precision params, fp32 main grads, and Adam's two moments."""
         n_main = sum(m.numel() for m, p in zip(self.main_params, self.model_params)
                      if m is not p)
         n_all = sum(m.numel() for m in self.main_params)
         out = {"main_params": 4 * n_main, "main_grads": 4 * n_main,
-               "adam_moments": 2 * 4 * n_all}
+               "adam_moments": self._moment_bytes() * n_all}
         out["total"] = sum(out.values())
         return out
 
@@ -310,6 +324,18 @@ class MegatronOptimizer:
             self.reload_model_params()
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def moment_dtypes_from_args(args) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """``(exp_avg, exp_avg_sq)`` dtypes: ``--exp-avg-dtype`` / ``--exp-avg-sq-dtype`` under
+    ``--use-precision-aware-optimizer`` (fp32 means the parameter's dtype), else (None, None)."""
+    if not getattr(args, "use_precision_aware_optimizer", False):
+        return None, None
+    return tuple(None if name == "fp32" else _DTYPES[name]
+                 for name in (args.exp_avg_dtype, args.exp_avg_sq_dtype))
+
+
 def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
                            parallel_state: ParallelState | None = None) -> MegatronOptimizer:
     """AdamW from Megatron flags: ``--lr --weight-decay --adam-beta1/2 --adam-eps --clip-grad``,
@@ -338,7 +364,8 @@ def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                   clip_grad=args.clip_grad, grad_scaler=build_grad_scaler(args),
                   parallel_state=ps,
-                  check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True))
+                  check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True),
+                  moment_dtypes=moment_dtypes_from_args(args))
     if dist_opt:
         return DistributedOptimizer(get_param_groups(chunks), grad_sync, **kwargs)
     return MegatronOptimizer(get_param_groups(chunks), grad_sync=grad_sync, **kwargs)

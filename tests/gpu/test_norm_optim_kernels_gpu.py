@@ -184,3 +184,30 @@ def test_triton_adamw_matches_torch_adamw_on_cuda():
     for p, q, m in zip(ours, ref, models):
         assert _rel(p, q) < 1e-6
         assert torch.equal(m, p.to(torch.bfloat16))
+
+
+def test_bf16_moments_kernel_matches_the_reference_on_cuda():
+    """--use-precision-aware-optimizer: bf16 moments through the kernel (large tensors) and the
+    per-tensor reference (small ones), against the reference for every tensor."""
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    shapes = [(2048, 1024), (5, 3), (1 << 20,)]  # kernel, reference, kernel
+    ours = [torch.randn(s, device=DEV, generator=gen) for s in shapes]
+    ref = [p.clone() for p in ours]
+    models = [p.to(torch.bfloat16) for p in ours]
+    opt = O.TritonAdamW(ours, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                        exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
+    opt.set_model_copies(zip(ours, models))
+    moments = [[torch.zeros(s, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+               for s in shapes]
+    for step in range(1, 5):
+        for p, q, (m, v) in zip(ours, ref, moments):
+            p.grad = torch.randn(p.shape, device=DEV, generator=gen)
+            O.adamw_step_torch(q, p.grad, m, v, step=step, lr=1e-3, beta1=0.9, beta2=0.95,
+                               eps=1e-8, weight_decay=0.1)
+        opt.step()
+    for p, q, m, (m_ref, v_ref) in zip(ours, ref, models, moments):
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert _rel(p, q) < 1e-6
+        assert _rel(state["exp_avg"], m_ref) < 1e-3 and _rel(state["exp_avg_sq"], v_ref) < 1e-3
+        assert torch.equal(m, p.to(torch.bfloat16))

@@ -229,9 +229,45 @@ def check_megatron_optimizer(gen):
             assert _rel(a, b) < 1e-5
 
 
+def check_bf16_moments(gen):
+    """bf16 Adam moments (the precision-aware optimizer): the kernel against the reference one
+    step at a time, then TritonAdamW with its kernel against its torch path over steps."""
+    from moecore.kernels import optim as O
+
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    for n in SIZES:
+        param = torch.randn(n, generator=gen)
+        m = (torch.randn(n, generator=gen) * 0.1).bfloat16()
+        v = (torch.rand(n, generator=gen) * 0.01).bfloat16()
+        grad = torch.randn(n, generator=gen)
+        got, want = [param.clone(), m.clone(), v.clone()], [param.clone(), m.clone(), v.clone()]
+        O.adamw_step_triton(got[0], grad, got[1], got[2], step=3, **hp)
+        O.adamw_step_torch(want[0], grad, want[1], want[2], step=3, **hp)
+        assert _rel(got[0], want[0]) < 1e-6, n
+        for a, b in zip(got[1:], want[1:]):  # fp32 ulps apart may round to neighbouring bf16
+            assert a.dtype == torch.bfloat16 and _rel(a, b) < 1e-3, (n, _rel(a, b))
+    _force_triton_on_cpu()
+    runs = []
+    for kernel_min in (1, 1 << 40):  # every tensor through the kernel, then none
+        O.TRITON_MIN_NUMEL = kernel_min
+        g = torch.Generator().manual_seed(3)
+        mains = [torch.randn(s, generator=g) for s in ((37, 29), (4097,))]
+        opt = O.TritonAdamW(mains, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                            exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
+        for _ in range(4):
+            for p in mains:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs.append((mains, [opt.state[p]["exp_avg_sq"] for p in mains]))
+    for a, b in zip(*(r[0] for r in runs)):
+        assert _rel(a, b) < 1e-5
+    for a, b in zip(*(r[1] for r in runs)):
+        assert a.dtype == b.dtype == torch.bfloat16 and _rel(a, b) < 1e-3
+
+
 CHECKS = {"accumulate": check_accumulate, "adamw": check_adamw,
           "self_checks": check_self_checks, "triton_adamw": check_triton_adamw,
-          "megatron_optimizer": check_megatron_optimizer}
+          "megatron_optimizer": check_megatron_optimizer, "bf16_moments": check_bf16_moments}
 
 
 if __name__ == "__main__":
