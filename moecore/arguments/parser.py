@@ -52,8 +52,7 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--test-data-path": "separate per-split data paths (use --data-path with --split)",
     "--reset-position-ids": "per-document position ids",
     "--reset-attention-mask": "per-document attention masks",
-    "--log-num-zeros-in-grad": "counting zero gradients", "--profile": "nsys profiling hooks",
-    "--use-pytorch-profiler": "the torch profiler hook",
+    "--log-num-zeros-in-grad": "counting zero gradients",
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
     "--rotary-seq-len-interpolation-factor": "rope interpolation",
     "--embedding-init-method-std": "a separate embedding init std",
@@ -428,6 +427,26 @@ def _add_logging_args(p):
     g.add_argument("--wandb-save-dir", default="")
     g.add_argument("--logging-level", type=int, default=None,
                    help="Level of Python's root logger (e.g. 20 = INFO).")
+    g.add_argument("--profile", action="store_true",
+                   help="Profile iterations --profile-step-start .. --profile-step-end - 1 on "
+                        "--profile-ranks: under nsys (cudaProfilerStart/Stop and NVTX ranges; "
+                        "run with nsys profile -c cudaProfilerApi) or, with "
+                        "--use-pytorch-profiler, with torch.profiler (a trace per profiled rank "
+                        "in --profile-dir, else --tensorboard-dir).")
+    g.add_argument("--use-pytorch-profiler", action="store_true")
+    g.add_argument("--profile-dir", default=None,
+                   help="Where --use-pytorch-profiler writes its traces (moecore's; Megatron "
+                        "writes them to --tensorboard-dir, the default here, which needs the "
+                        "tensorboard package for its other logs).")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
+    g.add_argument("--record-memory-history", action="store_true",
+                   help="Record CUDA allocations (torch.cuda.memory._record_memory_history) "
+                        "and write a snapshot to --memory-snapshot-path after "
+                        "--profile-step-end - 1 (or at the end of training), on the "
+                        "--profile-ranks; view it at pytorch.org/memory_viz.")
+    g.add_argument("--memory-snapshot-path", default="snapshot.pickle")
     _noop(g, "--log-throughput", "tokens/s and MFU are always logged")
     _noop(g, "--timing-log-level", "only the iteration time is measured", action="store",
           type=int, default=0)

@@ -273,6 +273,7 @@ def _validate_precision_and_data(args) -> None:
         raise ValueError("--fp16 needs a GPU (fp16 matmuls on CPU are very slow and lossy); "
                          "use --bf16 or fp32 on CPU")
     _validate_precision_aware_optimizer(args)
+    _validate_profiling(args)
     if not args.mock_data and not args.data_path:
         raise ValueError("pass --data-path PREFIX (or weight/prefix pairs) or --mock-data")
     if args.tokenizer_type is None and not (args.mock_data and args.vocab_size):
@@ -280,6 +281,26 @@ def _validate_precision_and_data(args) -> None:
                          "--mock-data, --vocab-size")
     if args.split is None:
         args.split = "969, 30, 1"
+
+
+def _validate_profiling(args) -> None:
+    if args.use_pytorch_profiler and not args.profile:
+        raise ValueError("--use-pytorch-profiler takes effect only with --profile; pass both")
+    if args.profile or args.record_memory_history:
+        if not 0 <= args.profile_step_start < args.profile_step_end:
+            raise ValueError(f"--profile-step-start {args.profile_step_start} and "
+                             f"--profile-step-end {args.profile_step_end}: need 0 <= start < end "
+                             "(iterations start .. end - 1 are profiled)")
+    if args.profile and args.use_pytorch_profiler and not (args.profile_dir
+                                                           or args.tensorboard_dir):
+        raise ValueError("--use-pytorch-profiler writes its traces to --profile-dir (or "
+                         "--tensorboard-dir); pass one")
+    if args.profile and not args.use_pytorch_profiler and args.device != "cuda":
+        raise ValueError("--profile without --use-pytorch-profiler drives nsys through CUDA "
+                         f"(--device {args.device}); add --use-pytorch-profiler")
+    if args.record_memory_history and args.device != "cuda":
+        raise ValueError("--record-memory-history records CUDA allocations; it needs "
+                         f"--device cuda (got {args.device})")
 
 
 def _validate_precision_aware_optimizer(args) -> None:

@@ -28,6 +28,7 @@ from moecore.pipeline_parallel import get_forward_backward_func, make_data_itera
 from moecore.training import builders, initialize
 from moecore.training.cuda_graph import MicroBatchGraphs
 from moecore.training.logger import print_rank_0
+from moecore.training.profiling import TrainingProfiler
 from moecore.training.state import RunState
 
 
@@ -317,13 +318,28 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
 def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,
            graphs: MicroBatchGraphs | None) -> bool:
     """Iterate to ``--train-iters``; True when an exit condition stopped the run early."""
+    profiler = TrainingProfiler(args) if args.profile or args.record_memory_history else None
+    try:
+        return _train_iterations(run, model, optimizer, scheduler, train_it, valid_it, args,
+                                 ps, graphs, profiler)
+    finally:
+        if profiler is not None:
+            profiler.close()
+
+
+def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,
+                      graphs: MicroBatchGraphs | None, profiler: TrainingProfiler | None) -> bool:
     start = time.time()
     saved = False
     batches = BatchPrefetcher(train_it, torch.device(args.device))
     while run.iteration < args.train_iters:
         run.iteration_start()
-        out = train_step(model, optimizer, scheduler, batches, args, ps, graphs)
         it = run.iteration + 1
+        if profiler is not None:
+            profiler.before(it)
+        out = train_step(model, optimizer, scheduler, batches, args, ps, graphs)
+        if profiler is not None:
+            profiler.after(it)
         do_eval = bool(args.eval_interval and it % args.eval_interval == 0
                        and valid_it is not None and args.eval_iters > 0)
         exit_now = bool(args.exit_interval and it % args.exit_interval == 0)
