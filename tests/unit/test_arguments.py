@@ -19,6 +19,7 @@ from moecore.arguments import (
     transformer_config_from_args,
     validate_args,
 )
+from tests.cli import BASE, parse_error
 
 # The argument arrays of Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh (the
 # seed script), with $CHECKPOINT_PATH, $TOKENIZER_MODEL and $DATA_PATH filled in and the wandb
@@ -86,22 +87,12 @@ MIXTRAL_SCRIPT = """
     --wandb-exp-name Mixtral_8x7B
 """
 
-BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
-        "--micro-batch-size 2 --lr 1e-3 --train-iters 10 --mock-data --vocab-size 100 "
-        "--device cpu").split()
 
 
 def mixtral_argv(tmp="/ckpt") -> list[str]:
     text = MIXTRAL_SCRIPT.format(tokenizer_model="/models/tokenizer.model",
                                  data_path="/data/mixtral_text_document", checkpoint_path=tmp)
     return shlex.split(text, comments=True)
-
-
-def _parse_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        parse_args(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 def test_mixtral_script_parses_with_megatron_meanings():
@@ -163,7 +154,7 @@ def test_help_shows_megatron_groups_and_noop_markers(capsys):
 
 def test_every_unsupported_flag_fails_naming_it(capsys):
     for flag in UNSUPPORTED_FLAGS:
-        err = _parse_error(BASE + [flag, "x"], capsys)
+        err = parse_error(BASE + [flag, "x"], capsys)
         assert f"{flag} is a Megatron-LM flag that moecore does not support" in err, flag
 
 
@@ -195,7 +186,7 @@ def test_noop_flags_parse_and_are_reported():
     (["--tokenizer-type", "HuggingFaceTokenizer"], "HuggingFaceTokenizer is not supported"),
 ])
 def test_not_yet_supported_features_fail_clearly(extra, match, capsys):
-    assert re.search(match, _parse_error(BASE + extra, capsys))
+    assert re.search(match, parse_error(BASE + extra, capsys))
 
 
 def test_pipeline_size_one_is_fine():
@@ -272,20 +263,20 @@ def test_batch_and_world_size_validation():
 
 def test_schedule_and_misc_validation(capsys):
     no_iters = [a for a in BASE if a not in ("--train-iters", "10")]
-    assert "exactly one of --train-iters and --train-samples" in _parse_error(no_iters, capsys)
+    assert "exactly one of --train-iters and --train-samples" in parse_error(no_iters, capsys)
     both = BASE + ["--train-samples", "100"]
-    assert "exactly one of --train-iters" in _parse_error(both, capsys)
-    assert "only one of --lr-warmup-fraction" in _parse_error(
+    assert "exactly one of --train-iters" in parse_error(both, capsys)
+    assert "only one of --lr-warmup-fraction" in parse_error(
         BASE + ["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"], capsys)
     args = parse_args(no_iters + ["--train-samples", "100", "--global-batch-size", "8"])
     assert args.train_iters == 12 and args.lr_decay_samples == 100
     no_lr = [a for a in BASE if a not in ("--lr", "1e-3")]
-    assert "--lr is required" in _parse_error(no_lr, capsys)
-    assert "--bf16 and --fp16" in _parse_error(BASE + ["--bf16", "--fp16"], capsys)
+    assert "--lr is required" in parse_error(no_lr, capsys)
+    assert "--bf16 and --fp16" in parse_error(BASE + ["--bf16", "--fp16"], capsys)
     no_data = [a for a in BASE if a != "--mock-data"]
-    assert "--data-path" in _parse_error(no_data, capsys)
-    assert "--disable-bias-linear" in _parse_error(BASE + ["--num-experts", "4"], capsys)
-    assert "--save-interval needs --save" in _parse_error(BASE + ["--save-interval", "5"], capsys)
+    assert "--data-path" in parse_error(no_data, capsys)
+    assert "--disable-bias-linear" in parse_error(BASE + ["--num-experts", "4"], capsys)
+    assert "--save-interval needs --save" in parse_error(BASE + ["--save-interval", "5"], capsys)
 
 
 def test_model_shape_defaults_follow_megatron():
@@ -339,8 +330,8 @@ def test_moe_layer_freq_rejects_anything_but_int_lists(bad, match):
 
 
 def test_moe_layer_freq_length_must_match_layers(capsys):
-    err = _parse_error(BASE + ["--num-experts", "4", "--disable-bias-linear",
+    err = parse_error(BASE + ["--num-experts", "4", "--disable-bias-linear",
                                "--moe-layer-freq", "[1]*3"], capsys)
     assert "--moe-layer-freq pattern has 3 entries but --num-layers is 2" in err
-    err = _parse_error(BASE + ["--moe-layer-freq", "[1]*(3)+x"], capsys)
+    err = parse_error(BASE + ["--moe-layer-freq", "[1]*(3)+x"], capsys)
     assert "argument --moe-layer-freq" in err

@@ -20,6 +20,7 @@ from moecore.moe.losses import MoELossTracker
 from moecore.training import loop, pretrain
 from moecore.training.builders import default_model_provider
 from moecore.training.cuda_graph import MicroBatchGraphs
+from tests.cli import parse_error
 
 ARGV = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32", "--seq-length", "16",
@@ -189,19 +190,13 @@ def test_only_capturable_recompute_modules_are_accepted():
             _validate_cuda_graph(args)
 
 
-def _parse_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit):
-        parse_args(argv)
-    return capsys.readouterr().err
-
-
 def test_cuda_graph_flags(capsys):
-    assert "needs a CUDA device" in _parse_error(ARGV + ["--cuda-graph-impl", "local"], capsys)
+    assert "needs a CUDA device" in parse_error(ARGV + ["--cuda-graph-impl", "local"], capsys)
     # Megatron's older spelling of --cuda-graph-impl local
-    assert "needs a CUDA device" in _parse_error(ARGV + ["--enable-cuda-graph"], capsys)
-    assert "use --cuda-graph-impl local" in _parse_error(
+    assert "needs a CUDA device" in parse_error(ARGV + ["--enable-cuda-graph"], capsys)
+    assert "use --cuda-graph-impl local" in parse_error(
         ARGV + ["--cuda-graph-impl", "transformer_engine"], capsys)
-    assert "use --cuda-graph-impl local" in _parse_error(ARGV + ["--external-cuda-graph"],
+    assert "use --cuda-graph-impl local" in parse_error(ARGV + ["--external-cuda-graph"],
                                                         capsys)
     assert parse_args(ARGV).cuda_graph_impl == "none"
 

@@ -16,6 +16,7 @@ from moecore.optimizer.distributed import DistributedOptimizer
 from moecore.optimizer.grad_buffer import DataParallelGradSync
 from moecore.optimizer.optimizer import moment_dtypes_from_args
 from moecore.parallel_state import ParallelState
+from tests.cli import BASE, parse_error
 from tests.unit.test_optimizer_fused import _model, _steps
 
 BF16 = (torch.bfloat16, torch.bfloat16)
@@ -118,17 +119,6 @@ def test_checkpoint_resumes_bit_for_bit_and_loads_into_fp32_moments(distributed)
             assert any(not torch.equal(a, b) for a, b in zip(got, want))
 
 
-BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
-        "--micro-batch-size 2 --lr 1e-3 --train-iters 1 --mock-data --vocab-size 64 "
-        "--device cpu").split()
-
-
-def _parse_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit):
-        parse_args(argv)
-    return capsys.readouterr().err
-
-
 def test_flags(capsys):
     args = parse_args(BASE + ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
                               "--exp-avg-sq-dtype", "bf16"])
@@ -136,11 +126,11 @@ def test_flags(capsys):
     args = parse_args(BASE + ["--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "bf16"])
     assert moment_dtypes_from_args(args) == (None, torch.bfloat16)
     assert moment_dtypes_from_args(parse_args(BASE)) == (None, None)
-    assert "--use-precision-aware-optimizer" in _parse_error(
+    assert "--use-precision-aware-optimizer" in parse_error(
         BASE + ["--exp-avg-dtype", "bf16"], capsys)
-    assert "use bf16 or fp32" in _parse_error(
+    assert "use bf16 or fp32" in parse_error(
         BASE + ["--use-precision-aware-optimizer", "--exp-avg-dtype", "fp8"], capsys)
-    assert "fp32 main grads" in _parse_error(
+    assert "fp32 main grads" in parse_error(
         BASE + ["--use-precision-aware-optimizer", "--main-grads-dtype", "bf16"], capsys)
 
 

@@ -17,6 +17,7 @@ from moecore.moe.layer import MoELayer
 from moecore.parallel_state import ParallelState
 from moecore.transformer.layer import TransformerLayer
 from moecore.transformer.recompute import discard_until_backward
+from tests.cli import BASE, parse_error
 from tests.moe_reference import tiny_moe_config
 
 V, S, B = 48, 10, 3
@@ -176,24 +177,16 @@ def test_config_defaults_and_errors():
         _cfg(recompute_modules=("moe_act",))
 
 
-BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
-        "--micro-batch-size 2 --lr 1e-3 --train-iters 1 --mock-data --vocab-size 64 "
-        "--num-experts 4 --disable-bias-linear --device cpu").split()
-
-
-def _parse_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit):
-        parse_args(argv)
-    return capsys.readouterr().err
+MOE_ARGS = BASE + ["--num-experts", "4", "--disable-bias-linear"]
 
 
 def test_flag_reaches_the_config_and_bad_values_fail_at_start_up(capsys):
-    selective = BASE + ["--recompute-granularity", "selective", "--recompute-modules"]
+    selective = MOE_ARGS + ["--recompute-granularity", "selective", "--recompute-modules"]
     cfg = transformer_config_from_args(parse_args(selective + ["moe_act", "layernorm"]))
     assert cfg.recompute_modules == ("moe_act", "layernorm") and cfg.recomputes("layernorm")
     empty = transformer_config_from_args(parse_args(selective))
     assert empty.recompute_modules == () and not empty.recomputes("core_attn")
-    assert "--recompute-granularity selective" in _parse_error(
-        BASE + ["--recompute-modules", "moe_act"], capsys)
-    assert "multi-latent" in _parse_error(
-        BASE + ["--recompute-activations", "--recompute-modules", "mla_up_proj"], capsys)
+    assert "--recompute-granularity selective" in parse_error(
+        MOE_ARGS + ["--recompute-modules", "moe_act"], capsys)
+    assert "multi-latent" in parse_error(
+        MOE_ARGS + ["--recompute-activations", "--recompute-modules", "mla_up_proj"], capsys)
