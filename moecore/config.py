@@ -154,6 +154,8 @@ class MoEConfig:
     # flag covers the dropless top-k gather; the top-k combine kernel is always auto.
     moe_permute_fusion: bool | None = None
     moe_router_fusion: bool | None = None
+    # Benchmarking only: route on random logits (straight-through gradient), balanced load.
+    moe_router_force_load_balancing: bool = False
     moe_layer_recompute: bool = False
 
     def _validate_moe(self) -> None:

@@ -27,7 +27,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--moe-enable-deepep": "DeepEP dispatch", "--moe-use-upcycling": "dense-to-MoE upcycling",
     "--moe-router-padding-for-fp8": "FP8 training",
     "--moe-apply-probs-on-input": "probs-before-activation routing",
-    "--moe-router-force-load-balancing": "forced balanced routing (benchmark only)",
     "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
     "--delay-wgrad-compute": "delayed wgrad", "--multi-latent-attention": "MLA",
     "--mtp-num-layers": "multi-token prediction",
@@ -383,6 +382,10 @@ def _add_moe_args(p):
     g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
     g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
+    g.add_argument("--moe-router-force-load-balancing", action="store_true",
+                   help="Benchmarking only: route on random normal logits (gradients pass "
+                        "straight through to the router), so every expert gets ~T*k/E tokens "
+                        "whatever the model learned. Changes training; never for real runs.")
     g.add_argument("--moe-router-fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="Fused Triton router (score function, top-k, normalisation); default: "
                    "on where it runs (CUDA), --no-moe-router-fusion for the torch path.")

@@ -485,6 +485,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         moe_shared_expert_overlap=args.moe_shared_expert_overlap,
         moe_layer_freq=args.moe_layer_freq, moe_permute_fusion=args.moe_permute_fusion,
         moe_router_fusion=args.moe_router_fusion, moe_layer_recompute=args.moe_layer_recompute,
+        moe_router_force_load_balancing=args.moe_router_force_load_balancing,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,

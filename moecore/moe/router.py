@@ -135,6 +135,20 @@ def sinkhorn_routing(logits: torch.Tensor, topk: int, training: bool):
     return activated * routing_map, routing_map
 
 
+class _RandomLogits(torch.autograd.Function):
+    """``--moe-router-force-load-balancing`` (benchmarks): standard-normal logits of the same
+    shape from the default generator (CUDA-graph safe, replayed by recompute), the gradient
+    passed straight through, so the router still trains and costs what it costs."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return torch.randn_like(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _router_dtype(config: TransformerConfig) -> torch.dtype:
     if config.moe_router_dtype in (None, "fp32"):
         # float64 models (gradcheck) keep float64; everything else routes in fp32.
@@ -305,6 +319,8 @@ class TopKRouter(nn.Module):
         self._maintain_float32_buffers()
         hidden, seq_len, batch = self._flatten(hidden)
         logits = self.gating(self.apply_input_jitter(hidden))
+        if self.config.moe_router_force_load_balancing:
+            logits = _RandomLogits.apply(logits)
         attach = self.training and torch.is_grad_enabled()
         routed = self._route(logits, need_aux_scores=attach and self._aux_coeff() > 0)
         probs, routing_map = routed.probs, routed.routing_map

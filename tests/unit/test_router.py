@@ -227,3 +227,34 @@ def test_router_init_shapes_and_validation():
     with pytest.raises(ValueError, match="hidden size 5"):
         r1(torch.randn(3, 2, 5))
     MoELossTracker.clear()
+
+
+def test_force_load_balancing_routes_uniformly_and_passes_gradients_through():
+    """Benchmark flag: a router that sends every token to expert 0 is overridden by random
+    logits (about T*k/E tokens per expert); the router weight still gets the gradient of the
+    probabilities as if those logits were its own."""
+    T, E, k = 4096, 8, 2
+    for force in (False, True):
+        torch.manual_seed(0)
+        router = TopKRouter(_cfg(num_moe_experts=E, moe_router_topk=k, moe_aux_loss_coeff=0.0,
+                                 moe_router_force_load_balancing=force),
+                            parallel_state=ParallelState.single())
+        with torch.no_grad():
+            router.weight.zero_()
+            router.weight[0] = 1.0
+        x = torch.rand(T, 1, router.weight.shape[1]) + 0.5  # all logits favour expert 0
+        probs, routing_map = router(x)
+        counts = routing_map.sum(0).float()
+        if not force:
+            assert counts[0] == T
+            continue
+        assert (counts - T * k / E).abs().max() < 0.1 * T * k / E, counts
+        probs.square().sum().backward()
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    from moecore.arguments import parse_args
+    from moecore.arguments.validation import transformer_config_from_args
+    from tests.cli import BASE
+
+    cfg = transformer_config_from_args(parse_args(BASE + [
+        "--num-experts", "4", "--disable-bias-linear", "--moe-router-force-load-balancing"]))
+    assert cfg.moe_router_force_load_balancing
