@@ -340,6 +340,13 @@ class TritonAdamW(torch.optim.AdamW):
             elif state[key].dtype != dtype:  # e.g. torch's load_state_dict cast them to p's
                 state[key] = state[key].to(dtype)
 
+    def cast_moments(self) -> None:
+        """Bring every existing moment to its configured dtype now (after loading a state)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.state.get(p):
+                    self._moments(p, self.state[p])
+
     def set_model_copies(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``(main, model)`` pairs: each step writes ``model <- main`` (model's dtype)."""
         self._model_of = {id(main): model for main, model in pairs}

@@ -254,6 +254,7 @@ class DistributedOptimizer(MegatronOptimizer):
             g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas",
                                                                "eps")})
         step = int(state["step"])
+        dtypes = {k: d or torch.float32 for k, d in zip(_MOMENTS, self.moment_dtypes)}
         for pc in self.pieces:
             saved = {k: pc.slice_of(t) for k, t in state["params"][pc.index].items()}
             pc.main.copy_(saved["main"])
@@ -265,7 +266,7 @@ class DistributedOptimizer(MegatronOptimizer):
                 self.optimizer.state[pc.main] = {
                     "step": torch.tensor(float(step), device=pc.main.device
                                          if is_fused(self.optimizer) else "cpu"),
-                    **{k: saved[k].float().clone() for k in _MOMENTS}}
+                    **{k: saved[k].to(dtypes[k], copy=True) for k in _MOMENTS}}
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.grad_sync.start_param_sync()

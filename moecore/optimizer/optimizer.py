@@ -308,6 +308,8 @@ class MegatronOptimizer:
             state = full_state_to_plain(state, self)
         self.optimizer.load_state_dict(state["optimizer"])
         keep_implementation(self.optimizer)
+        if isinstance(self.optimizer, TritonAdamW):  # torch's load cast them to fp32
+            self.optimizer.cast_moments()
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         mains = [m for m, p in zip(self.main_params, self.model_params) if m is not p]

@@ -107,6 +107,9 @@ def test_checkpoint_resumes_bit_for_bit_and_loads_into_fp32_moments(distributed)
         resumed.load_state_dict(weights)
         opt2.reload_model_params()
         opt2.load_state_dict(copy.deepcopy(state))  # loading aliases the step counters
+        loaded = [s for s in opt2.optimizer.state.values() if "exp_avg" in s]
+        assert loaded and {s["exp_avg"].dtype for s in loaded} == {
+            torch.bfloat16 if moment_dtypes == BF16 else torch.float32}  # cast at load
         _steps(resumed, opt2, 2, seed=5)
         got = [m.detach() for m in opt2.main_params]
         if moment_dtypes == BF16:  # the saved bf16 moments come back exactly
