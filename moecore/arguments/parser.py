@@ -39,7 +39,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--is-hybrid-model": "hybrid Mamba models", "--hybrid-override-pattern": "hybrid models",
     "--heterogeneous-layers-config-path": "heterogeneous layers",
     "--rampup-batch-size": "batch-size ramp-up", "--window-size": "sliding-window attention",
-    "--calculate-per-token-loss": "per-token loss normalisation",
     "--data-parallel-random-init": "per-DP-rank random init",
     "--init-method-xavier-uniform": "Xavier init", "--decoupled-lr": "decoupled embedding LR",
     "--apply-query-key-layer-scaling": "QK layer scaling",
@@ -142,6 +141,11 @@ def _add_training_args(p):
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Multiple of micro-batch-size x data-parallel size; defaults to their "
                         "product (one micro-batch per step).")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="The loss is the sum over the global batch's unmasked tokens divided by "
+                        "their number (all micro-batches and data-parallel ranks), not the mean "
+                        "of per-micro-batch means; the MoE aux losses are scaled the same way, "
+                        "as in Megatron.")
     g.add_argument("--recompute-activations", action="store_true",
                    help="Shorthand for --recompute-granularity selective.")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])

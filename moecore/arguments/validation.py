@@ -363,6 +363,9 @@ def _validate_cuda_graph(args) -> None:
             "checkpoint-style recompute saves and restores the CUDA RNG state; under "
             "--recompute-granularity selective only --recompute-modules "
             + " / ".join(DISCARD_RECOMPUTE_MODULES) + " are capturable"),
+        "--calculate-per-token-loss": (
+            args.calculate_per_token_loss,
+            "its token count, which scales the loss, changes every step"),
         "--overlap-grad-reduce / --overlap-param-gather": (
             args.overlap_grad_reduce or args.overlap_param_gather,
             "their collectives start from Python hooks"),

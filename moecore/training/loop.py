@@ -68,6 +68,38 @@ def forward_step_func(data_iterator, model: nn.Module):
     return forward_step(model, batch), partial(_loss_func, batch["loss_mask"])
 
 
+def _token_sum_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """``--calculate-per-token-loss``: the masked loss *sum* (the schedule's grad-scale function
+    divides it by the global batch's token count) and ``(sum, tokens)`` for the log."""
+    mask = loss_mask.float()
+    total = (output.float() * mask).sum()
+    return total, {"lm loss": total.detach(), "tokens": mask.sum()}
+
+
+def per_token_forward_step_func(data_iterator, model: nn.Module):
+    """:func:`forward_step_func` for ``--calculate-per-token-loss``."""
+    batch = next(data_iterator)
+    return forward_step(model, batch), partial(_token_sum_loss_func, batch["loss_mask"])
+
+
+def _per_token_grad_scale(batches: list[dict], ps: ParallelState, scale_loss: Callable):
+    """``--calculate-per-token-loss`` (Megatron's): the loss is the sum over the global batch's
+    unmasked tokens divided by their number ``N`` (over all micro-batches and data-parallel
+    ranks), not a mean of per-micro-batch means. The schedules divide each micro-batch's loss by
+    ``num_microbatches`` and data parallelism averages gradients, so the loss-scale function
+    the schedule applies multiplies by ``num_microbatches * dp / N``. The MoE aux losses take
+    the same factor (``set_aux_loss_scale`` calls it), as in Megatron, where every gradient is
+    divided by ``N`` in this mode. No host sync: ``N`` stays on the device."""
+    tokens = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum()
+    group = ps.group("data_parallel_with_cp")
+    dp = 1
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tokens, group=group)
+        dp = dist.get_world_size(group)
+    factor = len(batches) * dp / tokens.clamp(min=1.0)
+    return lambda t: scale_loss(t) * factor.to(t.device)
+
+
 class DataRanOut(RuntimeError):
     """The data iterator stopped before the run needed it to."""
 
@@ -130,16 +162,37 @@ def _last_stage_mean(store: list[dict], ps: ParallelState, device) -> torch.Tens
     return value
 
 
+def _reported_loss(store: list[dict], ps: ParallelState, device) -> torch.Tensor:
+    """The logged ``lm loss`` (every rank): the data-parallel mean of :func:`_last_stage_mean`,
+    or under ``--calculate-per-token-loss`` (entries with ``tokens``) the loss sum over all
+    micro-batches and data-parallel ranks divided by their token count."""
+    if not (store and "tokens" in store[0]):
+        return _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
+    value = torch.zeros(2, dtype=torch.float32, device=device)
+    if ps.is_pipeline_last_stage():
+        value = torch.stack([torch.stack([d["lm loss"].float(), d["tokens"].float()])
+                             for d in store]).sum(0)
+    if ps.pp_size > 1 and ps.pp_group is not None:
+        dist.all_reduce(value, group=ps.pp_group)
+    group = ps.group("data_parallel_with_cp")
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+    return value[0] / value[1].clamp(min=1.0)
+
+
 def _run_schedule(chunks, batches, args, ps, forward_only, optimizer=None) -> list[dict]:
     schedule = get_forward_backward_func(
         getattr(args, "virtual_pipeline_model_parallel_size", None), ps)
+    per_token = getattr(args, "calculate_per_token_loss", False)
+    grad_scale_func = None if optimizer is None else optimizer.scale_loss
+    if per_token and grad_scale_func is not None:
+        grad_scale_func = _per_token_grad_scale(batches, ps, grad_scale_func)
     return schedule(
-        forward_step_func=forward_step_func,
+        forward_step_func=per_token_forward_step_func if per_token else forward_step_func,
         data_iterator=make_data_iterators(batches, len(chunks)),
         model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-        forward_only=forward_only, parallel_state=ps,
-        grad_scale_func=None if optimizer is None else optimizer.scale_loss,
+        forward_only=forward_only, parallel_state=ps, grad_scale_func=grad_scale_func,
         grad_sync=None if optimizer is None else getattr(optimizer, "grad_sync", None))
 
 
@@ -215,7 +268,7 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
                             if isinstance(m, TopKRouter)], ps)
     if updated:
         scheduler.step(increment=args.global_batch_size)
-    lm_loss = _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
+    lm_loss = _reported_loss(store, ps, device)
     timer.mark("other")
     return {"lm loss": lm_loss.detach(), "grad_norm": grad_norm, "updated": updated,
             "lr": optimizer.param_groups[0]["lr"], "timer": timer}
@@ -246,8 +299,7 @@ def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | Non
     MoELossTracker.clear()  # eval forwards must not leak into the next training log
     for c in chunks:
         c.train()
-    mean = _all_reduce_mean(_last_stage_mean(store, ps, device), ps) if num_iters else \
-        torch.zeros(())
+    mean = _reported_loss(store, ps, device) if num_iters else torch.zeros(())
     return {"lm loss": mean.item()}, num_iters * args.global_batch_size
 
 

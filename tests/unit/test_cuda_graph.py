@@ -163,6 +163,7 @@ def _cuda_args(*extra):
     ([], "bf16", False, "torch._grouped_mm"),
     ([], "moe_grouped_gemm_backend", "bmm", "torch._grouped_mm"),
     ([], "recompute_granularity", "full", "recompute"),
+    ([], "calculate_per_token_loss", True, "--calculate-per-token-loss"),
     ([], "overlap_grad_reduce", True, "--overlap-grad-reduce"),
     ([], "moe_expert_capacity_factor", 1.0, "capacity"),
     ([], "moe_router_load_balancing_type", "sinkhorn", "Sinkhorn"),
