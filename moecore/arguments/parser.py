@@ -50,7 +50,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--test-data-path": "separate per-split data paths (use --data-path with --split)",
     "--reset-position-ids": "per-document position ids",
     "--reset-attention-mask": "per-document attention masks",
-    "--log-num-zeros-in-grad": "counting zero gradients",
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
     "--rotary-seq-len-interpolation-factor": "rope interpolation",
     "--embedding-init-method-std": "a separate embedding init std",
@@ -423,6 +422,8 @@ def _add_moe_args(p):
 def _add_logging_args(p):
     g = p.add_argument_group(title="logging")
     g.add_argument("--log-params-norm", action="store_true")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="Log the number of zero gradient entries (each replica counted once).")
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000)
     g.add_argument("--no-log-loss-scale-to-tensorboard", action="store_false",

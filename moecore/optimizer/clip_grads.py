@@ -50,12 +50,17 @@ def _counted_on_this_stage(p: torch.Tensor, ps: ParallelState) -> bool:
     return not (getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage())
 
 
-def _model_parallel_norm_sq(dense_sq: torch.Tensor, expert_sq: torch.Tensor,
-                            ps: ParallelState) -> torch.Tensor:
-    """Sum this rank's dense/expert squared norms over TP (EP x ETP) and then PP."""
-    _all_reduce(dense_sq, ps.tp_group)
-    _all_reduce(expert_sq, ps.group("expert_tensor_and_model_parallel"))
-    total = dense_sq + expert_sq
+def _model_parallel_sum(dense: torch.Tensor, expert: torch.Tensor, ps: ParallelState,
+                        data_parallel_sharded: bool = False) -> torch.Tensor:
+    """Sum this rank's dense/expert values (squared norms, zero counts) over the groups that
+    hold different parts: TP (expert: EP x ETP), then PP; first DP (expert: EDP) when the
+    distributed optimizer shards them over data parallelism."""
+    if data_parallel_sharded:
+        _all_reduce(dense, ps.group("data_parallel_with_cp"))
+        _all_reduce(expert, ps.edp_group)
+    _all_reduce(dense, ps.tp_group)
+    _all_reduce(expert, ps.group("expert_tensor_and_model_parallel"))
+    total = dense + expert
     _all_reduce(total, ps.pp_group)
     return total
 
@@ -88,10 +93,27 @@ def get_grad_norm_fp32(params: Iterable[torch.Tensor],
         "cuda" if torch.cuda.is_available() and ps.sizes.world_size > 1 else "cpu")
     dense, expert = grads_for_norm(params, ps)
     dense_sq, expert_sq = _sum_sq(dense, device), _sum_sq(expert, device)
-    if data_parallel_sharded:
-        _all_reduce(dense_sq, ps.group("data_parallel_with_cp"))
-        _all_reduce(expert_sq, ps.edp_group)
-    return float(_model_parallel_norm_sq(dense_sq, expert_sq, ps).sqrt().item())
+    return float(_model_parallel_sum(dense_sq, expert_sq, ps, data_parallel_sharded)
+                 .sqrt().item())
+
+
+def count_zeros_fp32(params: Iterable[torch.Tensor], parallel_state: ParallelState | None = None,
+                     data_parallel_sharded: bool = False) -> torch.Tensor:
+    """Number of zero gradient entries of ``params`` (``--log-num-zeros-in-grad``), counted as
+    the global norm counts (each replica once), as a 0-dim fp64 device tensor: reading it is the
+    caller's sync. Collective over the same groups as :func:`get_grad_norm_fp32`."""
+    ps = parallel_state or get_parallel_state()
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")
+    dense, expert = grads_for_norm(params, ps)
+
+    def zeros(grads):
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            total += (g == 0).sum()
+        return total
+
+    return _model_parallel_sum(zeros(dense), zeros(expert), ps, data_parallel_sharded)
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float,
@@ -125,4 +147,4 @@ def get_params_norm(params: Iterable[torch.Tensor],
     expert = [p.detach() for p in params if is_expert_param(p)
               and (getattr(p, "tensor_model_parallel", False) or ps.etp_rank == 0)]
     dense_sq, expert_sq = _sum_sq(dense, device), _sum_sq(expert, device)
-    return float(_model_parallel_norm_sq(dense_sq, expert_sq, ps).sqrt().item())
+    return float(_model_parallel_sum(dense_sq, expert_sq, ps).sqrt().item())

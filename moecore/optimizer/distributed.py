@@ -78,7 +78,8 @@ class DistributedOptimizer(MegatronOptimizer):
                  eps: float = 1e-8, clip_grad: float = 0.0,
                  grad_scaler: ConstantGradScaler | None = None,
                  parallel_state: ParallelState | None = None, check_for_nan: bool = True,
-                 moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None)):
+                 moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+                 log_num_zeros_in_grad: bool = False):
         if not grad_sync.shard:
             raise ValueError("the distributed optimizer needs a DataParallelGradSync built with "
                              "shard=True")
@@ -104,6 +105,8 @@ class DistributedOptimizer(MegatronOptimizer):
                     self.pieces.append(piece)
                     torch_groups[group_of[id(piece.param)]]["params"].append(piece.main)
         self.moment_dtypes = moment_dtypes
+        self.log_num_zeros_in_grad = log_num_zeros_in_grad
+        self.num_zeros_in_grad = None
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
                                     weight_decay=weight_decay, triton=False,
                                     moment_dtypes=moment_dtypes)
@@ -181,6 +184,7 @@ class DistributedOptimizer(MegatronOptimizer):
         mains = self.main_params
         grad_norm = get_grad_norm_fp32(mains, self.ps, data_parallel_sharded=True)
         self._check_norm(grad_norm)
+        self._count_zeros(mains, data_parallel_sharded=True)
         self._clip_and_step(mains, grad_norm)
         half = [pc for pc in self.pieces if pc.half]
         if half:

@@ -24,7 +24,7 @@ from torch import nn
 
 from moecore.kernels import optim as kernels_optim
 from moecore.kernels.optim import TritonAdamW
-from moecore.optimizer.clip_grads import clip_grad_norm, get_grad_norm_fp32
+from moecore.optimizer.clip_grads import clip_grad_norm, count_zeros_fp32, get_grad_norm_fp32
 from moecore.optimizer.grad_scaler import ConstantGradScaler, build_grad_scaler
 from moecore.optimizer.grad_sync import attach_main_grad, model_grad, reset_main_grad
 from moecore.parallel_state import ParallelState, get_parallel_state
@@ -136,9 +136,13 @@ class MegatronOptimizer:
                  clip_grad: float = 0.0, grad_scaler: ConstantGradScaler | None = None,
                  parallel_state: ParallelState | None = None, check_for_nan: bool = True,
                  grad_sync=None,
-                 moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None)):
+                 moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+                 log_num_zeros_in_grad: bool = False):
         self.ps = parallel_state or get_parallel_state()
         self.moment_dtypes = moment_dtypes
+        # --log-num-zeros-in-grad: each step counts the zero main-grad entries (a device tensor)
+        self.log_num_zeros_in_grad = log_num_zeros_in_grad
+        self.num_zeros_in_grad: torch.Tensor | None = None
         # Optional DataParallelGradSync (--overlap-grad-reduce): main grads live in its buffers.
         self.grad_sync = grad_sync
         self.clip_grad = clip_grad
@@ -264,6 +268,10 @@ class MegatronOptimizer:
         clip_grad_norm(mains, self.clip_grad, self.ps, total_norm=grad_norm)
         self.optimizer.step()
 
+    def _count_zeros(self, mains: list[torch.Tensor], data_parallel_sharded: bool) -> None:
+        if self.log_num_zeros_in_grad:
+            self.num_zeros_in_grad = count_zeros_fp32(mains, self.ps, data_parallel_sharded)
+
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None]:
         """Apply one update. Returns ``(updated, grad_norm)``; ``(False, None)`` when an fp16
@@ -276,6 +284,7 @@ class MegatronOptimizer:
                 return False, None
         grad_norm = get_grad_norm_fp32(self.main_params, self.ps)
         self._check_norm(grad_norm)
+        self._count_zeros(self.main_params, data_parallel_sharded=False)
         self._clip_and_step(self.main_params, grad_norm)
         written = getattr(self.optimizer, "model_copies_written", ())  # by TritonAdamW's pass
         pairs = [(p, m) for p, m in zip(self.model_params, self.main_params)
@@ -367,7 +376,8 @@ def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
                   clip_grad=args.clip_grad, grad_scaler=build_grad_scaler(args),
                   parallel_state=ps,
                   check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True),
-                  moment_dtypes=moment_dtypes_from_args(args))
+                  moment_dtypes=moment_dtypes_from_args(args),
+                  log_num_zeros_in_grad=bool(getattr(args, "log_num_zeros_in_grad", False)))
     if dist_opt:
         return DistributedOptimizer(get_param_groups(chunks), grad_sync, **kwargs)
     return MegatronOptimizer(get_param_groups(chunks), grad_sync=grad_sync, **kwargs)

@@ -34,7 +34,8 @@ def format_train_line(iteration: int, train_iters: int, consumed_samples: int,
                       elapsed_ms: float, lr: float, global_batch_size: int,
                       losses: dict[str, float], grad_norm: float | None,
                       tokens_per_sec: float, mfu: float | None, loss_scale: float | None = None,
-                      params_norm: float | None = None, skipped: int = 0, nan: int = 0) -> str:
+                      params_norm: float | None = None, skipped: int = 0, nan: int = 0,
+                      num_zeros: float | None = None) -> str:
     """One training log line; ``losses`` are printed in order (``lm loss`` first)."""
     s = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
     s += f" iteration {iteration:8d}/{train_iters:8d} |"
@@ -48,6 +49,8 @@ def format_train_line(iteration: int, train_iters: int, consumed_samples: int,
         s += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         s += f" grad norm: {grad_norm:.3f} |"
+    if num_zeros is not None:
+        s += f" num zeros: {num_zeros:.1f} |"
     if params_norm is not None:
         s += f" params norm: {params_norm:.3f} |"
     s += f" tokens per sec: {tokens_per_sec:.1f} |"

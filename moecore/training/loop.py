@@ -271,7 +271,8 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     lm_loss = _reported_loss(store, ps, device)
     timer.mark("other")
     return {"lm loss": lm_loss.detach(), "grad_norm": grad_norm, "updated": updated,
-            "lr": optimizer.param_groups[0]["lr"], "timer": timer}
+            "lr": optimizer.param_groups[0]["lr"], "timer": timer,
+            "num_zeros": getattr(optimizer, "num_zeros_in_grad", None) if updated else None}
 
 
 @torch.no_grad()

@@ -20,6 +20,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+
+def _zeros(pending: dict) -> tuple:
+    """The iteration's zero-gradient count (``--log-num-zeros-in-grad``), if it has one."""
+    return () if pending.get("num_zeros") is None else (pending["num_zeros"],)
+
 class RunState:
     """Everything about a run that changes per iteration and is not model/optimizer state."""
 
@@ -91,6 +96,7 @@ class RunState:
         self._iters = 0
         self._sums: dict[str, float] = {}
         self._grad_norm = None
+        self._num_zeros = None
         self._skipped = self._nan = 0
         self._phase_ms: dict[str, float] = {}
         self._pending: list[dict] = []
@@ -132,7 +138,7 @@ class RunState:
         self._pending.append({"iteration": self.iteration, "loss": out["lm loss"],
                               "moe": self._moe_losses(), "grad_norm": out["grad_norm"],
                               "lr": out["lr"], "updated": out["updated"],
-                              "timer": out.get("timer")})
+                              "timer": out.get("timer"), "num_zeros": out.get("num_zeros")})
         log = self.iteration % a.log_interval == 0
         write = bool(a.tensorboard_log_interval and self.writers.active
                      and self.iteration % a.tensorboard_log_interval == 0)
@@ -149,14 +155,16 @@ class RunState:
         """Turn the pending iterations' device values into floats (one device-to-host copy) and
         book them: interval sums, NaN count, phase times, history, metric writers."""
         pending, self._pending = self._pending, []
-        values = [v for p in pending for v in (p["loss"], *p["moe"].values())]
-        tensors = [v.detach().float().reshape(()) for v in values if torch.is_tensor(v)]
+        values = [v for p in pending for v in (p["loss"], *p["moe"].values(), *_zeros(p))]
+        # fp64: exact for the losses and for zero counts past 2^24
+        tensors = [v.detach().double().reshape(()) for v in values if torch.is_tensor(v)]
         host = iter(torch.stack(tensors).tolist() if tensors else [])
         floats = iter([next(host) if torch.is_tensor(v) else float(v) for v in values])
         a, h = self.args, self.history
         for p in pending:
             loss = next(floats)
             moe = {k: next(floats) for k in p["moe"]}
+            zeros = [next(floats) for _ in _zeros(p)]
             if not p["updated"]:
                 self._skipped += 1
             if not math.isfinite(loss):
@@ -165,6 +173,8 @@ class RunState:
                 for k, v in {"lm loss": loss, **moe}.items():
                     self._sums[k] = self._sums.get(k, 0.0) + v
             self._grad_norm = p["grad_norm"]
+            if zeros:
+                self._num_zeros = zeros[0]
             if p["timer"] is not None:  # its events are complete: synchronised above
                 for k, v in p["timer"].elapsed_ms().items():
                     self._phase_ms[k] = self._phase_ms.get(k, 0.0) + v
@@ -174,14 +184,17 @@ class RunState:
             h["lr"].append(p["lr"])
             h["moe_losses"].append(moe)
             if a.tensorboard_log_interval and p["iteration"] % a.tensorboard_log_interval == 0:
-                self._write_scalars(p["iteration"], loss, p, moe)
+                self._write_scalars(p["iteration"], loss, p, moe, zeros)
 
-    def _write_scalars(self, iteration: int, loss: float, p: dict, moe: dict) -> None:
+    def _write_scalars(self, iteration: int, loss: float, p: dict, moe: dict,
+                       zeros: list[float]) -> None:
         vals = {"lm loss": loss, "learning-rate": p["lr"],
                 "batch-size": self.args.global_batch_size,
                 **{f"moe/{k}": v for k, v in moe.items()}}
         if p["grad_norm"] is not None:
             vals["grad-norm"] = p["grad_norm"]
+        if zeros:
+            vals["num-zeros"] = zeros[0]
         if self.args.fp16 and self.args.log_loss_scale_to_tensorboard:
             vals["loss-scale"] = float(self.optimizer.get_loss_scale().item())
         self.writers.scalars(vals, iteration)
@@ -202,7 +215,8 @@ class RunState:
             self.iteration, a.train_iters, self.consumed_train_samples, ms, lr,
             a.global_batch_size, losses, self._grad_norm, tok_s, util,
             loss_scale=float(self.optimizer.get_loss_scale().item()) if a.fp16 else None,
-            params_norm=params_norm, skipped=self._skipped, nan=self._nan))
+            params_norm=params_norm, skipped=self._skipped, nan=self._nan,
+            num_zeros=self._num_zeros))
         self.history["tokens_per_sec"].append(tok_s)
         self.history["mfu"].append(util)
         # Per-iteration means over the interval (GPU timeline of each phase; {} off CUDA).
