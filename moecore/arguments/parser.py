@@ -45,9 +45,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--fp32-residual-connection": "fp32 residual stream",
     "--use-checkpoint-args": "overriding args from a checkpoint",
     "--async-save": "asynchronous checkpoint saves",
-    "--train-data-path": "separate per-split data paths (use --data-path with --split)",
-    "--valid-data-path": "separate per-split data paths (use --data-path with --split)",
-    "--test-data-path": "separate per-split data paths (use --data-path with --split)",
     "--reset-position-ids": "per-document position ids",
     "--reset-attention-mask": "per-document attention masks",
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
@@ -345,6 +342,10 @@ def _add_data_args(p):
     g.add_argument("--data-path", nargs="*", default=None,
                    help="A prefix, or weight/prefix pairs 'w1 p1 w2 p2'.")
     g.add_argument("--split", default=None, help="train,valid,test proportions; '969,30,1'.")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=None,
+                       help=f"The {split} split from its own prefix or weight/prefix pairs (all "
+                            "of their documents; instead of --data-path and --split).")
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--eod-mask-loss", action="store_true")

@@ -274,8 +274,17 @@ def _validate_precision_and_data(args) -> None:
                          "use --bf16 or fp32 on CPU")
     _validate_precision_aware_optimizer(args)
     _validate_profiling(args)
-    if not args.mock_data and not args.data_path:
-        raise ValueError("pass --data-path PREFIX (or weight/prefix pairs) or --mock-data")
+    per_split = [f"--{s}-data-path" for s in ("train", "valid", "test")
+                 if getattr(args, f"{s}_data_path")]
+    if per_split and (args.data_path or args.mock_data):
+        raise ValueError(f"{' / '.join(per_split)} replace --data-path and --split (and "
+                         "--mock-data); pass one or the other")
+    if per_split and not args.train_data_path:
+        raise ValueError(f"{' / '.join(per_split)} given without --train-data-path; pass the "
+                         "training data too")
+    if not args.mock_data and not args.data_path and not per_split:
+        raise ValueError("pass --data-path PREFIX (or weight/prefix pairs), --train-data-path "
+                         "(with --valid-data-path / --test-data-path), or --mock-data")
     if args.tokenizer_type is None and not (args.mock_data and args.vocab_size):
         raise ValueError("pass --tokenizer-type (with --tokenizer-model/--vocab-file) or, with "
                          "--mock-data, --vocab-size")

@@ -154,3 +154,30 @@ def build_train_valid_test_datasets(
             )
         blended.append(BlendedDataset(components, weights, size, seed))
     return tuple(blended)
+
+
+def build_per_split_datasets(
+    paths: Sequence[list[str] | None],
+    seq_length: int,
+    train_valid_test_num_samples: Sequence[int],
+    seed: int,
+    eod_token: int,
+    eod_mask_loss: bool = False,
+) -> tuple[torch.utils.data.Dataset | None, ...]:
+    """Megatron's ``--train-data-path`` / ``--valid-data-path`` / ``--test-data-path``: each
+    split from its own prefix or weight/prefix list, using every document of it (no
+    ``--split``); a split without a path (or asked for 0 samples) is None."""
+    if len(paths) != 3:
+        raise ValueError(f"paths needs (train, valid, test) entries, got {len(paths)}")
+    out = []
+    for s, path in enumerate(paths):
+        count = int(train_valid_test_num_samples[s])
+        if not path or count == 0:
+            out.append(None)
+            continue
+        only = [0, 0, 0]
+        only[s] = count
+        whole = ",".join("1" if i == s else "0" for i in range(3))  # every document to split s
+        out.append(build_train_valid_test_datasets(
+            path, whole, seq_length, only, seed, False, None, eod_token, eod_mask_loss)[s])
+    return tuple(out)

@@ -10,7 +10,12 @@ from torch import nn
 
 from moecore.arguments import transformer_config_from_args
 from moecore.config import TransformerConfig
-from moecore.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
+from moecore.data import (
+    build_data_loader,
+    build_per_split_datasets,
+    build_tokenizer,
+    build_train_valid_test_datasets,
+)
 from moecore.data.tokenizers import vocab_size_with_padding
 from moecore.parallel_state import ParallelState
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
@@ -126,6 +131,10 @@ def train_valid_test_num_samples(args) -> tuple[int, int, int]:
 
 
 def build_datasets(args, tokenizer):
+    if getattr(args, "train_data_path", None):
+        return build_per_split_datasets(
+            [args.train_data_path, args.valid_data_path, args.test_data_path], args.seq_length,
+            train_valid_test_num_samples(args), args.seed, tokenizer.eod, args.eod_mask_loss)
     return build_train_valid_test_datasets(
         args.data_path, args.split, args.seq_length, train_valid_test_num_samples(args),
         args.seed, args.mock_data, tokenizer.vocab_size, tokenizer.eod, args.eod_mask_loss)

@@ -225,3 +225,44 @@ def test_data_loader_dp_slices_and_resume():
         build_data_loader(ds, mbs, 53, 0, dp)
     with pytest.raises(ValueError, match="data_parallel_rank=3"):
         build_data_loader(ds, mbs, 0, 3, dp)
+
+
+def test_per_split_data_paths(tmp_path):
+    """--train-data-path / --valid-data-path / --test-data-path: each split reads every document
+    of its own prefixes; a split without a path is None."""
+    from moecore.data import build_per_split_datasets
+
+    a = _make_indexed(tmp_path, "a", 120, seed=5)
+    b = _make_indexed(tmp_path, "b", 40, seed=6)
+    c = _make_indexed(tmp_path, "c", 60, seed=7)
+    train, valid, test = build_per_split_datasets(
+        [["0.25", a, "0.75", c], [b], None], 16, (40, 6, 3), seed=1, eod_token=EOD)
+    assert test is None
+    assert isinstance(train, BlendedDataset) and len(train) == 40
+    assert [d.documents.tolist() for d in train.datasets] == [list(range(120)),
+                                                             list(range(60))]
+    assert isinstance(valid, GPTDataset) and len(valid) >= 6
+    assert valid.documents.tolist() == list(range(40))
+    assert build_per_split_datasets([[a], [b], [c]], 16, (5, 0, 2), 1, EOD)[1] is None
+
+
+def test_per_split_data_path_flags(tmp_path, capsys):
+    from moecore.arguments import parse_args
+    from moecore.training import pretrain
+    from tests.cli import BASE, parse_error
+
+    a = _make_indexed(tmp_path, "a", 300, seed=8, vocab=90)
+    b = _make_indexed(tmp_path, "b", 50, seed=9, vocab=90)
+    no_mock = [x for x in BASE if x != "--mock-data"]
+    argv = no_mock + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
+                      "--train-data-path", a, "--valid-data-path", b, "--eval-interval", "5",
+                      "--eval-iters", "1", "--train-iters", "5"]
+    out = pretrain(argv)
+    assert len(out["lm_loss"]) == 5 and set(out["val_loss"]) == {5}
+    assert out["test_loss"] is None
+    assert "replace --data-path" in parse_error(no_mock + ["--data-path", a,
+                                                           "--train-data-path", a], capsys)
+    assert "replace --data-path" in parse_error(BASE + ["--train-data-path", a], capsys)
+    assert "without --train-data-path" in parse_error(no_mock + ["--valid-data-path", b],
+                                                      capsys)
+    assert parse_args(argv).train_data_path == [a]
