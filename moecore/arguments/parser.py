@@ -40,7 +40,7 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--heterogeneous-layers-config-path": "heterogeneous layers",
     "--rampup-batch-size": "batch-size ramp-up", "--window-size": "sliding-window attention",
     "--data-parallel-random-init": "per-DP-rank random init",
-    "--init-method-xavier-uniform": "Xavier init", "--decoupled-lr": "decoupled embedding LR",
+    "--init-method-xavier-uniform": "Xavier init",
     "--apply-query-key-layer-scaling": "QK layer scaling",
     "--fp32-residual-connection": "fp32 residual stream",
     "--use-checkpoint-args": "overriding args from a checkpoint",
@@ -237,6 +237,11 @@ def _add_learning_rate_args(p):
     g.add_argument("--lr-warmup-samples", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="Peak learning rate of the embedding and output-layer weights (their "
+                        "own param groups, same schedule); default: --lr.")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="Their minimum learning rate; default: --min-lr.")
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
                    action="store_true", dest="override_opt_param_scheduler")
     g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",

@@ -198,7 +198,21 @@ def _validate_pipeline_and_ddp(args) -> None:
         raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
 
 
+def _validate_decoupled_lr(args) -> None:
+    if args.decoupled_lr is None:
+        if args.decoupled_min_lr is not None:
+            raise ValueError("--decoupled-min-lr needs --decoupled-lr (the embedding and "
+                             "output-layer peak learning rate); pass it or drop the flag")
+        return
+    low = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
+    if not 0.0 <= low <= args.decoupled_lr or args.lr_warmup_init > args.decoupled_lr:
+        raise ValueError(f"--decoupled-lr {args.decoupled_lr} must be >= its minimum ({low}, "
+                         "--decoupled-min-lr or --min-lr) and the warmup start "
+                         f"(--lr-warmup-init {args.lr_warmup_init}), all >= 0")
+
+
 def _validate_batch_and_schedule(args) -> None:
+    _validate_decoupled_lr(args)
     if args.micro_batch_size is None:
         raise ValueError("--micro-batch-size is required")
     dp, mbs = args.data_parallel_size, args.micro_batch_size

@@ -149,6 +149,10 @@ class GPTModel(nn.Module):
                 skip_weight_param_allocation=share_embeddings_and_output_weights and pre_process)
         if share_embeddings_and_output_weights:
             self._sync_shared_weight()
+        for weight in (self.embedding.word_embeddings.weight if pre_process else None,
+                       None if self.output_layer is None else self.output_layer.weight):
+            if weight is not None:  # --decoupled-lr's parameters (Megatron's marker)
+                weight.is_embedding_or_output_parameter = True
 
     # ---- tied embeddings ----------------------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:

@@ -35,24 +35,41 @@ _PARAM_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride",
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def get_param_groups(model: nn.Module | list[nn.Module]) -> list[dict]:
-    """Megatron's two groups: weight decay on matrices, none on biases and norm weights.
+def get_param_groups(model: nn.Module | list[nn.Module], decoupled_lr: float | None = None,
+                     decoupled_min_lr: float | None = None) -> list[dict]:
+    """Megatron's groups: weight decay on matrices, none on biases and norm weights.
 
     A parameter gets no decay when its name ends in ``.bias`` or it is 1-D. Each group has
-    ``wd_mult`` (1 or 0) and ``lr_mult`` (1) read by :class:`OptimizerParamScheduler`.
+    ``wd_mult`` (1 or 0) and ``lr_mult`` (1) read by :class:`OptimizerParamScheduler`. With
+    ``decoupled_lr`` (``--decoupled-lr``) the embedding and output-layer weights
+    (``is_embedding_or_output_parameter``) form their own groups, scheduled from that peak to
+    ``decoupled_min_lr`` (default: the scheduler's ``min_lr``) instead (``max_lr``/``min_lr``
+    keys); the other groups come first.
     """
     modules = model if isinstance(model, (list, tuple)) else [model]
-    decay, no_decay = [], []
+    buckets: dict[tuple[bool, bool], list] = {}
     for m in modules:
         for name, p in m.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+            decoupled = decoupled_lr is not None and getattr(
+                p, "is_embedding_or_output_parameter", False)
+            no_decay = name.endswith(".bias") or p.dim() == 1
+            buckets.setdefault((decoupled, no_decay), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"})
-    if no_decay:
-        groups.append({"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "name": "no_decay"})
+    for decoupled in (False, True):
+        for no_decay in (False, True):
+            params = buckets.get((decoupled, no_decay))
+            if not params:
+                continue
+            group = {"params": params, "wd_mult": 0.0 if no_decay else 1.0, "lr_mult": 1.0,
+                     "name": ("no_decay" if no_decay else "decay")
+                     + ("_decoupled" if decoupled else "")}
+            if decoupled:
+                group["max_lr"] = decoupled_lr
+                if decoupled_min_lr is not None:
+                    group["min_lr"] = decoupled_min_lr
+            groups.append(group)
     return groups
 
 
@@ -378,6 +395,8 @@ def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
                   check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True),
                   moment_dtypes=moment_dtypes_from_args(args),
                   log_num_zeros_in_grad=bool(getattr(args, "log_num_zeros_in_grad", False)))
+    groups = get_param_groups(chunks, getattr(args, "decoupled_lr", None),
+                              getattr(args, "decoupled_min_lr", None))
     if dist_opt:
-        return DistributedOptimizer(get_param_groups(chunks), grad_sync, **kwargs)
-    return MegatronOptimizer(get_param_groups(chunks), grad_sync=grad_sync, **kwargs)
+        return DistributedOptimizer(groups, grad_sync, **kwargs)
+    return MegatronOptimizer(groups, grad_sync=grad_sync, **kwargs)
