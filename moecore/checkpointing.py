@@ -19,6 +19,11 @@ depend on the data-parallel size: a run saved at DP=4 resumes at DP=2 (same tp/p
 Atomicity: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 renames it to
 ``iter_XXXXXXX/`` and only then replaces the tracker file (write to a temp file + rename). A
 crash at any point leaves the previous checkpoint and tracker untouched.
+
+``--async-save``: the state is copied to host memory (training may then change the model) and
+each writer writes its file in a background thread while training goes on; the barrier, the
+rename and the tracker follow in :func:`finalize_async_save`, which the next save and the end
+of training call on every rank. Until then the previous checkpoint stays the latest one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import torch
@@ -157,17 +163,95 @@ def _replace_tracker(root: str, iteration: int) -> None:
 
 
 # ---- save ------------------------------------------------------------------------------------
+class _AsyncSave:
+    """A save whose file is being written by a background thread (``--async-save``)."""
+
+    def __init__(self, root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: bool,
+                 state, path):
+        self.root, self.iteration, self.tmp_dir, self.final_dir = root, iteration, tmp_dir, \
+            final_dir
+        self.is_root = is_root
+        self.error: BaseException | None = None
+        self.thread = None
+        if state is not None:
+            self.thread = threading.Thread(target=self._write, args=(state, path),
+                                           name=f"moecore-save-{iteration}", daemon=True)
+            self.thread.start()
+
+    def _write(self, state, path) -> None:
+        try:
+            _write_file(state, path)
+        except BaseException as e:  # noqa: BLE001 - re-raised by finalize_async_save
+            self.error = e
+
+
+_PENDING: _AsyncSave | None = None
+
+
+def _to_host(obj):
+    """A copy of ``obj`` with every tensor in host memory (device tensors copied, host tensors
+    cloned), so training can go on changing the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def finalize_async_save() -> None:
+    """Complete a pending ``--async-save`` (collective: every rank calls it at the same point):
+    wait for this rank's file, then make the checkpoint the latest as a synchronous save does.
+    A write that failed raises here, and the previous checkpoint stays the latest."""
+    global _PENDING
+    pending, _PENDING = _PENDING, None
+    if pending is None:
+        return
+    if pending.thread is not None:
+        pending.thread.join()
+    failed = _all_gather(pending.error is not None)
+    if any(failed):
+        raise CheckpointError(
+            f"--async-save of iteration {pending.iteration} to {pending.root} failed on ranks "
+            f"{[r for r, f in enumerate(failed) if f]} (this rank: {pending.error!r}); the "
+            "latest complete checkpoint is still the previous one") from pending.error
+    _publish(pending.root, pending.iteration, pending.tmp_dir, pending.final_dir,
+             pending.is_root)
+
+
+def _publish(root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: bool) -> None:
+    """After every shard is written: rank 0 (``is_root``) renames the iteration directory into
+    place, then the tracker (collective)."""
+    _barrier()
+    if is_root:
+        if os.path.exists(final_dir):  # saving an iteration again (e.g. after a resume)
+            old = final_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final_dir, old)
+            os.rename(tmp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, final_dir)
+        _fsync_dir(root)
+        _replace_tracker(root, iteration)
+    _barrier()
+
+
 def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimizer, scheduler, args,
                     data_state: dict | None = None,
                     parallel_state: ParallelState | None = None) -> str:
     """Save this rank's shard of iteration ``iteration`` under ``args.save`` (collective).
 
     ``data_state``: ``{"consumed_train_samples": int, "consumed_valid_samples": int}``.
-    ``args.no_save_optim`` / ``args.no_save_rng`` leave those parts out. Returns the iteration
-    directory.
+    ``args.no_save_optim`` / ``args.no_save_rng`` leave those parts out. With
+    ``args.async_save`` the file is written in the background and the save completes at the next
+    :func:`finalize_async_save` (the next save calls it first). Returns the iteration directory.
     """
     from moecore.arguments import args_to_dict
 
+    global _PENDING
+    finalize_async_save()
     ps = parallel_state or get_parallel_state()
     chunks = _chunks(model)
     root = args.save
@@ -206,20 +290,16 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
             state["rng_state"] = [rng for _, rng in sharers]
         shard_dir = os.path.join(tmp_dir, shard_dirname(ps))
         os.makedirs(shard_dir, exist_ok=True)
-        _write_file(state, os.path.join(shard_dir, CHECKPOINT_FILENAME))
-    _barrier()
-    if ps.rank == 0:
-        if os.path.exists(final_dir):  # saving an iteration again (e.g. after a resume)
-            old = final_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final_dir, old)
-            os.rename(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        path = os.path.join(shard_dir, CHECKPOINT_FILENAME)
+        if getattr(args, "async_save", False):
+            state = _to_host(state)  # blocking copies: the live tensors may change after this
         else:
-            os.rename(tmp_dir, final_dir)
-        _fsync_dir(root)
-        _replace_tracker(root, iteration)
-    _barrier()
+            _write_file(state, path)
+    if getattr(args, "async_save", False):
+        _PENDING = _AsyncSave(root, iteration, tmp_dir, final_dir, ps.rank == 0,
+                              state if is_writer else None, path if is_writer else None)
+        return final_dir
+    _publish(root, iteration, tmp_dir, final_dir, ps.rank == 0)
     return final_dir
 
 

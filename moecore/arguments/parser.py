@@ -44,7 +44,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--apply-query-key-layer-scaling": "QK layer scaling",
     "--fp32-residual-connection": "fp32 residual stream",
     "--use-checkpoint-args": "overriding args from a checkpoint",
-    "--async-save": "asynchronous checkpoint saves",
     "--reset-position-ids": "per-document position ids",
     "--reset-attention-mask": "per-document attention masks",
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
@@ -252,6 +251,10 @@ def _add_checkpointing_args(p):
     g = p.add_argument_group(title="checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--async-save", action="store_true",
+                   help="Copy the state to host memory and write checkpoint files in the "
+                        "background while training goes on; a save becomes the latest at the "
+                        "next save or at the end of training.")
     g.add_argument("--no-save-optim", action="store_true", default=None)
     g.add_argument("--no-save-rng", action="store_true", default=None)
     g.add_argument("--load", default=None)

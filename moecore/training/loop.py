@@ -15,7 +15,7 @@ from torch import nn
 
 from moecore import parallel_state as mpu
 from moecore.arguments import parse_args
-from moecore.checkpointing import load_checkpoint, save_checkpoint
+from moecore.checkpointing import finalize_async_save, load_checkpoint, save_checkpoint
 from moecore.moe.losses import MoELossTracker
 from moecore.optimizer import (
     MegatronOptimizer,
@@ -373,11 +373,13 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
     """Iterate to ``--train-iters``; True when an exit condition stopped the run early."""
     profiler = TrainingProfiler(args) if args.profile or args.record_memory_history else None
     try:
-        return _train_iterations(run, model, optimizer, scheduler, train_it, valid_it, args,
-                                 ps, graphs, profiler)
+        exited = _train_iterations(run, model, optimizer, scheduler, train_it, valid_it, args,
+                                   ps, graphs, profiler)
     finally:
         if profiler is not None:
             profiler.close()
+    finalize_async_save()  # --async-save: the last checkpoint becomes the latest (collective)
+    return exited
 
 
 def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,

@@ -164,6 +164,47 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
                                             "latest_checkpointed_iteration.txt"]
 
 
+def test_async_save_snapshots_now_publishes_at_finalize(tmp_path):
+    """--async-save: the file holds the state at the save call though training goes on, and the
+    checkpoint becomes the latest only at finalize_async_save (or the next save)."""
+    model_parallel_seed(3)
+    model, opt, sched = make(dtype=torch.bfloat16)
+    step(model, opt, sched)
+    save_checkpoint(1, model, opt, sched, args_for(tmp_path))
+    step(model, opt, sched)
+    saved = params(model)
+    save_checkpoint(2, model, opt, sched, args_for(tmp_path, async_save=True),
+                    {"consumed_train_samples": 8})
+    losses = [step(model, opt, sched) for _ in range(2)]  # changes the live tensors
+    assert read_tracker(str(tmp_path)) == 1  # not published yet
+    ckpt.finalize_async_save()
+    assert read_tracker(str(tmp_path)) == 2
+    ckpt.finalize_async_save()  # nothing pending: a no-op
+    model_parallel_seed(999)
+    model2, opt2, sched2 = make(dtype=torch.bfloat16, seed=4)
+    assert load_checkpoint(model2, opt2, sched2, args_for(tmp_path))["iteration"] == 2
+    assert all(torch.equal(v, saved[k]) for k, v in params(model2).items())
+    assert [step(model2, opt2, sched2) for _ in range(2)] == losses  # RNG and optimizer too
+    save_checkpoint(3, model, opt, sched, args_for(tmp_path, async_save=True))
+    save_checkpoint(4, model, opt, sched, args_for(tmp_path))  # finalizes 3 first
+    assert read_tracker(str(tmp_path)) == 4 and (tmp_path / "iter_0000003").is_dir()
+
+
+def test_async_save_failure_raises_at_finalize_and_keeps_the_previous(tmp_path, monkeypatch):
+    model_parallel_seed(4)
+    model, opt, sched = make()
+    save_checkpoint(1, model, opt, sched, args_for(tmp_path))
+
+    def broken(obj, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "_write_file", broken)
+    save_checkpoint(2, model, opt, sched, args_for(tmp_path, async_save=True))
+    with pytest.raises(CheckpointError, match="iteration 2.*disk full.*previous one"):
+        ckpt.finalize_async_save()
+    assert read_tracker(str(tmp_path)) == 1 and not (tmp_path / "iter_0000002").exists()
+
+
 def test_corrupt_missing_and_mismatched_checkpoints_fail_clearly(tmp_path):
     model, opt, sched = make()
     save_checkpoint(4, model, opt, sched, args_for(tmp_path))
@@ -205,7 +246,7 @@ class ToyMoE(nn.Module):
         self.expert.expert_parallel = True
 
 
-def _dist_save_load(rank, world_size, path):
+def _dist_save_load(rank, world_size, path, async_save=False):
     from moecore.parallel_state import initialize_model_parallel
 
     ps = initialize_model_parallel(expert_model_parallel_size=2)
@@ -218,8 +259,9 @@ def _dist_save_load(rank, world_size, path):
     sched = OptimizerParamScheduler(opt, 0.0, 1e-2, 0.0, 0, 10, "linear", 0.0, 0.0, 10,
                                     "constant")
     torch.manual_seed(1000 + rank)  # every rank's RNG differs; each must get its own back
-    args = args_for(path)
+    args = args_for(path, async_save=async_save)
     save_checkpoint(7, model, opt, sched, args, {"consumed_train_samples": 70}, ps)
+    ckpt.finalize_async_save()  # collective; a no-op after a synchronous save
     expected = (torch.rand(2), params(model))
     with torch.no_grad():
         for p in model.parameters():
@@ -235,10 +277,28 @@ def _dist_save_load(rank, world_size, path):
             "samples": out["consumed_train_samples"]}
 
 
-def test_four_rank_shards_and_per_rank_rng(tmp_path):
-    res = run_distributed(_dist_save_load, 4, str(tmp_path), timeout=120)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_four_rank_shards_and_per_rank_rng(tmp_path, async_save):
+    res = run_distributed(_dist_save_load, 4, str(tmp_path), async_save, timeout=120)
     for r, out in enumerate(res):
         assert out["same_params"] and out["rng_ok"], r
         assert out["files"] == ["mp_rank_00_000", "mp_rank_00_001"]
         assert out["iteration"] == 7 and out["samples"] == 70
         assert out["rng_ranks"] == ([0, 2] if r % 2 == 0 else [1, 3])
+
+
+def test_pretrain_async_saves_resume_like_sync_saves(tmp_path):
+    from moecore.training import pretrain
+    from tests.cli import BASE
+
+    runs = {}
+    for mode in ("sync", "async"):
+        root = tmp_path / mode
+        argv = BASE + ["--train-iters", "4", "--lr-decay-iters", "6", "--save", str(root),
+                       "--save-interval", "2", "--eval-iters", "0"] + (
+                           ["--async-save"] if mode == "async" else [])
+        pretrain(argv)
+        assert read_tracker(str(root)) == 4 and (root / "iter_0000002").is_dir()
+        resumed = pretrain(argv + ["--train-iters", "6", "--load", str(root)])  # later wins
+        runs[mode] = resumed["lm_loss"]
+    assert len(runs["sync"]) == 2 and runs["async"] == runs["sync"]
