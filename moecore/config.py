@@ -71,6 +71,8 @@ class ModelConfig:
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     init_method_std: float = 0.02
+    # Std of the word and position embeddings' normal init (None: init_method_std).
+    embedding_init_method_std: float | None = None
     apply_residual_connection_post_layernorm: bool = False
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0

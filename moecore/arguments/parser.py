@@ -48,7 +48,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--reset-attention-mask": "per-document attention masks",
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
     "--rotary-seq-len-interpolation-factor": "rope interpolation",
-    "--embedding-init-method-std": "a separate embedding init std",
     "--no-rope-freq": "per-layer no-rope patterns", "--sgd-momentum": "the SGD optimizer",
 }
 
@@ -218,6 +217,9 @@ def _add_initialization_args(p):
     g = p.add_argument_group(title="initialization")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--embedding-init-method-std", type=float, default=None,
+                   help="Std of the word (and learned position) embeddings' normal init; "
+                        "default: --init-method-std.")
 
 
 def _add_learning_rate_args(p):

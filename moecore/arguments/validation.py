@@ -477,6 +477,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         bias_swiglu_fusion=args.bias_swiglu_fusion, apply_rope_fusion=args.apply_rope_fusion,
         attention_backend=args.attention_backend,
         add_qkv_bias=args.add_qkv_bias, init_method_std=args.init_method_std,
+        embedding_init_method_std=args.embedding_init_method_std,
         apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
         rotary_base=float(args.rotary_base), rotary_percent=args.rotary_percent,
         position_embedding_type=args.position_embedding_type, seq_length=args.seq_length,

@@ -46,7 +46,8 @@ class LanguageModelEmbedding(nn.Module):
         self.config = config
         self.tp_group = ps.tp_group
         self.max_sequence_length = max_sequence_length
-        init = init_method_normal(config.init_method_std)
+        std = config.embedding_init_method_std
+        init = init_method_normal(config.init_method_std if std is None else std)
         learned = position_embedding_type == "learned_absolute"
         # Under sequence parallel, one reduce-scatter replaces all-reduce + scatter, as long as
         # nothing (learned positions) must be added to the full sequence first.

@@ -201,3 +201,17 @@ def test_matches_hugging_face_llama_with_documented_qkv_layout():
     with torch.no_grad():
         ref, got = hf(ids).logits, model(ids)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_embedding_init_method_std():
+    """--embedding-init-method-std sets the word and position embeddings' std only."""
+    stds = {}
+    for emb_std in (None, 0.5):
+        torch.manual_seed(0)
+        model = GPTModel(_cfg(hidden_size=64, embedding_init_method_std=emb_std), vocab_size=512,
+                         max_sequence_length=256, position_embedding_type="learned_absolute")
+        stds[emb_std] = {n: p.std().item() for n, p in model.named_parameters()
+                         if n.endswith("embeddings.weight") or n == "output_layer.weight"}
+    for name in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight"):
+        assert abs(stds[None][name] - 0.05) < 0.005 and abs(stds[0.5][name] - 0.5) < 0.05, name
+    assert stds[None]["output_layer.weight"] == stds[0.5]["output_layer.weight"]
