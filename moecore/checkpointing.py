@@ -343,6 +343,28 @@ def _read_shard(path: str, ps: ParallelState) -> dict:
     return state
 
 
+def read_checkpoint_args(root: str) -> dict:
+    """The args saved with ``root``'s latest checkpoint (every shard holds the same), for
+    ``--use-checkpoint-args``."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(f"--use-checkpoint-args: no checkpoint in --load {root} (no "
+                              f"{TRACKER_FILENAME}); drop the flag or point --load at a save")
+    directory = iteration_dir(root, iteration)
+    shards = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    if not shards:
+        raise CheckpointError(f"--use-checkpoint-args: {directory} holds no shard")
+    path = os.path.join(directory, shards[0], CHECKPOINT_FILENAME)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - as _read_shard
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({e!r})") from e
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
+        raise CheckpointError(f"checkpoint file {path} holds no args; it was not saved by "
+                              "pretrain_gpt.py; drop --use-checkpoint-args")
+    return state["args"]
+
+
 def check_model_state(model: nn.Module, saved: dict, path: str) -> None:
     """Raise :class:`CheckpointError` naming the file and parameter on any key/shape mismatch."""
     current = model.state_dict()

@@ -43,7 +43,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--init-method-xavier-uniform": "Xavier init",
     "--apply-query-key-layer-scaling": "QK layer scaling",
     "--fp32-residual-connection": "fp32 residual stream",
-    "--use-checkpoint-args": "overriding args from a checkpoint",
     "--reset-position-ids": "per-document position ids",
     "--reset-attention-mask": "per-document attention masks",
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
@@ -253,6 +252,10 @@ def _add_checkpointing_args(p):
     g = p.add_argument_group(title="checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="Take the model's shape and parallel layout from the args saved with "
+                        "--load's latest checkpoint (overriding these flags); sequence length "
+                        "and tokenizer only where not given.")
     g.add_argument("--async-save", action="store_true",
                    help="Copy the state to host memory and write checkpoint files in the "
                         "background while training goes on; a save becomes the latest at the "

@@ -420,6 +420,35 @@ def _validate_cuda_graph(args) -> None:
                          "(Triton kernels compile and self-check eagerly before a capture)")
 
 
+# Filled from the checkpoint only where the command line left them unset (None).
+_CHECKPOINT_DEFAULTS = ("seq_length", "tokenizer_type", "tokenizer_model", "vocab_file",
+                        "merge_file", "vocab_size")
+
+
+def apply_checkpoint_args(args: argparse.Namespace) -> dict:
+    """``--use-checkpoint-args`` (Megatron's): the model's shape and layout come from the args
+    saved with ``--load``'s latest checkpoint, overriding the command line (the flags
+    ``tools/checkpoint`` prints for a model, :data:`moecore.convert.model_args.MODEL_DESTS` and
+    ``PARALLEL_DESTS``); sequence length and tokenizer fill in only where unset. Returns the
+    values taken."""
+    from moecore.checkpointing import read_checkpoint_args
+    from moecore.convert.model_args import MODEL_DESTS, PARALLEL_DESTS
+
+    if not args.load:
+        raise ValueError("--use-checkpoint-args reads the checkpoint in --load; pass --load DIR")
+    saved = read_checkpoint_args(args.load)
+    taken = {}
+    for dest in MODEL_DESTS + PARALLEL_DESTS + _CHECKPOINT_DEFAULTS:
+        if dest not in saved:
+            continue
+        if dest in _CHECKPOINT_DEFAULTS and getattr(args, dest, None) is not None:
+            continue
+        setattr(args, dest, saved[dest])
+        taken[dest] = saved[dest]
+    args.checkpoint_args_taken = taken
+    return taken
+
+
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Check cross-flag consistency and fill derived values, as Megatron's ``validate_args``.
 
@@ -429,6 +458,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     """
     if world_size is None:
         world_size = int(os.getenv("WORLD_SIZE", "1"))
+    if getattr(args, "use_checkpoint_args", False):
+        apply_checkpoint_args(args)
     _not_supported_yet(args)
     _validate_model_shape(args)
     _validate_precision_and_data(args)

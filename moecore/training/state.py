@@ -84,6 +84,9 @@ class RunState:
                  f"{b['adam_moments']:,}; {kind}; rank {ps.rank})"
                  + (f"; replicated AdamW would hold {b['replicated_total']:,}"
                     if "replicated_total" in b else ""))
+        if getattr(a, "checkpoint_args_taken", None):
+            self.log(" > --use-checkpoint-args: from the checkpoint in --load: " + ", ".join(
+                f"{k}={v}" for k, v in a.checkpoint_args_taken.items()))
         if getattr(a, "noop_flags_given", None):
             self.log(" > accepted for Megatron-LM compatibility, no effect in moecore: "
                      + " ".join(a.noop_flags_given))

@@ -302,3 +302,26 @@ def test_pretrain_async_saves_resume_like_sync_saves(tmp_path):
         resumed = pretrain(argv + ["--train-iters", "6", "--load", str(root)])  # later wins
         runs[mode] = resumed["lm_loss"]
     assert len(runs["sync"]) == 2 and runs["async"] == runs["sync"]
+
+
+def test_use_checkpoint_args_takes_the_saved_model_shape(tmp_path, capsys):
+    from moecore.arguments import parse_args
+    from moecore.training import pretrain
+    from tests.cli import BASE, parse_error
+
+    saved_model = ["--num-layers", "3", "--hidden-size", "48", "--num-attention-heads", "6"]
+    pretrain(BASE + saved_model + ["--train-iters", "2", "--lr-decay-iters", "4", "--save",
+                                   str(tmp_path), "--eval-iters", "0"])
+    resume = BASE + ["--train-iters", "4", "--lr-decay-iters", "4", "--load", str(tmp_path),
+                     "--eval-iters", "0"]  # BASE's own shape: 2 layers, hidden 64, 4 heads
+    with pytest.raises(CheckpointError):
+        pretrain(resume)
+    args = parse_args(resume + ["--use-checkpoint-args"])
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (3, 48, 6)
+    lines = []
+    out = pretrain(resume + ["--use-checkpoint-args"], log=lines.append)
+    assert out["start_iteration"] == 2 and len(out["lm_loss"]) == 2
+    assert any("--use-checkpoint-args" in line and "num_layers=3" in line for line in lines)
+    assert "pass --load DIR" in parse_error(BASE + ["--use-checkpoint-args"], capsys)
+    assert "no checkpoint in --load" in parse_error(
+        BASE + ["--use-checkpoint-args", "--load", str(tmp_path / "nothing")], capsys)
