@@ -158,6 +158,9 @@ class MoEConfig:
     moe_router_fusion: bool | None = None
     # Benchmarking only: route on random logits (straight-through gradient), balanced load.
     moe_router_force_load_balancing: bool = False
+    # Llama-4 style (top-1): scale each token by its routing probability before the experts
+    # and combine unweighted, instead of weighting the expert output.
+    moe_apply_probs_on_input: bool = False
     moe_layer_recompute: bool = False
 
     def _validate_moe(self) -> None:
@@ -186,6 +189,9 @@ class MoEConfig:
             raise ValueError("moe_shared_expert_overlap needs shared experts: set "
                              "moe_shared_expert_intermediate_size (--moe-shared-expert-"
                              "intermediate-size) or drop --moe-shared-expert-overlap")
+        if self.moe_apply_probs_on_input and self.moe_router_topk != 1:
+            raise ValueError(f"moe_apply_probs_on_input needs moe_router_topk=1 (got "
+                             f"{self.moe_router_topk}): one probability scales each token")
         if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
             raise ValueError("moe_router_pre_softmax needs moe_router_score_function='softmax'")
         if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):

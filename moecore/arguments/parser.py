@@ -26,7 +26,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--moe-extended-tp": "deprecated in Megatron; use --expert-tensor-parallel-size",
     "--moe-enable-deepep": "DeepEP dispatch", "--moe-use-upcycling": "dense-to-MoE upcycling",
     "--moe-router-padding-for-fp8": "FP8 training",
-    "--moe-apply-probs-on-input": "probs-before-activation routing",
     "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
     "--delay-wgrad-compute": "delayed wgrad", "--multi-latent-attention": "MLA",
     "--mtp-num-layers": "multi-token prediction",
@@ -399,6 +398,9 @@ def _add_moe_args(p):
     g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
     g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
+    g.add_argument("--moe-apply-probs-on-input", action="store_true",
+                   help="Scale each token by its routing probability before the experts and "
+                        "combine unweighted (Llama 4; needs --moe-router-topk 1).")
     g.add_argument("--moe-router-force-load-balancing", action="store_true",
                    help="Benchmarking only: route on random normal logits (gradients pass "
                         "straight through to the router), so every expert gets ~T*k/E tokens "

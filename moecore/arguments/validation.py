@@ -544,6 +544,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         moe_layer_freq=args.moe_layer_freq, moe_permute_fusion=args.moe_permute_fusion,
         moe_router_fusion=args.moe_router_fusion, moe_layer_recompute=args.moe_layer_recompute,
         moe_router_force_load_balancing=args.moe_router_force_load_balancing,
+        moe_apply_probs_on_input=args.moe_apply_probs_on_input,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,

@@ -76,7 +76,13 @@ class MoELayer(nn.Module):
         elif self.shared_experts is not None:
             shared = self._shared(hidden)
         probs, routing_map = self.router(hidden)
-        tokens, tokens_per_expert = self.token_dispatcher.dispatch(hidden, probs, routing_map)
+        routed = hidden
+        if self.config.moe_apply_probs_on_input:
+            # top-1: the token times its probability goes to the expert, which is combined
+            # with weight 1 (probs' gradient flows through the scaled input)
+            routed = hidden * probs.sum(-1).to(hidden.dtype).view(*hidden.shape[:-1], 1)
+            probs = routing_map.to(probs.dtype)
+        tokens, tokens_per_expert = self.token_dispatcher.dispatch(routed, probs, routing_map)
         expert_out, _ = self.experts(tokens, tokens_per_expert)
         out = self.token_dispatcher.combine(expert_out)
         if overlap is not None:

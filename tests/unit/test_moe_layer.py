@@ -85,3 +85,39 @@ def test_reorder_rows_backward_is_the_inverse_gather():
     y = x.detach().clone().requires_grad_(True)
     y.index_select(0, index).backward(grad)
     assert torch.equal(x.grad, y.grad)
+
+
+def test_apply_probs_on_input_scales_tokens_before_their_expert():
+    """--moe-apply-probs-on-input (top-1): out[t] = expert_e(p_t * x_t), unweighted combine;
+    gradients reach the router through the scaled input."""
+    import pytest
+
+    from moecore.transformer.mlp import apply_activation
+
+    for dispatcher in ("alltoall", "allgather"):
+        cfg = tiny_moe_config(moe_router_topk=1, moe_apply_probs_on_input=True,
+                              moe_token_dispatcher_type=dispatcher, params_dtype=torch.float64,
+                              moe_z_loss_coeff=None, moe_aux_loss_coeff=0.0)
+        torch.manual_seed(0)
+        layer = MoELayer(cfg, layer_number=1, parallel_state=ParallelState.single())
+        x = torch.randn(5, 3, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+        out, _ = layer(x)
+        gy = torch.randn_like(out)
+        out.backward(gy)
+        got = (out.detach(), x.grad, layer.router.weight.grad)
+        x.grad, layer.router.weight.grad = None, None
+
+        probs, routing_map = layer.router(x)
+        flat = x.reshape(-1, cfg.hidden_size)
+        rows = []
+        for t in range(flat.shape[0]):
+            e = int(routing_map[t].nonzero())
+            h = (flat[t] * probs[t, e]) @ layer.experts.weight1[e]
+            rows.append(apply_activation(cfg, h) @ layer.experts.weight2[e])
+        ref = torch.stack(rows).view_as(out)
+        ref.backward(gy)
+        torch.testing.assert_close(got[0], ref.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], x.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[2], layer.router.weight.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="needs moe_router_topk=1"):
+        tiny_moe_config(moe_router_topk=2, moe_apply_probs_on_input=True)
