@@ -162,11 +162,13 @@ def _last_stage_mean(store: list[dict], ps: ParallelState, device) -> torch.Tens
     return value
 
 
-def _reported_loss(store: list[dict], ps: ParallelState, device) -> torch.Tensor:
-    """The logged ``lm loss`` (every rank): the data-parallel mean of :func:`_last_stage_mean`,
-    or under ``--calculate-per-token-loss`` (entries with ``tokens``) the loss sum over all
-    micro-batches and data-parallel ranks divided by their token count."""
-    if not (store and "tokens" in store[0]):
+def _reported_loss(store: list[dict], ps: ParallelState, device,
+                   per_token: bool = False) -> torch.Tensor:
+    """The logged ``lm loss`` (every rank, collective): the data-parallel mean of
+    :func:`_last_stage_mean`, or with ``per_token`` (``--calculate-per-token-loss``: entries
+    hold ``tokens``) the loss sum over all micro-batches and data-parallel ranks divided by
+    their token count. Every pipeline stage must pass the same ``per_token``."""
+    if not per_token:
         return _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
     value = torch.zeros(2, dtype=torch.float32, device=device)
     if ps.is_pipeline_last_stage():
@@ -268,7 +270,8 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
                             if isinstance(m, TopKRouter)], ps)
     if updated:
         scheduler.step(increment=args.global_batch_size)
-    lm_loss = _reported_loss(store, ps, device)
+    lm_loss = _reported_loss(store, ps, device,
+                             getattr(args, "calculate_per_token_loss", False))
     timer.mark("other")
     return {"lm loss": lm_loss.detach(), "grad_norm": grad_norm, "updated": updated,
             "lr": optimizer.param_groups[0]["lr"], "timer": timer,
@@ -300,7 +303,8 @@ def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | Non
     MoELossTracker.clear()  # eval forwards must not leak into the next training log
     for c in chunks:
         c.train()
-    mean = _reported_loss(store, ps, device) if num_iters else torch.zeros(())
+    per_token = getattr(args, "calculate_per_token_loss", False)
+    mean = _reported_loss(store, ps, device, per_token) if num_iters else torch.zeros(())
     return {"lm loss": mean.item()}, num_iters * args.global_batch_size
 
 

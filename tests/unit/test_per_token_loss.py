@@ -59,7 +59,7 @@ def test_gradients_are_the_token_weighted_loss_gradients(moe):
     model, batches = model_and_batches(moe)
     store, _ = schedule_grads(model, batches)
     got = {n: model_grad(p).clone() for n, p in model.named_parameters()}
-    loss = loop._reported_loss(store, ParallelState.single(), torch.device("cpu"))
+    loss = loop._reported_loss(store, ParallelState.single(), torch.device("cpu"), True)
 
     ref, _ = model_and_batches(moe)  # the same weights
     tokens = sum(b["loss_mask"].sum() for b in batches)
