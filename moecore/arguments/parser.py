@@ -37,7 +37,7 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--use-legacy-models": "legacy (non-core) models",
     "--is-hybrid-model": "hybrid Mamba models", "--hybrid-override-pattern": "hybrid models",
     "--heterogeneous-layers-config-path": "heterogeneous layers",
-    "--rampup-batch-size": "batch-size ramp-up", "--window-size": "sliding-window attention",
+    "--window-size": "sliding-window attention",
     "--data-parallel-random-init": "per-DP-rank random init",
     "--init-method-xavier-uniform": "Xavier init",
     "--apply-query-key-layer-scaling": "QK layer scaling",
@@ -130,6 +130,10 @@ def _add_regularization_args(p):
 def _add_training_args(p):
     g = p.add_argument_group(title="training")
     g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
+                   metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="Grow the global batch from START by INCREMENT over SAMPLES consumed "
+                        "samples up to --global-batch-size (needs --train-samples).")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Multiple of micro-batch-size x data-parallel size; defaults to their "
                         "product (one micro-batch per step).")

@@ -211,6 +211,22 @@ def _validate_decoupled_lr(args) -> None:
                          f"(--lr-warmup-init {args.lr_warmup_init}), all >= 0")
 
 
+def _validate_rampup(args):
+    """The ramp of ``--rampup-batch-size`` (None without it); every size it passes through
+    must split into micro-batches the schedule takes."""
+    from moecore.training.rampup import rampup_from_args
+
+    ramp = rampup_from_args(args)
+    if ramp is not None and args.virtual_pipeline_model_parallel_size:
+        pp = args.pipeline_model_parallel_size
+        bad = [size for size in ramp.sizes() if (size // ramp.unit) % pp]
+        if bad:
+            raise ValueError(f"--rampup-batch-size passes through global batches {bad}, whose "
+                             "micro-batch counts are not multiples of "
+                             f"--pipeline-model-parallel-size {pp} (interleaved schedule)")
+    return ramp
+
+
 def _validate_batch_and_schedule(args) -> None:
     _validate_decoupled_lr(args)
     if args.micro_batch_size is None:
@@ -233,6 +249,10 @@ def _validate_batch_and_schedule(args) -> None:
             f"--pipeline-model-parallel-size {pp}")
     if (args.train_iters is None) == (args.train_samples is None):
         raise ValueError("pass exactly one of --train-iters and --train-samples")
+    args.final_global_batch_size = args.global_batch_size
+    if args.rampup_batch_size and args.train_samples is None:
+        raise ValueError("--rampup-batch-size needs sample-based training (--train-samples "
+                         "instead of --train-iters), as in Megatron")
     if args.lr is None:
         raise ValueError("--lr is required")
     if args.train_iters is not None:
@@ -252,6 +272,9 @@ def _validate_batch_and_schedule(args) -> None:
         if args.lr_warmup_fraction is not None and args.lr_warmup_samples:
             raise ValueError("pass only one of --lr-warmup-fraction and --lr-warmup-samples")
         args.train_iters = args.train_samples // args.global_batch_size  # Megatron floors
+        ramp = _validate_rampup(args)
+        if ramp is not None:
+            args.train_iters = ramp.train_iters(args.train_samples)
         if args.train_iters < 1:
             raise ValueError(f"--train-samples {args.train_samples} is less than one global "
                              f"batch ({args.global_batch_size})")

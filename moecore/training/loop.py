@@ -29,6 +29,7 @@ from moecore.training import builders, initialize
 from moecore.training.cuda_graph import MicroBatchGraphs
 from moecore.training.logger import print_rank_0
 from moecore.training.profiling import TrainingProfiler
+from moecore.training.rampup import apply_rampup
 from moecore.training.state import RunState
 
 
@@ -132,23 +133,24 @@ class BatchPrefetcher:
         self.ran_out = False
 
     def prefetch(self, n: int) -> None:
-        if self.ready is None and not self.ran_out:
+        if not self.ready and not self.ran_out:
             try:
                 self.ready = _next_batches(self.data_iterator, n, self.device, "")
             except DataRanOut:
                 self.ran_out = True
 
     def take(self, n: int) -> list[dict]:
-        """This iteration's ``n`` micro-batches."""
-        if self.ready is None:
+        """This iteration's ``n`` micro-batches, in data order whatever was prefetched (a batch
+        size ramp-up changes ``n`` between iterations)."""
+        ready, self.ready = self.ready or [], None
+        if len(ready) > n:  # keep the rest, in order, for the next iteration
+            ready, self.ready = ready[:n], ready[n:]
+        if len(ready) < n:
             if self.ran_out:
                 raise DataRanOut(_TRAIN_DATA_RAN_OUT)
-            return _next_batches(self.data_iterator, n, self.device, _TRAIN_DATA_RAN_OUT)
-        batches, self.ready = self.ready, None
-        if len(batches) != n:
-            raise RuntimeError(f"prefetched {len(batches)} micro-batches but the iteration "
-                               f"needs {n}")
-        return batches
+            ready += _next_batches(self.data_iterator, n - len(ready), self.device,
+                                   _TRAIN_DATA_RAN_OUT)
+        return ready
 
 
 def _last_stage_mean(store: list[dict], ps: ParallelState, device) -> torch.Tensor:
@@ -392,6 +394,7 @@ def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, vali
     saved = False
     batches = BatchPrefetcher(train_it, torch.device(args.device))
     while run.iteration < args.train_iters:
+        apply_rampup(args, run.consumed_train_samples)  # --rampup-batch-size: this step's size
         run.iteration_start()
         it = run.iteration + 1
         if profiler is not None:

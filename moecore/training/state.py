@@ -97,6 +97,7 @@ class RunState:
     def _reset_interval(self) -> None:
         self._time = 0.0
         self._iters = 0
+        self._samples = 0  # of the interval's steps (a batch size ramp-up varies them)
         self._sums: dict[str, float] = {}
         self._grad_norm = None
         self._num_zeros = None
@@ -149,6 +150,7 @@ class RunState:
             _sync(a.device)
         self._time += time.perf_counter() - self._t0
         self._iters += 1
+        self._samples += a.global_batch_size
         if flush or log or write:
             self._read_pending()
         if log:
@@ -207,7 +209,7 @@ class RunState:
         ms = 1000.0 * self._time / max(self._iters, 1)
         good = max(self._iters - self._nan, 1)
         losses = {k: v / good for k, v in self._sums.items()}
-        tok_s = self._iters * a.global_batch_size * a.seq_length / max(self._time, 1e-9)
+        tok_s = self._samples * a.seq_length / max(self._time, 1e-9)
         util = mfu_lib.mfu(tok_s, self.flops_per_token, self.ps.sizes.world_size, self.peak)
         params_norm = None
         if a.log_params_norm:

@@ -33,7 +33,18 @@ def test_prefetch_does_not_hide_other_data_errors():
     pf = BatchPrefetcher(broken(), torch.device("cpu"))
     with pytest.raises(OSError, match="corrupt shard"):
         pf.prefetch(2)
-    with pytest.raises(RuntimeError, match="prefetched 2 micro-batches but the iteration"):
-        pf2 = BatchPrefetcher(iter([{"tokens": torch.zeros(2, 3)}] * 2), torch.device("cpu"))
-        pf2.prefetch(2)
-        pf2.take(3)
+
+
+def test_take_serves_a_changing_count_in_data_order():
+    """A batch-size ramp-up asks for more (or fewer) micro-batches than were prefetched: the
+    stream stays in order."""
+    data = iter([{"tokens": torch.full((2, 3), i)} for i in range(8)])
+    pf = BatchPrefetcher(data, torch.device("cpu"))
+    pf.prefetch(2)
+    assert _ids(pf.take(3)) == [0, 1, 2]  # two prefetched, one more fetched now
+    pf.prefetch(3)
+    assert _ids(pf.take(1)) == [3]  # the other two stay for the next step
+    pf.prefetch(3)  # still holds batches: fetches nothing
+    assert _ids(pf.take(4)) == [4, 5, 6, 7]
+    with pytest.raises(DataRanOut, match="training data ran out"):
+        pf.take(1)
