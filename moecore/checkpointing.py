@@ -252,6 +252,7 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
 
     global _PENDING
     finalize_async_save()
+    async_save = getattr(args, "async_save", False)
     ps = parallel_state or get_parallel_state()
     chunks = _chunks(model)
     root = args.save
@@ -291,11 +292,11 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
         shard_dir = os.path.join(tmp_dir, shard_dirname(ps))
         os.makedirs(shard_dir, exist_ok=True)
         path = os.path.join(shard_dir, CHECKPOINT_FILENAME)
-        if getattr(args, "async_save", False):
+        if async_save:
             state = _to_host(state)  # blocking copies: the live tensors may change after this
         else:
             _write_file(state, path)
-    if getattr(args, "async_save", False):
+    if async_save:
         _PENDING = _AsyncSave(root, iteration, tmp_dir, final_dir, ps.rank == 0,
                               state if is_writer else None, path if is_writer else None)
         return final_dir
@@ -331,6 +332,12 @@ def _read_shard(path: str, ps: ParallelState) -> dict:
             f"checkpoint file {path} is missing for rank {ps.rank} (shard "
             f"{shard_dirname(ps)}); the iteration directory holds {shards or 'nothing'}. "
             "Was it saved with different parallel sizes or interrupted?")
+    return _load_file(path)
+
+
+def _load_file(path: str) -> dict:
+    """One shard file's state (CPU tensors); :class:`CheckpointError` when it is unreadable or
+    not a moecore checkpoint."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips, bad pickles, I/O errors
@@ -355,11 +362,8 @@ def read_checkpoint_args(root: str) -> dict:
     if not shards:
         raise CheckpointError(f"--use-checkpoint-args: {directory} holds no shard")
     path = os.path.join(directory, shards[0], CHECKPOINT_FILENAME)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - as _read_shard
-        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({e!r})") from e
-    if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
+    state = _load_file(path)
+    if not isinstance(state.get("args"), dict):
         raise CheckpointError(f"checkpoint file {path} holds no args; it was not saved by "
                               "pretrain_gpt.py; drop --use-checkpoint-args")
     return state["args"]

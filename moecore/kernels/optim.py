@@ -322,7 +322,7 @@ class TritonAdamW(torch.optim.AdamW):
             raise ValueError("TritonAdamW supports neither amsgrad nor maximize")
         for name, dtype in (("exp_avg_dtype", exp_avg_dtype),
                             ("exp_avg_sq_dtype", exp_avg_sq_dtype)):
-            if dtype not in (None, torch.float32, torch.bfloat16):
+            if dtype is not None and dtype not in MOMENT_DTYPES:
                 raise ValueError(f"TritonAdamW {name}={dtype}: the moments are kept in fp32 "
                                  "or bf16")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -29,15 +29,23 @@ from moecore.training import builders, initialize
 from moecore.training.cuda_graph import MicroBatchGraphs
 from moecore.training.logger import print_rank_0
 from moecore.training.profiling import TrainingProfiler
-from moecore.training.rampup import apply_rampup
+from moecore.training.rampup import rampup_from_args
 from moecore.training.state import RunState
 
 
-def _all_reduce_mean(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, ps: ParallelState) -> int:
+    """Sum ``t`` in place over the data-parallel group; returns the group's size."""
     group = ps.group("data_parallel_with_cp")
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-        t /= dist.get_world_size(group)
+    if group is None or dist.get_world_size(group) == 1:
+        return 1
+    dist.all_reduce(t, group=group)
+    return dist.get_world_size(group)
+
+
+def _all_reduce_mean(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    dp = _all_reduce_sum(t, ps)
+    if dp > 1:
+        t /= dp
     return t
 
 
@@ -92,11 +100,7 @@ def _per_token_grad_scale(batches: list[dict], ps: ParallelState, scale_loss: Ca
     the same factor (``set_aux_loss_scale`` calls it), as in Megatron, where every gradient is
     divided by ``N`` in this mode. No host sync: ``N`` stays on the device."""
     tokens = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum()
-    group = ps.group("data_parallel_with_cp")
-    dp = 1
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tokens, group=group)
-        dp = dist.get_world_size(group)
+    dp = _all_reduce_sum(tokens, ps)
     factor = len(batches) * dp / tokens.clamp(min=1.0)
     return lambda t: scale_loss(t) * factor.to(t.device)
 
@@ -178,9 +182,7 @@ def _reported_loss(store: list[dict], ps: ParallelState, device,
                              for d in store]).sum(0)
     if ps.pp_size > 1 and ps.pp_group is not None:
         dist.all_reduce(value, group=ps.pp_group)
-    group = ps.group("data_parallel_with_cp")
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(value, group=group)
+    _all_reduce_sum(value, ps)
     return value[0] / value[1].clamp(min=1.0)
 
 
@@ -393,8 +395,10 @@ def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, vali
     start = time.time()
     saved = False
     batches = BatchPrefetcher(train_it, torch.device(args.device))
+    ramp = rampup_from_args(args)
     while run.iteration < args.train_iters:
-        apply_rampup(args, run.consumed_train_samples)  # --rampup-batch-size: this step's size
+        if ramp is not None:  # --rampup-batch-size: this step's global batch
+            ramp.apply(args, run.consumed_train_samples)
         run.iteration_start()
         it = run.iteration + 1
         if profiler is not None:

@@ -51,6 +51,11 @@ class BatchSizeRampup:
         size = self.start + self.increment * int(consumed_samples / per_increment)
         return min(size, self.global_batch_size)
 
+    def apply(self, args, consumed_samples: int) -> None:
+        """Set ``args.global_batch_size`` / ``args.num_microbatches`` for the next step."""
+        args.global_batch_size = self.global_batch_size_at(consumed_samples)
+        args.num_microbatches = args.global_batch_size // self.unit
+
     def train_iters(self, train_samples: int) -> int:
         """Iterations that ``train_samples`` take (Megatron's ``update_train_iters``): the ramp's
         steps while at most ``samples`` are consumed, then whole full-size batches."""
@@ -68,11 +73,3 @@ def rampup_from_args(args) -> BatchSizeRampup | None:
     start, increment, samples = (int(v) for v in args.rampup_batch_size)
     return BatchSizeRampup(start, increment, samples, args.final_global_batch_size,
                            args.micro_batch_size * args.data_parallel_size)
-
-
-def apply_rampup(args, consumed_samples: int) -> None:
-    """Set ``args.global_batch_size`` / ``args.num_microbatches`` for the next step."""
-    ramp = rampup_from_args(args)
-    if ramp is not None:
-        args.global_batch_size = ramp.global_batch_size_at(consumed_samples)
-        args.num_microbatches = args.global_batch_size // ramp.unit
