@@ -20,10 +20,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-
 def _zeros(pending: dict) -> tuple:
     """The iteration's zero-gradient count (``--log-num-zeros-in-grad``), if it has one."""
     return () if pending.get("num_zeros") is None else (pending["num_zeros"],)
+
 
 class RunState:
     """Everything about a run that changes per iteration and is not model/optimizer state."""
@@ -142,7 +142,8 @@ class RunState:
         self._pending.append({"iteration": self.iteration, "loss": out["lm loss"],
                               "moe": self._moe_losses(), "grad_norm": out["grad_norm"],
                               "lr": out["lr"], "updated": out["updated"],
-                              "timer": out.get("timer"), "num_zeros": out.get("num_zeros")})
+                              "timer": out.get("timer"), "num_zeros": out.get("num_zeros"),
+                              "global_batch_size": a.global_batch_size})
         log = self.iteration % a.log_interval == 0
         write = bool(a.tensorboard_log_interval and self.writers.active
                      and self.iteration % a.tensorboard_log_interval == 0)
@@ -194,7 +195,7 @@ class RunState:
     def _write_scalars(self, iteration: int, loss: float, p: dict, moe: dict,
                        zeros: list[float]) -> None:
         vals = {"lm loss": loss, "learning-rate": p["lr"],
-                "batch-size": self.args.global_batch_size,
+                "batch-size": p["global_batch_size"],  # this step's (a ramp-up varies it)
                 **{f"moe/{k}": v for k, v in moe.items()}}
         if p["grad_norm"] is not None:
             vals["grad-norm"] = p["grad_norm"]
