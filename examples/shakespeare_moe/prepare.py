@@ -1,7 +1,8 @@
 """Turn the tiny-Shakespeare text into a character-level indexed dataset (.bin/.idx).
 
 Source, first that works: ``--input PATH``; ``$SHAKESPEARE_PATH``; the corpus shipped beside a
-moecore checkout (``../shared/data/tinyshakespeare/input.txt``); ``--url`` when online. Prints
+moecore checkout (``../shared/data/tinyshakespeare/input.txt``); a download from ``--url`` (by
+default the char-rnn copy; ``--url ''`` never downloads). Prints
 the data prefix on the last line, or ``MOCK`` (with a message on stderr) when no text is
 reachable, so the caller can fall back to ``--mock-data``.
 
@@ -27,6 +28,7 @@ DEFAULT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/
 
 
 NUM_CHUNKS = 10
+DOWNLOAD_TIMEOUT_S = 20
 
 
 def write_chunks(text: str, path: Path, n: int) -> None:
@@ -51,9 +53,10 @@ def find_text(args) -> Path | None:
         dest = Path(args.out_dir) / "input.txt"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            urllib.request.urlretrieve(args.url, dest)
+            with urllib.request.urlopen(args.url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+                dest.write_bytes(r.read())
             return dest
-        except OSError as e:
+        except OSError as e:  # offline, DNS failure, timeout, HTTP error
             print(f"could not download {args.url}: {e}", file=sys.stderr)
     return None
 
@@ -61,7 +64,8 @@ def find_text(args) -> Path | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--input", help="path to tinyshakespeare input.txt")
-    p.add_argument("--url", default=None, help=f"download URL when online (e.g. {DEFAULT_URL})")
+    p.add_argument("--url", default=DEFAULT_URL,
+                   help="where to download the text when no local copy is found ('' = never)")
     p.add_argument("--out-dir", default=str(REPO / "data" / "shakespeare_char"))
     args = p.parse_args()
     out = Path(args.out_dir)
@@ -72,8 +76,8 @@ def main() -> None:
         return
     text = find_text(args)
     if text is None:
-        print("no Shakespeare text found (pass --input PATH, set SHAKESPEARE_PATH, or --url "
-              "when online); falling back to --mock-data", file=sys.stderr)
+        print("no Shakespeare text found and none could be downloaded (offline?): pass --input "
+              "PATH or set SHAKESPEARE_PATH; training on --mock-data instead", file=sys.stderr)
         print("MOCK")
         return
     out.mkdir(parents=True, exist_ok=True)
