@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
+import time
 import traceback
 
 
@@ -33,7 +35,10 @@ def _worker(fn, rank, world_size, port, args, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Plain pickle bytes, not the queue's own pickler: that one passes tensors as shared-memory
+        # file descriptors, which the parent can fetch only while this process is alive (a rank
+        # that exits first makes the parent's get() fail with "Connection reset by peer").
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -58,8 +63,6 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> list:
         p.start()
     outcomes: dict[int, tuple[str, object]] = {}
     errors: list[str] = []
-    import time
-
     deadline = time.monotonic() + timeout
     while len(outcomes) < world_size:
         remaining = deadline - time.monotonic()
@@ -101,4 +104,4 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> list:
                              f"ranks {missing} did not finish (deadlock?)")
     if errors:
         raise AssertionError("\n".join(errors))
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
