@@ -9,16 +9,17 @@ optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated
     python benchmarks/e2e.py --cuda-graph-impl local # any pretrain_gpt.py flag passes through
     python benchmarks/e2e.py --micro-batch-size 32 --global-batch-size 256 \
         --cuda-graph-impl local --cuda-graph-warmup-steps 2 --iters 6 --log-interval 2
-                                                     # fastest measured (H200, 109 GiB)
+                                                     # fastest on one H200 (109 GiB peak)
     python benchmarks/e2e.py --micro-batch-size 16 --global-batch-size 128 \
         --cuda-graph-impl local --recompute-granularity selective \
         --recompute-modules moe_act layernorm --max-memory-gib 79
                                                      # 67 GiB: room on an 80 GB H100
 
-Model (issue "GPU performance"): hidden 1024, 16 layers, 16 heads, 16 experts top-2, expert
-FFN 2816, seq 2048, bf16, mock data, no dropout (as Mixtral, DeepSeek-MoE and OLMoE pretrain;
-pass ``--attention-dropout 0.1 --hidden-dropout 0.1`` for Megatron's defaults). The first
-``--skip`` logged intervals (warm-up, Triton compilation) are excluded from the reported medians.
+Model: hidden 1024, 16 layers, 16 heads, 16 experts top-2, expert FFN 2816, seq 2048, bf16,
+mock data, no dropout (as Mixtral, DeepSeek-MoE and OLMoE pretrain; pass ``--attention-dropout
+0.1 --hidden-dropout 0.1`` for Megatron's defaults). The first ``--skip`` logged intervals
+(warm-up, Triton compilation) are excluded from the reported medians. Results:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
