@@ -4,7 +4,8 @@ input grads, probability grads and expert-weight grads to running them one after
 
 For the all-gather, all-to-all and IPC dispatchers, dropless (top-k path), with a capacity
 (drop only) and padded to capacity; in one process (EP=1) and on gloo at EP=2 (IPC through
-POSIX shared memory). Also checks the handles are frozen and the dispatcher keeps nothing.
+POSIX shared memory), and at ETP=2 (all-gather, all-to-all). Also checks that the handles are
+frozen and that dispatch leaves the dispatcher as it was.
 """
 
 import dataclasses
@@ -82,8 +83,9 @@ def _param_grads(layer):
     return {n: p.grad.clone() for n, p in layer.experts.named_parameters()}
 
 
-def _check_case(rank: int, world: int, ps: ParallelState, kind: str, overrides: dict):
-    cfg = tiny_moe_config(expert_model_parallel_size=world, expert_tensor_parallel_size=1,
+def _check_case(rank: int, ps: ParallelState, kind: str, overrides: dict):
+    cfg = tiny_moe_config(expert_model_parallel_size=ps.ep_size,
+                          expert_tensor_parallel_size=ps.etp_size,
                           moe_token_dispatcher_type=kind, hidden_size=H, num_moe_experts=E,
                           moe_router_topk=K, **overrides)
     torch.manual_seed(7)
@@ -93,7 +95,7 @@ def _check_case(rank: int, world: int, ps: ParallelState, kind: str, overrides: 
     want_params = _param_grads(layer)
     layer.zero_grad(set_to_none=True)
     got = _in_flight(layer, batches)
-    tag = f"{kind} EP={world} {overrides}"
+    tag = f"{kind} EP={ps.ep_size} ETP={ps.etp_size} {overrides}"
     for mb, (a, b) in enumerate(zip(got, want)):
         for name, x, y in zip(("output", "hidden grad", "probs grad"), a, b):
             assert torch.equal(x, y), f"{name} of micro-batch {mb} differs ({tag})"
@@ -101,21 +103,23 @@ def _check_case(rank: int, world: int, ps: ParallelState, kind: str, overrides: 
         assert torch.equal(g, want_params[name]), f"grad of {name} differs ({tag})"
 
 
-def _check_all(rank: int, world: int, ps: ParallelState) -> bool:
-    for kind in ("allgather", "alltoall", "ipc"):
+def _check_all(rank: int, ps: ParallelState, kinds=("allgather", "alltoall", "ipc")) -> bool:
+    for kind in kinds:
         for overrides in ({}, CAPACITY, PADDED):
-            _check_case(rank, world, ps, kind, overrides)
+            _check_case(rank, ps, kind, overrides)
     peer_buffers.destroy_peer_buffers()
     return True
 
 
 def test_two_micro_batches_in_flight_ep1():
-    assert _check_all(0, 1, ParallelState.single())
+    assert _check_all(0, ParallelState.single())
 
 
 def _world(rank, world):
-    return _check_all(rank, world, build_state(world, tp=1, ep=world, etp=1))
+    return (_check_all(rank, build_state(world, tp=1, ep=world, etp=1))
+            and _check_all(rank, build_state(world, tp=1, ep=1, etp=world),
+                           kinds=("allgather", "alltoall")))
 
 
-def test_two_micro_batches_in_flight_ep2():
+def test_two_micro_batches_in_flight_ep2_and_etp2():
     assert all(run_distributed(_world, 2, timeout=300))

@@ -216,6 +216,8 @@ class MoEIPCTokenDispatcher(MoETokenDispatcher):
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, IPCHandle]:
+        """``hidden`` [T, H], ``probs`` / ``routing_map`` [T, E] -> ``(tokens [N, H],
+        tokens_per_expert [E_l], handle)``; pushes rows to their owners over the EP group."""
         check_dispatch_inputs(hidden, probs, routing_map)
         permuted, tokens_per_expert, plan = self.permute_local(hidden, probs, routing_map)
         if self.local_only:
@@ -226,6 +228,8 @@ class MoEIPCTokenDispatcher(MoETokenDispatcher):
         return tokens, route.tokens_per_local_expert, IPCHandle(plan, route, bufs)
 
     def combine(self, expert_output: torch.Tensor, handle: IPCHandle) -> torch.Tensor:
+        """``expert_output`` [N, H] -> ``[T, H]``: pulls this rank's rows back from their owners
+        (EP group), then the weighted top-k sum of each token's rows."""
         if not self.local_only:
             expert_output = _PullRows.apply(expert_output.contiguous(), handle.route,
                                             handle.bufs, self.options)
