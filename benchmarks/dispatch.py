@@ -128,13 +128,13 @@ def time_exchange(args, experts, name, ps, world, rank, gen):
     probs, routing = random_routing(args, experts, args.device, gen)
 
     def fwd():
-        tokens, _ = disp.dispatch(x, probs, routing)
-        return disp.combine(tokens)
+        tokens, _, handle = disp.dispatch(x, probs, routing)
+        return disp.combine(tokens, handle)
 
     def fwd_bwd():
         xg, pg = x.detach().requires_grad_(True), probs.detach().requires_grad_(True)
-        tokens, _ = disp.dispatch(xg, pg, routing)
-        disp.combine(tokens).backward(dy)
+        tokens, _, handle = disp.dispatch(xg, pg, routing)
+        disp.combine(tokens, handle).backward(dy)
 
     with torch.no_grad():
         fwd_ms = median_ms(fwd, args)

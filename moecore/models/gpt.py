@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import (
     ColumnParallelLinear,
@@ -138,7 +139,8 @@ class GPTModel(nn.Module):
                                                   config.rotary_base)
         self.decoder = TransformerBlock(config, pre_process=pre_process,
                                         post_process=post_process, layer_offset=layer_offset,
-                                        num_layers=num_layers, parallel_state=ps)
+                                        num_layers=num_layers, parallel_state=ps,
+                                        moe_layer=MoELayer)
         self.output_layer = None
         if post_process:
             # With tied weights on a stage that holds the embedding, the head computes with the
@@ -224,8 +226,6 @@ class GPTModel(nn.Module):
         ``active_only`` counts the parameters one token passes through: routed experts weigh
         ``topk / num_experts`` of their size. Collective over the pipeline group when PP > 1.
         """
-        from moecore.moe.layer import MoELayer
-
         expert_ids = {id(p) for m in self.modules() if isinstance(m, MoELayer)
                       for p in m.experts.parameters()}
         ps = self.ps

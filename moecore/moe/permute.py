@@ -13,6 +13,7 @@ reproducible sums (PyTorch then switches ``index_add_`` to a sort-based kernel).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -157,8 +158,9 @@ class TopKPlan:
 
 
 @functools.cache
-def select_combine(device: torch.device):
-    """The combine backend for tensors on ``device`` (chosen once per device, logged once)."""
+def combine_backend(device: torch.device):
+    """The ``moe_combine`` backend :func:`unpermute_topk` runs on ``device`` (chosen once per
+    device, logged once)."""
     return COMBINE.select("auto", device=device)
 
 
@@ -168,7 +170,7 @@ class _CombineRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, permuted, probs_tk, plan: TopKPlan):
-        forward_fn, ctx.backward_fn = select_combine(permuted.device).fn
+        forward_fn, ctx.backward_fn = combine_backend(permuted.device).fn
         ctx.plan = plan
         ctx.save_for_backward(permuted, probs_tk)
         return forward_fn(permuted, plan.slot_rows, probs_tk)
@@ -205,3 +207,45 @@ def unpermute_topk(permuted: torch.Tensor, plan: TopKPlan) -> torch.Tensor:
                           device=permuted.device)
         return _CombineRows.apply(permuted, ones, plan)
     return _CombineRows.apply(permuted, plan.probs, plan)
+
+
+# ---- what the dispatchers call: one of the two paths above, and its inverse ----------------
+
+
+@dataclass(frozen=True)
+class PermutePlan:
+    """How :func:`permute_tokens`'s rows go back to their tokens (what :func:`unpermute_tokens`
+    needs): the top-k ``topk_plan`` when dropless, else ``sorted_indices`` [N] and
+    ``permuted_probs`` [N] (or None) of :func:`permute`; ``num_tokens`` T."""
+
+    num_tokens: int
+    topk_plan: TopKPlan | None = None
+    sorted_indices: torch.Tensor | None = None
+    permuted_probs: torch.Tensor | None = None
+
+
+def permute_tokens(x_TH: torch.Tensor, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor,
+                   topk: int | None = None, capacity: int | None = None,
+                   fusion: bool | None = None):
+    """Rows of ``x_TH`` grouped by expert: ``(rows_NH, tokens_per_expert_E, PermutePlan)``.
+
+    ``topk`` (dropless routing, exactly ``topk`` experts per token) takes the gather/bmm path
+    :func:`permute_topk` (``fusion`` picks its backend); otherwise :func:`permute` with
+    ``capacity`` (None: no padding). Rows are in the same order either way.
+    """
+    if topk is not None:
+        rows_NH, plan, tokens_per_expert = permute_topk(x_TH, routing_map_TE, probs_TE, topk,
+                                                        fusion=fusion)
+        return rows_NH, tokens_per_expert, PermutePlan(x_TH.shape[0], topk_plan=plan)
+    rows_NH, probs_N, sorted_indices, tokens_per_expert = permute(
+        x_TH, routing_map_TE, probs=probs_TE, capacity=capacity)
+    return rows_NH, tokens_per_expert, PermutePlan(x_TH.shape[0], sorted_indices=sorted_indices,
+                                                   permuted_probs=probs_N)
+
+
+def unpermute_tokens(rows_NH: torch.Tensor, plan: PermutePlan) -> torch.Tensor:
+    """Inverse of :func:`permute_tokens`: rows weighted by their probabilities and summed per
+    token, ``[T, H]``."""
+    if plan.topk_plan is not None:
+        return unpermute_topk(rows_NH, plan.topk_plan)
+    return unpermute(rows_NH, plan.sorted_indices, plan.num_tokens, plan.permuted_probs)

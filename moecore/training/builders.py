@@ -17,6 +17,7 @@ from moecore.data import (
     build_train_valid_test_datasets,
 )
 from moecore.data.tokenizers import vocab_size_with_padding
+from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
 
@@ -87,7 +88,7 @@ def _gpt_chunks_as_one_model(config, args, ps: ParallelState, stages: list[dict]
                                        args.max_position_embeddings,
                                        args.position_embedding_type, ps)
             for number in range(cursor + 1, stage["layer_offset"] + 1):
-                TransformerLayer(config, number, parallel_state=ps)
+                TransformerLayer(config, number, parallel_state=ps, moe_layer=MoELayer)
             chunks.append(default_model_provider(config, args, ps, **stage))
             cursor = stage["layer_offset"] + stage["num_layers"]
     return chunks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,11 +44,13 @@ class TransformerBlock(nn.Module):
     ``recompute_granularity='full'`` recomputes whole layers in backward: ``recompute_method``
     ``'uniform'`` (default) checkpoints consecutive chunks of ``recompute_num_layers`` (default 1)
     layers, ``'block'`` checkpoints the first ``recompute_num_layers`` layers of this stage.
+    ``moe_layer`` builds the MLP of MoE layers (see :class:`TransformerLayer`).
     """
 
     def __init__(self, config, pre_process: bool = True, post_process: bool = True,
                  layer_offset: int | None = None, num_layers: int | None = None,
-                 parallel_state: ParallelState | None = None):
+                 parallel_state: ParallelState | None = None,
+                 moe_layer: Callable[..., nn.Module] | None = None):
         super().__init__()
         ps = parallel_state or get_parallel_state()
         self.config = config
@@ -59,7 +62,8 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"recompute_method={config.recompute_method!r} must be one of "
                              f"{RECOMPUTE_METHODS} (or None for 'uniform')")
         self.layers = nn.ModuleList(
-            TransformerLayer(config, self.layer_offset + i + 1, parallel_state=ps)
+            TransformerLayer(config, self.layer_offset + i + 1, parallel_state=ps,
+                             moe_layer=moe_layer)
             for i in range(self.num_layers))
         self.final_layernorm = build_norm(config, config.hidden_size) if post_process else None
         self.input_tensor: torch.Tensor | None = None

@@ -1,9 +1,10 @@
 """One pre-norm transformer layer: attention and an MLP (dense or MoE), each in a residual block.
 
 ``x -> input_layernorm -> self_attention -> dropout -> + x -> pre_mlp_layernorm -> mlp -> dropout
--> + residual``. Whether the MLP is a :class:`MoELayer` is read from
-``config.moe_layer_pattern()[layer_number - 1]`` (``layer_number`` is 1-based and global across
-pipeline stages).
+-> + residual``. Whether the MLP is MoE is read from ``config.moe_layer_pattern()``, indexed by
+``layer_number - 1`` (``layer_number`` is 1-based and global across pipeline stages). The MoE
+module comes from the caller (``moe_layer``: the model passes :class:`moecore.moe.MoELayer`),
+because the MoE package sits above this one (it builds on ``transformer.mlp``).
 
 Where a residual add is plain (no bias, no active hidden dropout, the residual is the pre-norm
 stream) it runs inside the norm that follows it, :meth:`add_and_norm`: the attention add inside
@@ -16,6 +17,8 @@ a block sees ``(residual, mlp_out)`` where the add was deferred; their sum is th
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +41,14 @@ class TransformerLayer(nn.Module):
     ``layernorm`` frees both norm outputs until their consumers' backward (see
     :mod:`moecore.transformer.recompute`); the whole-layer ``full`` recompute lives in
     :class:`TransformerBlock`, which decides which layers to checkpoint.
+
+    ``moe_layer``: builds the MLP of an MoE layer as ``moe_layer(config,
+    layer_number=..., parallel_state=...)`` (``moecore.moe.MoELayer``); needed only when the
+    config makes this layer MoE.
     """
 
-    def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
+    def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None,
+                 moe_layer: Callable[..., nn.Module] | None = None):
         super().__init__()
         if not 1 <= layer_number <= config.num_layers:
             raise ValueError(f"layer_number={layer_number} must be in [1, num_layers="
@@ -54,9 +62,11 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(config, layer_number, parallel_state=ps)
         self.pre_mlp_layernorm = build_norm(config, config.hidden_size)
         if self.is_moe:
-            from moecore.moe.layer import MoELayer  # the MoE package imports transformer.mlp
-
-            self.mlp = MoELayer(config, layer_number=layer_number, parallel_state=ps)
+            if moe_layer is None:
+                raise ValueError(
+                    f"layer {layer_number} is an MoE layer (num_moe_experts, moe_layer_freq) "
+                    "but no moe_layer was given; pass moe_layer=moecore.moe.MoELayer")
+            self.mlp = moe_layer(config, layer_number=layer_number, parallel_state=ps)
         else:
             self.mlp = MLP(config, parallel_state=ps)
 

@@ -83,19 +83,20 @@ def check_dispatch(tokens, tokens_per_expert, rank, world, everyone):
     assert len(set(got)) == len(got) and sorted(got) == sorted(triples)
 
 
-def check_combine(ipc_disp, a2a_disp, tokens, tokens_per_expert, rank, world, mine):
+def check_combine(ipc_disp, a2a_disp, handles, tokens, tokens_per_expert, rank, world, mine):
     """Experts scale each row by (global expert + 1); combine returns exactly the weighted
     sum of what they produced."""
     e_local = E // world
+    ipc_handle, a2a_handle = handles
     expert_of_row = rank * e_local + torch.repeat_interleave(torch.arange(e_local),
                                                              tokens_per_expert)
     expert_out = tokens * (expert_of_row + 1).unsqueeze(1).float()
-    out = ipc_disp.combine(expert_out)
+    out = ipc_disp.combine(expert_out, ipc_handle)
     hidden, probs, _ = mine
     want = hidden * (probs * torch.arange(1, E + 1).float()).sum(1, keepdim=True)
     assert out.shape == want.shape and (want.numel() == 0 or rel_err(out, want) < 1e-6), (
         rel_err(out, want), out[:2], want[:2])
-    assert torch.equal(out, a2a_disp.combine(expert_out))
+    assert torch.equal(out, a2a_disp.combine(expert_out, a2a_handle))
 
 
 def _check_exchanges(rank, world, ps):
@@ -109,11 +110,12 @@ def _check_exchanges(rank, world, ps):
         everyone = _gather(mine, ps.ep_group)
         ipc_disp = MoEIPCTokenDispatcher(cfg, parallel_state=ps)
         a2a_disp = MoEAlltoAllTokenDispatcher(cfg, parallel_state=ps)
-        tokens, tpe = ipc_disp.dispatch(*mine)
-        ref_tokens, ref_tpe = a2a_disp.dispatch(*mine)
+        tokens, tpe, ipc_handle = ipc_disp.dispatch(*mine)
+        ref_tokens, ref_tpe, a2a_handle = a2a_disp.dispatch(*mine)
         assert torch.equal(tokens, ref_tokens) and torch.equal(tpe, ref_tpe)
         check_dispatch(tokens, tpe, rank, world, everyone)
-        check_combine(ipc_disp, a2a_disp, tokens, tpe, rank, world, mine)
+        check_combine(ipc_disp, a2a_disp, (ipc_handle, a2a_handle), tokens, tpe, rank, world,
+                      mine)
 
     # Gradients of the pure exchange: identical to the all-to-all's.
     hidden, probs, routing = mine
@@ -123,8 +125,8 @@ def _check_exchanges(rank, world, ps):
                  MoEAlltoAllTokenDispatcher(cfg, parallel_state=ps)):
         x = hidden.clone().requires_grad_(True)
         p = probs.clone().requires_grad_(True)
-        tokens, _ = disp.dispatch(x, p, routing)
-        out = disp.combine(tokens * 2.0 + 1.0)
+        tokens, _, handle = disp.dispatch(x, p, routing)
+        out = disp.combine(tokens * 2.0 + 1.0, handle)
         gen.manual_seed(5 + rank)
         (out * torch.randn(out.shape, generator=gen)).sum().backward()
         grads.append((x.grad, p.grad))

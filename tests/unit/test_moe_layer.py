@@ -46,11 +46,12 @@ def test_dropless_sends_tokens_times_topk_rows():
     layer = MoELayer(cfg, parallel_state=ParallelState.single())
     x = torch.randn(5, 3, 16)
     probs, routing_map = layer.router(x)
-    tokens, tokens_per_expert = layer.token_dispatcher.dispatch(x, probs, routing_map)
+    x_TH = x.reshape(-1, 16)
+    tokens, tokens_per_expert, handle = layer.token_dispatcher.dispatch(x_TH, probs, routing_map)
     assert tokens.shape[0] == 5 * 3 * 3 == int(tokens_per_expert.sum())
     assert int(routing_map.sum()) == 45
-    out = layer.token_dispatcher.combine(layer.experts(tokens, tokens_per_expert)[0])
-    assert out.shape == x.shape
+    out = layer.token_dispatcher.combine(layer.experts(tokens, tokens_per_expert)[0], handle)
+    assert out.shape == x_TH.shape
 
 
 def test_shared_expert_overlap_needs_shared_experts_and_keeps_numerics():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from moecore.backends import BackendUnavailableError
 from moecore.kernels import assert_close_rel
 from moecore.kernels import rmsnorm as R
+from moecore.moe import MoELayer
 from moecore.transformer import norms
 from tests.triton_interpret import assert_checks_pass
 
@@ -218,7 +219,7 @@ def test_layer_fuses_pre_mlp_add_only_where_it_is_exact(monkeypatch, overrides, 
                                       num_query_groups=2, ffn_hidden_size=48,
                                       init_method_std=0.05), **overrides})
     torch.manual_seed(0)
-    layer = TransformerLayer(cfg, layer_number=1).train(training)
+    layer = TransformerLayer(cfg, layer_number=1, moe_layer=MoELayer).train(training)
     for p in layer.parameters():  # non-trivial norm weights and biases
         with torch.no_grad():
             p.add_(0.1 * torch.randn(p.shape))

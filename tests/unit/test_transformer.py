@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
+from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import model_parallel_seed
 from moecore.transformer import attention as attn_mod
@@ -278,3 +279,13 @@ def test_layer_and_block_structure_and_errors():
         layer.self_attention.linear_proj.weight.zero_()
         layer.mlp.linear_fc2.weight.zero_()
     torch.testing.assert_close(layer(h), h, rtol=0, atol=0)
+
+
+def test_moe_layers_take_their_mlp_from_the_caller():
+    """The transformer package does not import moe: MoE layers need ``moe_layer``."""
+    cfg = _cfg(num_layers=2, num_moe_experts=4, moe_ffn_hidden_size=16, moe_layer_freq=[0, 1])
+    assert isinstance(TransformerLayer(cfg, layer_number=1).mlp, MLP)
+    with pytest.raises(ValueError, match="layer 2 is an MoE layer.*moe_layer=moecore.moe.MoELayer"):
+        TransformerLayer(cfg, layer_number=2)
+    block = TransformerBlock(cfg, moe_layer=MoELayer)
+    assert [type(layer.mlp) for layer in block.layers] == [MLP, MoELayer]

@@ -201,9 +201,9 @@ def check_moe_layer(gen):
     assert R.select_router(cpu).name == "triton"
     assert P.select_permute(cpu, 6).name == "triton"
     assert S.select_swiglu(cpu, torch.float32).name == "triton"
-    from moecore.moe.permute import select_combine
+    from moecore.moe.permute import combine_backend
 
-    assert select_combine(cpu).name == "triton"
+    assert combine_backend(cpu).name == "triton"
     half = len(results) // 2
     for (out_a, grads_a), (out_b, grads_b) in zip(results[:half], results[half:]):
         assert _rel(out_a, out_b) < 1e-6

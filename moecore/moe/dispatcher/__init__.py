@@ -1,9 +1,11 @@
-"""Token dispatchers: all-gather, all-to-all and intra-node IPC (``moe_token_dispatcher_type``)."""
+"""Token dispatchers: all-gather, all-to-all and intra-node IPC (``moe_token_dispatcher_type``).
 
-from moecore.moe.dispatcher.allgather import MoEAllGatherTokenDispatcher
-from moecore.moe.dispatcher.alltoall import MoEAlltoAllTokenDispatcher
+Each ``dispatch`` returns a frozen handle of its own type that ``combine`` consumes."""
+
+from moecore.moe.dispatcher.allgather import AllGatherHandle, MoEAllGatherTokenDispatcher
+from moecore.moe.dispatcher.alltoall import AlltoAllHandle, MoEAlltoAllTokenDispatcher
 from moecore.moe.dispatcher.base import MoETokenDispatcher
-from moecore.moe.dispatcher.ipc import MoEIPCTokenDispatcher
+from moecore.moe.dispatcher.ipc import IPCHandle, MoEIPCTokenDispatcher
 
 DISPATCHERS = {
     "allgather": MoEAllGatherTokenDispatcher,
@@ -12,4 +14,5 @@ DISPATCHERS = {
 }
 
 __all__ = ["MoETokenDispatcher", "MoEAllGatherTokenDispatcher", "MoEAlltoAllTokenDispatcher",
-           "MoEIPCTokenDispatcher", "DISPATCHERS"]
+           "MoEIPCTokenDispatcher", "AllGatherHandle", "AlltoAllHandle", "IPCHandle",
+           "DISPATCHERS"]

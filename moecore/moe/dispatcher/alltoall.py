@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moecore.moe.dispatcher.base import (
     MoETokenDispatcher,
+    check_dispatch_inputs,
     chunk_permutation_index,
     reorder_rows,
 )
-from moecore.moe.permute import permute, permute_topk, unpermute, unpermute_topk
+from moecore.moe.permute import PermutePlan, unpermute_tokens
 from moecore.tensor_parallel.mappings import (
     all_to_all,
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
 from moecore.tensor_parallel.utils import all_gather_no_grad
+
+
+@dataclass(frozen=True)
+class AlltoAllHandle:
+    """One all-to-all dispatch. ``plan``: this rank's permuted rows back to its tokens. With an
+    exchange (else None): ``input_splits`` / ``output_splits`` [ep] rows sent to / received
+    from each EP rank, ``etp_splits`` [etp] rows of each ETP rank (ETP > 1 only), and
+    ``sort_index`` / ``unsort_index`` [N], the regrouping of received rows by local expert and
+    its inverse."""
+
+    plan: PermutePlan
+    input_splits: list[int] | None = None
+    output_splits: list[int] | None = None
+    etp_splits: list[int] | None = None
+    sort_index: torch.Tensor | None = None
+    unsort_index: torch.Tensor | None = None
 
 
 class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
@@ -38,61 +57,58 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
         # ETP peers gather each other's received rows, so every ETP rank sees all of them.
         return all_gather_no_grad(mine.contiguous(), self.etp_group)
 
-    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        self.hidden_shape = hidden.shape
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        self.num_tokens = hidden.shape[0]
-        permuted, tokens_per_expert = self._permute(hidden, probs, routing_map)
-        self.local_only = self.ep_size == 1 and self.etp_size == 1
+    @property
+    def local_only(self) -> bool:
+        """No exchange (EP = ETP = 1): counts stay on the device, the layer never syncs."""
+        return self.ep_size == 1 and self.etp_size == 1
+
+    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, AlltoAllHandle]:
+        """``hidden`` [T, H], ``probs`` / ``routing_map`` [T, E] -> ``(tokens [N, H],
+        tokens_per_expert [E_local], handle)``; all-to-all over the EP group, all-gather over
+        the ETP group."""
+        check_dispatch_inputs(hidden, probs, routing_map)
+        permuted, tokens_per_expert, plan = self.permute_local(hidden, probs, routing_map)
         if self.local_only:
-            # No exchange: counts stay on the device, so the layer never syncs with the host.
-            return permuted, tokens_per_expert
+            return permuted, tokens_per_expert, AlltoAllHandle(plan)
         recv = self._exchange_counts(tokens_per_expert)  # [etp, ep, E_local]
         # The only host sync of the layer: split sizes must be known on the host.
         recv_cpu = recv.cpu()
-        self.input_splits = tokens_per_expert.reshape(self.ep_size, -1).sum(1).tolist()
-        self.output_splits = recv_cpu[self.ps.etp_rank].sum(1).tolist()
-        tokens = all_to_all(permuted, self.output_splits, self.input_splits, group=self.ep_group)
+        input_splits = tokens_per_expert.reshape(self.ep_size, -1).sum(1).tolist()
+        output_splits = recv_cpu[self.ps.etp_rank].sum(1).tolist()
+        tokens = all_to_all(permuted, output_splits, input_splits, group=self.ep_group)
+        etp_splits = None
         if self.etp_size > 1:
-            self.etp_splits = recv_cpu.sum((1, 2)).tolist()
+            etp_splits = recv_cpu.sum((1, 2)).tolist()
             tokens = gather_from_sequence_parallel_region(
-                tokens, group=self.etp_group, output_split_sizes=self.etp_splits)
-        # Regroup [etp, ep, E_local] chunks to [E_local, etp, ep].
-        sizes = recv_cpu.reshape(-1)
-        order = torch.arange(sizes.numel()).reshape(recv_cpu.shape).permute(2, 0, 1).reshape(-1)
-        sort_index = chunk_permutation_index(sizes, order)
-        self.unsort_index = torch.empty_like(sort_index)
-        self.unsort_index[sort_index] = torch.arange(sort_index.numel())
-        self.sort_index = sort_index.to(tokens.device)
-        self.unsort_index = self.unsort_index.to(tokens.device)
-        tokens = reorder_rows(tokens, self.sort_index, self.unsort_index)
-        tokens_per_local_expert = recv_cpu.sum((0, 1))
-        return tokens, tokens_per_local_expert
+                tokens, group=self.etp_group, output_split_sizes=etp_splits)
+        sort_index, unsort_index = _regroup_by_expert(recv_cpu, tokens.device)
+        tokens = reorder_rows(tokens, sort_index, unsort_index)
+        handle = AlltoAllHandle(plan, input_splits, output_splits, etp_splits, sort_index,
+                                unsort_index)
+        return tokens, recv_cpu.sum((0, 1)), handle
 
-    def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
+    def combine(self, expert_output: torch.Tensor, handle: AlltoAllHandle) -> torch.Tensor:
+        """``expert_output`` [N, H] -> ``[T, H]``: the reverse exchange, then the weighted top-k
+        sum of each token's rows."""
         if self.local_only:
-            return self._unpermute(expert_output).reshape(self.hidden_shape)
-        restored = reorder_rows(expert_output, self.unsort_index, self.sort_index)
+            return unpermute_tokens(expert_output, handle.plan)
+        restored = reorder_rows(expert_output, handle.unsort_index, handle.sort_index)
         if self.etp_size > 1:
             # Sum the ETP partial products and hand each ETP rank back its own rows.
             restored = reduce_scatter_to_sequence_parallel_region(
-                restored, group=self.etp_group, input_split_sizes=self.etp_splits)
-        back = all_to_all(restored, self.input_splits, self.output_splits, group=self.ep_group)
-        return self._unpermute(back).reshape(self.hidden_shape)
+                restored, group=self.etp_group, input_split_sizes=handle.etp_splits)
+        back = all_to_all(restored, handle.input_splits, handle.output_splits,
+                          group=self.ep_group)
+        return unpermute_tokens(back, handle.plan)
 
-    def _permute(self, hidden, probs, routing_map):
-        """Rows grouped by global expert; the gather/bmm top-k path when dropless."""
-        self.plan = None
-        if self.config.moe_expert_capacity_factor is None:
-            permuted, self.plan, tokens_per_expert = permute_topk(
-                hidden, routing_map, probs, self.config.moe_router_topk,
-                fusion=self.config.moe_permute_fusion)
-            return permuted, tokens_per_expert
-        permuted, self.permuted_probs, self.sorted_indices, tokens_per_expert = permute(
-            hidden, routing_map, probs=probs, capacity=self.capacity_for(self.num_tokens))
-        return permuted, tokens_per_expert
 
-    def _unpermute(self, rows):
-        if self.plan is not None:
-            return unpermute_topk(rows, self.plan)
-        return unpermute(rows, self.sorted_indices, self.num_tokens, self.permuted_probs)
+def _regroup_by_expert(recv_cpu: torch.Tensor, device: torch.device):
+    """``(sort_index, unsort_index)`` [N] on ``device`` that regroup received rows, chunks of
+    ``recv_cpu`` [etp, ep, E_local] sizes, to [E_local, etp, ep] order, and back."""
+    sizes = recv_cpu.reshape(-1)
+    order = torch.arange(sizes.numel()).reshape(recv_cpu.shape).permute(2, 0, 1).reshape(-1)
+    sort_index = chunk_permutation_index(sizes, order)
+    unsort_index = torch.empty_like(sort_index)
+    unsort_index[sort_index] = torch.arange(sort_index.numel())
+    return sort_index.to(device), unsort_index.to(device)

@@ -1,4 +1,5 @@
-"""Token-dispatcher base: what every dispatcher shares (expert ranges, chunk reordering).
+"""Token-dispatcher base: what every dispatcher shares (expert ranges, chunk reordering, the
+permutation of local tokens).
 
 Every rank of the *token group* (the expert-tensor-and-model-parallel group, ``etp x ep`` ranks)
 contributes its own tokens and gets back exactly the outputs for them. Ranks whose tokens are
@@ -12,6 +13,7 @@ import torch
 
 from moecore.config import TransformerConfig
 from moecore.moe.capacity import get_capacity
+from moecore.moe.permute import PermutePlan, permute_tokens
 from moecore.parallel_state import ParallelState, get_parallel_state
 
 
@@ -50,12 +52,25 @@ def reorder_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) ->
     return _ReorderRows.apply(x, index, inverse)
 
 
+def check_dispatch_inputs(hidden: torch.Tensor, probs: torch.Tensor,
+                          routing_map: torch.Tensor) -> None:
+    """``hidden`` [T, H], ``probs`` and ``routing_map`` [T, E], else a ValueError."""
+    if hidden.dim() != 2 or routing_map.dim() != 2 or probs.shape != routing_map.shape or (
+            routing_map.shape[0] != hidden.shape[0]):
+        raise ValueError(f"dispatch needs hidden [T, H], probs and routing_map [T, E]; got "
+                         f"{tuple(hidden.shape)}, {tuple(probs.shape)}, "
+                         f"{tuple(routing_map.shape)} (flatten [S, B, H] to [S*B, H] first)")
+
+
 class MoETokenDispatcher:
     """Moves routed tokens to the ranks holding their experts and the results back.
 
     ``dispatch(hidden [T, H], probs [T, E], routing_map [T, E]) ->
-    (tokens [N, H], tokens_per_expert [E_local])``; ``combine(expert_out [N, H]) -> [T, H]``.
-    One ``dispatch`` must be followed by its ``combine`` (state is kept between them).
+    (tokens [N, H], tokens_per_expert [E_local], handle)``;
+    ``combine(expert_out [N, H], handle) -> [T, H]``. The handle is a frozen record of one
+    call (each dispatcher has its own type); the dispatcher keeps nothing of it, so several
+    dispatches may be in flight before their combines (run the collective ones in the same
+    order on every rank).
     """
 
     def __init__(self, config: TransformerConfig, parallel_state: ParallelState | None = None):
@@ -80,9 +95,21 @@ class MoETokenDispatcher:
         return get_capacity(num_tokens * cfg.moe_router_topk, self.num_experts,
                             cfg.moe_expert_capacity_factor)
 
+    def permute_local(self, x_TH: torch.Tensor, probs_TE: torch.Tensor,
+                      routing_map_TE: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, PermutePlan]:
+        """This rank's tokens grouped by global expert, before an exchange:
+        ``(rows_NH, tokens_per_expert_E, plan)``; the gather/bmm top-k path when dropless."""
+        cfg = self.config
+        if cfg.moe_expert_capacity_factor is None:
+            return permute_tokens(x_TH, probs_TE, routing_map_TE, topk=cfg.moe_router_topk,
+                                  fusion=cfg.moe_permute_fusion)
+        return permute_tokens(x_TH, probs_TE, routing_map_TE,
+                              capacity=self.capacity_for(x_TH.shape[0]))
+
     # Megatron-Core's older names.
     def token_permutation(self, hidden, probs, routing_map):
         return self.dispatch(hidden, probs, routing_map)
 
-    def token_unpermutation(self, expert_output):
-        return self.combine(expert_output)
+    def token_unpermutation(self, expert_output, handle):
+        return self.combine(expert_output, handle)

@@ -3,8 +3,8 @@ rank's buffer (no NCCL all-to-all on the expert path); results come back the sam
 
 Per layer, over the expert-parallel (EP) group of ``W`` ranks, ``E`` experts, ``E_l = E / W``:
 
-1. permute the local tokens by global expert (as the all-to-all dispatcher: ``permute_topk``
-   when dropless, ``permute`` with a capacity);
+1. permute the local tokens by global expert (``MoETokenDispatcher.permute_local``, as the
+   all-to-all dispatcher: ``permute_topk`` when dropless, ``permute`` with a capacity);
 2. all-gather the per-expert counts ``[W, E]`` (tiny; the one host sync of the layer);
 3. every rank derives the same layout: owner ``p``'s buffer holds its rows ordered
    ``[local_expert, src_rank]`` (expert-contiguous for the grouped GEMM, the all-to-all
@@ -35,8 +35,9 @@ import torch
 
 from moecore.config import TransformerConfig
 from moecore.kernels.peer_copy import select_peer_copy
-from moecore.moe.dispatcher.alltoall import MoEAlltoAllTokenDispatcher
+from moecore.moe.dispatcher.base import MoETokenDispatcher, check_dispatch_inputs
 from moecore.moe.dispatcher.peer_buffers import PeerBuffers, check_launch_nodes, get_peer_buffers
+from moecore.moe.permute import PermutePlan, unpermute_tokens
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel.utils import all_gather_no_grad
 
@@ -54,7 +55,7 @@ class ExchangeOptions:
     copy: str = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Route:
     """Layout of one exchange over the EP group (identical arithmetic on every rank).
 
@@ -178,12 +179,23 @@ class _PullRows(torch.autograd.Function):
         return push_rows(grad.contiguous(), ctx.route, ctx.bufs, ctx.opts), None, None, None
 
 
-class MoEIPCTokenDispatcher(MoEAlltoAllTokenDispatcher):
+@dataclass(frozen=True)
+class IPCHandle:
+    """One IPC dispatch: ``plan`` maps this rank's permuted rows back to its tokens; with an
+    exchange (EP > 1, else None) the ``route`` of the rows and the ``bufs`` they went through."""
+
+    plan: PermutePlan
+    route: Route | None = None
+    bufs: PeerBuffers | None = None
+
+
+class MoEIPCTokenDispatcher(MoETokenDispatcher):
     """Direct writes into peers' buffers instead of an all-to-all (see the module docstring).
 
-    Same permutation, row order and outputs as :class:`MoEAlltoAllTokenDispatcher` (whose
-    permute/unpermute it reuses); only the exchange differs. ``dispatch(hidden [S, B, H] or
-    [T, H], probs [T, E], routing_map [T, E]) -> (tokens [N, H], tokens_per_expert [E_l])``.
+    Same permutation, row order and outputs as :class:`MoEAlltoAllTokenDispatcher`; only the
+    exchange differs. ``dispatch(hidden [T, H], probs [T, E], routing_map [T, E]) ->
+    (tokens [N, H], tokens_per_expert [E_l], IPCHandle)``, ``combine(expert_out [N, H],
+    handle) -> [T, H]``.
     """
 
     def __init__(self, config: TransformerConfig, parallel_state: ParallelState | None = None):
@@ -197,21 +209,28 @@ class MoEIPCTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.ep_size > 1:
             check_launch_nodes(self.ep_group)  # the full host check runs at the first exchange
 
-    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        self.hidden_shape = hidden.shape
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        self.num_tokens = hidden.shape[0]
-        permuted, tokens_per_expert = self._permute(hidden, probs, routing_map)
-        self.local_only = self.ep_size == 1
-        if self.local_only:
-            return permuted, tokens_per_expert
-        self.route = build_route(tokens_per_expert, self.ep_group, self.ep_rank, self.ep_size)
-        self.bufs = get_peer_buffers(self.ep_group, hidden.device)
-        tokens = _PushRows.apply(permuted, self.route, self.bufs, self.options)
-        return tokens, self.route.tokens_per_local_expert
+    @property
+    def local_only(self) -> bool:
+        """No exchange at EP = 1."""
+        return self.ep_size == 1
 
-    def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, IPCHandle]:
+        """``hidden`` [T, H], ``probs`` / ``routing_map`` [T, E] -> ``(tokens [N, H],
+        tokens_per_expert [E_l], handle)``; pushes rows to their owners over the EP group."""
+        check_dispatch_inputs(hidden, probs, routing_map)
+        permuted, tokens_per_expert, plan = self.permute_local(hidden, probs, routing_map)
+        if self.local_only:
+            return permuted, tokens_per_expert, IPCHandle(plan)
+        route = build_route(tokens_per_expert, self.ep_group, self.ep_rank, self.ep_size)
+        bufs = get_peer_buffers(self.ep_group, hidden.device)
+        tokens = _PushRows.apply(permuted, route, bufs, self.options)
+        return tokens, route.tokens_per_local_expert, IPCHandle(plan, route, bufs)
+
+    def combine(self, expert_output: torch.Tensor, handle: IPCHandle) -> torch.Tensor:
+        """``expert_output`` [N, H] -> ``[T, H]``: pulls this rank's rows back from their owners
+        (EP group), then the weighted top-k sum of each token's rows."""
         if not self.local_only:
-            expert_output = _PullRows.apply(expert_output.contiguous(), self.route, self.bufs,
-                                            self.options)
-        return self._unpermute(expert_output).reshape(self.hidden_shape)
+            expert_output = _PullRows.apply(expert_output.contiguous(), handle.route,
+                                            handle.bufs, self.options)
+        return unpermute_tokens(expert_output, handle.plan)
