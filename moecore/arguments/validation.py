@@ -11,7 +11,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from moecore.arguments.checkpoint_args import apply_checkpoint_args
+from moecore.batch_rampup import rampup_from_args
 from moecore.config import DEFAULT_RECOMPUTE_MODULES, TransformerConfig, check_recompute_modules
+from moecore.data.tokenizers import TOKENIZER_TYPES
+from moecore.pipeline_parallel.layout import pipeline_layer_layout
 from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
 
 # ---- --moe-layer-freq ------------------------------------------------------------------------
@@ -96,8 +100,6 @@ def _not_supported_yet(args) -> None:
     if args.moe_token_dispatcher_type == "flex":
         raise ValueError("--moe-token-dispatcher-type flex (DeepEP) is not supported; use "
                          "alltoall, allgather or ipc")
-    from moecore.data.tokenizers import TOKENIZER_TYPES
-
     if args.tokenizer_type is not None and args.tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported; choose one "
                          f"of {list(TOKENIZER_TYPES)}")
@@ -164,8 +166,6 @@ def _validate_parallel(args, world_size: int) -> None:
 
 def _validate_pipeline_and_ddp(args) -> None:
     """Virtual/uneven pipeline stages and the distributed-optimizer flags."""
-    from moecore.pipeline_parallel.layout import pipeline_layer_layout
-
     pp = args.pipeline_model_parallel_size
     per_stage, chunks = (args.num_layers_per_virtual_pipeline_stage,
                          args.num_virtual_stages_per_pipeline_rank)
@@ -214,8 +214,6 @@ def _validate_decoupled_lr(args) -> None:
 def _validate_rampup(args):
     """The ramp of ``--rampup-batch-size`` (None without it); every size it passes through
     must split into micro-batches the schedule takes."""
-    from moecore.training.rampup import rampup_from_args
-
     ramp = rampup_from_args(args)
     if ramp is not None and args.virtual_pipeline_model_parallel_size:
         pp = args.pipeline_model_parallel_size
@@ -420,7 +418,7 @@ def _validate_cuda_graph(args) -> None:
             "token dropping sizes its buffers on the host; use dropless routing"),
         "--moe-router-load-balancing-type global_aux_loss and data parallelism": (
             args.num_experts is not None and args.moe_router_load_balancing_type ==
-            "global_aux_loss" and getattr(args, "data_parallel_size", 1) > 1,
+            "global_aux_loss" and args.data_parallel_size > 1,
             "it all-reduces the token counts over data parallel inside the forward; use "
             "aux_loss or seq_aux_loss"),
         "--moe-router-load-balancing-type sinkhorn": (
@@ -443,35 +441,6 @@ def _validate_cuda_graph(args) -> None:
                          "(Triton kernels compile and self-check eagerly before a capture)")
 
 
-# Filled from the checkpoint only where the command line left them unset (None).
-_CHECKPOINT_DEFAULTS = ("seq_length", "tokenizer_type", "tokenizer_model", "vocab_file",
-                        "merge_file", "vocab_size")
-
-
-def apply_checkpoint_args(args: argparse.Namespace) -> dict:
-    """``--use-checkpoint-args`` (Megatron's): the model's shape and layout come from the args
-    saved with ``--load``'s latest checkpoint, overriding the command line (the flags
-    ``tools/checkpoint`` prints for a model, :data:`moecore.convert.model_args.MODEL_DESTS` and
-    ``PARALLEL_DESTS``); sequence length and tokenizer fill in only where unset. Returns the
-    values taken."""
-    from moecore.checkpointing import read_checkpoint_args
-    from moecore.convert.model_args import MODEL_DESTS, PARALLEL_DESTS
-
-    if not args.load:
-        raise ValueError("--use-checkpoint-args reads the checkpoint in --load; pass --load DIR")
-    saved = read_checkpoint_args(args.load)
-    taken = {}
-    for dest in MODEL_DESTS + PARALLEL_DESTS + _CHECKPOINT_DEFAULTS:
-        if dest not in saved:
-            continue
-        if dest in _CHECKPOINT_DEFAULTS and getattr(args, dest, None) is not None:
-            continue
-        setattr(args, dest, saved[dest])
-        taken[dest] = saved[dest]
-    args.checkpoint_args_taken = taken
-    return taken
-
-
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Check cross-flag consistency and fill derived values, as Megatron's ``validate_args``.
 
@@ -481,7 +450,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     """
     if world_size is None:
         world_size = int(os.getenv("WORLD_SIZE", "1"))
-    if getattr(args, "use_checkpoint_args", False):
+    if args.use_checkpoint_args:
         apply_checkpoint_args(args)
     _not_supported_yet(args)
     _validate_model_shape(args)
@@ -575,17 +544,3 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
     )
-
-
-def args_to_dict(args: argparse.Namespace) -> dict:
-    """Plain-Python view of ``args`` (str/int/float/bool/None/lists) for checkpoints and logs."""
-    out = {}
-    for k, v in sorted(vars(args).items()):
-        if v is None or isinstance(v, (bool, int, float, str)):
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(
-                x is None or isinstance(x, (bool, int, float, str)) for x in v):
-            out[k] = list(v)
-        else:
-            out[k] = repr(v)
-    return out

@@ -15,30 +15,12 @@ import copy
 import torch
 
 from moecore.arguments import build_parser, transformer_config_from_args
+from moecore.arguments.checkpoint_args import MODEL_DESTS, PARALLEL_DESTS
 from moecore.convert.reshard import Layout, model_keys
 from moecore.data.tokenizers import vocab_size_with_padding
+from moecore.models import GPTModel
 from moecore.parallel_state import ParallelState
 
-# Flags printed for a converted model, in this order: the model, then its layout and precision.
-MODEL_DESTS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-    "group_query_attention", "num_query_groups", "max_position_embeddings",
-    "position_embedding_type", "rotary_base", "rotary_percent", "normalization", "norm_epsilon",
-    "qk_layernorm", "swiglu", "squared_relu", "openai_gelu", "add_bias_linear", "add_qkv_bias",
-    "untie_embeddings_and_output_weights", "apply_residual_connection_post_layernorm",
-    "make_vocab_size_divisible_by", "init_method_std", "attention_dropout", "hidden_dropout",
-    "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk",
-    "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
-    "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
-    "moe_shared_expert_intermediate_size", "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_input_jitter_eps", "moe_grouped_gemm",
-)
-PARALLEL_DESTS = (
-    "tensor_model_parallel_size", "pipeline_model_parallel_size",
-    "num_virtual_stages_per_pipeline_rank", "decoder_first_pipeline_num_layers",
-    "decoder_last_pipeline_num_layers", "expert_model_parallel_size",
-    "expert_tensor_parallel_size", "sequence_parallel", "use_tp_pp_dp_mapping", "bf16", "fp16",
-)
 # Printed even at their default value: they define the model's shape.
 _ALWAYS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
            "max_position_embeddings", "position_embedding_type", "normalization", "norm_epsilon",
@@ -169,8 +151,6 @@ def expected_shard_state(ns: argparse.Namespace, ps: ParallelState
     """``{state key: {local name: (shape, dtype)}}`` of rank ``ps``'s model chunks (state key
     ``model``, or ``model0``, ``model1``, ... with virtual pipeline stages): the chunks built as
     the trainer builds them, on the ``meta`` device (no memory, no process groups)."""
-    from moecore.models import GPTModel
-
     config = transformer_config(ns)
     chunks = layout_of_args(ns).chunks(ns.num_layers)[ps.pp_rank]
     out = {}
