@@ -7,12 +7,9 @@ flags are handled.
 """
 
 from moecore.arguments.checkpoint_args import MODEL_DESTS, PARALLEL_DESTS
+from moecore.arguments.config_flags import transformer_config_from_args
 from moecore.arguments.parser import NOOP_FLAGS, UNSUPPORTED_FLAGS, build_parser, parse_args
-from moecore.arguments.validation import (
-    parse_moe_layer_freq,
-    transformer_config_from_args,
-    validate_args,
-)
+from moecore.arguments.validation import parse_moe_layer_freq, validate_args
 from moecore.checkpointing import args_to_dict
 
 __all__ = ["MODEL_DESTS", "NOOP_FLAGS", "PARALLEL_DESTS", "UNSUPPORTED_FLAGS", "args_to_dict",

@@ -9,11 +9,11 @@ import ast
 import os
 
 import torch
-import torch.nn.functional as F
 
 from moecore.arguments.checkpoint_args import apply_checkpoint_args
+from moecore.arguments.config_flags import transformer_config_from_args
 from moecore.batch_rampup import rampup_from_args
-from moecore.config import DEFAULT_RECOMPUTE_MODULES, TransformerConfig, check_recompute_modules
+from moecore.config import DEFAULT_RECOMPUTE_MODULES, check_recompute_modules
 from moecore.data.tokenizers import TOKENIZER_TYPES
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
 from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
@@ -469,78 +469,3 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
                              f"--num-layers is {args.num_layers}")
     transformer_config_from_args(args)  # the config validates shapes against parallel sizes
     return args
-
-
-# ---- TransformerConfig ---------------------------------------------------------------------------
-def _activation(args):
-    if args.swiglu:
-        return F.silu
-    if args.squared_relu:
-        return lambda x: torch.pow(F.relu(x), 2)
-    if args.openai_gelu:
-        return lambda x: F.gelu(x, approximate="tanh")
-    return F.gelu
-
-
-def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """Map validated args to :class:`TransformerConfig` (Megatron's ``core_transformer_config``).
-
-    ``vocab_size`` is ``args.padded_vocab_size`` when the trainer has set it (after building the
-    tokenizer), else None.
-    """
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    return TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size, kv_channels=args.kv_channels,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        qk_layernorm=args.qk_layernorm, gated_linear_unit=args.swiglu,
-        activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
-        bias_swiglu_fusion=args.bias_swiglu_fusion, apply_rope_fusion=args.apply_rope_fusion,
-        attention_backend=args.attention_backend,
-        add_qkv_bias=args.add_qkv_bias, init_method_std=args.init_method_std,
-        embedding_init_method_std=args.embedding_init_method_std,
-        apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
-        rotary_base=float(args.rotary_base), rotary_percent=args.rotary_percent,
-        position_embedding_type=args.position_embedding_type, seq_length=args.seq_length,
-        vocab_size=getattr(args, "padded_vocab_size", None),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        params_dtype=dtype, bf16=args.bf16, fp16=args.fp16,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        recompute_modules=(None if args.recompute_modules is None
-                           else tuple(args.recompute_modules)),
-        num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_router_topk=args.moe_router_topk,
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        moe_router_num_groups=args.moe_router_num_groups,
-        moe_router_group_topk=args.moe_router_group_topk,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
-        moe_input_jitter_eps=args.moe_input_jitter_eps,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        moe_router_dtype=args.moe_router_dtype or "fp32",
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_ipc_buffer_max_mb=args.moe_ipc_buffer_max_mb,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_grouped_gemm_backend=args.moe_grouped_gemm_backend,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_token_drop_policy=args.moe_token_drop_policy,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_shared_expert_overlap=args.moe_shared_expert_overlap,
-        moe_layer_freq=args.moe_layer_freq, moe_permute_fusion=args.moe_permute_fusion,
-        moe_router_fusion=args.moe_router_fusion, moe_layer_recompute=args.moe_layer_recompute,
-        moe_router_force_load_balancing=args.moe_router_force_load_balancing,
-        moe_apply_probs_on_input=args.moe_apply_probs_on_input,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-    )

@@ -71,7 +71,7 @@ class RunState:
     # ---- start-up ----------------------------------------------------------------------------
     def log_startup(self, tokenizer) -> None:
         a, ps = self.args, self.ps
-        vp = getattr(a, "virtual_pipeline_model_parallel_size", None)
+        vp = a.virtual_pipeline_model_parallel_size
         self.log(f" > world size {ps.sizes.world_size}: tp={ps.tp_size} pp={ps.pp_size}"
                  f"{f' (x{vp} virtual stages)' if vp else ''} "
                  f"dp={ps.dp_size} cp={ps.cp_size} ep={ps.ep_size} etp={ps.etp_size} "
@@ -90,7 +90,7 @@ class RunState:
                  f"{self.flops_per_token:.4g} training FLOPs/token")
         b = self.optimizer.state_bytes()
         kind = "distributed optimizer, sharded over data parallel" \
-            if getattr(a, "use_distributed_optimizer", False) else "replicated over data parallel"
+            if a.use_distributed_optimizer else "replicated over data parallel"
         self.log(f" > optimizer state bytes per rank: {b['total']:,} (fp32 main params "
                  f"{b['main_params']:,}, main grads {b['main_grads']:,}, Adam moments "
                  f"{b['adam_moments']:,}; {kind}; rank {ps.rank})"
