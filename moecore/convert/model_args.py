@@ -53,7 +53,7 @@ def complete_model_args(ns: argparse.Namespace) -> argparse.Namespace:
     for flag in ("num_layers", "hidden_size", "num_attention_heads"):
         if getattr(ns, flag) is None:
             raise ValueError(f"the model args lack --{flag.replace('_', '-')}")
-    if getattr(ns, "use_rotary_position_embeddings", False):
+    if ns.use_rotary_position_embeddings:
         ns.position_embedding_type = "rope"
     if not ns.group_query_attention:
         ns.num_query_groups = ns.num_attention_heads
@@ -67,9 +67,10 @@ def complete_model_args(ns: argparse.Namespace) -> argparse.Namespace:
 
 def virtual_stages(ns: argparse.Namespace) -> int:
     """Model chunks per pipeline rank from either of Megatron's two virtual-pipeline flags."""
-    vp = getattr(ns, "virtual_pipeline_model_parallel_size", None) or getattr(
-        ns, "num_virtual_stages_per_pipeline_rank", None)
-    per_stage = getattr(ns, "num_layers_per_virtual_pipeline_stage", None)
+    # virtual_pipeline_model_parallel_size: set by validation, absent from unvalidated args
+    vp = vars(ns).get("virtual_pipeline_model_parallel_size") or \
+        ns.num_virtual_stages_per_pipeline_rank
+    per_stage = ns.num_layers_per_virtual_pipeline_stage
     if not vp and per_stage:
         vp = ns.num_layers // (ns.pipeline_model_parallel_size * per_stage)
     return vp or 1
@@ -80,8 +81,8 @@ def layout_of_args(ns: argparse.Namespace) -> Layout:
                   ep=ns.expert_model_parallel_size, etp=ns.expert_tensor_parallel_size,
                   order=TP_PP_DP_ORDER if ns.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
                   vp=virtual_stages(ns),
-                  first=getattr(ns, "decoder_first_pipeline_num_layers", None),
-                  last=getattr(ns, "decoder_last_pipeline_num_layers", None))
+                  first=ns.decoder_first_pipeline_num_layers,
+                  last=ns.decoder_last_pipeline_num_layers)
 
 
 def auto_divisible_by(true_vocab_size: int, tp: int) -> int:
@@ -187,7 +188,7 @@ def pretrain_flags(ns: argparse.Namespace) -> list[str]:
     for dest in MODEL_DESTS + PARALLEL_DESTS:
         if dest not in actions:
             continue
-        action, value = actions[dest], getattr(ns, dest, None)
+        action, value = actions[dest], getattr(ns, dest)
         flag = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
             out += [flag] if value else []
