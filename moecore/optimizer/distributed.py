@@ -17,7 +17,7 @@ Checkpoints hold the state in a data-parallel-independent form: for every parame
 ``model_params`` order) its full fp32 main value and both moments, gathered over the
 data-parallel group. Loading re-slices them for the current data-parallel size, so a run saved
 at DP=4 resumes at DP=2. Plain-optimizer checkpoints load too (and vice versa, see
-:func:`full_state_to_plain`).
+:mod:`moecore.optimizer.full_state`).
 """
 
 from __future__ import annotations
