@@ -28,10 +28,12 @@ of training call on every rank. Until then the previous checkpoint stays the lat
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
 import threading
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -48,6 +50,57 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+def args_to_dict(args: argparse.Namespace) -> dict:
+    """Plain-Python view of ``args`` (str/int/float/bool/None/lists) for checkpoints and logs."""
+    out = {}
+    for k, v in sorted(vars(args).items()):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(
+                x is None or isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = repr(v)
+    return out
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and what :func:`save_checkpoint` / :func:`load_checkpoint` write and read; field
+    names are the flags' ``dest`` (built once by :meth:`from_args`)."""
+
+    save: str | None = None
+    """Directory checkpoints are saved under (``--save``)."""
+    load: str | None = None
+    """Directory whose latest checkpoint is loaded (``--load``)."""
+    async_save: bool = False
+    """Write the files in a background thread; the save completes at the next
+    :func:`finalize_async_save`."""
+    no_save_optim: bool = False
+    """Leave the optimizer and scheduler state out of saves."""
+    no_save_rng: bool = False
+    """Leave the RNG states out of saves."""
+    no_load_optim: bool = False
+    """Load the model only (the fp32 main params are refreshed from it)."""
+    no_load_rng: bool = False
+    """Keep this run's RNG states instead of the checkpoint's."""
+    finetune: bool = False
+    """Load the model only and restart at iteration 0."""
+    exit_on_missing_checkpoint: bool = False
+    """Raise instead of training from scratch when ``load`` holds no checkpoint."""
+    run_args: dict = field(default_factory=dict)
+    """The run's args (:func:`args_to_dict`), saved with every checkpoint as ``args``."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CheckpointConfig:
+        """The config of validated ``pretrain_gpt.py`` args (``--no-*`` flags default to None
+        there, as in Megatron: read as False)."""
+        values = {f.name: vars(args)[f.name] for f in fields(cls) if f.name != "run_args"}
+        flags = {f.name for f in fields(cls) if f.type == "bool"}
+        values = {k: bool(v) if k in flags else v for k, v in values.items()}
+        return cls(**values, run_args=args_to_dict(args))
 
 
 # ---- paths -----------------------------------------------------------------------------------
@@ -238,34 +291,32 @@ def _publish(root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: b
     _barrier()
 
 
-def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimizer, scheduler, args,
-                    data_state: dict | None = None,
+def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimizer, scheduler,
+                    config: CheckpointConfig, data_state: dict | None = None,
                     parallel_state: ParallelState | None = None) -> str:
-    """Save this rank's shard of iteration ``iteration`` under ``args.save`` (collective).
+    """Save this rank's shard of iteration ``iteration`` under ``config.save`` (collective).
 
     ``data_state``: ``{"consumed_train_samples": int, "consumed_valid_samples": int}``.
-    ``args.no_save_optim`` / ``args.no_save_rng`` leave those parts out. With
-    ``args.async_save`` the file is written in the background and the save completes at the next
+    ``config.no_save_optim`` / ``no_save_rng`` leave those parts out. With ``async_save`` the
+    file is written in the background and the save completes at the next
     :func:`finalize_async_save` (the next save calls it first). Returns the iteration directory.
     """
-    from moecore.arguments import args_to_dict
-
     global _PENDING
     finalize_async_save()
-    async_save = getattr(args, "async_save", False)
+    async_save = config.async_save
     ps = parallel_state or get_parallel_state()
     chunks = _chunks(model)
-    root = args.save
+    root = config.save
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     key = shard_key(ps)
-    gathered = _all_gather((ps.rank, key, None if args.no_save_rng else get_rng_state()))
+    gathered = _all_gather((ps.rank, key, None if config.no_save_rng else get_rng_state()))
     sharers = sorted((r, rng) for r, k, rng in gathered if k == key)
     is_writer = sharers[0][0] == ps.rank
     if hasattr(optimizer, "sync_params"):
         optimizer.sync_params()  # background parameter all-gathers must have landed
     optim_state = None
-    if not args.no_save_optim:
+    if not config.no_save_optim:
         if getattr(optimizer, "grad_sync", None) is not None and \
                 getattr(optimizer.grad_sync, "shard", False):
             # Distributed optimizer: gathers over data parallel, so every rank takes part.
@@ -280,14 +331,14 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
     if is_writer:
         state = {
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-            **_model_states(chunks), "args": args_to_dict(args),
+            **_model_states(chunks), "args": config.run_args,
             "parallel_layout": _layout(ps, len(chunks)), "rng_ranks": [r for r, _ in sharers],
             **(data_state or {}),
         }
-        if not args.no_save_optim:
+        if not config.no_save_optim:
             state["optimizer"] = optim_state
             state["opt_param_scheduler"] = scheduler.state_dict()
-        if not args.no_save_rng:
+        if not config.no_save_rng:
             state["rng_state"] = [rng for _, rng in sharers]
         shard_dir = os.path.join(tmp_dir, shard_dirname(ps))
         os.makedirs(shard_dir, exist_ok=True)
@@ -401,22 +452,23 @@ def _check_layout(state: dict, ps: ParallelState, path: str, num_chunks: int = 1
                               "reshards the others)")
 
 
-def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler, args,
+def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
+                    config: CheckpointConfig,
                     parallel_state: ParallelState | None = None) -> dict | None:
-    """Load ``args.load``'s latest checkpoint into ``model``/``optimizer``/``scheduler``.
+    """Load ``config.load``'s latest checkpoint into ``model``/``optimizer``/``scheduler``.
 
-    Honors ``--no-load-optim`` (model only; the fp32 main params are refreshed from it),
-    ``--no-load-rng`` and ``--finetune`` (model only, iteration 0). Returns ``{"iteration",
-    "consumed_train_samples", "consumed_valid_samples"}``, or None when ``args.load`` holds no
-    checkpoint (training starts from scratch unless ``--exit-on-missing-checkpoint``).
+    Honors ``no_load_optim`` (model only; the fp32 main params are refreshed from it),
+    ``no_load_rng`` and ``finetune`` (model only, iteration 0). Returns ``{"iteration",
+    "consumed_train_samples", "consumed_valid_samples"}``, or None when ``config.load`` holds no
+    checkpoint (training starts from scratch unless ``exit_on_missing_checkpoint``).
     """
     ps = parallel_state or get_parallel_state()
     chunks = _chunks(model)
-    root = args.load
+    root = config.load
     iteration = read_tracker(root) if root else None
     if iteration is None:
         msg = f"no checkpoint found at --load {root} ({TRACKER_FILENAME} missing)"
-        if getattr(args, "exit_on_missing_checkpoint", False):
+        if config.exit_on_missing_checkpoint:
             raise CheckpointError(msg + " and --exit-on-missing-checkpoint is set")
         if ps.rank == 0:
             print(f"WARNING: {msg}; training from scratch", flush=True)
@@ -434,8 +486,8 @@ def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler, ar
         check_model_state(chunk, state[key], path)
     for key, chunk in zip(keys, chunks):
         chunk.load_state_dict(state[key], strict=True)
-    finetune = bool(getattr(args, "finetune", False))
-    if not finetune and not args.no_load_optim and "optimizer" in state:
+    finetune = config.finetune
+    if not finetune and not config.no_load_optim and "optimizer" in state:
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["opt_param_scheduler"])
@@ -445,7 +497,7 @@ def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler, ar
                                   "only") from e
     else:
         optimizer.reload_model_params()
-    if not finetune and not args.no_load_rng and state.get("rng_state"):
+    if not finetune and not config.no_load_rng and state.get("rng_state"):
         ranks = state.get("rng_ranks", [])
         rngs = state["rng_state"]
         # A rank restores the state its own replica saved; with a new layout, the first one.

@@ -49,45 +49,84 @@ def check_recompute_modules(modules) -> tuple[str, ...]:
 @dataclass
 class ModelConfig:
     num_layers: int = 2
+    """Transformer layers in the whole model (all pipeline stages together)."""
     hidden_size: int = 64
+    """Width of the residual stream ``H``."""
     num_attention_heads: int = 4
+    """Query heads per layer."""
     num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention); None: ``num_attention_heads``."""
     ffn_hidden_size: int | None = None
+    """Inner width of the dense MLP (of each projection when gated); None:
+    ``4 * hidden_size``."""
     kv_channels: int | None = None
+    """Per-head dimension of queries, keys and values; None: ``hidden_size //
+    num_attention_heads``."""
     hidden_dropout: float = 0.0
+    """Dropout probability of the attention and MLP outputs before the residual add."""
     attention_dropout: float = 0.0
+    """Dropout probability of the attention weights."""
     normalization: str = "RMSNorm"
+    """``RMSNorm`` or ``LayerNorm``: the pre-norms of each layer and the final norm."""
     layernorm_epsilon: float = 1e-5
+    """Epsilon added to the variance in every norm."""
     qk_layernorm: bool = False
+    """Normalise queries and keys per head (over ``kv_channels``) before attention."""
     gated_linear_unit: bool = True
+    """Gated MLPs: ``act(x W_gate) * (x W_up)`` (SwiGLU with silu); the first
+    projection is ``[H, 2 * ffn]``."""
     activation_func: Callable = F.silu
-    # Megatron's name; here it fuses SwiGLU (silu, gated) in the expert MLPs (a Triton kernel
-    # on CUDA, see moecore.kernels.swiglu). False: the unfused torch ops.
+    """The MLP activation (silu for SwiGLU; Megatron's flags default to gelu)."""
     bias_swiglu_fusion: bool = True
+    """Fused SwiGLU (silu, gated) in the expert MLPs (Megatron's name): a Triton kernel on
+    CUDA, see moecore.kernels.swiglu. False: the unfused torch ops."""
     apply_rope_fusion: bool = True
-    # SDPA kernel (Megatron's --attention-backend): auto (PyTorch's pick), flash, fused (cuDNN),
-    # unfused / local (the math reference); see moecore.transformer.attention.SDPA_BACKENDS.
+    """Fused RoPE (a Triton kernel on CUDA); False: the torch ops."""
     attention_backend: str = "auto"
+    """SDPA kernel (Megatron's --attention-backend): auto (PyTorch's pick), flash, fused
+    (cuDNN), unfused / local (the math reference); see
+    moecore.transformer.attention.SDPA_BACKENDS."""
     add_bias_linear: bool = False
+    """Biases on the attention and dense MLP projections (MoE experts never have one)."""
     add_qkv_bias: bool = False
+    """A bias on the QKV projection only (when ``add_bias_linear`` is False)."""
     init_method_std: float = 0.02
-    # Std of the word and position embeddings' normal init (None: init_method_std).
+    """Std of the normal init of the weight matrices."""
     embedding_init_method_std: float | None = None
+    """Std of the word and position embeddings' normal init (None: init_method_std)."""
     apply_residual_connection_post_layernorm: bool = False
+    """The residual adds the normalised input instead of the layer's input."""
     rotary_base: float = 10000.0
+    """RoPE base ``theta`` of the rotation frequencies."""
     rotary_percent: float = 1.0
+    """Fraction of each head's dimension that RoPE rotates."""
     position_embedding_type: str = "rope"
+    """``rope``, ``learned_absolute`` or ``none``."""
     seq_length: int = 128
+    """Tokens per sequence ``S``."""
     vocab_size: int | None = None
+    """Padded vocabulary (rows of the embedding and output layer; a multiple of TP); None:
+    the model is given it."""
     share_embeddings_and_output_weights: bool = False
+    """Tie the output layer's weight to the word embedding."""
     params_dtype: torch.dtype = torch.float32
+    """dtype the parameters are created in (the optimizer keeps fp32 main copies of
+    bf16/fp16 ones)."""
     bf16: bool = False
+    """Compute in bfloat16."""
     fp16: bool = False
+    """Compute in float16 (the optimizer scales the loss)."""
     recompute_granularity: str | None = None
+    """Activation recompute in backward: ``full`` (whole layers), ``selective`` (the
+    ``recompute_modules``) or None."""
     recompute_method: str | None = None
+    """Under ``full``: ``uniform`` (chunks of ``recompute_num_layers`` layers, the default)
+    or ``block`` (the first ``recompute_num_layers`` layers of each stage)."""
     recompute_num_layers: int | None = None
-    # Under 'selective' granularity: the submodules to recompute (None: DEFAULT_RECOMPUTE_MODULES).
+    """Layers per recomputed chunk (``uniform``) or per stage (``block``); None: 1."""
     recompute_modules: tuple[str, ...] | None = None
+    """Under 'selective' granularity: the submodules to recompute (None:
+    DEFAULT_RECOMPUTE_MODULES)."""
 
     def _validate_model(self) -> None:
         if self.ffn_hidden_size is None:
@@ -125,43 +164,85 @@ class ModelConfig:
 @dataclass
 class MoEConfig:
     num_moe_experts: int | None = None
+    """Routed experts per MoE layer ``E``; None: a dense model."""
     moe_ffn_hidden_size: int | None = None
+    """Inner width of each routed expert's MLP; None: ``ffn_hidden_size``."""
     moe_router_topk: int = 2
+    """Experts each token is routed to ``k``."""
     moe_router_score_function: str = "softmax"
+    """``softmax`` or ``sigmoid`` of the router logits ``[T, E]`` (computed in
+    ``moe_router_dtype``)."""
     moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k (else over the k selected logits)."""
     moe_router_topk_scaling_factor: float | None = None
+    """Multiplier of the selected probabilities; None: 1."""
     moe_router_num_groups: int | None = None
+    """Group-limited routing: the experts form this many groups (None: off)."""
     moe_router_group_topk: int | None = None
+    """Groups each token's experts may come from (with ``moe_router_num_groups``)."""
     moe_router_load_balancing_type: str = "aux_loss"
+    """``aux_loss`` (per micro-batch), ``seq_aux_loss`` (per sequence),
+    ``global_aux_loss`` (over data parallel), ``sinkhorn`` or ``none``."""
     moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss; 0 turns it off."""
     moe_z_loss_coeff: float | None = None
+    """Weight of the router z-loss (mean squared logsumexp of the logits); None: off."""
     moe_input_jitter_eps: float | None = None
+    """Training only: multiply the router input by uniform noise in ``[1 - eps,
+    1 + eps]``; None: off."""
     moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias, added to the scores for the
+    top-k choice only, moved after each step towards equal expert loads."""
     moe_router_bias_update_rate: float = 1e-3
+    """Step size of that per-step expert-bias update."""
     moe_router_dtype: str = "fp32"
+    """Router compute dtype: ``fp32`` or ``fp64``."""
     moe_token_dispatcher_type: str = "allgather"
-    # ipc dispatcher: upper bound of the symmetric buffer per rank (grown on demand up to it).
+    """How tokens reach their experts across EP ranks: ``allgather``, ``alltoall``
+    or ``ipc`` (direct writes into peer GPUs' buffers)."""
     moe_ipc_buffer_max_mb: float = 4096.0
+    """ipc dispatcher: upper bound of the symmetric buffer per rank in MiB (grown on
+    demand up to it)."""
     moe_grouped_gemm: bool = False
+    """One grouped GEMM per projection over all local experts (``GroupedMLP``); False:
+    one MLP per expert (``SequentialMLP``)."""
     moe_grouped_gemm_backend: str = "auto"
+    """Grouped GEMM implementation, one of ``GROUPED_GEMM_BACKENDS`` (``auto``: chosen by
+    what runs here)."""
     moe_expert_capacity_factor: float | None = None
+    """Expert capacity as a multiple of the balanced load ``T * k / E``; tokens
+    over it are dropped. None: dropless."""
     moe_pad_expert_input_to_capacity: bool = False
+    """Pad every expert's input to its capacity (static shapes)."""
     moe_token_drop_policy: str = "probs"
+    """Over capacity, drop the lowest-``probs`` tokens or the latest by ``position``."""
     moe_shared_expert_intermediate_size: int | None = None
+    """Total inner width of the shared experts that every token passes
+    through; None: none."""
     moe_shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by ``sigmoid(hidden @ w)``
+    (``w``: ``[1, H]``)."""
     moe_shared_expert_overlap: bool = False
+    """Run the shared experts on a side CUDA stream, overlapping the routed path
+    (bit-identical)."""
     moe_layer_freq: int | list[int] = 1
-    # Fused Triton kernels (moecore.kernels): None = on where they run (CUDA, after a self-check),
-    # True = required (raise where they cannot run), False = the torch reference. The permute
-    # flag covers the dropless top-k gather; the top-k combine kernel is always auto.
+    """Which layers are MoE: an int ``N`` (every N-th from layer 0) or a 0/1 list of
+    ``num_layers`` entries."""
     moe_permute_fusion: bool | None = None
+    """Fused Triton dropless top-k permute (moecore.kernels): None = on where it runs
+    (CUDA, after a self-check), True = required (raise where it cannot run), False = the torch
+    reference. The top-k combine kernel is always auto."""
     moe_router_fusion: bool | None = None
-    # Benchmarking only: route on random logits (straight-through gradient), balanced load.
+    """Fused Triton router (score function, top-k, normalisation); None / True /
+    False as ``moe_permute_fusion``."""
     moe_router_force_load_balancing: bool = False
-    # Llama-4 style (top-1): scale each token by its routing probability before the experts
-    # and combine unweighted, instead of weighting the expert output.
+    """Benchmarking only: route on random logits (straight-through gradient),
+    balanced load."""
     moe_apply_probs_on_input: bool = False
+    """Llama-4 style (top-1): scale each token by its routing probability before the
+    experts and combine unweighted, instead of weighting the expert output."""
     moe_layer_recompute: bool = False
+    """Recompute each MoE layer in backward instead of keeping its activations."""
 
     def _validate_moe(self) -> None:
         if self.num_moe_experts is None:
@@ -220,11 +301,19 @@ class MoEConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP): heads and MLP columns are split over it."""
     pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (PP): the layers are split into this many stages."""
     context_parallel_size: int = 1
+    """Context-parallel size (CP); only 1 so far."""
     expert_model_parallel_size: int = 1
+    """Expert-parallel size (EP): the routed experts are split over it."""
     expert_tensor_parallel_size: int | None = None
+    """Tensor-parallel size inside each expert (ETP); None:
+    ``tensor_model_parallel_size``."""
     sequence_parallel: bool = False
+    """Split the activations outside the TP regions along the sequence over TP (needed
+    for MoE at TP > 1; off at TP = 1)."""
 
     def _validate_parallel(self) -> None:
         tp = self.tensor_model_parallel_size

@@ -392,6 +392,9 @@ def _add_moe_args(p):
                    help="Int N (every N-th layer is MoE) or a pattern like '([0]*1+[1]*3)*4'.")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
     g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="Scale the shared experts' output per token by a sigmoid gate "
+                        "(needs --moe-shared-expert-intermediate-size).")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="Run the shared experts on a side CUDA stream, overlapping the routed "
                    "path (dispatch, experts, combine) forward and backward; bit-identical.")

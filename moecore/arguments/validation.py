@@ -9,9 +9,13 @@ import ast
 import os
 
 import torch
-import torch.nn.functional as F
 
-from moecore.config import DEFAULT_RECOMPUTE_MODULES, TransformerConfig, check_recompute_modules
+from moecore.arguments.checkpoint_args import apply_checkpoint_args
+from moecore.arguments.config_flags import transformer_config_from_args
+from moecore.batch_rampup import rampup_from_args
+from moecore.config import DEFAULT_RECOMPUTE_MODULES, check_recompute_modules
+from moecore.data.tokenizers import TOKENIZER_TYPES
+from moecore.pipeline_parallel.layout import pipeline_layer_layout
 from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
 
 # ---- --moe-layer-freq ------------------------------------------------------------------------
@@ -96,8 +100,6 @@ def _not_supported_yet(args) -> None:
     if args.moe_token_dispatcher_type == "flex":
         raise ValueError("--moe-token-dispatcher-type flex (DeepEP) is not supported; use "
                          "alltoall, allgather or ipc")
-    from moecore.data.tokenizers import TOKENIZER_TYPES
-
     if args.tokenizer_type is not None and args.tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported; choose one "
                          f"of {list(TOKENIZER_TYPES)}")
@@ -164,8 +166,6 @@ def _validate_parallel(args, world_size: int) -> None:
 
 def _validate_pipeline_and_ddp(args) -> None:
     """Virtual/uneven pipeline stages and the distributed-optimizer flags."""
-    from moecore.pipeline_parallel.layout import pipeline_layer_layout
-
     pp = args.pipeline_model_parallel_size
     per_stage, chunks = (args.num_layers_per_virtual_pipeline_stage,
                          args.num_virtual_stages_per_pipeline_rank)
@@ -214,8 +214,6 @@ def _validate_decoupled_lr(args) -> None:
 def _validate_rampup(args):
     """The ramp of ``--rampup-batch-size`` (None without it); every size it passes through
     must split into micro-batches the schedule takes."""
-    from moecore.training.rampup import rampup_from_args
-
     ramp = rampup_from_args(args)
     if ramp is not None and args.virtual_pipeline_model_parallel_size:
         pp = args.pipeline_model_parallel_size
@@ -420,7 +418,7 @@ def _validate_cuda_graph(args) -> None:
             "token dropping sizes its buffers on the host; use dropless routing"),
         "--moe-router-load-balancing-type global_aux_loss and data parallelism": (
             args.num_experts is not None and args.moe_router_load_balancing_type ==
-            "global_aux_loss" and getattr(args, "data_parallel_size", 1) > 1,
+            "global_aux_loss" and args.data_parallel_size > 1,
             "it all-reduces the token counts over data parallel inside the forward; use "
             "aux_loss or seq_aux_loss"),
         "--moe-router-load-balancing-type sinkhorn": (
@@ -443,35 +441,6 @@ def _validate_cuda_graph(args) -> None:
                          "(Triton kernels compile and self-check eagerly before a capture)")
 
 
-# Filled from the checkpoint only where the command line left them unset (None).
-_CHECKPOINT_DEFAULTS = ("seq_length", "tokenizer_type", "tokenizer_model", "vocab_file",
-                        "merge_file", "vocab_size")
-
-
-def apply_checkpoint_args(args: argparse.Namespace) -> dict:
-    """``--use-checkpoint-args`` (Megatron's): the model's shape and layout come from the args
-    saved with ``--load``'s latest checkpoint, overriding the command line (the flags
-    ``tools/checkpoint`` prints for a model, :data:`moecore.convert.model_args.MODEL_DESTS` and
-    ``PARALLEL_DESTS``); sequence length and tokenizer fill in only where unset. Returns the
-    values taken."""
-    from moecore.checkpointing import read_checkpoint_args
-    from moecore.convert.model_args import MODEL_DESTS, PARALLEL_DESTS
-
-    if not args.load:
-        raise ValueError("--use-checkpoint-args reads the checkpoint in --load; pass --load DIR")
-    saved = read_checkpoint_args(args.load)
-    taken = {}
-    for dest in MODEL_DESTS + PARALLEL_DESTS + _CHECKPOINT_DEFAULTS:
-        if dest not in saved:
-            continue
-        if dest in _CHECKPOINT_DEFAULTS and getattr(args, dest, None) is not None:
-            continue
-        setattr(args, dest, saved[dest])
-        taken[dest] = saved[dest]
-    args.checkpoint_args_taken = taken
-    return taken
-
-
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Check cross-flag consistency and fill derived values, as Megatron's ``validate_args``.
 
@@ -481,7 +450,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     """
     if world_size is None:
         world_size = int(os.getenv("WORLD_SIZE", "1"))
-    if getattr(args, "use_checkpoint_args", False):
+    if args.use_checkpoint_args:
         apply_checkpoint_args(args)
     _not_supported_yet(args)
     _validate_model_shape(args)
@@ -500,92 +469,3 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
                              f"--num-layers is {args.num_layers}")
     transformer_config_from_args(args)  # the config validates shapes against parallel sizes
     return args
-
-
-# ---- TransformerConfig ---------------------------------------------------------------------------
-def _activation(args):
-    if args.swiglu:
-        return F.silu
-    if args.squared_relu:
-        return lambda x: torch.pow(F.relu(x), 2)
-    if args.openai_gelu:
-        return lambda x: F.gelu(x, approximate="tanh")
-    return F.gelu
-
-
-def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """Map validated args to :class:`TransformerConfig` (Megatron's ``core_transformer_config``).
-
-    ``vocab_size`` is ``args.padded_vocab_size`` when the trainer has set it (after building the
-    tokenizer), else None.
-    """
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    return TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size, kv_channels=args.kv_channels,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        qk_layernorm=args.qk_layernorm, gated_linear_unit=args.swiglu,
-        activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
-        bias_swiglu_fusion=args.bias_swiglu_fusion, apply_rope_fusion=args.apply_rope_fusion,
-        attention_backend=args.attention_backend,
-        add_qkv_bias=args.add_qkv_bias, init_method_std=args.init_method_std,
-        embedding_init_method_std=args.embedding_init_method_std,
-        apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
-        rotary_base=float(args.rotary_base), rotary_percent=args.rotary_percent,
-        position_embedding_type=args.position_embedding_type, seq_length=args.seq_length,
-        vocab_size=getattr(args, "padded_vocab_size", None),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        params_dtype=dtype, bf16=args.bf16, fp16=args.fp16,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        recompute_modules=(None if args.recompute_modules is None
-                           else tuple(args.recompute_modules)),
-        num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_router_topk=args.moe_router_topk,
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        moe_router_num_groups=args.moe_router_num_groups,
-        moe_router_group_topk=args.moe_router_group_topk,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
-        moe_input_jitter_eps=args.moe_input_jitter_eps,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        moe_router_dtype=args.moe_router_dtype or "fp32",
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_ipc_buffer_max_mb=args.moe_ipc_buffer_max_mb,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_grouped_gemm_backend=args.moe_grouped_gemm_backend,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_token_drop_policy=args.moe_token_drop_policy,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_shared_expert_overlap=args.moe_shared_expert_overlap,
-        moe_layer_freq=args.moe_layer_freq, moe_permute_fusion=args.moe_permute_fusion,
-        moe_router_fusion=args.moe_router_fusion, moe_layer_recompute=args.moe_layer_recompute,
-        moe_router_force_load_balancing=args.moe_router_force_load_balancing,
-        moe_apply_probs_on_input=args.moe_apply_probs_on_input,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-    )
-
-
-def args_to_dict(args: argparse.Namespace) -> dict:
-    """Plain-Python view of ``args`` (str/int/float/bool/None/lists) for checkpoints and logs."""
-    out = {}
-    for k, v in sorted(vars(args).items()):
-        if v is None or isinstance(v, (bool, int, float, str)):
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(
-                x is None or isinstance(x, (bool, int, float, str)) for x in v):
-            out[k] = list(v)
-        else:
-            out[k] = repr(v)
-    return out

@@ -15,30 +15,12 @@ import copy
 import torch
 
 from moecore.arguments import build_parser, transformer_config_from_args
+from moecore.arguments.checkpoint_args import MODEL_DESTS, PARALLEL_DESTS
 from moecore.convert.reshard import Layout, model_keys
 from moecore.data.tokenizers import vocab_size_with_padding
+from moecore.models import GPTModel
 from moecore.parallel_state import ParallelState
 
-# Flags printed for a converted model, in this order: the model, then its layout and precision.
-MODEL_DESTS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-    "group_query_attention", "num_query_groups", "max_position_embeddings",
-    "position_embedding_type", "rotary_base", "rotary_percent", "normalization", "norm_epsilon",
-    "qk_layernorm", "swiglu", "squared_relu", "openai_gelu", "add_bias_linear", "add_qkv_bias",
-    "untie_embeddings_and_output_weights", "apply_residual_connection_post_layernorm",
-    "make_vocab_size_divisible_by", "init_method_std", "attention_dropout", "hidden_dropout",
-    "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk",
-    "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
-    "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
-    "moe_shared_expert_intermediate_size", "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_input_jitter_eps", "moe_grouped_gemm",
-)
-PARALLEL_DESTS = (
-    "tensor_model_parallel_size", "pipeline_model_parallel_size",
-    "num_virtual_stages_per_pipeline_rank", "decoder_first_pipeline_num_layers",
-    "decoder_last_pipeline_num_layers", "expert_model_parallel_size",
-    "expert_tensor_parallel_size", "sequence_parallel", "use_tp_pp_dp_mapping", "bf16", "fp16",
-)
 # Printed even at their default value: they define the model's shape.
 _ALWAYS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
            "max_position_embeddings", "position_embedding_type", "normalization", "norm_epsilon",
@@ -71,7 +53,7 @@ def complete_model_args(ns: argparse.Namespace) -> argparse.Namespace:
     for flag in ("num_layers", "hidden_size", "num_attention_heads"):
         if getattr(ns, flag) is None:
             raise ValueError(f"the model args lack --{flag.replace('_', '-')}")
-    if getattr(ns, "use_rotary_position_embeddings", False):
+    if ns.use_rotary_position_embeddings:
         ns.position_embedding_type = "rope"
     if not ns.group_query_attention:
         ns.num_query_groups = ns.num_attention_heads
@@ -85,9 +67,10 @@ def complete_model_args(ns: argparse.Namespace) -> argparse.Namespace:
 
 def virtual_stages(ns: argparse.Namespace) -> int:
     """Model chunks per pipeline rank from either of Megatron's two virtual-pipeline flags."""
-    vp = getattr(ns, "virtual_pipeline_model_parallel_size", None) or getattr(
-        ns, "num_virtual_stages_per_pipeline_rank", None)
-    per_stage = getattr(ns, "num_layers_per_virtual_pipeline_stage", None)
+    # virtual_pipeline_model_parallel_size: set by validation, absent from unvalidated args
+    vp = vars(ns).get("virtual_pipeline_model_parallel_size") or \
+        ns.num_virtual_stages_per_pipeline_rank
+    per_stage = ns.num_layers_per_virtual_pipeline_stage
     if not vp and per_stage:
         vp = ns.num_layers // (ns.pipeline_model_parallel_size * per_stage)
     return vp or 1
@@ -98,8 +81,8 @@ def layout_of_args(ns: argparse.Namespace) -> Layout:
                   ep=ns.expert_model_parallel_size, etp=ns.expert_tensor_parallel_size,
                   order=TP_PP_DP_ORDER if ns.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
                   vp=virtual_stages(ns),
-                  first=getattr(ns, "decoder_first_pipeline_num_layers", None),
-                  last=getattr(ns, "decoder_last_pipeline_num_layers", None))
+                  first=ns.decoder_first_pipeline_num_layers,
+                  last=ns.decoder_last_pipeline_num_layers)
 
 
 def auto_divisible_by(true_vocab_size: int, tp: int) -> int:
@@ -169,8 +152,6 @@ def expected_shard_state(ns: argparse.Namespace, ps: ParallelState
     """``{state key: {local name: (shape, dtype)}}`` of rank ``ps``'s model chunks (state key
     ``model``, or ``model0``, ``model1``, ... with virtual pipeline stages): the chunks built as
     the trainer builds them, on the ``meta`` device (no memory, no process groups)."""
-    from moecore.models import GPTModel
-
     config = transformer_config(ns)
     chunks = layout_of_args(ns).chunks(ns.num_layers)[ps.pp_rank]
     out = {}
@@ -207,7 +188,7 @@ def pretrain_flags(ns: argparse.Namespace) -> list[str]:
     for dest in MODEL_DESTS + PARALLEL_DESTS:
         if dest not in actions:
             continue
-        action, value = actions[dest], getattr(ns, dest, None)
+        action, value = actions[dest], getattr(ns, dest)
         flag = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
             out += [flag] if value else []

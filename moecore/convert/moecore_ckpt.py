@@ -20,7 +20,6 @@ import sys
 
 import torch
 
-from moecore.arguments import args_to_dict
 from moecore.checkpointing import (
     CHECKPOINT_FILENAME,
     CHECKPOINT_VERSION,
@@ -28,6 +27,7 @@ from moecore.checkpointing import (
     _layout,
     _replace_tracker,
     _write_file,
+    args_to_dict,
     iteration_dir,
     read_tracker,
 )

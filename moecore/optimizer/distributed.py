@@ -17,7 +17,7 @@ Checkpoints hold the state in a data-parallel-independent form: for every parame
 ``model_params`` order) its full fp32 main value and both moments, gathered over the
 data-parallel group. Loading re-slices them for the current data-parallel size, so a run saved
 at DP=4 resumes at DP=2. Plain-optimizer checkpoints load too (and vice versa, see
-:func:`full_state_to_plain`).
+:mod:`moecore.optimizer.full_state`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,18 @@ import torch
 from torch import nn
 
 from moecore.optimizer.clip_grads import get_grad_norm_fp32
+from moecore.optimizer.full_state import (
+    FULL_STATE_FORMAT,
+    HALF_DTYPES,
+    MOMENTS,
+    check_full_state,
+    group_hparams,
+    plain_state_to_full,
+)
 from moecore.optimizer.grad_buffer import DataParallelGradSync, GradBuffer, _all_gather
 from moecore.optimizer.grad_scaler import ConstantGradScaler
-from moecore.optimizer.optimizer import _HALF, _PARAM_ATTRS, MegatronOptimizer, is_fused, make_adamw
+from moecore.optimizer.optimizer import _PARAM_ATTRS, MegatronOptimizer, is_fused, make_adamw
 from moecore.parallel_state import ParallelState, get_parallel_state
-
-FULL_STATE_FORMAT = "moecore-per-parameter-adam"
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(eq=False)
@@ -51,7 +56,7 @@ class _Piece:
 
     @property
     def half(self) -> bool:
-        return self.param.dtype in _HALF
+        return self.param.dtype in HALF_DTYPES
 
     def grad(self) -> torch.Tensor:
         return self.buffer.grad_data[self.lo:self.hi]
@@ -122,7 +127,7 @@ class DistributedOptimizer(MegatronOptimizer):
                 continue
             if p.dtype == torch.float32:
                 main = buf.param_data[lo:hi]  # the parameter itself: updated in place
-            elif p.dtype in _HALF:
+            elif p.dtype in HALF_DTYPES:
                 main = buf.param_data[lo:hi].detach().float()
             else:
                 raise ValueError(f"cannot optimise a parameter of dtype {p.dtype} with the "
@@ -140,7 +145,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     @property
     def is_mixed_precision(self) -> bool:
-        return any(p.dtype in _HALF for p in self.model_params)
+        return any(p.dtype in HALF_DTYPES for p in self.model_params)
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state on this rank: fp32 main slices of low-precision params, fp32
@@ -148,7 +153,7 @@ class DistributedOptimizer(MegatronOptimizer):
         two moments (fp32, or bf16 under the precision-aware optimizer) of this rank's
         slices."""
         n_main = sum(pc.hi - pc.lo for pc in self.pieces if pc.half)
-        n_grad = sum(p.numel() for p in self.model_params if p.dtype in _HALF)
+        n_grad = sum(p.numel() for p in self.model_params if p.dtype in HALF_DTYPES)
         n_all = sum(pc.hi - pc.lo for pc in self.pieces)
         moments = self._moment_bytes()
         out = {"main_params": 4 * n_main, "main_grads": 4 * n_grad,
@@ -203,7 +208,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def _local_full(self, pc: _Piece) -> dict[str, torch.Tensor]:
         state = self.optimizer.state.get(pc.main, {})
         return {"main": pc.main.detach(),
-                **{k: state[k] if k in state else torch.zeros_like(pc.main) for k in _MOMENTS}}
+                **{k: state[k] if k in state else torch.zeros_like(pc.main) for k in MOMENTS}}
 
     @torch.no_grad()
     def state_dict(self, keep: bool = True) -> dict | None:
@@ -213,7 +218,7 @@ class DistributedOptimizer(MegatronOptimizer):
         takes part in the gathers without assembling the result (returns None), so only the
         rank that writes the checkpoint holds the whole state (one bucket at a time elsewhere).
         """
-        fields = ("main",) + _MOMENTS
+        fields = ("main",) + MOMENTS
         full = [dict.fromkeys(fields) for _ in self.model_params]
         for buf in self.grad_sync.buffers:
             for bucket in buf.buckets:
@@ -244,7 +249,7 @@ class DistributedOptimizer(MegatronOptimizer):
             return None
         steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
         return {"format": FULL_STATE_FORMAT, "step": int(max(steps)) if steps else 0,
-                "param_groups": [_group_hparams(g) for g in self.optimizer.param_groups],
+                "param_groups": [group_hparams(g) for g in self.optimizer.param_groups],
                 "params": full,
                 "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict()}
 
@@ -258,7 +263,7 @@ class DistributedOptimizer(MegatronOptimizer):
             g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas",
                                                                "eps")})
         step = int(state["step"])
-        dtypes = {k: d or torch.float32 for k, d in zip(_MOMENTS, self.moment_dtypes)}
+        dtypes = {k: d or torch.float32 for k, d in zip(MOMENTS, self.moment_dtypes)}
         for pc in self.pieces:
             saved = {k: pc.slice_of(t) for k, t in state["params"][pc.index].items()}
             pc.main.copy_(saved["main"])
@@ -270,69 +275,8 @@ class DistributedOptimizer(MegatronOptimizer):
                 self.optimizer.state[pc.main] = {
                     "step": torch.tensor(float(step), device=pc.main.device
                                          if is_fused(self.optimizer) else "cpu"),
-                    **{k: saved[k].to(dtypes[k], copy=True) for k in _MOMENTS}}
+                    **{k: saved[k].to(dtypes[k], copy=True) for k in MOMENTS}}
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.grad_sync.start_param_sync()
         self.grad_sync.finish_param_sync()
-
-
-def _group_hparams(g: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
-            if k in ("lr", "weight_decay", "betas", "eps", "name")}
-
-
-def check_full_state(state: dict, model_params: list) -> None:
-    """Raise ``ValueError`` when a per-parameter state does not fit ``model_params``."""
-    params = state["params"]
-    if len(params) != len(model_params):
-        raise ValueError(f"optimizer state has {len(params)} parameters but the model has "
-                         f"{len(model_params)}")
-    for i, (s, p) in enumerate(zip(params, model_params)):
-        if tuple(s["main"].shape) != tuple(p.shape):
-            raise ValueError(f"optimizer state of parameter #{i} has shape "
-                             f"{tuple(s['main'].shape)} but the model's is {tuple(p.shape)}")
-
-
-def plain_state_to_full(state: dict, model_params: list) -> dict:
-    """:class:`MegatronOptimizer` state -> per-parameter form (fp32 params' main values are the
-    model's current weights, which the checkpoint loaded first)."""
-    if "optimizer" not in state:
-        raise ValueError("unrecognised optimizer state (neither a plain nor a distributed "
-                         "optimizer checkpoint)")
-    torch_state = state["optimizer"]
-    halves = iter(state.get("fp32_from_fp16_params") or [])
-    per_param = torch_state.get("state", {})
-    full, steps = [], []
-    for i, p in enumerate(model_params):
-        main = next(halves, None) if p.dtype in _HALF else p.detach()
-        if main is None:
-            raise ValueError("the plain optimizer state has no fp32 main copy of parameter "
-                             f"#{i} (saved with a different precision)")
-        s = per_param.get(i, {})
-        if "step" in s:
-            steps.append(float(s["step"]))
-        full.append({"main": main.float().cpu(),
-                     **{k: s[k].float().cpu() if k in s else torch.zeros(p.shape)
-                        for k in _MOMENTS}})
-    return {"format": FULL_STATE_FORMAT, "step": int(max(steps)) if steps else 0,
-            "param_groups": torch_state.get("param_groups", []), "params": full,
-            "grad_scaler": state.get("grad_scaler")}
-
-
-def full_state_to_plain(state: dict, optimizer: MegatronOptimizer) -> dict:
-    """Per-parameter form -> the state dict :class:`MegatronOptimizer` loads."""
-    check_full_state(state, optimizer.model_params)
-    torch_sd = optimizer.optimizer.state_dict()
-    step = int(state["step"])
-    params = state["params"]
-    torch_sd["state"] = {} if step == 0 else {
-        i: {"step": torch.tensor(float(step)), **{k: params[i][k].clone() for k in _MOMENTS}}
-        for i in range(len(params))}
-    for g, saved in zip(torch_sd["param_groups"], state["param_groups"]):
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
-                  if k in ("lr", "weight_decay", "betas", "eps")})
-    halves = [params[i]["main"] for i, (m, p) in
-              enumerate(zip(optimizer.main_params, optimizer.model_params)) if m is not p]
-    return {"optimizer": torch_sd, "grad_scaler": state.get("grad_scaler"),
-            "fp32_from_fp16_params": halves}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from moecore.optimizer.optimizer_config import OptimizerConfig
+
 
 class ConstantGradScaler:
     """A fixed loss scale (``--loss-scale``); ``update`` never changes it."""
@@ -88,13 +90,13 @@ class DynamicGradScaler(ConstantGradScaler):
         self._hysteresis_tracker = int(state["hysteresis_tracker"])
 
 
-def build_grad_scaler(args) -> ConstantGradScaler | None:
-    """The scaler for ``args``: None unless ``--fp16`` (bf16 and fp32 need no loss scaling)."""
-    if not args.fp16:
+def build_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
+    """The scaler for ``config``: None unless ``fp16`` (bf16 and fp32 need no loss scaling)."""
+    if not config.fp16:
         return None
-    if args.loss_scale is not None:
-        return ConstantGradScaler(args.loss_scale)
-    return DynamicGradScaler(initial_scale=args.initial_loss_scale,
-                             min_scale=args.min_loss_scale, growth_factor=2.0,
-                             backoff_factor=0.5, growth_interval=int(args.loss_scale_window),
-                             hysteresis=args.hysteresis)
+    if config.loss_scale is not None:
+        return ConstantGradScaler(config.loss_scale)
+    return DynamicGradScaler(initial_scale=config.initial_loss_scale,
+                             min_scale=config.min_loss_scale, growth_factor=2.0,
+                             backoff_factor=0.5, growth_interval=int(config.loss_scale_window),
+                             hysteresis=config.hysteresis)

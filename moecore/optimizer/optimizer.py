@@ -25,14 +25,15 @@ from torch import nn
 from moecore.kernels import optim as kernels_optim
 from moecore.kernels.optim import TritonAdamW
 from moecore.optimizer.clip_grads import clip_grad_norm, count_zeros_fp32, get_grad_norm_fp32
-from moecore.optimizer.grad_scaler import ConstantGradScaler, build_grad_scaler
+from moecore.optimizer.full_state import FULL_STATE_FORMAT, HALF_DTYPES, full_state_to_plain
+from moecore.optimizer.grad_scaler import ConstantGradScaler
 from moecore.optimizer.grad_sync import attach_main_grad, model_grad, reset_main_grad
 from moecore.parallel_state import ParallelState, get_parallel_state
 
 # Attributes the norm/sync code reads; main copies must carry them.
 _PARAM_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride",
                 "sequence_parallel", "allreduce", "expert_parallel")
-_HALF = (torch.float16, torch.bfloat16)
+_HALF = HALF_DTYPES
 
 
 def get_param_groups(model: nn.Module | list[nn.Module], decoupled_lr: float | None = None,
@@ -328,8 +329,6 @@ class MegatronOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Load optimizer state (also a distributed optimizer's per-parameter state); raises
         ``ValueError`` when the parameter layout differs."""
-        from moecore.optimizer.distributed import FULL_STATE_FORMAT, full_state_to_plain
-
         if state.get("format") == FULL_STATE_FORMAT:
             state = full_state_to_plain(state, self)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -350,53 +349,3 @@ class MegatronOptimizer:
             m.copy_(s)
         if mains and not saved:
             self.reload_model_params()
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def moment_dtypes_from_args(args) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """``(exp_avg, exp_avg_sq)`` dtypes: ``--exp-avg-dtype`` / ``--exp-avg-sq-dtype`` under
-    ``--use-precision-aware-optimizer`` (fp32 means the parameter's dtype), else (None, None)."""
-    if not getattr(args, "use_precision_aware_optimizer", False):
-        return None, None
-    return tuple(None if name == "fp32" else _DTYPES[name]
-                 for name in (args.exp_avg_dtype, args.exp_avg_sq_dtype))
-
-
-def get_megatron_optimizer(model: nn.Module | list[nn.Module], args,
-                           parallel_state: ParallelState | None = None) -> MegatronOptimizer:
-    """AdamW from Megatron flags: ``--lr --weight-decay --adam-beta1/2 --adam-eps --clip-grad``,
-    the fp16 loss-scale flags (see :func:`build_grad_scaler`), and ``--use-distributed-optimizer``
-    / ``--overlap-grad-reduce`` / ``--overlap-param-gather`` / ``--ddp-bucket-size``, which put
-    the gradients in bucketed buffers (:class:`DataParallelGradSync`, as ``optimizer.grad_sync``).
-    """
-    from moecore.optimizer.distributed import DistributedOptimizer
-    from moecore.optimizer.grad_buffer import DataParallelGradSync, default_bucket_size
-
-    ps = parallel_state or get_parallel_state()
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    dist_opt = bool(getattr(args, "use_distributed_optimizer", False))
-    overlap = bool(getattr(args, "overlap_grad_reduce", False))
-    grad_sync = None
-    if dist_opt or overlap:
-        bucket = getattr(args, "ddp_bucket_size", None)
-        if bucket is None and overlap:
-            bucket = default_bucket_size(ps.world_size_of("data_parallel_with_cp"))
-        grad_sync = DataParallelGradSync(
-            chunks, ps, shard=dist_opt, overlap_grad_reduce=overlap,
-            overlap_param_gather=bool(getattr(args, "overlap_param_gather", False)),
-            bucket_size=bucket)
-    kwargs = dict(lr=args.lr, weight_decay=args.start_weight_decay
-                  if getattr(args, "start_weight_decay", None) is not None else args.weight_decay,
-                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                  clip_grad=args.clip_grad, grad_scaler=build_grad_scaler(args),
-                  parallel_state=ps,
-                  check_for_nan=getattr(args, "check_for_nan_in_loss_and_grad", True),
-                  moment_dtypes=moment_dtypes_from_args(args),
-                  log_num_zeros_in_grad=bool(getattr(args, "log_num_zeros_in_grad", False)))
-    groups = get_param_groups(chunks, getattr(args, "decoupled_lr", None),
-                              getattr(args, "decoupled_min_lr", None))
-    if dist_opt:
-        return DistributedOptimizer(groups, grad_sync, **kwargs)
-    return MegatronOptimizer(groups, grad_sync=grad_sync, **kwargs)

@@ -17,9 +17,12 @@ from moecore.data import (
     build_train_valid_test_datasets,
 )
 from moecore.data.tokenizers import vocab_size_with_padding
+from moecore.models import GPTModel
+from moecore.models.gpt import LanguageModelEmbedding
 from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
+from moecore.transformer.layer import TransformerLayer
 
 
 def build_tokenizer_from_args(args):
@@ -41,8 +44,6 @@ def default_model_provider(config: TransformerConfig, args, ps: ParallelState,
     ``stage`` (pipeline parallel): ``pre_process``, ``post_process``, ``layer_offset``,
     ``num_layers`` of one model chunk.
     """
-    from moecore.models import GPTModel
-
     tied = not args.untie_embeddings_and_output_weights
     return GPTModel(config, vocab_size=args.padded_vocab_size,
                     max_sequence_length=args.max_position_embeddings,
@@ -54,9 +55,8 @@ def default_model_provider(config: TransformerConfig, args, ps: ParallelState,
 def pipeline_layout(args, ps: ParallelState) -> list[tuple[int, int]]:
     """``[(layer_offset, num_layers)]`` of this rank's model chunks (one per virtual stage)."""
     return pipeline_layer_layout(
-        args.num_layers, ps.pp_size, getattr(args, "virtual_pipeline_model_parallel_size", None)
-        or 1, getattr(args, "decoder_first_pipeline_num_layers", None),
-        getattr(args, "decoder_last_pipeline_num_layers", None))[ps.pp_rank]
+        args.num_layers, ps.pp_size, args.virtual_pipeline_model_parallel_size or 1,
+        args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)[ps.pp_rank]
 
 
 def _stage_kwargs(layout: list[tuple[int, int]], ps: ParallelState) -> list[dict]:
@@ -75,9 +75,6 @@ def _gpt_chunks_as_one_model(config, args, ps: ParallelState, stages: list[dict]
     them, so any pipeline layout starts from the same model. Costs the draws of the layers before
     this rank's last chunk, one layer in memory at a time.
     """
-    from moecore.models.gpt import LanguageModelEmbedding
-    from moecore.transformer.layer import TransformerLayer
-
     chunks = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # stage 0's default seed (set_seeds adds 100 * pp_rank)
@@ -132,7 +129,7 @@ def train_valid_test_num_samples(args) -> tuple[int, int, int]:
 
 
 def build_datasets(args, tokenizer):
-    if getattr(args, "train_data_path", None):
+    if args.train_data_path:
         return build_per_split_datasets(
             [args.train_data_path, args.valid_data_path, args.test_data_path], args.seq_length,
             train_valid_test_num_samples(args), args.seed, tokenizer.eod, args.eod_mask_loss)

@@ -20,6 +20,8 @@ from datetime import datetime
 
 import torch.distributed as dist
 
+from moecore.checkpointing import args_to_dict
+
 
 def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -94,8 +96,6 @@ class MetricWriters:
                 print("WARNING: --wandb-project is set but wandb is not installed "
                       "(pip install wandb); not logging to wandb", file=sys.stderr, flush=True)
                 return
-            from moecore.arguments import args_to_dict
-
             save_dir = args.wandb_save_dir or (args.save or ".")
             wandb.init(project=args.wandb_project, name=args.wandb_exp_name or None,
                        entity=args.wandb_entity or None, dir=save_dir, config=args_to_dict(args))

@@ -15,10 +15,17 @@ from torch import nn
 
 from moecore import parallel_state as mpu
 from moecore.arguments import parse_args
-from moecore.checkpointing import finalize_async_save, load_checkpoint, save_checkpoint
+from moecore.batch_rampup import batch_sizes_from_args
+from moecore.checkpointing import (
+    CheckpointConfig,
+    finalize_async_save,
+    load_checkpoint,
+    save_checkpoint,
+)
 from moecore.moe.losses import MoELossTracker
 from moecore.optimizer import (
     MegatronOptimizer,
+    OptimizerConfig,
     build_scheduler,
     finalize_model_grads,
     get_megatron_optimizer,
@@ -29,7 +36,6 @@ from moecore.training import builders, initialize
 from moecore.training.cuda_graph import MicroBatchGraphs
 from moecore.training.logger import print_rank_0
 from moecore.training.profiling import TrainingProfiler
-from moecore.training.rampup import rampup_from_args
 from moecore.training.state import RunState
 
 
@@ -187,9 +193,8 @@ def _reported_loss(store: list[dict], ps: ParallelState, device,
 
 
 def _run_schedule(chunks, batches, args, ps, forward_only, optimizer=None) -> list[dict]:
-    schedule = get_forward_backward_func(
-        getattr(args, "virtual_pipeline_model_parallel_size", None), ps)
-    per_token = getattr(args, "calculate_per_token_loss", False)
+    schedule = get_forward_backward_func(args.virtual_pipeline_model_parallel_size, ps)
+    per_token = args.calculate_per_token_loss
     grad_scale_func = None if optimizer is None else optimizer.scale_loss
     if per_token and grad_scale_func is not None:
         grad_scale_func = _per_token_grad_scale(batches, ps, grad_scale_func)
@@ -224,8 +229,11 @@ class PhaseTimer:
 
 
 def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
-               args, ps: ParallelState, graphs: MicroBatchGraphs | None = None) -> dict:
-    """One iteration over ``args.num_microbatches`` micro-batches.
+               args, ps: ParallelState, graphs: MicroBatchGraphs | None = None,
+               num_microbatches: int | None = None, global_batch_size: int | None = None
+               ) -> dict:
+    """One iteration over ``num_microbatches`` micro-batches of a ``global_batch_size`` batch
+    (default: ``args``'; under ``--rampup-batch-size`` the loop passes each step's).
 
     ``model`` is a module or this rank's list of pipeline model chunks; ``data_iterator``
     yields micro-batches, or is a :class:`BatchPrefetcher` (``pretrain``'s), which this step
@@ -239,6 +247,8 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     With ``graphs`` (``--cuda-graph-impl local``) each micro-batch's forward-backward is a
     replayed CUDA graph after the warm-up iterations.
     """
+    n = args.num_microbatches if num_microbatches is None else num_microbatches
+    global_batch_size = args.global_batch_size if global_batch_size is None else global_batch_size
     chunks = _chunks(model)
     device = torch.device(args.device)
     timer = PhaseTimer(device)
@@ -247,10 +257,9 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
         c.train()
     prefetcher = data_iterator if isinstance(data_iterator, BatchPrefetcher) else None
     if prefetcher is not None:
-        batches = prefetcher.take(args.num_microbatches)
+        batches = prefetcher.take(n)
     else:
-        batches = _next_batches(data_iterator, args.num_microbatches, device,
-                                _TRAIN_DATA_RAN_OUT)
+        batches = _next_batches(data_iterator, n, device, _TRAIN_DATA_RAN_OUT)
     optimizer.zero_grad()
     MoELossTracker.clear()
     timer.mark("batch")
@@ -261,7 +270,7 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
                            partial(_run_schedule, chunks, batches, args, ps, False, optimizer),
                            optimizer.scale_loss)
     if prefetcher is not None:  # the GPU is busy with this iteration: fetch the next one
-        prefetcher.prefetch(args.num_microbatches)
+        prefetcher.prefetch(n)
     timer.mark("forward-backward")
     finalize_model_grads(chunks, ps, getattr(optimizer, "grad_sync", None))
     timer.mark("grad-sync")
@@ -273,9 +282,8 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
         update_expert_bias([m for c in chunks for m in c.modules()
                             if isinstance(m, TopKRouter)], ps)
     if updated:
-        scheduler.step(increment=args.global_batch_size)
-    lm_loss = _reported_loss(store, ps, device,
-                             getattr(args, "calculate_per_token_loss", False))
+        scheduler.step(increment=global_batch_size)
+    lm_loss = _reported_loss(store, ps, device, args.calculate_per_token_loss)
     timer.mark("other")
     return {"lm loss": lm_loss.detach(), "grad_norm": grad_norm, "updated": updated,
             "lr": optimizer.param_groups[0]["lr"], "timer": timer,
@@ -284,18 +292,23 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
 
 @torch.no_grad()
 def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | None = None,
-             graphs: MicroBatchGraphs | None = None) -> tuple[dict[str, float], int]:
-    """Mean masked loss over ``num_iters`` (``--eval-iters``) global batches; returns
-    ``({"lm loss": value}, samples consumed)``. With ``graphs`` the forwards are replays of one
-    CUDA graph (after the run's first evaluation iteration, which warms up eagerly)."""
+             graphs: MicroBatchGraphs | None = None, num_microbatches: int | None = None,
+             global_batch_size: int | None = None) -> tuple[dict[str, float], int]:
+    """Mean masked loss over ``num_iters`` (``--eval-iters``) global batches of
+    ``num_microbatches`` micro-batches (default: ``args``'; the training step's under a batch
+    ramp); returns ``({"lm loss": value}, samples consumed)``. With ``graphs`` the forwards are
+    replays of one CUDA graph (after the run's first evaluation iteration, which warms up
+    eagerly)."""
     num_iters = args.eval_iters if num_iters is None else num_iters
+    n = args.num_microbatches if num_microbatches is None else num_microbatches
+    global_batch_size = args.global_batch_size if global_batch_size is None else global_batch_size
     chunks = _chunks(model)
     device = torch.device(args.device)
     for c in chunks:
         c.eval()
     store: list[dict] = []
     for _ in range(num_iters):
-        batches = _next_batches(data_iterator, args.num_microbatches, device,
+        batches = _next_batches(data_iterator, n, device,
                                 "the validation data ran out; raise the valid share of "
                                 "--split or lower --eval-iters")
         if graphs is None:
@@ -307,15 +320,15 @@ def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | Non
     MoELossTracker.clear()  # eval forwards must not leak into the next training log
     for c in chunks:
         c.train()
-    per_token = getattr(args, "calculate_per_token_loss", False)
+    per_token = args.calculate_per_token_loss
     mean = _reported_loss(store, ps, device, per_token) if num_iters else torch.zeros(())
-    return {"lm loss": mean.item()}, num_iters * args.global_batch_size
+    return {"lm loss": mean.item()}, num_iters * global_batch_size
 
 
 def _build(args, ps, model_provider):
     tokenizer = builders.build_tokenizer_from_args(args)
     model = builders.build_model(args, ps, model_provider)
-    optimizer = get_megatron_optimizer(model, args, ps)
+    optimizer = get_megatron_optimizer(model, OptimizerConfig.from_args(args), ps)
     scheduler = build_scheduler(optimizer, args)
     return tokenizer, model, optimizer, scheduler
 
@@ -347,8 +360,9 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         initialize.set_seeds(args, ps)
         tokenizer, model, optimizer, scheduler = _build(args, ps, model_provider)
         run = RunState(args, ps, model, optimizer, log)
+        checkpoints = CheckpointConfig.from_args(args)
         if args.load:
-            loaded = load_checkpoint(model, optimizer, scheduler, args, ps)
+            loaded = load_checkpoint(model, optimizer, scheduler, checkpoints, ps)
             if loaded is not None:
                 run.restore(loaded)
         run.log_startup(tokenizer)
@@ -357,14 +371,14 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         valid_it = builders.make_iterator(valid_ds, args, run.consumed_valid_samples, ps)
         exited = False
         graphs = None
-        if getattr(args, "cuda_graph_impl", "none") == "local":
+        if args.cuda_graph_impl == "local":
             graphs = MicroBatchGraphs(model, args.cuda_graph_warmup_steps)
             run.log(f" > CUDA graphs: each micro-batch's forward-backward (and evaluation "
                     f"forward) is captured after {args.cuda_graph_warmup_steps} eager "
                     "iterations and replayed")
         if not args.skip_train:
             exited = _train(run, model, optimizer, scheduler, train_it, valid_it, args, ps,
-                            graphs)
+                            graphs, checkpoints)
         if not exited:  # --exit-interval/--exit-duration-in-mins stop right after the save
             _final_evals(run, model, valid_it, test_ds, args, ps, graphs)
         return run.summary()
@@ -377,12 +391,12 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
 
 
 def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,
-           graphs: MicroBatchGraphs | None) -> bool:
+           graphs: MicroBatchGraphs | None, checkpoints: CheckpointConfig) -> bool:
     """Iterate to ``--train-iters``; True when an exit condition stopped the run early."""
     profiler = TrainingProfiler(args) if args.profile or args.record_memory_history else None
     try:
         exited = _train_iterations(run, model, optimizer, scheduler, train_it, valid_it, args,
-                                   ps, graphs, profiler)
+                                   ps, graphs, profiler, checkpoints)
     finally:
         if profiler is not None:
             profiler.close()
@@ -391,19 +405,21 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
 
 
 def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,
-                      graphs: MicroBatchGraphs | None, profiler: TrainingProfiler | None) -> bool:
+                      graphs: MicroBatchGraphs | None, profiler: TrainingProfiler | None,
+                      checkpoints: CheckpointConfig) -> bool:
     start = time.time()
     saved = False
     batches = BatchPrefetcher(train_it, torch.device(args.device))
-    ramp = rampup_from_args(args)
+    sizes = batch_sizes_from_args(args)  # --rampup-batch-size grows them with consumed samples
     while run.iteration < args.train_iters:
-        if ramp is not None:  # --rampup-batch-size: this step's global batch
-            ramp.apply(args, run.consumed_train_samples)
+        run.set_batch(sizes.global_batch_size_at(run.consumed_train_samples),
+                      sizes.num_microbatches_at(run.consumed_train_samples))
         run.iteration_start()
         it = run.iteration + 1
         if profiler is not None:
             profiler.before(it)
-        out = train_step(model, optimizer, scheduler, batches, args, ps, graphs)
+        out = train_step(model, optimizer, scheduler, batches, args, ps, graphs,
+                         run.num_microbatches, run.global_batch_size)
         if profiler is not None:
             profiler.after(it)
         do_eval = bool(args.eval_interval and it % args.eval_interval == 0
@@ -414,7 +430,8 @@ def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, vali
         run.iteration_end(out, flush=do_eval or save or exit_now or it == args.train_iters
                           or bool(args.exit_duration_in_mins))
         if do_eval:
-            losses, used = evaluate(model, valid_it, args, ps, graphs=graphs)
+            losses, used = evaluate(model, valid_it, args, ps, graphs=graphs,
+                                    **run.batch_kwargs())
             run.consumed_valid_samples += used
             run.log_validation(f"iteration {it}", losses, it)
         if args.exit_duration_in_mins:
@@ -424,7 +441,7 @@ def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, vali
             exit_now = exit_now or elapsed.item() > args.exit_duration_in_mins
         saved = False
         if save or (args.save and exit_now):
-            save_checkpoint(it, model, optimizer, scheduler, args, run.data_state(), ps)
+            save_checkpoint(it, model, optimizer, scheduler, checkpoints, run.data_state(), ps)
             saved = True
         if exit_now:
             run.log(f"exiting program at iteration {it}")
@@ -432,7 +449,8 @@ def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, vali
         if args.empty_unused_memory_level and torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.save and run.iteration > run.start_iteration and not saved:
-        save_checkpoint(run.iteration, model, optimizer, scheduler, args, run.data_state(), ps)
+        save_checkpoint(run.iteration, model, optimizer, scheduler, checkpoints, run.data_state(),
+                        ps)
     return False
 
 
@@ -443,11 +461,11 @@ def _final_evals(run: RunState, model, valid_it, test_ds, args, ps,
     it = run.iteration
     if valid_it is not None and not (args.eval_interval and it % args.eval_interval == 0 and
                                      it > run.start_iteration):
-        losses, used = evaluate(model, valid_it, args, ps, graphs=graphs)
+        losses, used = evaluate(model, valid_it, args, ps, graphs=graphs, **run.batch_kwargs())
         run.consumed_valid_samples += used
         run.log_validation(f"iteration {it} on validation set", losses, it)
     test_it = builders.make_iterator(test_ds, args, 0, ps)
     if test_it is not None:
-        losses, _ = evaluate(model, test_it, args, ps, graphs=graphs)
+        losses, _ = evaluate(model, test_it, args, ps, graphs=graphs, **run.batch_kwargs())
         run.test_loss = losses["lm loss"]
         run.log_validation(f"iteration {it} on test set", losses, it, split="test")

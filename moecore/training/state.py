@@ -33,6 +33,9 @@ class RunState:
         self.config = transformer_config_from_args(args)
         self.iteration = self.start_iteration = 0
         self.consumed_train_samples = self.consumed_valid_samples = 0
+        # The current step's batch (a --rampup-batch-size ramp changes it; see set_batch).
+        self.global_batch_size, self.num_microbatches = args.global_batch_size, \
+            args.num_microbatches
         self.writers = MetricWriters(args)
         self.flops_per_token = mfu_lib.flops_per_token(self.config, args.padded_vocab_size,
                                                        args.seq_length)
@@ -56,10 +59,19 @@ class RunState:
         return {"consumed_train_samples": self.consumed_train_samples,
                 "consumed_valid_samples": self.consumed_valid_samples}
 
+    def set_batch(self, global_batch_size: int, num_microbatches: int) -> None:
+        """The next step's global batch size and micro-batches per data-parallel rank."""
+        self.global_batch_size, self.num_microbatches = global_batch_size, num_microbatches
+
+    def batch_kwargs(self) -> dict:
+        """The current batch as ``evaluate``'s keywords (evaluations use the step's size)."""
+        return {"num_microbatches": self.num_microbatches,
+                "global_batch_size": self.global_batch_size}
+
     # ---- start-up ----------------------------------------------------------------------------
     def log_startup(self, tokenizer) -> None:
         a, ps = self.args, self.ps
-        vp = getattr(a, "virtual_pipeline_model_parallel_size", None)
+        vp = a.virtual_pipeline_model_parallel_size
         self.log(f" > world size {ps.sizes.world_size}: tp={ps.tp_size} pp={ps.pp_size}"
                  f"{f' (x{vp} virtual stages)' if vp else ''} "
                  f"dp={ps.dp_size} cp={ps.cp_size} ep={ps.ep_size} etp={ps.etp_size} "
@@ -78,7 +90,7 @@ class RunState:
                  f"{self.flops_per_token:.4g} training FLOPs/token")
         b = self.optimizer.state_bytes()
         kind = "distributed optimizer, sharded over data parallel" \
-            if getattr(a, "use_distributed_optimizer", False) else "replicated over data parallel"
+            if a.use_distributed_optimizer else "replicated over data parallel"
         self.log(f" > optimizer state bytes per rank: {b['total']:,} (fp32 main params "
                  f"{b['main_params']:,}, main grads {b['main_grads']:,}, Adam moments "
                  f"{b['adam_moments']:,}; {kind}; rank {ps.rank})"
@@ -120,7 +132,7 @@ class RunState:
         for name, values in reduced.items():
             layers = [i for i in self.moe_layers if i < values.numel()]
             if layers:
-                v = values[layers].float() / self.args.num_microbatches
+                v = values[layers].float() / self.num_microbatches
                 out[name] = v.mean()
                 if self.args.moe_per_layer_logging:
                     self.writers.scalars({f"moe/{name}_layer_{i}": float(v[j]) for j, i in
@@ -138,12 +150,12 @@ class RunState:
         """
         a = self.args
         self.iteration += 1
-        self.consumed_train_samples += a.global_batch_size
+        self.consumed_train_samples += self.global_batch_size
         self._pending.append({"iteration": self.iteration, "loss": out["lm loss"],
                               "moe": self._moe_losses(), "grad_norm": out["grad_norm"],
                               "lr": out["lr"], "updated": out["updated"],
                               "timer": out.get("timer"), "num_zeros": out.get("num_zeros"),
-                              "global_batch_size": a.global_batch_size})
+                              "global_batch_size": self.global_batch_size})
         log = self.iteration % a.log_interval == 0
         write = bool(a.tensorboard_log_interval and self.writers.active
                      and self.iteration % a.tensorboard_log_interval == 0)
@@ -151,7 +163,7 @@ class RunState:
             _sync(a.device)
         self._time += time.perf_counter() - self._t0
         self._iters += 1
-        self._samples += a.global_batch_size
+        self._samples += self.global_batch_size
         if flush or log or write:
             self._read_pending()
         if log:
@@ -219,7 +231,7 @@ class RunState:
             params_norm = get_params_norm([p for c in chunks for p in c.parameters()], self.ps)
         self.log(format_train_line(
             self.iteration, a.train_iters, self.consumed_train_samples, ms, lr,
-            a.global_batch_size, losses, self._grad_norm, tok_s, util,
+            self.global_batch_size, losses, self._grad_norm, tok_s, util,
             loss_scale=float(self.optimizer.get_loss_scale().item()) if a.fp16 else None,
             params_norm=params_norm, skipped=self._skipped, nan=self._nan,
             num_zeros=self._num_zeros))

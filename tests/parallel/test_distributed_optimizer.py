@@ -89,7 +89,7 @@ def _iterator(samples, dp_rank: int, dp: int):
 
 def _setup(argv: str, world: int, ps=None):
     from moecore.arguments import parse_args
-    from moecore.optimizer import build_scheduler, get_megatron_optimizer
+    from moecore.optimizer import OptimizerConfig, build_scheduler, get_megatron_optimizer
     from moecore.parallel_state import ParallelSizes, ParallelState
     from moecore.training import builders, initialize
 
@@ -101,7 +101,7 @@ def _setup(argv: str, world: int, ps=None):
             pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size))
     initialize.set_seeds(args, ps)
     chunks = builders.build_model(args, ps)
-    opt = get_megatron_optimizer(chunks, args, ps)
+    opt = get_megatron_optimizer(chunks, OptimizerConfig.from_args(args), ps)
     return args, ps, chunks, opt, build_scheduler(opt, args)
 
 

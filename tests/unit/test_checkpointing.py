@@ -4,7 +4,6 @@ the per-shard layout on 4 ranks (DP x EP)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 
@@ -14,7 +13,13 @@ import torch
 from torch import nn
 
 from moecore import checkpointing as ckpt
-from moecore.checkpointing import CheckpointError, load_checkpoint, read_tracker, save_checkpoint
+from moecore.checkpointing import (
+    CheckpointConfig,
+    CheckpointError,
+    load_checkpoint,
+    read_tracker,
+    save_checkpoint,
+)
 from moecore.optimizer import (
     MegatronOptimizer,
     OptimizerParamScheduler,
@@ -53,7 +58,7 @@ def args_for(path, **kw):
                 no_load_optim=None, no_load_rng=None, finetune=False,
                 exit_on_missing_checkpoint=False)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return CheckpointConfig(**base)
 
 
 def step(model, opt, sched, hidden=8):

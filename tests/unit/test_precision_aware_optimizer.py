@@ -11,10 +11,9 @@ import torch
 
 from moecore.arguments import parse_args
 from moecore.kernels.optim import TritonAdamW
-from moecore.optimizer import MegatronOptimizer, get_param_groups
+from moecore.optimizer import MegatronOptimizer, OptimizerConfig, get_param_groups
 from moecore.optimizer.distributed import DistributedOptimizer
 from moecore.optimizer.grad_buffer import DataParallelGradSync
-from moecore.optimizer.optimizer import moment_dtypes_from_args
 from moecore.parallel_state import ParallelState
 from tests.cli import BASE, parse_error
 from tests.unit.test_optimizer_fused import _model, _steps
@@ -125,10 +124,10 @@ def test_checkpoint_resumes_bit_for_bit_and_loads_into_fp32_moments(distributed)
 def test_flags(capsys):
     args = parse_args(BASE + ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
                               "--exp-avg-sq-dtype", "bf16"])
-    assert moment_dtypes_from_args(args) == BF16
+    assert OptimizerConfig.from_args(args).moment_dtypes == BF16
     args = parse_args(BASE + ["--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "bf16"])
-    assert moment_dtypes_from_args(args) == (None, torch.bfloat16)
-    assert moment_dtypes_from_args(parse_args(BASE)) == (None, None)
+    assert OptimizerConfig.from_args(args).moment_dtypes == (None, torch.bfloat16)
+    assert OptimizerConfig.from_args(parse_args(BASE)).moment_dtypes == (None, None)
     assert "--use-precision-aware-optimizer" in parse_error(
         BASE + ["--exp-avg-dtype", "bf16"], capsys)
     assert "use bf16 or fp32" in parse_error(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from moecore.arguments import parse_args
+from moecore.batch_rampup import BatchSizeRampup
 from moecore.training import pretrain
-from moecore.training.rampup import BatchSizeRampup
 from tests.cli import BASE, parse_error
 
 

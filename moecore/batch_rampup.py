@@ -5,6 +5,10 @@ The global batch starts at ``START`` samples and grows by ``INCREMENT`` every
 ``--global-batch-size``; after ``SAMPLES`` consumed samples it stays there. The size is a function
 of the consumed samples only, so a resumed run continues the same ramp. Sample-based training
 (``--train-samples``) only, as in Megatron.
+
+The ramp returns sizes; the training loop asks it for each step's global batch size and number
+of micro-batches (Megatron-Core's ``num_microbatches_calculator``). Below ``arguments`` (which
+validates the flag) and ``training``.
 """
 
 from __future__ import annotations
@@ -51,10 +55,10 @@ class BatchSizeRampup:
         size = self.start + self.increment * int(consumed_samples / per_increment)
         return min(size, self.global_batch_size)
 
-    def apply(self, args, consumed_samples: int) -> None:
-        """Set ``args.global_batch_size`` / ``args.num_microbatches`` for the next step."""
-        args.global_batch_size = self.global_batch_size_at(consumed_samples)
-        args.num_microbatches = args.global_batch_size // self.unit
+    def num_microbatches_at(self, consumed_samples: int) -> int:
+        """Micro-batches (per data-parallel rank) of the step that starts after
+        ``consumed_samples``."""
+        return self.global_batch_size_at(consumed_samples) // self.unit
 
     def train_iters(self, train_samples: int) -> int:
         """Iterations that ``train_samples`` take (Megatron's ``update_train_iters``): the ramp's
@@ -68,8 +72,31 @@ class BatchSizeRampup:
 
 def rampup_from_args(args) -> BatchSizeRampup | None:
     """The ramp of ``--rampup-batch-size`` (None without the flag), for validated ``args``."""
-    if not getattr(args, "rampup_batch_size", None):
+    if not args.rampup_batch_size:
         return None
     start, increment, samples = (int(v) for v in args.rampup_batch_size)
     return BatchSizeRampup(start, increment, samples, args.final_global_batch_size,
                            args.micro_batch_size * args.data_parallel_size)
+
+
+@dataclass(frozen=True)
+class ConstantBatchSize:
+    """The global batch without a ramp: the same sizes at every step."""
+
+    global_batch_size: int
+    unit: int
+
+    def global_batch_size_at(self, consumed_samples: int) -> int:
+        return self.global_batch_size
+
+    def num_microbatches_at(self, consumed_samples: int) -> int:
+        return self.global_batch_size // self.unit
+
+
+def batch_sizes_from_args(args) -> BatchSizeRampup | ConstantBatchSize:
+    """What the training loop asks each step's global batch size and micro-batch count."""
+    ramp = rampup_from_args(args)
+    if ramp is not None:
+        return ramp
+    return ConstantBatchSize(args.global_batch_size,
+                             args.micro_batch_size * args.data_parallel_size)

@@ -1,0 +1,56 @@
+"""``--use-checkpoint-args``: the flags that describe a model and its layout
+(:data:`MODEL_DESTS`, :data:`PARALLEL_DESTS`, also the flags ``tools/checkpoint`` prints for a
+converted model) taken from the args saved with ``--load``'s latest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from moecore.checkpointing import read_checkpoint_args
+
+# Flags printed for a converted model, in this order: the model, then its layout and precision.
+MODEL_DESTS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
+    "group_query_attention", "num_query_groups", "max_position_embeddings",
+    "position_embedding_type", "rotary_base", "rotary_percent", "normalization", "norm_epsilon",
+    "qk_layernorm", "swiglu", "squared_relu", "openai_gelu", "add_bias_linear", "add_qkv_bias",
+    "untie_embeddings_and_output_weights", "apply_residual_connection_post_layernorm",
+    "make_vocab_size_divisible_by", "init_method_std", "attention_dropout", "hidden_dropout",
+    "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk",
+    "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+    "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+    "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+    "moe_input_jitter_eps", "moe_grouped_gemm",
+)
+PARALLEL_DESTS = (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "num_virtual_stages_per_pipeline_rank", "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers", "expert_model_parallel_size",
+    "expert_tensor_parallel_size", "sequence_parallel", "use_tp_pp_dp_mapping", "bf16", "fp16",
+)
+
+# Filled from the checkpoint only where the command line left them unset (None).
+_CHECKPOINT_DEFAULTS = ("seq_length", "tokenizer_type", "tokenizer_model", "vocab_file",
+                        "merge_file", "vocab_size")
+
+
+def apply_checkpoint_args(args: argparse.Namespace) -> dict:
+    """``--use-checkpoint-args`` (Megatron's): the model's shape and layout come from the args
+    saved with ``--load``'s latest checkpoint, overriding the command line (the flags
+    ``tools/checkpoint`` prints for a model, :data:`MODEL_DESTS` and
+    ``PARALLEL_DESTS``); sequence length and tokenizer fill in only where unset. Returns the
+    values taken."""
+    if not args.load:
+        raise ValueError("--use-checkpoint-args reads the checkpoint in --load; pass --load DIR")
+    saved = read_checkpoint_args(args.load)
+    taken = {}
+    for dest in MODEL_DESTS + PARALLEL_DESTS + _CHECKPOINT_DEFAULTS:
+        if dest not in saved:
+            continue
+        if dest in _CHECKPOINT_DEFAULTS and getattr(args, dest) is not None:
+            continue
+        setattr(args, dest, saved[dest])
+        taken[dest] = saved[dest]
+    args.checkpoint_args_taken = taken
+    return taken
