@@ -150,6 +150,13 @@ def _check_mappings(ps):
     _check_dense_mappings(ps, xs, gs)
     _check_variable_mappings(ps, g)
     _check("all_reduce_inplace", all_reduce_inplace(xs[r].clone(), ps.tp_group), sum(xs))
+    _check("all_reduce_inplace average",
+           all_reduce_inplace(xs[r].clone(), ps.tp_group, average=True), sum(xs) / tp)
+    _check("all_reduce_inplace max", all_reduce_inplace(xs[r].clone(), ps.tp_group,
+                                                        op=dist.ReduceOp.MAX),
+           torch.stack(xs).amax(0), 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        all_reduce_inplace(xs[r].clone().transpose(0, 2), ps.tp_group)
     _check("all_gather_no_grad", all_gather_no_grad(xs[r][:3], ps.tp_group),
            torch.cat([x[:3] for x in xs]), 0)
     mask = xs[r] > 0
