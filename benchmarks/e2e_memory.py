@@ -50,7 +50,7 @@ def main() -> None:
     cuda = margs.device == "cuda"
     allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
     initialize.initialize_distributed(margs)
-    ps = initialize.initialize_model_parallel(margs)
+    ps = initialize.initialize_parallel_state_from_args(margs)
     initialize.set_seeds(margs, ps)
     _, model, optimizer, _ = loop._build(margs, ps, None)
     model = model[0] if isinstance(model, list) else model
@@ -66,7 +66,7 @@ def main() -> None:
              "loss_mask": torch.ones(B, S, device=device)}
 
     def micro_batch_loss():
-        return loop.masked_mean_loss(loop.forward_step(model, batch), batch["loss_mask"])
+        return loop.masked_mean_loss(loop.model_output(model, batch), batch["loss_mask"])
 
     for _ in range(2):  # compile kernels, create the gradient buffers
         micro_batch_loss().backward()

@@ -50,8 +50,8 @@ from moecore.convert.reshard import (
     shard_tensor,
 )
 
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT = "output_layer.weight"
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+OUTPUT_KEY = "output_layer.weight"
 
 
 def _layout_from_state(state: dict, ns: argparse.Namespace) -> Layout:
@@ -96,9 +96,9 @@ class MoecoreSource:
         self.tied = not self.args.untie_embeddings_and_output_weights
         self.gated = bool(self.args.swiglu)
         self._stage, self._loaded = None, []
-        emb = self._stage_shards(0)[0][1][model_keys(self.layout.vp)[0]].get(EMBEDDING)
+        emb = self._stage_shards(0)[0][1][model_keys(self.layout.vp)[0]].get(EMBEDDING_KEY)
         if emb is None:
-            raise ValueError(f"the first shard of {idir} has no {EMBEDDING}")
+            raise ValueError(f"the first shard of {idir} has no {EMBEDDING_KEY}")
         padded = emb.shape[0] * self.layout.tp
         self.true_vocab_size = true_vocab_size or true_vocab_size_of(self.args)
         if self.true_vocab_size is None:
@@ -143,7 +143,7 @@ class MoecoreSource:
         # With tied embeddings a last stage's output layer is a copy of the embedding.
         return self._merge(last, self.layout.vp - 1,
                            lambda k: k.startswith("decoder.final_layernorm.")
-                           or (k == OUTPUT and not self.tied))
+                           or (k == OUTPUT_KEY and not self.tied))
 
     def close(self) -> None:
         self._stage, self._loaded = None, []
@@ -202,7 +202,7 @@ class MoecoreSink:
 
     def write_embedding(self, sd: dict[str, torch.Tensor]) -> None:
         for name, t in sd.items():
-            if name == EMBEDDING:
+            if name == EMBEDDING_KEY:
                 t = self._vocab(t, name)
                 if self.tied and self.layout.pp > 1:
                     self._embedding_copy = t
@@ -220,10 +220,10 @@ class MoecoreSink:
 
     def write_final(self, sd: dict[str, torch.Tensor]) -> None:
         sd = dict(sd)
-        if OUTPUT in sd:
-            sd[OUTPUT] = self._vocab(sd[OUTPUT], OUTPUT)
+        if OUTPUT_KEY in sd:
+            sd[OUTPUT_KEY] = self._vocab(sd[OUTPUT_KEY], OUTPUT_KEY)
         elif self._embedding_copy is not None:
-            sd[OUTPUT] = self._embedding_copy  # the last stage's copy of the tied embedding
+            sd[OUTPUT_KEY] = self._embedding_copy  # the last stage's copy of the tied embedding
         for name, t in sd.items():
             self._put(self.layout.pp - 1, len(self.chunks[-1]) - 1, name, t)
         self._spill()

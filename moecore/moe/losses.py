@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moecore.collectives import all_reduce_inplace, group_size
+
 
 def switch_load_balancing_loss_func(probs: torch.Tensor, tokens_per_expert: torch.Tensor,
                                     total_num_tokens: int, topk: int, num_experts: int,
@@ -116,23 +118,6 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
             MoEAuxLossAutoScaler.main_loss_backward_scale = new.clone()
 
 
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _all_reduce(t: torch.Tensor, group, average: bool = False) -> torch.Tensor:
-    """In-place sum (or mean) over ``group``; ``None`` or a one-rank group is the identity.
-
-    The mean is a sum then a division: gloo has no ``ReduceOp.AVG``.
-    """
-    n = _group_size(group)
-    if n > 1:
-        dist.all_reduce(t, group=group)
-        if average:
-            t /= n
-    return t
-
-
 class MoELossTracker:
     """Per-layer MoE loss values for logging; the class itself is the process-wide singleton.
 
@@ -221,11 +206,11 @@ class MoELossTracker:
         out = {}
         for name in sorted(cls._values):
             v = cls._values[name].clone()
-            _all_reduce(v, cls._reduce_groups.get(name))
-            out[name] = _all_reduce(v, cls._avg_groups.get(name), average=True)
+            all_reduce_inplace(v, cls._reduce_groups.get(name))
+            out[name] = all_reduce_inplace(v, cls._avg_groups.get(name), average=True)
         sizes = {name: v.numel() for name, v in out.items()}
-        if _group_size(group) > 1:
-            gathered = [None] * _group_size(group)
+        if group_size(group) > 1:
+            gathered = [None] * group_size(group)
             dist.all_gather_object(gathered, sizes, group=group)
             sizes = {}
             for d in gathered:
@@ -239,6 +224,6 @@ class MoELossTracker:
             v = out.get(name, torch.zeros(0, device=device))
             if v.numel() < sizes[name]:
                 v = torch.cat([v, v.new_zeros(sizes[name] - v.numel())])
-            _all_reduce(v, group)
-            out[name] = _all_reduce(v, avg_group, average=True)
+            all_reduce_inplace(v, group)
+            out[name] = all_reduce_inplace(v, avg_group, average=True)
         return out

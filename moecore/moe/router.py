@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from moecore.collectives import all_reduce_inplace
 from moecore.config import TransformerConfig
 from moecore.kernels import fusion_request
 from moecore.kernels.router import RouterOutput, fused_router_unsupported, select_router
@@ -39,13 +39,6 @@ from moecore.parallel_state import ParallelState, get_parallel_state
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 logger = logging.getLogger("moecore")
 _FALLBACKS_LOGGED: set[str] = set()
-
-
-def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """In-place sum over ``group`` without autograd (counts); ``None`` means one rank."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
 
 
 def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_topk: int):
@@ -369,7 +362,7 @@ class TopKRouter(nn.Module):
         parts = [local, dropped]
         if per_sequence:
             parts.append(map_before.view(-1, batch, e).sum(dim=0).float().reshape(-1))
-        buf = _all_reduce_sum(torch.cat(parts), self.shard_group)
+        buf = all_reduce_inplace(torch.cat(parts), self.shard_group)
         return {"local": local, "tokens_per_expert": buf[:e],
                 "dropped_tokens": buf[e].round().long(),
                 "per_sequence": buf[e + 1:].view(batch, e) if per_sequence else None,
@@ -399,7 +392,7 @@ class TopKRouter(nn.Module):
                                                      coeff)
         ps = self.parallel_state
         kind = "tensor_and_data_parallel_with_cp"
-        counts = _all_reduce_sum(stats["local"].clone(), ps.group(kind))
+        counts = all_reduce_inplace(stats["local"].clone(), ps.group(kind))
         t_global = logits.shape[0] * ps.world_size_of(kind)
         # f_e over every data-parallel replica, P_e over this micro-batch: the switch loss
         # divides by t_global**2, the micro-batch share needs t_global * t_shard. Averaged over
@@ -444,7 +437,7 @@ def update_expert_bias(routers, parallel_state: ParallelState | None = None) -> 
     ps = parallel_state or routers[0].parallel_state
     with torch.no_grad():
         counts = torch.cat([r.local_tokens_per_expert.float() for r in routers])
-        _all_reduce_sum(counts, ps.group("tensor_and_data_parallel_with_cp"))
+        all_reduce_inplace(counts, ps.group("tensor_and_data_parallel_with_cp"))
         for r, c in zip(routers, counts.split([r.num_experts for r in routers])):
             offset = c.mean() - c
             r.expert_bias += r.config.moe_router_bias_update_rate * torch.sign(offset)

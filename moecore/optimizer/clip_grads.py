@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
+from moecore.collectives import all_reduce_inplace
 from moecore.parallel_state import ParallelState, get_parallel_state
 
 
@@ -41,11 +41,6 @@ def _sum_sq(tensors: list[torch.Tensor], device) -> torch.Tensor:
     return total
 
 
-def _all_reduce(t: torch.Tensor, group) -> None:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-
-
 def _counted_on_this_stage(p: torch.Tensor, ps: ParallelState) -> bool:
     return not (getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage())
 
@@ -56,12 +51,12 @@ def _model_parallel_sum(dense: torch.Tensor, expert: torch.Tensor, ps: ParallelS
     hold different parts: TP (expert: EP x ETP), then PP; first DP (expert: EDP) when the
     distributed optimizer shards them over data parallelism."""
     if data_parallel_sharded:
-        _all_reduce(dense, ps.group("data_parallel_with_cp"))
-        _all_reduce(expert, ps.edp_group)
-    _all_reduce(dense, ps.tp_group)
-    _all_reduce(expert, ps.group("expert_tensor_and_model_parallel"))
+        all_reduce_inplace(dense, ps.group("data_parallel_with_cp"))
+        all_reduce_inplace(expert, ps.edp_group)
+    all_reduce_inplace(dense, ps.tp_group)
+    all_reduce_inplace(expert, ps.group("expert_tensor_and_model_parallel"))
     total = dense + expert
-    _all_reduce(total, ps.pp_group)
+    all_reduce_inplace(total, ps.pp_group)
     return total
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from moecore.parallel_state import ParallelState, get_parallel_state
-from moecore.pipeline_parallel.schedules import (
-    _as_list,
-    _communicator,
-    _requires_grad,
-    _Sync,
+from moecore.pipeline_parallel.one_f_one_b import forward_backward_pipelining_without_interleaving
+from moecore.pipeline_parallel.steps import (
+    GradSyncHooks,
+    as_list,
     backward_step,
-    forward_backward_pipelining_without_interleaving,
     forward_step,
+    mark_requires_grad,
     set_aux_loss_scale,
+    stage_communicator,
 )
 
 
@@ -52,7 +52,7 @@ class _Interleaved:
         return self.rank == self.pp - 1 and c == self.nc - 1
 
     def received(self, t):
-        return _requires_grad(t, self.forward_only)
+        return mark_requires_grad(t, self.forward_only)
 
     def forward(self, k: int):
         c = self.chunk(k, True)
@@ -148,7 +148,7 @@ def forward_backward_pipelining_with_interleaving(
         parallel_state: ParallelState | None = None, config=None, **unused) -> list[dict]:
     """Interleaved 1F1B: ``model`` and ``data_iterator`` are lists with one entry per chunk."""
     ps = parallel_state or get_parallel_state()
-    models, iters = _as_list(model), _as_list(data_iterator)
+    models, iters = as_list(model), as_list(data_iterator)
     if len(iters) != len(models):
         raise ValueError(f"interleaved schedule: {len(models)} model chunks but "
                          f"{len(iters)} data iterators; pass one iterator per chunk")
@@ -164,9 +164,9 @@ def forward_backward_pipelining_with_interleaving(
         raise ValueError(f"the interleaved schedule needs the number of micro-batches "
                          f"({num_microbatches}) to be a multiple of the pipeline size {pp}; "
                          "change --global-batch-size or --micro-batch-size")
-    comm = _communicator(models[0], config, seq_length, micro_batch_size, ps)
+    comm = stage_communicator(models[0], config, seq_length, micro_batch_size, ps)
     set_aux_loss_scale(num_microbatches, grad_scale_func, models[0])
-    sync = _Sync(grad_sync, forward_only)
+    sync = GradSyncHooks(grad_sync, forward_only)
     sync.disable()
     total = num_microbatches * len(models)
     all_warmup = not forward_only and num_microbatches == pp

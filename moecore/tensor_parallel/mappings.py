@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from moecore.collectives import all_reduce_inplace
 from moecore.tensor_parallel.utils import (
     TP_GROUP,
     _all_gather_into,
@@ -34,12 +35,12 @@ def _uses_nccl(group, tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and "nccl" in str(dist.get_backend(group))
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _reduced_copy(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of ``x`` over ``group`` in a fresh tensor (``x`` itself when one rank): never writes
+    into ``x``, which autograd may share between branches."""
     if group_size(group) == 1:
         return x
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
-    return out
+    return all_reduce_inplace(x.clone(memory_format=torch.contiguous_format), group)
 
 
 def _split_sizes(n: int, world: int, sizes: Sequence[int] | None, what: str) -> list[int]:
@@ -132,7 +133,7 @@ def _reduce_scatter_first(x: torch.Tensor, group,
             dist.reduce_scatter(out, list(x.split(sizes, dim=0)), group=group)
         return out
     start = sum(sizes[:rank])
-    return _all_reduce(x, group)[start:start + sizes[rank]].contiguous()
+    return _reduced_copy(x, group)[start:start + sizes[rank]].contiguous()
 
 
 def _all_to_all(x: torch.Tensor, group, output_split_sizes, input_split_sizes) -> torch.Tensor:
@@ -170,7 +171,7 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _reduced_copy(grad, ctx.group), None
 
 
 class _ReduceFromModelParallelRegion(torch.autograd.Function):
@@ -178,7 +179,7 @@ class _ReduceFromModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return _reduced_copy(x, group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moecore.collectives import group_rank, group_size
+from moecore.parallel_state import get_parallel_state
+
 
 class _TensorParallelGroup:
     """Sentinel default for ``group=`` arguments: "the global tensor-parallel group".
@@ -23,24 +26,8 @@ TP_GROUP = _TensorParallelGroup()
 def resolve_group(group):
     """The ``ProcessGroup`` to use: the global TP group for :data:`TP_GROUP`, else ``group``."""
     if group is TP_GROUP:
-        from moecore.parallel_state import get_parallel_state
-
         return get_parallel_state().tp_group
     return group
-
-
-def group_size(group) -> int:
-    """Ranks in ``group``; 1 for ``None`` (one rank: every collective is the identity)."""
-    if group is None:
-        return 1
-    return dist.get_world_size(group)
-
-
-def group_rank(group) -> int:
-    """This rank's index in ``group``; 0 for ``None``."""
-    if group is None:
-        return 0
-    return dist.get_rank(group)
 
 
 def ensure_divisibility(numerator: int, denominator: int, what: str = "size") -> None:
@@ -82,18 +69,6 @@ class VocabUtility:
         per_partition = divide(global_vocab_size, world_size, "vocab size")
         return VocabUtility.vocab_range_from_per_partition_vocab_size(per_partition, rank,
                                                                       world_size)
-
-
-def all_reduce_no_grad(tensor: torch.Tensor, group=TP_GROUP,
-                       op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """All-reduce ``tensor`` in place over ``group`` (outside autograd) and return it."""
-    group = resolve_group(group)
-    if group_size(group) == 1:
-        return tensor
-    if not tensor.is_contiguous():
-        raise ValueError("all_reduce_no_grad reduces in place and needs a contiguous tensor")
-    dist.all_reduce(tensor, op=op, group=group)
-    return tensor
 
 
 def _all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:

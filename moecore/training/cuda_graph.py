@@ -49,8 +49,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moecore.moe.experts import GroupedMLP
 from moecore.moe.losses import MoELossTracker
-from moecore.pipeline_parallel.schedules import backward_step, forward_step, set_aux_loss_scale
+from moecore.pipeline_parallel.steps import backward_step, forward_step, set_aux_loss_scale
 from moecore.tensor_parallel.random import get_rng_tracker
 
 # One static input buffer per batch key the loop's forward step reads.
@@ -60,8 +61,6 @@ _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 def _check_experts_capturable(model: nn.Module) -> None:
     """Experts must run on ``torch._grouped_mm``: the other grouped-GEMM backends read the
     per-expert token counts on the host, which a capture cannot."""
-    from moecore.moe.experts import GroupedMLP
-
     for m in model.modules():
         if isinstance(m, GroupedMLP):
             backend = m._resolve(m.weight1.device, m.weight1.dtype)

@@ -39,7 +39,7 @@ def initialize_distributed(args) -> bool:
     return created
 
 
-def initialize_model_parallel(args) -> ParallelState:
+def initialize_parallel_state_from_args(args) -> ParallelState:
     """The global :class:`ParallelState` for the flags' TP/PP/EP/ETP/CP sizes."""
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("model parallel groups already exist; call "

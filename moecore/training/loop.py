@@ -22,7 +22,9 @@ from moecore.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
+from moecore.collectives import all_reduce_inplace, group_size
 from moecore.moe.losses import MoELossTracker
+from moecore.moe.router import TopKRouter, update_expert_bias
 from moecore.optimizer import (
     MegatronOptimizer,
     OptimizerConfig,
@@ -39,22 +41,6 @@ from moecore.training.profiling import TrainingProfiler
 from moecore.training.state import RunState
 
 
-def _all_reduce_sum(t: torch.Tensor, ps: ParallelState) -> int:
-    """Sum ``t`` in place over the data-parallel group; returns the group's size."""
-    group = ps.group("data_parallel_with_cp")
-    if group is None or dist.get_world_size(group) == 1:
-        return 1
-    dist.all_reduce(t, group=group)
-    return dist.get_world_size(group)
-
-
-def _all_reduce_mean(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
-    dp = _all_reduce_sum(t, ps)
-    if dp > 1:
-        t /= dp
-    return t
-
-
 def _chunks(model) -> list[nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -65,7 +51,7 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> t
     return (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def forward_step(model: nn.Module, batch: dict) -> torch.Tensor:
+def model_output(model: nn.Module, batch: dict) -> torch.Tensor:
     """Per-token loss ``[B, S]`` of one micro-batch (``tokens``/``labels``/``position_ids``); on a
     pipeline stage without the output layer, its hidden states for the next stage."""
     return model(batch["tokens"], batch.get("position_ids"), attention_mask=None,
@@ -80,7 +66,7 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def forward_step_func(data_iterator, model: nn.Module):
     """Megatron-style step for the schedules: ``(output, loss_func)`` of the next micro-batch."""
     batch = next(data_iterator)
-    return forward_step(model, batch), partial(_loss_func, batch["loss_mask"])
+    return model_output(model, batch), partial(_loss_func, batch["loss_mask"])
 
 
 def _token_sum_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -94,7 +80,7 @@ def _token_sum_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def per_token_forward_step_func(data_iterator, model: nn.Module):
     """:func:`forward_step_func` for ``--calculate-per-token-loss``."""
     batch = next(data_iterator)
-    return forward_step(model, batch), partial(_token_sum_loss_func, batch["loss_mask"])
+    return model_output(model, batch), partial(_token_sum_loss_func, batch["loss_mask"])
 
 
 def _per_token_grad_scale(batches: list[dict], ps: ParallelState, scale_loss: Callable):
@@ -106,7 +92,9 @@ def _per_token_grad_scale(batches: list[dict], ps: ParallelState, scale_loss: Ca
     the same factor (``set_aux_loss_scale`` calls it), as in Megatron, where every gradient is
     divided by ``N`` in this mode. No host sync: ``N`` stays on the device."""
     tokens = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum()
-    dp = _all_reduce_sum(tokens, ps)
+    dp_group = ps.group("data_parallel_with_cp")
+    all_reduce_inplace(tokens, dp_group)
+    dp = group_size(dp_group)
     factor = len(batches) * dp / tokens.clamp(min=1.0)
     return lambda t: scale_loss(t) * factor.to(t.device)
 
@@ -169,8 +157,7 @@ def _last_stage_mean(store: list[dict], ps: ParallelState, device) -> torch.Tens
         value = torch.stack([d["lm loss"].float() for d in store]).mean()
     else:
         value = torch.zeros((), dtype=torch.float32, device=device)
-    if ps.pp_size > 1 and ps.pp_group is not None:
-        dist.all_reduce(value, group=ps.pp_group)  # the other stages contribute zeros
+    all_reduce_inplace(value, ps.pp_group)  # the other stages contribute zeros
     return value
 
 
@@ -181,14 +168,14 @@ def _reported_loss(store: list[dict], ps: ParallelState, device,
     hold ``tokens``) the loss sum over all micro-batches and data-parallel ranks divided by
     their token count. Every pipeline stage must pass the same ``per_token``."""
     if not per_token:
-        return _all_reduce_mean(_last_stage_mean(store, ps, device), ps)
+        return all_reduce_inplace(_last_stage_mean(store, ps, device),
+                                  ps.group("data_parallel_with_cp"), average=True)
     value = torch.zeros(2, dtype=torch.float32, device=device)
     if ps.is_pipeline_last_stage():
         value = torch.stack([torch.stack([d["lm loss"].float(), d["tokens"].float()])
                              for d in store]).sum(0)
-    if ps.pp_size > 1 and ps.pp_group is not None:
-        dist.all_reduce(value, group=ps.pp_group)
-    _all_reduce_sum(value, ps)
+    all_reduce_inplace(value, ps.pp_group)
+    all_reduce_inplace(value, ps.group("data_parallel_with_cp"))
     return value[0] / value[1].clamp(min=1.0)
 
 
@@ -277,8 +264,6 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     updated, grad_norm = optimizer.step()
     timer.mark("optimizer")
     if args.num_experts is not None and args.moe_router_enable_expert_bias:
-        from moecore.moe.router import TopKRouter, update_expert_bias
-
         update_expert_bias([m for c in chunks for m in c.modules()
                             if isinstance(m, TopKRouter)], ps)
     if updated:
@@ -354,7 +339,7 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
     if args.logging_level is not None:
         logging.getLogger().setLevel(args.logging_level)
     created_pg = initialize.initialize_distributed(args)
-    ps = initialize.initialize_model_parallel(args)
+    ps = initialize.initialize_parallel_state_from_args(args)
     run = None
     try:
         initialize.set_seeds(args, ps)

@@ -90,7 +90,7 @@ def _reference(args, batches):
     """One-stage model, plain loop: per-micro-batch losses, grads by name, MoE loss values."""
     from moecore.moe.losses import MoEAuxLossAutoScaler, MoELossTracker
     from moecore.parallel_state import ParallelState
-    from moecore.training import builders, forward_step, masked_mean_loss
+    from moecore.training import builders, masked_mean_loss, model_output
 
     torch.manual_seed(args.seed)
     model = builders.build_model(args, ParallelState.single())[0]
@@ -98,7 +98,7 @@ def _reference(args, batches):
     MoEAuxLossAutoScaler.set_loss_scale(SCALE / len(batches))
     losses = []
     for b in batches:
-        loss = masked_mean_loss(forward_step(model, b), b["loss_mask"])
+        loss = masked_mean_loss(model_output(model, b), b["loss_mask"])
         (loss / len(batches) * SCALE).backward()
         losses.append(loss.detach())
     values = {k: v.clone() for k, v in MoELossTracker.values().items()}

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moecore.collectives import all_reduce_inplace
 from moecore.config import TransformerConfig
 from moecore.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
 from moecore.tensor_parallel import (
@@ -19,7 +20,6 @@ from moecore.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     all_gather_no_grad,
-    all_reduce_no_grad,
     all_to_all,
     checkpoint,
     copy_to_tensor_model_parallel_region,
@@ -149,7 +149,14 @@ def _check_mappings(ps):
     gs = [_randn(g, S, B, H) for _ in range(tp)]
     _check_dense_mappings(ps, xs, gs)
     _check_variable_mappings(ps, g)
-    _check("all_reduce_no_grad", all_reduce_no_grad(xs[r].clone()), sum(xs))
+    _check("all_reduce_inplace", all_reduce_inplace(xs[r].clone(), ps.tp_group), sum(xs))
+    _check("all_reduce_inplace average",
+           all_reduce_inplace(xs[r].clone(), ps.tp_group, average=True), sum(xs) / tp)
+    _check("all_reduce_inplace max", all_reduce_inplace(xs[r].clone(), ps.tp_group,
+                                                        op=dist.ReduceOp.MAX),
+           torch.stack(xs).amax(0), 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        all_reduce_inplace(xs[r].clone().transpose(0, 2), ps.tp_group)
     _check("all_gather_no_grad", all_gather_no_grad(xs[r][:3], ps.tp_group),
            torch.cat([x[:3] for x in xs]), 0)
     mask = xs[r] > 0
@@ -209,7 +216,7 @@ def _check_mlp(ps, bias, sp, gather=False):
         _check(f"{tag} fc1.bias grad", fc1.bias.grad, r1.bias.grad.chunk(tp, 0)[r])
         grad = fc2.bias.grad.clone()
         if getattr(fc2.bias, "sequence_parallel", False):  # what the grad reduction does
-            all_reduce_no_grad(grad, ps.tp_group)
+            all_reduce_inplace(grad, ps.tp_group)
         _check(f"{tag} fc2.bias grad", grad, r2.bias.grad)
 
 

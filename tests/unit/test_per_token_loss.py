@@ -66,7 +66,7 @@ def test_gradients_are_the_token_weighted_loss_gradients(moe):
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / tokens)  # Megatron: aux grads / N too
     total = 0.0
     for b in batches:
-        per_token = loop.forward_step(ref, b)
+        per_token = loop.model_output(ref, b)
         masked = (per_token.float() * b["loss_mask"]).sum()
         (masked / tokens).backward()
         total += masked.detach()
@@ -75,7 +75,7 @@ def test_gradients_are_the_token_weighted_loss_gradients(moe):
     for n, p in ref.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
     # not the mean of per-micro-batch means: the masks differ, so the losses differ
-    means = torch.stack([(loop.forward_step(ref, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
+    means = torch.stack([(loop.model_output(ref, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
                          for b in batches]).mean()
     assert abs(means.item() - loss.item()) > 1e-3
 

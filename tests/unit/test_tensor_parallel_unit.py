@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moecore.collectives import all_reduce_inplace
 from moecore.config import TransformerConfig
 from moecore.parallel_state import ParallelSizes, ParallelState, all_rank_groups
 from moecore.tensor_parallel import (
@@ -13,7 +14,6 @@ from moecore.tensor_parallel import (
     VocabParallelEmbedding,
     VocabUtility,
     all_gather_no_grad,
-    all_reduce_no_grad,
     all_to_all,
     checkpoint,
     copy_to_tensor_model_parallel_region,
@@ -94,7 +94,7 @@ def test_mappings_are_identity_on_one_rank():
     with pytest.raises(ValueError, match="output splits"):
         all_to_all(x, [3], [4], group=None)
     t = torch.ones(3)
-    assert all_reduce_no_grad(t, None) is t
+    assert all_reduce_inplace(t, None) is t
     assert all_gather_no_grad(t, None) is t
 
 
