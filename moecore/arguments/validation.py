@@ -574,6 +574,9 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        norm_backend=args.norm_backend, embedding_backend=args.embedding_backend,
+        moe_peer_copy_backend=args.moe_peer_copy_backend,
     )
 
 

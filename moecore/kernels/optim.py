@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from moecore.backends import log_choice
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available, log_choice
 from moecore.kernels import HAVE_TRITON, TRITON_DTYPES, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
@@ -271,7 +271,7 @@ _CHECKS = {"main_grad_accumulate": _check_accumulate, "adamw": _check_adamw}
 def _triton_ready(op: str, device: torch.device) -> bool:
     """Whether ``op``'s Triton kernel runs on ``device`` (Triton, CUDA, self-check passed)."""
     ok, reason = checked_triton_available(op, _CHECKS[op], device)
-    if device.type != "cpu":
+    if device.type != "cpu" and op != "adamw":  # the adamw registry logs its own choice
         log_choice(op, "triton" if ok else "torch", "auto",
                    {"device": device} if ok else {"device": device, "why": reason})
     return ok
@@ -420,6 +420,55 @@ class TritonAdamW(torch.optim.AdamW):
 
 
 # ---- benchmark -----------------------------------------------------------------------------
+
+
+# ---- the adamw registry --------------------------------------------------------------------
+
+ADAMW_BACKENDS = (AUTO, "triton", "torch_fused", "torch")
+
+
+def _cuda_params(device=None, **ctx) -> tuple[bool, str]:
+    if device is None or torch.device(device).type != "cuda":
+        return False, "the fused AdamW steps need every parameter on one CUDA device"
+    return True, ""
+
+
+def _triton_adamw_available(device=None, sharded: bool = False, **ctx) -> tuple[bool, str]:
+    ok, reason = _cuda_params(device)
+    if ok and sharded:
+        return False, "the distributed optimizer steps shard views with torch's AdamW"
+    if ok and not triton_adamw_available(device):
+        return False, checked_triton_available("adamw", _CHECKS["adamw"], device)[1]
+    return ok, reason
+
+
+def _fused_adamw(groups, **kwargs):
+    return torch.optim.AdamW(groups, **kwargs, fused=True)
+
+
+ADAMW = BackendRegistry("adamw", flag="--adamw-backend")
+ADAMW.register(Backend("triton", _triton_adamw_available, TritonAdamW,
+                       description="TritonAdamW: one kernel per tensor, model copies included"))
+ADAMW.register(Backend("torch_fused", _cuda_params, _fused_adamw,
+                       description="torch.optim.AdamW(fused=True)"))
+ADAMW.register(Backend("torch", always_available, torch.optim.AdamW,
+                       description="torch.optim.AdamW (foreach)"))
+
+
+def params_device(params: list[torch.Tensor]) -> torch.device | None:
+    """The one device of ``params`` when all are floating-point tensors there, else None."""
+    devices = {p.device for p in params}
+    if len(devices) != 1 or not all(p.is_floating_point() for p in params):
+        return None
+    return devices.pop()
+
+
+def select_adamw(params: list[torch.Tensor], requested: str = AUTO,
+                 sharded: bool = False) -> Backend:
+    """The ``adamw`` backend for ``params`` (``sharded``: the distributed optimizer's shards);
+    its ``fn(groups, lr=, betas=, eps=, weight_decay=)`` builds the optimizer. CPU parameters
+    (or none) take ``torch`` under ``auto``."""
+    return ADAMW.select(requested, device=params_device(params), sharded=sharded)
 
 
 def benchmark(numel: int = 2 ** 28, device="cuda") -> dict[str, float]:

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moecore.kernels.rope import fused_qkv_rope, rope_cos_sin, select_rope
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from moecore.transformer import rope_kernel
 from moecore.transformer.norms import build_norm
-from moecore.transformer.rope import apply_rotary_pos_emb, rope_cos_sin
+from moecore.transformer.rope import apply_rotary_pos_emb, rope_request
 from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
 
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -148,7 +148,7 @@ class SelfAttention(nn.Module):
 
     def _fuse_split_and_rope(self, mixed: torch.Tensor, freqs: torch.Tensor | None) -> bool:
         """Whether the QKV split and both rotations run as one fused op
-        (:func:`~moecore.transformer.rope_kernel.fused_qkv_rope`): RoPE on, no QK-norm between
+        (:func:`~moecore.kernels.rope.fused_qkv_rope`): RoPE on, no QK-norm between
         the split and the rotation, and the fused RoPE kernel usable here (CUDA, Triton,
         ``apply_rope_fusion``, angles without grad)."""
         if (freqs is None or self.q_layernorm is not None or not self.config.apply_rope_fusion
@@ -156,7 +156,7 @@ class SelfAttention(nn.Module):
             return False
         S, B = mixed.shape[:2]
         probe = mixed.view(S, B, self.num_groups_local, -1)[..., : self.head_dim]
-        return rope_kernel.use_fused(probe, freqs)
+        return select_rope(probe, freqs, rope_request(True)).name == "triton"
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None):
@@ -164,7 +164,7 @@ class SelfAttention(nn.Module):
         if self._fuse_split_and_rope(mixed, rotary_pos_emb):
             S, B = mixed.shape[:2]
             cos, sin = rope_cos_sin(rotary_pos_emb)
-            q, k, v = rope_kernel.fused_qkv_rope(
+            q, k, v = fused_qkv_rope(
                 mixed.view(S, B, self.num_groups_local, -1), cos, sin, self.heads_per_group,
                 self.head_dim)
         else:
