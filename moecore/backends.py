@@ -143,12 +143,14 @@ def _describe(ctx: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(ctx.items())) or "no context"
 
 
-def log_choice(op: str, name: str, requested: str, ctx: dict) -> None:
-    """Log ``op -> name`` the first time this process picks it."""
+def log_choice(op: str, name: str, requested: str, ctx: dict, warn: bool = False) -> None:
+    """Log ``op -> name`` the first time this process picks it (``warn``: as a warning, for a
+    fallback away from an explicitly requested backend)."""
     if (op, name) in _LOGGED:
         return
     _LOGGED[(op, name)] = None
-    logger.info("%s backend: %s (requested %r; %s)", op, name, requested, _describe(ctx))
+    log = logger.warning if warn else logger.info
+    log("%s backend: %s (requested %r; %s)", op, name, requested, _describe(ctx))
 
 
 def chosen() -> dict[str, str]:

@@ -427,19 +427,19 @@ class TritonAdamW(torch.optim.AdamW):
 ADAMW_BACKENDS = (AUTO, "triton", "torch_fused", "torch")
 
 
-def _cuda_params(device=None, **ctx) -> tuple[bool, str]:
-    if device is None or torch.device(device).type != "cuda":
-        return False, "the fused AdamW steps need every parameter on one CUDA device"
+def _on_cuda(device=None, **ctx) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _triton_adamw_available(sharded: bool = False, **ctx) -> tuple[bool, str]:
+    # TritonAdamW runs anywhere (its torch path for tensors the kernel cannot take).
+    if sharded:
+        return False, "the distributed optimizer steps shard views with torch's AdamW"
     return True, ""
 
 
-def _triton_adamw_available(device=None, sharded: bool = False, **ctx) -> tuple[bool, str]:
-    ok, reason = _cuda_params(device)
-    if ok and sharded:
-        return False, "the distributed optimizer steps shard views with torch's AdamW"
-    if ok and not triton_adamw_available(device):
-        return False, checked_triton_available("adamw", _CHECKS["adamw"], device)[1]
-    return ok, reason
+def _triton_adamw_auto_ok(device=None, sharded: bool = False, **ctx) -> bool:
+    return not sharded and _on_cuda(device) and triton_adamw_available(device)
 
 
 def _fused_adamw(groups, **kwargs):
@@ -447,10 +447,10 @@ def _fused_adamw(groups, **kwargs):
 
 
 ADAMW = BackendRegistry("adamw", flag="--adamw-backend")
-ADAMW.register(Backend("triton", _triton_adamw_available, TritonAdamW,
-                       description="TritonAdamW: one kernel per tensor, model copies included"))
-ADAMW.register(Backend("torch_fused", _cuda_params, _fused_adamw,
-                       description="torch.optim.AdamW(fused=True)"))
+ADAMW.register(Backend("triton", _triton_adamw_available, TritonAdamW, _triton_adamw_auto_ok,
+                       "TritonAdamW: one kernel per fp32 tensor, model copies included"))
+ADAMW.register(Backend("torch_fused", always_available, _fused_adamw, _on_cuda,
+                       "torch.optim.AdamW(fused=True)"))
 ADAMW.register(Backend("torch", always_available, torch.optim.AdamW,
                        description="torch.optim.AdamW (foreach)"))
 
@@ -466,8 +466,9 @@ def params_device(params: list[torch.Tensor]) -> torch.device | None:
 def select_adamw(params: list[torch.Tensor], requested: str = AUTO,
                  sharded: bool = False) -> Backend:
     """The ``adamw`` backend for ``params`` (``sharded``: the distributed optimizer's shards);
-    its ``fn(groups, lr=, betas=, eps=, weight_decay=)`` builds the optimizer. CPU parameters
-    (or none) take ``torch`` under ``auto``."""
+    its ``fn(groups, lr=, betas=, eps=, weight_decay=)`` builds the optimizer. ``auto`` takes
+    ``triton`` where its kernel passed its self-check on the parameters' CUDA device, else
+    ``torch_fused`` on CUDA, else ``torch`` (CPU parameters, or none)."""
     return ADAMW.select(requested, device=params_device(params), sharded=sharded)
 
 

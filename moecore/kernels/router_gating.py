@@ -244,7 +244,7 @@ def _triton_available(device=None, **ctx):
     return checked_triton_available("router gating", _check_triton, device)
 
 
-GATING = BackendRegistry("moe_router_gating")
+GATING = BackendRegistry("moe_router_gating", flag="--moe-router-fusion")
 GATING.register(Backend("triton", _triton_available, gating_triton,
                         description="tensor-core dots at fp32 accuracy, no fp32 copies of "
                         "the activations"))

@@ -49,14 +49,13 @@ def test_norms_match_formulas_and_backend_selection():
     assert isinstance(built, norms.LayerNorm) and built.eps == 1e-3
     assert built.weight.sequence_parallel is False
     assert norms.build_norm(cfg, 16, sequence_parallel=True).bias.sequence_parallel is True
-    try:
-        norms.set_norm_backend("apex")
-        with pytest.raises(BackendUnavailableError, match="apex"):
-            rms(x)  # CPU tensor: the fused kernels cannot run it
-        with pytest.raises(ValueError, match="unknown"):
-            norms.set_norm_backend("fastest")
-    finally:
-        norms.set_norm_backend("auto")
+    with pytest.raises(BackendUnavailableError, match="apex"):
+        norms.RMSNorm(16, eps=1e-6, backend="apex")(x)  # CPU tensor: the fused kernels can't
+    assert norms.build_norm(_cfg(norm_backend="apex"), 16).backend == "apex"
+    with pytest.raises(ValueError, match="unknown"):
+        norms.RMSNorm(16, backend="fastest")(x)
+    with pytest.raises(ValueError, match="norm_backend='fastest' is not supported"):
+        _cfg(norm_backend="fastest")
     assert norms.RMS_NORM_BACKENDS.select("auto", device="cpu", log=False).name == "torch"
 
 
