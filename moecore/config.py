@@ -66,7 +66,7 @@ class ModelConfig:
     bias_swiglu_fusion: bool = True
     apply_rope_fusion: bool = True
     # SDPA kernel (Megatron's --attention-backend): auto (PyTorch's pick), flash, fused (cuDNN),
-    # unfused / local (the math reference); see moecore.transformer.attention.SDPA_BACKENDS.
+    # unfused / local (the math reference); see moecore.kernels.attention.
     attention_backend: str = "auto"
     add_bias_linear: bool = False
     add_qkv_bias: bool = False

@@ -1,6 +1,7 @@
 """Transformer building blocks: norms, RoPE, attention, MLP, layer and block."""
 
-from moecore.transformer.attention import SelfAttention, core_attention
+from moecore.kernels.attention import core_attention
+from moecore.transformer.attention import SelfAttention
 from moecore.transformer.block import TransformerBlock
 from moecore.transformer.layer import TransformerLayer
 from moecore.transformer.mlp import MLP

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
+from moecore.kernels import attention as kernel_attention
+from moecore.kernels.attention import core_attention
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import model_parallel_seed
-from moecore.transformer import attention as attn_mod
 from moecore.transformer import norms
-from moecore.transformer.attention import SelfAttention, core_attention
+from moecore.transformer.attention import SelfAttention
 from moecore.transformer.block import TransformerBlock
 from moecore.transformer.layer import TransformerLayer
 from moecore.transformer.mlp import MLP, glu_interleaved_init
@@ -121,7 +122,7 @@ def test_attention_gqa_layout_and_causality(monkeypatch):
     assert bias is None and out.shape == (6, 2, 32)
     assert _rel(out, ref) < 1e-5
     # The path without SDPA's enable_gqa (older torch) repeats k/v heads explicitly.
-    monkeypatch.setattr(attn_mod, "SDPA_HAS_GQA", False)
+    monkeypatch.setattr(kernel_attention, "SDPA_HAS_GQA", False)
     assert _rel(attn(x, rotary_pos_emb=freqs)[0], ref) < 1e-5
     # Causality: changing tokens after position 3 leaves outputs 0..3 untouched.
     x2 = x.clone()
