@@ -5,8 +5,8 @@ norms), ``triton`` (RMSNorm only: :mod:`moecore.kernels.rmsnorm`, once it passed
 on the device), ``torch`` (``torch.nn.functional.rms_norm`` / ``layer_norm``, always available).
 The request is the config's ``norm_backend`` (``--norm-backend``); :func:`select_norm` resolves
 it once per device, dtype, hidden size and request (the fused ones need CUDA tensors, so CPU
-tensors resolve to ``torch`` under ``auto``). Probes see ``device`` (the device type, a str),
-``device_obj`` (the ``torch.device``), ``dtype`` and ``hidden``.
+tensors resolve to ``torch`` under ``auto``). Probes see ``device`` (a ``torch.device`` or a
+device-type string), ``dtype`` and ``hidden``.
 
 Every backend's function is ``fn(norm, x) -> y``: ``norm`` is the module holding ``weight``
 (and LayerNorm's ``bias``), ``eps`` and ``hidden_size``; a backend only computes with them, so
@@ -37,8 +37,8 @@ def _torch_layer_norm(norm, x):
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
 
-def _cuda_ctx(device: str = "cpu", **_) -> tuple[bool, str]:
-    if device != "cuda":
+def _cuda_ctx(device="cpu", **_) -> tuple[bool, str]:
+    if torch.device(device).type != "cuda":
         return False, f"the fused kernels run CUDA tensors only (this tensor is on {device})"
     return True, ""
 
@@ -96,8 +96,8 @@ def _te_norm(norm, x):
     return te_mod(x)
 
 
-def _triton_available(device: str = "cpu", device_obj=None, **ctx) -> tuple[bool, str]:
-    return rmsnorm.triton_available(device if device_obj is None else device_obj, **ctx)
+def _triton_available(device="cpu", **ctx) -> tuple[bool, str]:
+    return rmsnorm.triton_available(device, **ctx)
 
 
 def _triton_rms_norm(norm, x):
@@ -120,5 +120,4 @@ for _reg, _apex_fn, _torch_fn in ((RMS_NORM_BACKENDS, _apex_rms_norm, _torch_rms
 def select_norm(registry: BackendRegistry, x: torch.Tensor, requested: str = AUTO) -> Backend:
     """The backend of ``registry`` for ``x [..., hidden]`` under ``requested`` (a name of
     :data:`NORM_BACKENDS`; ``triton`` is RMSNorm only, LayerNorm then raises ``ValueError``)."""
-    return registry.resolve(requested, device=x.device.type, device_obj=x.device, dtype=x.dtype,
-                            hidden=x.shape[-1])
+    return registry.resolve(requested, device=x.device, dtype=x.dtype, hidden=x.shape[-1])

@@ -114,7 +114,7 @@ def check_norm_module(gen):
     from moecore.transformer import norms
 
     K.cuda_triton_available = lambda *a, **kw: (True, "")  # looked up at call time
-    ctx = dict(device="cpu", device_obj=torch.device("cpu"), dtype=torch.bfloat16, hidden=72,
+    ctx = dict(device=torch.device("cpu"), dtype=torch.bfloat16, hidden=72,
                log=False)
     assert norms.RMS_NORM_BACKENDS.select("auto", **ctx).name == "triton"
     assert norms.RMS_NORM_BACKENDS.select("auto", **{**ctx, "hidden": R.MAX_H + 1}).name == "torch"
