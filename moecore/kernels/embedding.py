@@ -47,7 +47,6 @@ if HAVE_TRITON:
 FLAG = "--embedding-backend"
 # The interpreter multiplies 16-bit dots wrongly (bf16 bits as integers): widen to fp32 there.
 _WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
-EMBEDDING_BACKENDS = (AUTO, "triton", "torch")
 BLOCK_N, SUBS = 32, 4  # sorted positions per step, steps per tile (TILE = 128)
 
 
@@ -280,8 +279,8 @@ EMBEDDING.register(Backend("torch", always_available, embedding_torch,
 
 
 def select_embedding(device: torch.device, dtype: torch.dtype, requested: str = AUTO) -> Backend:
-    """The backend for a ``dtype`` weight on ``device`` under ``requested`` (a name of
-    :data:`EMBEDDING_BACKENDS`); resolved once per (device, dtype, request), logged once."""
+    """The backend for a ``dtype`` weight on ``device`` under ``requested`` (``auto``,
+    ``triton`` or ``torch``); resolved once per (device, dtype, request), logged once."""
     return EMBEDDING.resolve(requested, device=torch.device(device), dtype=dtype)
 
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels import rmsnorm
 
-NORM_BACKENDS = (AUTO, "te", "apex", "triton", "torch")
 FLAG = "--norm-backend"
 
 
@@ -118,6 +117,6 @@ for _reg, _apex_fn, _torch_fn in ((RMS_NORM_BACKENDS, _apex_rms_norm, _torch_rms
 
 
 def select_norm(registry: BackendRegistry, x: torch.Tensor, requested: str = AUTO) -> Backend:
-    """The backend of ``registry`` for ``x [..., hidden]`` under ``requested`` (a name of
-    :data:`NORM_BACKENDS`; ``triton`` is RMSNorm only, LayerNorm then raises ``ValueError``)."""
+    """The backend of ``registry`` for ``x [..., hidden]`` under ``requested`` (``auto`` or a
+    backend name; ``triton`` is RMSNorm only, LayerNorm then raises ``ValueError``)."""
     return registry.resolve(requested, device=x.device, dtype=x.dtype, hidden=x.shape[-1])

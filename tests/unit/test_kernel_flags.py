@@ -114,6 +114,19 @@ def test_adamw_flag_reaches_the_optimizer():
         parse_args([*BASE, "--adamw-backend", "apex"])
 
 
+def test_flag_choices_are_the_registry_backends():
+    from moecore.config import GROUPED_GEMM_BACKENDS, KERNEL_BACKENDS, NORM_BACKENDS
+    from moecore.kernels.grouped_gemm import GROUPED_GEMM
+    from moecore.kernels.optim import ADAMW, ADAMW_BACKENDS
+    from moecore.kernels.peer_copy import PEER_COPY
+
+    for choices, registry in ((NORM_BACKENDS, N.RMS_NORM_BACKENDS),
+                              (KERNEL_BACKENDS, E.EMBEDDING), (KERNEL_BACKENDS, PEER_COPY),
+                              (GROUPED_GEMM_BACKENDS, GROUPED_GEMM), (ADAMW_BACKENDS, ADAMW)):
+        assert set(choices) == {"auto", *registry.names()}, registry.op
+        assert registry.flag.startswith("--"), registry.op
+
+
 def test_chosen_records_each_op_once(monkeypatch):
     monkeypatch.setattr(backends, "_LOGGED", {})
     N.RMS_NORM_BACKENDS.select("auto", device="cpu")
