@@ -18,6 +18,10 @@ low-precision model copy.
 The Triton kernels run on a device once their once-per-process self-check passed there
 (decision cached per device) for tensors that fit (contiguous, fp32 main) and hold at least
 ``TRITON_MIN_NUMEL`` elements; the rest takes the torch path. :func:`benchmark` times both.
+
+Registry ``ADAMW`` (``--adamw-backend``, an optimizer setting): ``triton`` (:class:`TritonAdamW`),
+``torch_fused`` (``torch.optim.AdamW(fused=True)``), ``torch`` (its ``foreach`` path);
+:func:`select_adamw` resolves a request for a list of parameters.
 """
 
 from __future__ import annotations
