@@ -167,7 +167,7 @@ def attention_bench(batch: int, heads: int, seq: int, dim: int) -> None:
     """fwd+bwd ms of core_attention's SDPA call per backend, with and without dropout."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from moecore.transformer.attention import core_attention
+    from moecore.kernels.attention import core_attention
 
     def qkv():
         return [torch.randn(seq, batch, heads, dim, device="cuda", dtype=torch.bfloat16,

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import median_ms  # noqa: E402
 from moecore.config import TransformerConfig  # noqa: E402
+from moecore.kernels.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
 from moecore.memory import saved_activations  # noqa: E402
-from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
 
 CONFIGS = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2, tokens=8192),

@@ -4,7 +4,7 @@ and sweep the tiles of two backward kernels, on one GPU in one run.
     python benchmarks/small_kernels.py            # copies, scans, and the tile sweeps
     python benchmarks/small_kernels.py --no-sweep
 
-- ``copy_heads``: dv into the v slot of a QKV gradient (``rope_kernel.copy_heads``) vs
+- ``copy_heads``: dv into the v slot of a QKV gradient (``rope.copy_heads``) vs
   ``Tensor.copy_``, from a contiguous and a ``[B, H, S, D]`` source (S 2048, B 16, 16 heads of
   64, bf16).
 - ``expert_positions``: the fused permute's per-expert running counts (chunked Triton scan) vs
@@ -28,8 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import graph_ms, median_ms  # noqa: E402
 
-from moecore.kernels import permute, rmsnorm, router_gating  # noqa: E402
-from moecore.transformer import rope_kernel  # noqa: E402
+from moecore.kernels import (  # noqa: E402
+    permute,
+    rmsnorm,
+    rope,  # noqa: E402
+    router_gating,
+)
 
 
 def copies() -> None:
@@ -39,10 +43,10 @@ def copies() -> None:
                "[B, H, S, D]": torch.randn(16, 16, 2048, 64, device="cuda",
                                            dtype=torch.bfloat16).permute(2, 0, 1, 3)}
     for name, src in sources.items():
-        rope_kernel.copy_heads(src, slot)
+        rope.copy_heads(src, slot)
         assert torch.equal(slot, src)
         t = graph_ms(lambda s=src: slot.copy_(s)) * 1e3
-        k = graph_ms(lambda s=src: rope_kernel.copy_heads(s, slot)) * 1e3
+        k = graph_ms(lambda s=src: rope.copy_heads(s, slot)) * 1e3
         print(f"dv -> v slot, {name} source: copy_ {t:.1f} us, copy_heads {k:.1f} us")
 
 

@@ -7,15 +7,16 @@ probes must accept and ignore keys they do not use.
 
 Selection is explicit (a backend name from a config field or flag) or ``"auto"`` (the first
 backend of the registry's preference order that is available and whose ``auto_ok`` accepts the
-context). A requested backend that is not available raises :class:`BackendUnavailableError`
-with the probe's reason, which names what to install or change. The chosen backend is logged
-once per process per op on the ``"moecore"`` logger.
+context). The request comes from a config field with a flag (Megatron's fusion flag where one
+exists, else ``--<op>-backend``). A requested backend that is not available raises
+:class:`BackendUnavailableError` with the probe's reason, which names what to install or change,
+and the flag. The chosen backend is logged once per process per op on the ``"moecore"`` logger
+(:func:`log_choice`); :func:`chosen` returns those choices for a checkpoint's args.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,8 +24,8 @@ logger = logging.getLogger("moecore")
 
 AUTO = "auto"
 
-# (op, backend) pairs already logged by this process.
-_LOGGED: set[tuple[str, str]] = set()
+# (op, backend) pairs already logged by this process, in the order they were first picked.
+_LOGGED: dict[tuple[str, str], None] = {}
 
 
 class BackendUnavailableError(ValueError, ImportError):
@@ -61,11 +62,15 @@ class Backend:
 
 
 class BackendRegistry:
-    """Backends of one op, in ``"auto"`` preference order (registration order by default)."""
+    """Backends of one op, in ``"auto"`` preference order (registration order by default).
 
-    def __init__(self, op: str):
-        self.op = op
+    ``flag``: the command-line flag that sets the request (named in errors).
+    """
+
+    def __init__(self, op: str, flag: str = ""):
+        self.op, self.flag = op, flag
         self._backends: dict[str, Backend] = {}
+        self._resolved: dict[tuple, Backend] = {}
 
     def register(self, backend: Backend) -> Backend:
         if backend.name == AUTO or backend.name in self._backends:
@@ -102,12 +107,25 @@ class BackendRegistry:
             chosen = self.get(requested)
             ok, reason = chosen.is_available(**ctx)
             if not ok:
+                via = f" (set by {self.flag})" if self.flag else ""
                 raise BackendUnavailableError(
-                    f"{self.op} backend {requested!r} is not available: {reason}. "
+                    f"{self.op} backend {requested!r}{via} is not available: {reason}. "
                     f"Available here: {self.available(**ctx) or 'none'} (or use {AUTO!r}).")
         if log:
             log_choice(self.op, chosen.name, requested, ctx)
         return chosen
+
+    def resolve(self, requested: str = AUTO, **ctx) -> Backend:
+        """:meth:`select` once per ``(requested, ctx)`` (hashable values): for per-call paths."""
+        key = (requested, *sorted(ctx.items()))
+        backend = self._resolved.get(key)
+        if backend is None:
+            backend = self._resolved[key] = self.select(requested, **ctx)
+        return backend
+
+    def clear_cache(self) -> None:
+        """Forget :meth:`resolve`'s results (after a probe's answer changed, e.g. in tests)."""
+        self._resolved.clear()
 
     def _select_auto(self, order: Sequence[str], ctx: dict) -> Backend:
         reasons = []
@@ -125,43 +143,20 @@ def _describe(ctx: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(ctx.items())) or "no context"
 
 
-def log_choice(op: str, name: str, requested: str, ctx: dict) -> None:
-    """Log ``op -> name`` the first time this process picks it."""
+def log_choice(op: str, name: str, requested: str, ctx: dict, warn: bool = False) -> None:
+    """Log ``op -> name`` the first time this process picks it (``warn``: as a warning, for a
+    fallback away from an explicitly requested backend)."""
     if (op, name) in _LOGGED:
         return
-    _LOGGED.add((op, name))
-    logger.info("%s backend: %s (requested %r; %s)", op, name, requested, _describe(ctx))
+    _LOGGED[(op, name)] = None
+    log = logger.warning if warn else logger.info
+    log("%s backend: %s (requested %r; %s)", op, name, requested, _describe(ctx))
 
 
-class ProcessChoice:
-    """A backend request that holds for the whole process (the norm and embedding ops): set by
-    :meth:`set`, else read once from the environment variable ``env`` (default ``auto``); each
-    lookup key is resolved once (:attr:`resolved`, cleared by :meth:`set`)."""
-
-    def __init__(self, what: str, env: str, names: Sequence[str]):
-        self.what, self.env, self.names = what, env, tuple(names)
-        self.requested: str | None = None
-        self.resolved: dict[tuple, Backend] = {}
-
-    def set(self, name: str) -> None:
-        """Choose ``name`` (one of :attr:`names`) for the rest of the process."""
-        if name not in self.names:
-            raise ValueError(f"{self.what} backend {name!r} is unknown ({self.env}?); choose "
-                             f"one of {list(self.names)}")
-        self.requested = name
-        self.resolved.clear()
-
-    def current(self) -> str:
-        """The process-wide request (the environment's on first use)."""
-        if self.requested is None:
-            self.set(os.environ.get(self.env, AUTO))
-        return self.requested
-
-    def resolve(self, key: tuple, select: Callable[[str], Backend],
-                requested: str | None = None) -> Backend:
-        """``select(name)`` for ``requested`` (default :meth:`current`) once per ``key``."""
-        name = requested or self.current()
-        backend = self.resolved.get((*key, name))
-        if backend is None:
-            backend = self.resolved[(*key, name)] = select(name)
-        return backend
+def chosen() -> dict[str, str]:
+    """``{op: backend}`` of every choice this process made so far (``"a,b"`` when one op ran two
+    backends, e.g. on two devices): what ``auto`` resolved to, saved with a checkpoint's args."""
+    out: dict[str, str] = {}
+    for op, name in _LOGGED:
+        out[op] = f"{out[op]},{name}" if op in out else name
+    return out

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moecore import backends
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel.random import get_rng_tracker
 
@@ -331,7 +332,8 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
     if is_writer:
         state = {
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-            **_model_states(chunks), "args": config.run_args,
+            **_model_states(chunks),
+            "args": {**config.run_args, "kernel_backends": backends.chosen()},
             "parallel_layout": _layout(ps, len(chunks)), "rng_ranks": [r for r, _ in sharers],
             **(data_state or {}),
         }

@@ -18,7 +18,7 @@ ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 DISPATCHER_TYPES = ("allgather", "alltoall", "ipc")
 DROP_POLICIES = ("probs", "position")
-GROUPED_GEMM_BACKENDS = ("auto", "torch", "grouped_gemm", "te", "bmm", "loop")
+GROUPED_GEMM_BACKENDS = ("auto", "torch", "grouped_gemm", "bmm", "loop")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
@@ -85,7 +85,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     """SDPA kernel (Megatron's --attention-backend): auto (PyTorch's pick), flash, fused
     (cuDNN), unfused / local (the math reference); see
-    moecore.transformer.attention.SDPA_BACKENDS."""
+    moecore.kernels.attention."""
     add_bias_linear: bool = False
     """Biases on the attention and dense MLP projections (MoE experts never have one)."""
     add_qkv_bias: bool = False
@@ -324,14 +324,46 @@ class ParallelConfig:
             self.expert_tensor_parallel_size = tp
 
 
+# ---- kernel choices ------------------------------------------------------------------------
+# Requests to the backend registries of moecore.kernels that no Megatron fusion flag covers
+# (those are apply_rope_fusion, bias_swiglu_fusion, moe_permute_fusion, moe_router_fusion,
+# moe_grouped_gemm_backend and attention_backend above). The AdamW choice (--adamw-backend) is
+# an optimizer setting, passed to the optimizer instead.
+NORM_BACKENDS = ("auto", "te", "apex", "triton", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
 @dataclass
-class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig):
+class KernelConfig:
+    # --cross-entropy-loss-fusion: None = the Triton CE on CUDA (auto), True = required, False =
+    # the torch reference.
+    cross_entropy_loss_fusion: bool | None = None
+    # --norm-backend: RMSNorm/LayerNorm kernel (moecore.kernels.norm); triton is RMSNorm only.
+    norm_backend: str = "auto"
+    # --embedding-backend: word-embedding backward (moecore.kernels.embedding).
+    embedding_backend: str = "auto"
+    # --moe-peer-copy-backend: the ipc dispatcher's copies to/from peers (kernels.peer_copy).
+    moe_peer_copy_backend: str = "auto"
+
+    def _validate_kernels(self) -> None:
+        _check_choice("norm_backend", self.norm_backend, NORM_BACKENDS)
+        if self.norm_backend == "triton" and self.normalization != "RMSNorm":
+            raise ValueError("norm_backend='triton' is RMSNorm only; use --norm-backend auto "
+                             "with --normalization LayerNorm")
+        _check_choice("embedding_backend", self.embedding_backend, KERNEL_BACKENDS)
+        _check_choice("moe_peer_copy_backend", self.moe_peer_copy_backend, KERNEL_BACKENDS)
+# ---- end of kernel choices -----------------------------------------------------------------
+
+
+@dataclass
+class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig, KernelConfig):
     """All model, MoE and parallel settings, validated at construction."""
 
     def __post_init__(self):
         self._validate_model()
         self._validate_parallel()
         self._validate_moe()
+        self._validate_kernels()
         self._validate_divisibility()
 
     def _validate_divisibility(self) -> None:

@@ -17,7 +17,14 @@ import os
 import sys
 
 from moecore.arguments.validation import _moe_freq_type, validate_args
-from moecore.config import ATTENTION_BACKENDS, DISPATCHER_TYPES, GROUPED_GEMM_BACKENDS
+from moecore.config import (
+    ATTENTION_BACKENDS,
+    DISPATCHER_TYPES,
+    GROUPED_GEMM_BACKENDS,
+    KERNEL_BACKENDS,
+    NORM_BACKENDS,
+)
+from moecore.kernels.optim import ADAMW_BACKENDS
 
 UNSUPPORTED_FLAGS: dict[str, str] = {
     "--fp8-format": "FP8 training", "--fp8-recipe": "FP8 training",
@@ -202,7 +209,6 @@ def _add_training_args(p):
         ("--no-persist-layer-norm", "no persistent layer-norm kernel here"),
         ("--use-flash-attn", "SDPA picks its fastest kernel (cuDNN on Hopper); "
          "--attention-backend flash pins FlashAttention-2"),
-        ("--cross-entropy-loss-fusion", "the vocab-parallel CE is fused on CUDA by default"),
         ("--manual-gc", "Python's default GC is used"),
         ("--use-cpu-initialization", "weights are always drawn as full master tensors first"),
         ("--distribute-saved-activations", "recompute keeps whole activations"),
@@ -486,6 +492,28 @@ def _add_logging_args(p):
         _noop(g, flag, "not recorded")
 
 
+def _add_kernel_args(p):
+    """Kernel choices without a Megatron fusion flag (see moecore.config.KernelConfig), plus
+    Megatron's --cross-entropy-loss-fusion. Each picks a backend of a moecore.kernels registry;
+    the backends ``auto`` picked are saved in checkpoints' args (``kernel_backends``)."""
+    g = p.add_argument_group(title="kernels")
+    g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
+                   default=None, help="Fused Triton vocab-parallel cross entropy; default: on "
+                   "where it runs (CUDA), --no-cross-entropy-loss-fusion for the torch path.")
+    g.add_argument("--norm-backend", default="auto", choices=list(NORM_BACKENDS),
+                   help="(moecore) RMSNorm/LayerNorm kernel; auto: te, apex, triton (RMSNorm "
+                   "only), torch, the first that runs.")
+    g.add_argument("--embedding-backend", default="auto", choices=list(KERNEL_BACKENDS),
+                   help="(moecore) Word-embedding backward; triton: deterministic kernel "
+                   "(CUDA), torch: F.embedding's.")
+    g.add_argument("--moe-peer-copy-backend", default="auto", choices=list(KERNEL_BACKENDS),
+                   help="(moecore) Peer copies of the ipc dispatcher.")
+    g.add_argument("--adamw-backend", default="auto", choices=list(ADAMW_BACKENDS),
+                   help="(moecore) AdamW step: triton (one kernel that also writes the bf16 "
+                   "model copy), torch_fused (torch.optim.AdamW(fused=True)), torch (foreach); "
+                   "auto: the first that runs for CUDA parameters, torch on CPU.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser, grouped as Megatron-LM's (``--help`` shows the groups)."""
     refused = ", ".join(UNSUPPORTED_FLAGS)
@@ -496,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_network_size_args, _add_regularization_args, _add_training_args,
                 _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
                 _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
-                _add_data_args, _add_tokenizer_args, _add_moe_args, _add_logging_args):
+                _add_data_args, _add_tokenizer_args, _add_moe_args, _add_kernel_args,
+                _add_logging_args):
         add(p)
     for flag in UNSUPPORTED_FLAGS:
         p.add_argument(flag, action=_Unsupported, help=argparse.SUPPRESS)

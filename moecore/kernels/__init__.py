@@ -1,11 +1,38 @@
-"""Triton kernels, each beside a pure-torch reference and behind a backend registry.
+"""Every accelerated op: one module per op with its kernel(s), the torch reference and the
+backend registry (:class:`moecore.backends.BackendRegistry`) that chooses between them.
 
-Ops: ``combine`` (top-k weighted sum), ``swiglu`` (gated activation), ``router`` (score
-function + top-k + normalisation), ``permute`` (dropless top-k gather into expert order).
-Every registry has a ``torch`` backend (any device, the reference) and a ``triton`` one (CUDA);
-``auto`` takes ``triton`` on CUDA once the kernel has passed a small self-check there.
+Ops, as ``module`` (REGISTRY): what it computes; the config field / flag that requests it:
 
-This file holds what the kernel modules share: the Triton import, the config-flag -> request
+- ``grouped_gemm`` (GROUPED_GEMM): per-expert GEMMs; ``moe_grouped_gemm_backend``
+  / ``--moe-grouped-gemm-backend``.
+- ``permute`` (PERMUTE): dropless top-k gather into expert order; ``moe_permute_fusion`` /
+  ``--moe-permute-fusion``.
+- ``combine`` (COMBINE): top-k weighted sum back to token order; always ``auto``.
+- ``swiglu`` (SWIGLU): the gated activation of the experts; ``bias_swiglu_fusion`` /
+  ``--no-bias-swiglu-fusion``.
+- ``router`` (ROUTER): score function, top-k, normalisation, counts; ``moe_router_fusion`` /
+  ``--moe-router-fusion``.
+- ``router_gating`` (GATING): the router's logits GEMM; ``moe_router_fusion``.
+- ``norm`` (RMS_NORM_BACKENDS, LAYER_NORM_BACKENDS): RMSNorm and LayerNorm, with the Triton
+  RMSNorm of ``rmsnorm``; ``norm_backend`` / ``--norm-backend``.
+- ``rope`` (ROPE): rotary position embedding; ``apply_rope_fusion`` / ``--no-rope-fusion``.
+- ``cross_entropy`` (CROSS_ENTROPY): vocab-parallel cross entropy;
+  ``cross_entropy_loss_fusion`` / ``--cross-entropy-loss-fusion``.
+- ``embedding`` (EMBEDDING): embedding lookup with a deterministic backward;
+  ``embedding_backend`` / ``--embedding-backend``.
+- ``optim`` (ADAMW): the AdamW step (``--adamw-backend``, an optimizer setting) and the fp32
+  main-grad accumulation.
+- ``peer_copy`` (PEER_COPY): the ipc dispatcher's copies to and from peers;
+  ``moe_peer_copy_backend`` / ``--moe-peer-copy-backend``.
+- ``attention`` (ATTENTION): the SDPA kernel of core attention; ``attention_backend`` /
+  ``--attention-backend``.
+
+A fusion flag maps to a request by :func:`fusion_request` (unset: ``auto``, on: ``triton``
+required, off: ``torch``). ``auto`` takes ``triton`` on CUDA once the kernel has passed a small
+self-check there; CPU runs take the torch references. The kernels import nothing from the
+layers above them (``moe``, ``transformer``, ``tensor_parallel``).
+
+This file holds what the kernel modules share: the Triton import, the fusion-flag -> request
 mapping and the cached self-check.
 """
 

@@ -25,9 +25,9 @@ Triton backward. Backends of the ``embedding`` registry:
   partials), where zero-filling first would write the table twice. A program's work is bounded
   by TILE whatever the id distribution; a row with L ids costs ~L/TILE partial reads.
 
-Choice: :func:`set_embedding_backend` or ``MOECORE_EMBEDDING_BACKEND`` (``auto`` | ``triton`` |
-``torch``, default ``auto`` = ``triton`` on CUDA once its self-check passed there, else
-``torch``), resolved once per process, device and dtype, logged once.
+Choice: the config's ``embedding_backend`` (``--embedding-backend auto|triton|torch``, default
+``auto`` = ``triton`` on CUDA once its self-check passed there, else ``torch``), passed to
+:func:`embedding` by ``VocabParallelEmbedding``; resolved once per device, dtype and request.
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moecore.backends import AUTO, Backend, BackendRegistry, ProcessChoice, always_available
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-ENV = "MOECORE_EMBEDDING_BACKEND"
+FLAG = "--embedding-backend"
 # The interpreter multiplies 16-bit dots wrongly (bf16 bits as integers): widen to fp32 there.
 _WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
-EMBEDDING_BACKENDS = (AUTO, "triton", "torch")
 BLOCK_N, SUBS = 32, 4  # sorted positions per step, steps per tile (TILE = 128)
 
 
@@ -269,35 +268,23 @@ def triton_available(device=None, dtype=None, **ctx) -> tuple[bool, str]:
     """``(ok, reason)`` of the ``triton`` backend on ``device`` for a ``dtype`` weight: CUDA,
     Triton, self-check passed there."""
     ok, reason = checked_triton_available("embedding", _check, device, dtype)
-    return ok, reason if ok else f"{reason} ({ENV}=torch or auto runs F.embedding)"
+    return ok, reason if ok else f"{reason} ({FLAG} torch or auto runs F.embedding)"
 
 
-EMBEDDING = BackendRegistry("embedding")
+EMBEDDING = BackendRegistry("embedding", flag=FLAG)
 EMBEDDING.register(Backend("triton", triton_available, embedding_triton,
                            description="F.embedding forward, deterministic Triton backward"))
 EMBEDDING.register(Backend("torch", always_available, embedding_torch,
                            description="F.embedding"))
 
-_CHOICE = ProcessChoice("embedding", ENV, EMBEDDING_BACKENDS)
+
+def select_embedding(device: torch.device, dtype: torch.dtype, requested: str = AUTO) -> Backend:
+    """The backend for a ``dtype`` weight on ``device`` under ``requested`` (``auto``,
+    ``triton`` or ``torch``); resolved once per (device, dtype, request), logged once."""
+    return EMBEDDING.resolve(requested, device=torch.device(device), dtype=dtype)
 
 
-def set_embedding_backend(name: str) -> None:
-    """Choose the embedding backend for this process: ``auto``, ``triton`` or ``torch`` (a
-    ``triton`` that cannot run raises ``BackendUnavailableError`` at the first lookup)."""
-    _CHOICE.set(name)
-
-
-def select_embedding(device: torch.device, dtype: torch.dtype,
-                     requested: str | None = None) -> Backend:
-    """The backend for a ``dtype`` weight on ``device``: ``requested``, or by default the
-    process-wide choice (:func:`set_embedding_backend`, else ``MOECORE_EMBEDDING_BACKEND``,
-    else ``auto``); resolved once per (device, dtype, request), logged once."""
-    device = torch.device(device)
-    return _CHOICE.resolve((device, dtype), lambda name: EMBEDDING.select(
-        name, device=device, dtype=dtype), requested)
-
-
-def embedding(ids: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def embedding(ids: torch.Tensor, weight: torch.Tensor, backend: str = AUTO) -> torch.Tensor:
     """ids [...] (int64/int32 in [0, V)), weight [V, H] -> [..., H] through ``backend`` (a
-    name, ``auto``, or None for the process-wide choice, see :func:`select_embedding`)."""
+    name or ``auto``, see :func:`select_embedding`)."""
     return select_embedding(weight.device, weight.dtype, backend).fn(ids, weight)

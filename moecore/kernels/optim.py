@@ -18,6 +18,10 @@ low-precision model copy.
 The Triton kernels run on a device once their once-per-process self-check passed there
 (decision cached per device) for tensors that fit (contiguous, fp32 main) and hold at least
 ``TRITON_MIN_NUMEL`` elements; the rest takes the torch path. :func:`benchmark` times both.
+
+Registry ``ADAMW`` (``--adamw-backend``, an optimizer setting): ``triton`` (:class:`TritonAdamW`),
+``torch_fused`` (``torch.optim.AdamW(fused=True)``), ``torch`` (its ``foreach`` path);
+:func:`select_adamw` resolves a request for a list of parameters.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from moecore.backends import log_choice
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available, log_choice
 from moecore.kernels import HAVE_TRITON, TRITON_DTYPES, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:
@@ -271,7 +275,7 @@ _CHECKS = {"main_grad_accumulate": _check_accumulate, "adamw": _check_adamw}
 def _triton_ready(op: str, device: torch.device) -> bool:
     """Whether ``op``'s Triton kernel runs on ``device`` (Triton, CUDA, self-check passed)."""
     ok, reason = checked_triton_available(op, _CHECKS[op], device)
-    if device.type != "cpu":
+    if device.type != "cpu" and op != "adamw":  # the adamw registry logs its own choice
         log_choice(op, "triton" if ok else "torch", "auto",
                    {"device": device} if ok else {"device": device, "why": reason})
     return ok
@@ -420,6 +424,56 @@ class TritonAdamW(torch.optim.AdamW):
 
 
 # ---- benchmark -----------------------------------------------------------------------------
+
+
+# ---- the adamw registry --------------------------------------------------------------------
+
+ADAMW_BACKENDS = (AUTO, "triton", "torch_fused", "torch")
+
+
+def _on_cuda(device=None, **ctx) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _triton_adamw_available(sharded: bool = False, **ctx) -> tuple[bool, str]:
+    # TritonAdamW runs anywhere (its torch path for tensors the kernel cannot take).
+    if sharded:
+        return False, "the distributed optimizer steps shard views with torch's AdamW"
+    return True, ""
+
+
+def _triton_adamw_auto_ok(device=None, sharded: bool = False, **ctx) -> bool:
+    return not sharded and _on_cuda(device) and triton_adamw_available(device)
+
+
+def _fused_adamw(groups, **kwargs):
+    return torch.optim.AdamW(groups, **kwargs, fused=True)
+
+
+ADAMW = BackendRegistry("adamw", flag="--adamw-backend")
+ADAMW.register(Backend("triton", _triton_adamw_available, TritonAdamW, _triton_adamw_auto_ok,
+                       "TritonAdamW: one kernel per fp32 tensor, model copies included"))
+ADAMW.register(Backend("torch_fused", always_available, _fused_adamw, _on_cuda,
+                       "torch.optim.AdamW(fused=True)"))
+ADAMW.register(Backend("torch", always_available, torch.optim.AdamW,
+                       description="torch.optim.AdamW (foreach)"))
+
+
+def params_device(params: list[torch.Tensor]) -> torch.device | None:
+    """The one device of ``params`` when all are floating-point tensors there, else None."""
+    devices = {p.device for p in params}
+    if len(devices) != 1 or not all(p.is_floating_point() for p in params):
+        return None
+    return devices.pop()
+
+
+def select_adamw(params: list[torch.Tensor], requested: str = AUTO,
+                 sharded: bool = False) -> Backend:
+    """The ``adamw`` backend for ``params`` (``sharded``: the distributed optimizer's shards);
+    its ``fn(groups, lr=, betas=, eps=, weight_decay=)`` builds the optimizer. ``auto`` takes
+    ``triton`` where its kernel passed its self-check on the parameters' CUDA device, else
+    ``torch_fused`` on CUDA, else ``torch`` (CPU parameters, or none)."""
+    return ADAMW.select(requested, device=params_device(params), sharded=sharded)
 
 
 def benchmark(numel: int = 2 ** 28, device="cuda") -> dict[str, float]:

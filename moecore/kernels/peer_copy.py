@@ -102,7 +102,7 @@ def pull_triton(out, slot, owner, splits, peers, ptr_table) -> None:
 # ---- registry ------------------------------------------------------------------------------
 
 
-PEER_COPY = BackendRegistry("peer_copy")
+PEER_COPY = BackendRegistry("peer_copy", flag="--moe-peer-copy-backend")
 PEER_COPY.register(Backend("triton", triton_on_cuda("peer-copy"), (push_triton, pull_triton),
                            description="one launch for all peers through a pointer table"))
 PEER_COPY.register(Backend("torch", always_available, (push_torch, pull_torch),

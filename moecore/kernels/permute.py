@@ -289,7 +289,7 @@ def _triton_available(device=None, num_experts=None, **ctx):
     return checked_triton_available("permute", _check_triton, device)
 
 
-PERMUTE = BackendRegistry("moe_permute")
+PERMUTE = BackendRegistry("moe_permute", flag="--moe-permute-fusion")
 PERMUTE.register(Backend("triton", _triton_available,
                          (permute_forward_triton, permute_backward_triton),
                          description="plan + gather in one kernel; per-token sum backward"))

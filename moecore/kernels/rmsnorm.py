@@ -13,8 +13,8 @@ torch's ``residual + out``) and ``y = rms_norm(hidden, weight, eps)``. It saves 
 ``weight`` and ``rstd``; backward sums the two consumers' grads of ``hidden`` in fp32 with one
 rounding: ``d_residual = d_out = dx(dy) + d_hidden``.
 
-Two implementations, selected by ``moecore.transformer.norms`` (registry ``RMS_NORM_BACKENDS``,
-backend ``triton``):
+Two implementations; the ``rms_norm`` registry of :mod:`moecore.kernels.norm` runs the Triton
+one as its backend ``triton``:
 
 - ``torch`` (``rms_norm_forward_torch`` / ``rms_norm_backward_torch``, and
   ``add_rms_norm_forward_torch``): the formulas above in plain torch ops, any device; the
@@ -237,8 +237,8 @@ def add_rms_norm_forward_triton(residual: torch.Tensor, out: torch.Tensor, weigh
 
 def _backward_tile(block_h: int, block_r: int, warps: int) -> tuple[int, int]:
     """(BLOCK_R, num_warps) of the backward: 8192-element row blocks and 4 warps up to
-    ``BLOCK_H`` 4096 (swept on an H200, ``benchmarks/small_kernels.py``, 2026-12-01: 88 -> 83
-    us at 32768 x 1024, 211 -> 159 us at 16384 x 4096), else the forward's."""
+    ``BLOCK_H`` 4096 (swept on an H200 with ``benchmarks/small_kernels.py``: 88 -> 83 us at
+    32768 x 1024, 211 -> 159 us at 16384 x 4096), else the forward's."""
     return (8192 // block_h, 4) if block_h <= 4096 else (block_r, warps)
 
 

@@ -5,8 +5,8 @@ the selected experts), ``routing_map`` [T, E] bool, ``tokens_per_expert`` [E] in
 rank's assignment counts) and, when asked, ``aux_scores`` [T, E] (the scores the balance loss
 uses: softmax, or sigmoid normalised per token). Backends in the ``moe_router`` registry:
 
-- ``torch``: :func:`moecore.moe.router.topk_routing_with_score_function` and
-  :func:`~moecore.moe.router.scores_for_aux_loss` (any device/dtype); the reference.
+- ``torch``: :func:`topk_routing_with_score_function` and :func:`scores_for_aux_loss` (any
+  device/dtype, group-limited routing included); the reference.
 - ``triton``: one pass forward over the fp32 logits, one pass backward that sums the gradients
   of ``probs`` and ``aux_scores`` into the logits' gradient (CUDA, fp32 logits, E <= 4096).
   Covers softmax (post- and pre-softmax), sigmoid, the scaling factor and the expert bias.
@@ -60,12 +60,86 @@ def fused_router_unsupported(*, load_balancing_type: str, num_groups=None, num_e
 
 # ---- torch reference -----------------------------------------------------------------------
 
+def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_topk: int):
+    """Top-k restricted to the ``group_topk`` best of ``num_groups`` contiguous expert groups.
+
+    A group's score is the sum of its top ``max(1, topk // group_topk)`` scores (DeepSeek-V3,
+    Megatron-Core; the ``max`` keeps ``topk < group_topk`` meaningful).
+
+    Args:
+        scores: ``[T, E]``, higher is better.
+    Returns:
+        ``(values [T, topk], indices [T, topk])`` like :func:`torch.topk`.
+    """
+    t, e = scores.shape
+    per_group = max(1, topk // group_topk)
+    group_scores = scores.view(t, num_groups, e // num_groups).topk(per_group, dim=-1)[0].sum(-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, group_idx, True)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, num_groups, e // num_groups).reshape(t, e)
+    return torch.topk(scores.masked_fill(~expert_mask, float("-inf")), k=topk, dim=-1)
+
+
+def topk_routing_with_score_function(
+    logits: torch.Tensor, topk: int, *, score_function: str = "softmax",
+    use_pre_softmax: bool = False, num_groups: int | None = None,
+    group_topk: int | None = None, scaling_factor: float | None = None,
+    expert_bias: torch.Tensor | None = None,
+):
+    """Select ``topk`` experts per token and their weights.
+
+    softmax: ``use_pre_softmax`` -> weights are ``softmax(logits)`` over all experts at the
+    selected ones; else a softmax over the ``topk`` selected logits only (sums to 1).
+    sigmoid: weights are ``sigmoid(logits)`` at the selected experts, normalised to sum 1 when
+    ``topk > 1``. ``expert_bias [E]`` is added to the selection scores (the logits for
+    post-softmax, the probabilities otherwise) but never to the weights. ``scaling_factor``
+    multiplies the weights.
+
+    Args:
+        logits: ``[T, E]``.
+    Returns:
+        ``(probs [T, E], routing_map [T, E] bool)``; probs is 0 off the selected experts.
+    """
+    def select(scores):
+        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+        if group_topk:
+            idx = group_limited_topk(biased, topk, num_groups, group_topk)[1]
+        else:
+            idx = torch.topk(biased, k=topk, dim=-1)[1]
+        return torch.gather(scores, 1, idx), idx
+
+    if score_function == "softmax":
+        if use_pre_softmax:
+            weights, idx = select(torch.softmax(logits, dim=-1))
+        else:
+            top_logits, idx = select(logits)
+            weights = torch.softmax(top_logits, dim=-1)
+    elif score_function == "sigmoid":
+        weights, idx = select(torch.sigmoid(logits))
+        if topk > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")
+    if scaling_factor:
+        weights = weights * scaling_factor
+    probs = torch.zeros_like(logits).scatter(1, idx, weights)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+    return probs, routing_map
+
+
+def scores_for_aux_loss(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """``[T, E]`` probabilities of all experts for the balance loss: softmax, or sigmoid
+    normalised to sum 1 per token (Megatron-Core)."""
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    scores = torch.sigmoid(logits)
+    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
 
 def route_torch(logits, topk, score_function="softmax", use_pre_softmax=False,
                 scaling_factor=None, expert_bias=None, need_aux_scores=False) -> RouterOutput:
-    """The unfused router ops (see :mod:`moecore.moe.router`), same outputs as the kernel."""
-    from moecore.moe.router import scores_for_aux_loss, topk_routing_with_score_function
-
+    """The unfused router ops, same outputs as the kernel."""
     probs, routing_map = topk_routing_with_score_function(
         logits, topk, score_function=score_function, use_pre_softmax=use_pre_softmax,
         scaling_factor=scaling_factor, expert_bias=expert_bias)
@@ -263,7 +337,7 @@ def _triton_available(device=None, **ctx):
     return checked_triton_available("router", _check_triton, device)
 
 
-ROUTER = BackendRegistry("moe_router")
+ROUTER = BackendRegistry("moe_router", flag="--moe-router-fusion")
 ROUTER.register(Backend("triton", _triton_available, route_triton,
                         description="one fused pass each way over the fp32 logits"))
 ROUTER.register(Backend("torch", always_available, route_torch,

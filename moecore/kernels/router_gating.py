@@ -128,9 +128,9 @@ if HAVE_TRITON:
         tl.store(part_at, acc, mask=part_in)
 
 
-# (BLOCK_T, BLOCK_H, num_warps) of the backward kernels, from a sweep on an H200 (2026-12-01:
-# dx 43.7 -> 35.7 us and dw 85.8 -> 49.7 us at 32768 tokens x 1024 x 16 experts; the wide dw
-# tile lost at 64 experts x 4096, which keeps the narrow one).
+# (BLOCK_T, BLOCK_H, num_warps) of the backward kernels, from a sweep on an H200 (dx 43.7 ->
+# 35.7 us and dw 85.8 -> 49.7 us at 32768 tokens x 1024 x 16 experts; the wide dw tile lost at
+# 64 experts x 4096, which keeps the narrow one).
 DX_TILE = (128, 64, 4)
 DW_TILE_FEW_EXPERTS = (64, 128, 4)
 DW_TILE = (32, 64, 4)
@@ -244,7 +244,7 @@ def _triton_available(device=None, **ctx):
     return checked_triton_available("router gating", _check_triton, device)
 
 
-GATING = BackendRegistry("moe_router_gating")
+GATING = BackendRegistry("moe_router_gating", flag="--moe-router-fusion")
 GATING.register(Backend("triton", _triton_available, gating_triton,
                         description="tensor-core dots at fp32 accuracy, no fp32 copies of "
                         "the activations"))

@@ -187,7 +187,7 @@ def _triton_available(device=None, dtype=None, **ctx):
     return checked_triton_available("swiglu", _check_triton, device, dtype)
 
 
-SWIGLU = BackendRegistry("moe_swiglu")
+SWIGLU = BackendRegistry("moe_swiglu", flag="--no-bias-swiglu-fusion")
 # Each backend's fn: (forward, backward, backward_and_forward).
 SWIGLU.register(Backend("triton", _triton_available,
                         (swiglu_forward_triton, swiglu_backward_triton,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moecore.kernels import fusion_request
 from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import (
@@ -215,8 +216,9 @@ class GPTModel(nn.Module):
             return logits.transpose(0, 1).contiguous()
         # Unconverted logits: the loss upcasts to fp32 inside (a fused kernel on CUDA reads the
         # bf16 logits once instead of materialising fp32 copies of [S, B, V/tp]).
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
-                                            group=self.ps.tp_group)
+        loss = vocab_parallel_cross_entropy(
+            logits, labels.transpose(0, 1).contiguous(), group=self.ps.tp_group,
+            backend=fusion_request(self.config.cross_entropy_loss_fusion))
         return loss.transpose(0, 1).contiguous()  # [B, S]
 
     # ---- accounting ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
-from moecore.moe.grouped_gemm import (
+from moecore.kernels.grouped_gemm import (
     default_compute_device,
     grouped_mm,
     select_backend,
@@ -95,7 +95,7 @@ class GroupedMLP(nn.Module):
 
     Parameters: ``weight1 [E_local, H, 2F/etp]`` (gated; ``[E_local, H, F/etp]`` otherwise) and
     ``weight2 [E_local, F/etp, H]``, in ``config.params_dtype``. The GEMM backend comes from
-    ``config.moe_grouped_gemm_backend`` (see ``moecore.moe.grouped_gemm``), resolved here.
+    ``config.moe_grouped_gemm_backend`` (see ``moecore.kernels.grouped_gemm``), resolved here.
     """
 
     def __init__(self, num_local_experts: int, config: TransformerConfig,

@@ -15,15 +15,20 @@ router weight's grad over TP because ``weight.sequence_parallel`` is set).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
+from moecore.backends import log_choice
 from moecore.collectives import all_reduce_inplace
 from moecore.config import TransformerConfig
 from moecore.kernels import fusion_request
-from moecore.kernels.router import RouterOutput, fused_router_unsupported, select_router
+from moecore.kernels.router import (
+    RouterOutput,
+    fused_router_unsupported,
+    scores_for_aux_loss,
+    select_router,
+    topk_routing_with_score_function,
+)
 from moecore.kernels.router_gating import gating_fusable, gating_torch, select_gating
 from moecore.moe.capacity import apply_token_drop, get_capacity
 from moecore.moe.losses import (
@@ -37,84 +42,8 @@ from moecore.moe.sinkhorn import sinkhorn
 from moecore.parallel_state import ParallelState, get_parallel_state
 
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
-logger = logging.getLogger("moecore")
-_FALLBACKS_LOGGED: set[str] = set()
 
 
-def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_topk: int):
-    """Top-k restricted to the ``group_topk`` best of ``num_groups`` contiguous expert groups.
-
-    A group's score is the sum of its top ``max(1, topk // group_topk)`` scores (DeepSeek-V3,
-    Megatron-Core; the ``max`` keeps ``topk < group_topk`` meaningful).
-
-    Args:
-        scores: ``[T, E]``, higher is better.
-    Returns:
-        ``(values [T, topk], indices [T, topk])`` like :func:`torch.topk`.
-    """
-    t, e = scores.shape
-    per_group = max(1, topk // group_topk)
-    group_scores = scores.view(t, num_groups, e // num_groups).topk(per_group, dim=-1)[0].sum(-1)
-    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, group_idx, True)
-    expert_mask = group_mask.unsqueeze(-1).expand(t, num_groups, e // num_groups).reshape(t, e)
-    return torch.topk(scores.masked_fill(~expert_mask, float("-inf")), k=topk, dim=-1)
-
-
-def topk_routing_with_score_function(
-    logits: torch.Tensor, topk: int, *, score_function: str = "softmax",
-    use_pre_softmax: bool = False, num_groups: int | None = None,
-    group_topk: int | None = None, scaling_factor: float | None = None,
-    expert_bias: torch.Tensor | None = None,
-):
-    """Select ``topk`` experts per token and their weights.
-
-    softmax: ``use_pre_softmax`` -> weights are ``softmax(logits)`` over all experts at the
-    selected ones; else a softmax over the ``topk`` selected logits only (sums to 1).
-    sigmoid: weights are ``sigmoid(logits)`` at the selected experts, normalised to sum 1 when
-    ``topk > 1``. ``expert_bias [E]`` is added to the selection scores (the logits for
-    post-softmax, the probabilities otherwise) but never to the weights. ``scaling_factor``
-    multiplies the weights.
-
-    Args:
-        logits: ``[T, E]``.
-    Returns:
-        ``(probs [T, E], routing_map [T, E] bool)``; probs is 0 off the selected experts.
-    """
-    def select(scores):
-        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
-        if group_topk:
-            idx = group_limited_topk(biased, topk, num_groups, group_topk)[1]
-        else:
-            idx = torch.topk(biased, k=topk, dim=-1)[1]
-        return torch.gather(scores, 1, idx), idx
-
-    if score_function == "softmax":
-        if use_pre_softmax:
-            weights, idx = select(torch.softmax(logits, dim=-1))
-        else:
-            top_logits, idx = select(logits)
-            weights = torch.softmax(top_logits, dim=-1)
-    elif score_function == "sigmoid":
-        weights, idx = select(torch.sigmoid(logits))
-        if topk > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")
-    if scaling_factor:
-        weights = weights * scaling_factor
-    probs = torch.zeros_like(logits).scatter(1, idx, weights)
-    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
-    return probs, routing_map
-
-
-def scores_for_aux_loss(logits: torch.Tensor, score_function: str) -> torch.Tensor:
-    """``[T, E]`` probabilities of all experts for the balance loss: softmax, or sigmoid
-    normalised to sum 1 per token (Megatron-Core)."""
-    if score_function == "softmax":
-        return torch.softmax(logits, dim=-1)
-    scores = torch.sigmoid(logits)
-    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
 
 
 def sinkhorn_routing(logits: torch.Tensor, topk: int, training: bool):
@@ -252,11 +181,8 @@ class TopKRouter(nn.Module):
             load_balancing_type=self.routing_type, num_groups=cfg.moe_router_num_groups,
             num_experts=self.num_experts, dtype=logits.dtype)
         if why:
-            if why not in _FALLBACKS_LOGGED:
-                _FALLBACKS_LOGGED.add(why)
-                log = logger.warning if requested == "triton" else logger.info
-                log("moe_router: %s; using the torch router (moe_router_fusion=%s)", why,
-                    cfg.moe_router_fusion)
+            log_choice("moe_router", "torch", requested, {"why": why},
+                       warn=requested == "triton")
             return None
         return select_router(logits.device, requested)
 

@@ -44,7 +44,8 @@ def get_megatron_optimizer(model: nn.Module | list[nn.Module], config: Optimizer
                   clip_grad=config.clip_grad, grad_scaler=build_grad_scaler(config),
                   parallel_state=ps, check_for_nan=config.check_for_nan_in_loss_and_grad,
                   moment_dtypes=config.moment_dtypes,
-                  log_num_zeros_in_grad=config.log_num_zeros_in_grad)
+                  log_num_zeros_in_grad=config.log_num_zeros_in_grad,
+                  adamw_backend=config.adamw_backend)
     groups = get_param_groups(chunks, config.decoupled_lr, config.decoupled_min_lr)
     if config.use_distributed_optimizer:
         return DistributedOptimizer(groups, grad_sync, **kwargs)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moecore.backends import AUTO
 from moecore.optimizer.clip_grads import get_grad_norm_fp32
 from moecore.optimizer.full_state import (
     FULL_STATE_FORMAT,
@@ -84,7 +85,7 @@ class DistributedOptimizer(MegatronOptimizer):
                  grad_scaler: ConstantGradScaler | None = None,
                  parallel_state: ParallelState | None = None, check_for_nan: bool = True,
                  moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
-                 log_num_zeros_in_grad: bool = False):
+                 log_num_zeros_in_grad: bool = False, adamw_backend: str = AUTO):
         if not grad_sync.shard:
             raise ValueError("the distributed optimizer needs a DataParallelGradSync built with "
                              "shard=True")
@@ -113,8 +114,8 @@ class DistributedOptimizer(MegatronOptimizer):
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
         self.num_zeros_in_grad = None
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
-                                    weight_decay=weight_decay, triton=False,
-                                    moment_dtypes=moment_dtypes)
+                                    weight_decay=weight_decay, backend=adamw_backend,
+                                    sharded=True, moment_dtypes=moment_dtypes)
 
     @staticmethod
     def _bucket_pieces(buf: GradBuffer, bucket, index: dict) -> list[_Piece]:

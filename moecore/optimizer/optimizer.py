@@ -16,12 +16,12 @@ on their own parameters. One ``step``:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moecore.backends import AUTO
 from moecore.kernels import optim as kernels_optim
 from moecore.kernels.optim import TritonAdamW
 from moecore.optimizer.clip_grads import clip_grad_norm, count_zeros_fp32, get_grad_norm_fp32
@@ -75,20 +75,17 @@ def get_param_groups(model: nn.Module | list[nn.Module], decoupled_lr: float | N
 
 
 def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-               weight_decay: float, fused: bool | None = None, triton: bool | None = None,
+               weight_decay: float, backend: str = AUTO, sharded: bool = False,
                moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None)
                ) -> torch.optim.AdamW:
-    """AdamW over ``groups``: fused (one pass over each fp32 tensor for the whole update) when
-    every parameter is a CUDA tensor, as :class:`~moecore.kernels.optim.TritonAdamW` (which can
-    also write the low-precision model copies in that pass) where its kernel passed its
-    self-check, else ``torch.optim.AdamW(fused=True)``.
-
-    ``fused=None`` picks it automatically; ``MOECORE_FUSED_ADAM=0`` turns it off (the
-    ``foreach`` implementation then runs ~8 passes over every fp32 tensor instead of one, which
-    for a 2B-parameter MoE is tens of milliseconds per step) and ``MOECORE_FUSED_ADAM=torch``
-    keeps torch's fused kernel. ``triton=False`` never takes the Triton one, ``triton=True``
-    always (it runs torch's ops for tensors its kernel cannot take). All compute the same update
-    up to floating-point rounding; CPU runs keep the default implementation.
+    """AdamW over ``groups`` through the ``adamw`` registry (:mod:`moecore.kernels.optim`,
+    ``--adamw-backend``): ``auto`` takes :class:`~moecore.kernels.optim.TritonAdamW` (one pass
+    over each fp32 tensor that can also write the low-precision model copies) when every
+    parameter is on one CUDA device where its kernel passed its self-check, else
+    ``torch.optim.AdamW(fused=True)`` on CUDA, else torch's default (``foreach``: ~8 passes over
+    every fp32 tensor instead of one, tens of milliseconds per step for a 2B-parameter MoE).
+    ``sharded`` (the distributed optimizer) rules out ``triton``. All compute the same update up
+    to floating-point rounding; CPU runs keep the default implementation.
 
     ``moment_dtypes``: ``(exp_avg, exp_avg_sq)`` dtypes, None for the parameter's. A bf16 one
     (``--use-precision-aware-optimizer``) always takes :class:`TritonAdamW`, which keeps
@@ -98,18 +95,8 @@ def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps
         return TritonAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                            exp_avg_dtype=moment_dtypes[0], exp_avg_sq_dtype=moment_dtypes[1])
     params = [p for g in groups for p in g["params"]]
-    env = os.environ.get("MOECORE_FUSED_ADAM", "1")
-    if fused is None:
-        fused = (env != "0" and bool(params)
-                 and all(p.is_cuda and p.is_floating_point() for p in params))
-    if triton is None:
-        triton = (fused and env != "torch" and bool(params)
-                  and all(kernels_optim.triton_adamw_available(d)
-                          for d in {p.device for p in params}))
-    kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if triton:
-        return TritonAdamW(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
+    chosen = kernels_optim.select_adamw(params, backend, sharded)
+    return chosen.fn(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -155,7 +142,7 @@ class MegatronOptimizer:
                  parallel_state: ParallelState | None = None, check_for_nan: bool = True,
                  grad_sync=None,
                  moment_dtypes: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
-                 log_num_zeros_in_grad: bool = False):
+                 log_num_zeros_in_grad: bool = False, adamw_backend: str = AUTO):
         self.ps = parallel_state or get_parallel_state()
         self.moment_dtypes = moment_dtypes
         # --log-num-zeros-in-grad: each step counts the zero main-grad entries (a device tensor)
@@ -185,7 +172,8 @@ class MegatronOptimizer:
                                  "params": mains,
                                  "weight_decay": weight_decay * group.get("wd_mult", 1.0)})
         self.optimizer = make_adamw(torch_groups, lr=lr, betas=betas, eps=eps,
-                                    weight_decay=weight_decay, moment_dtypes=moment_dtypes)
+                                    weight_decay=weight_decay, backend=adamw_backend,
+                                    moment_dtypes=moment_dtypes)
         if isinstance(self.optimizer, TritonAdamW):  # model copies written in the AdamW pass
             self.optimizer.set_model_copies(
                 (m, p) for p, m in zip(self.model_params, self.main_params) if m is not p)

@@ -66,6 +66,9 @@ class OptimizerConfig:
     overlap_param_gather: bool = False
     """All-gather updated params in the background until the next forward needs them
     (distributed optimizer only)."""
+    adamw_backend: str = "auto"
+    """AdamW implementation (``--adamw-backend``): ``auto``, ``triton`` (one fused pass that
+    also writes the bf16 weights), ``torch_fused`` or ``torch``; see moecore.kernels.optim."""
     ddp_bucket_size: int | None = None
     """Elements per gradient bucket; None: one bucket per buffer, or with
     ``overlap_grad_reduce`` max(40M, 1M x data-parallel size)."""

@@ -229,7 +229,7 @@ class VocabParallelEmbedding(nn.Module):
     result is transposed to ``[S, B, H]`` and reduce-scattered along S, returning this rank's
     sequence-parallel shard ``[S/tp, B, H]`` (one collective instead of all-reduce + scatter).
     The lookup goes through :func:`moecore.kernels.embedding.embedding` (``F.embedding``; on
-    CUDA by default with the deterministic Triton backward, ``MOECORE_EMBEDDING_BACKEND``).
+    CUDA by default with the deterministic Triton backward; ``config.embedding_backend``).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, config, init_method=None,
@@ -240,6 +240,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_size, self.tp_group = ps.tp_size, ps.tp_group
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
+        self.backend = config.embedding_backend  # the ``embedding`` registry request
         per_partition = _per_partition(num_embeddings, ps.tp_size, "num_embeddings (vocab size)",
                                        "VocabParallelEmbedding")
         self.num_embeddings_per_partition = per_partition
@@ -257,9 +258,10 @@ class VocabParallelEmbedding(nn.Module):
         if self.tp_size > 1:
             outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
             local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
-            out = embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            out = embedding(local_ids, self.weight, self.backend)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         else:
-            out = embedding(input_ids, self.weight)
+            out = embedding(input_ids, self.weight, self.backend)
         if self.reduce_scatter_embeddings:
             out = out.transpose(0, 1).contiguous()  # [B, S, H] -> [S, B, H]
             return reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)

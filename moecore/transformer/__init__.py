@@ -1,14 +1,14 @@
 """Transformer building blocks: norms, RoPE, attention, MLP, layer and block."""
 
-from moecore.transformer.attention import SelfAttention, core_attention
+from moecore.kernels.attention import core_attention
+from moecore.transformer.attention import SelfAttention
 from moecore.transformer.block import TransformerBlock
 from moecore.transformer.layer import TransformerLayer
 from moecore.transformer.mlp import MLP
-from moecore.transformer.norms import LayerNorm, RMSNorm, build_norm, set_norm_backend
+from moecore.transformer.norms import LayerNorm, RMSNorm, build_norm
 from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb
 
 __all__ = [
     "MLP", "LayerNorm", "RMSNorm", "RotaryEmbedding", "SelfAttention", "TransformerBlock",
     "TransformerLayer", "apply_rotary_pos_emb", "build_norm", "core_attention",
-    "set_norm_backend",
 ]

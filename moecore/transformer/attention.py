@@ -23,75 +23,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moecore.kernels.attention import core_attention
+from moecore.kernels.rope import fused_qkv_rope, rope_cos_sin, select_rope
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from moecore.transformer import rope_kernel
 from moecore.transformer.norms import build_norm
-from moecore.transformer.rope import apply_rotary_pos_emb, rope_cos_sin
+from moecore.transformer.rope import apply_rotary_pos_emb, rope_request
 from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
-
-_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-# SDPA learned ``enable_gqa`` in torch 2.5; older versions get explicitly repeated k/v heads.
-SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
-
-
-# Megatron's --attention-backend names -> the SDPA kernel they pin ("auto": PyTorch's choice).
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fused": SDPBackend.CUDNN_ATTENTION,
-                 "unfused": SDPBackend.MATH, "local": SDPBackend.MATH}
-
-
-def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    """Scaled dot-product attention, causal unless a mask is given.
-
-    Args:
-        q: ``[S, B, heads, d]``; k, v: ``[S, B, kv_heads, d]`` with ``heads % kv_heads == 0``
-            (query head ``i`` uses kv head ``i // (heads // kv_heads)``).
-        attention_mask: ``None`` for causal attention, or a bool mask broadcastable to
-            ``[B, heads, S, S]`` where ``True`` means *masked out* (Megatron's convention).
-        backend: ``auto`` or a key of :data:`SDPA_BACKENDS` (that SDPA kernel only; an input
-            it cannot take raises, naming ``--attention-backend``).
-    Returns:
-        ``[S, B, heads * d]``.
-    """
-    if backend == "auto":
-        return _sdpa(q, k, v, attention_mask, dropout_p)
-    try:
-        with sdpa_kernel([SDPA_BACKENDS[backend]]):
-            return _sdpa(q, k, v, attention_mask, dropout_p)
-    except RuntimeError as e:
-        if not any(m in str(e) for m in ("No available kernel", "No viable backend")):
-            raise
-        raise RuntimeError(f"--attention-backend {backend} cannot run this attention "
-                           f"(q {tuple(q.shape)} {q.dtype} on {q.device}, dropout {dropout_p}, "
-                           f"mask {attention_mask is not None}); use --attention-backend auto. "
-                           f"PyTorch said: {str(e).strip().splitlines()[0]}") from e
-
-
-def _sdpa(q, k, v, attention_mask, dropout_p):
-    S, B, nh, d = q.shape
-    rep = nh // k.shape[2]
-    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, heads, S, d]
-    kwargs = {}
-    if rep > 1:
-        if SDPA_HAS_GQA:
-            kwargs["enable_gqa"] = True
-        else:
-            kb = kb.repeat_interleave(rep, dim=1)
-            vb = vb.repeat_interleave(rep, dim=1)
-    if attention_mask is None:
-        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, is_causal=True,
-                                             **kwargs)
-    else:
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=~attention_mask.bool(),
-                                             dropout_p=dropout_p, **kwargs)
-    return out.permute(2, 0, 1, 3).reshape(S, B, nh * d)
 
 
 class SelfAttention(nn.Module):
@@ -148,7 +89,7 @@ class SelfAttention(nn.Module):
 
     def _fuse_split_and_rope(self, mixed: torch.Tensor, freqs: torch.Tensor | None) -> bool:
         """Whether the QKV split and both rotations run as one fused op
-        (:func:`~moecore.transformer.rope_kernel.fused_qkv_rope`): RoPE on, no QK-norm between
+        (:func:`~moecore.kernels.rope.fused_qkv_rope`): RoPE on, no QK-norm between
         the split and the rotation, and the fused RoPE kernel usable here (CUDA, Triton,
         ``apply_rope_fusion``, angles without grad)."""
         if (freqs is None or self.q_layernorm is not None or not self.config.apply_rope_fusion
@@ -156,7 +97,7 @@ class SelfAttention(nn.Module):
             return False
         S, B = mixed.shape[:2]
         probe = mixed.view(S, B, self.num_groups_local, -1)[..., : self.head_dim]
-        return rope_kernel.use_fused(probe, freqs)
+        return select_rope(probe, freqs, rope_request(True)).name == "triton"
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None):
@@ -164,7 +105,7 @@ class SelfAttention(nn.Module):
         if self._fuse_split_and_rope(mixed, rotary_pos_emb):
             S, B = mixed.shape[:2]
             cos, sin = rope_cos_sin(rotary_pos_emb)
-            q, k, v = rope_kernel.fused_qkv_rope(
+            q, k, v = fused_qkv_rope(
                 mixed.view(S, B, self.num_groups_local, -1), cos, sin, self.heads_per_group,
                 self.head_dim)
         else:

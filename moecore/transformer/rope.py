@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moecore.backends import AUTO
+from moecore.kernels.rope import select_rope
+
 
 class RotaryEmbedding(nn.Module):
     """Produces the rotation angles; :func:`apply_rotary_pos_emb` applies them.
@@ -56,51 +59,21 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((freqs, freqs), dim=-1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = torch.chunk(x, 2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(freqs.cos(), freqs.sin())``, computed once per angle tensor: every layer's q and k of
-    one forward rotate by the same ``freqs``, so the pair is cached on that tensor."""
-    cached = getattr(freqs, "_moecore_cos_sin", None)
-    if cached is not None and cached[0] == freqs._version:
-        return cached[1], cached[2]
-    cos, sin = freqs.cos(), freqs.sin()
-    if not freqs.requires_grad:  # a cache must not cut a graph that reaches freqs
-        freqs._moecore_cos_sin = (freqs._version, cos, sin)
-    return cos, sin
-
-
-def apply_rotary_pos_emb_torch(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """The reference :func:`apply_rotary_pos_emb`: fp32 torch ops."""
-    rot_dim = freqs.shape[-1]
-    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    cos, sin = rope_cos_sin(freqs)
-    rot = t_rot.float() * cos + _rotate_half(t_rot.float()) * sin
-    rot = rot.to(t.dtype)
-    if t_pass.shape[-1] == 0:
-        return rot
-    return torch.cat((rot, t_pass), dim=-1)
-
-
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """Rotate ``t`` ``[S, B, heads, d]`` by angles ``freqs`` ``[S, B or 1, 1, rot_dim]``.
 
     The first ``rot_dim`` channels are rotated; the rest pass through. The rotation is done in
     fp32 and cast back to ``t.dtype`` so bf16 runs do not lose the angle precision at long S.
-    On CUDA one fused Triton kernel does it (and one its backward) with the same fp32 operations
-    as the torch reference (:mod:`moecore.transformer.rope_kernel`); ``fused=False``
-    (``--no-rope-fusion``) or ``MOECORE_ROPE_BACKEND=torch`` forces the reference.
+    The ``rope`` registry (:mod:`moecore.kernels.rope`) runs it: ``fused`` (the config's
+    ``apply_rope_fusion``) requests ``auto`` (the Triton kernel on CUDA once it passed its
+    self-check), ``fused=False`` (``--no-rope-fusion``) the torch reference.
     """
     rot_dim = freqs.shape[-1]
     if rot_dim > t.shape[-1]:
         raise ValueError(f"rotary dim {rot_dim} exceeds the head dim {t.shape[-1]}")
-    if fused and t.is_cuda and not freqs.requires_grad:
-        from moecore.transformer import rope_kernel
+    return select_rope(t, freqs, rope_request(fused)).fn(t, freqs)
 
-        if rope_kernel.use_fused(t, freqs):
-            cos, sin = rope_cos_sin(freqs)
-            return rope_kernel.fused_rope(t, cos, sin)
-    return apply_rotary_pos_emb_torch(t, freqs)
+
+def rope_request(apply_rope_fusion: bool) -> str:
+    """The ``rope`` registry request of ``apply_rope_fusion``: ``auto`` or ``torch``."""
+    return AUTO if apply_rope_fusion else "torch"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moecore.transformer.attention import core_attention
+from moecore.kernels.attention import core_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

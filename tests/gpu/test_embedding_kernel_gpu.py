@@ -140,17 +140,14 @@ def test_vocab_parallel_embedding_tp1_auto_picks_triton(reduce_scatter):
     if not reduce_scatter:
         probe = probe.transpose(0, 1).contiguous()
     results = []
-    try:
-        for name in ("auto", "torch"):
-            E.set_embedding_backend(name)
-            emb.zero_grad(set_to_none=True)
-            out = emb(ids)
-            out.backward(probe)
-            results.append((out.detach(), emb.weight.grad))
-            picked = E.select_embedding(DEV, torch.bfloat16).name
-            assert picked == ("triton" if name == "auto" else "torch")
-    finally:
-        E.set_embedding_backend("auto")
+    for name in ("auto", "torch"):
+        emb.backend = name  # the config's embedding_backend
+        emb.zero_grad(set_to_none=True)
+        out = emb(ids)
+        out.backward(probe)
+        results.append((out.detach(), emb.weight.grad))
+        picked = E.select_embedding(DEV, torch.bfloat16, name).name
+        assert picked == ("triton" if name == "auto" else "torch")
     assert torch.equal(results[0][0], results[1][0])
     _assert_one_rounding(results[0][1], probe.transpose(0, 1) if reduce_scatter else probe, ids,
                          32128)

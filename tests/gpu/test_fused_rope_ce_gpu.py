@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moecore.tensor_parallel import cross_entropy_kernel as CE
-from moecore.transformer import rope_kernel as R
+from moecore.kernels import cross_entropy as CE
+from moecore.kernels import rope as R
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and R.HAVE_TRITON),
                                 reason="needs CUDA and Triton")
@@ -13,14 +13,16 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and R.HAVE_TRITON
 def test_self_checks_pass_on_this_gpu():
     dev = torch.device("cuda", torch.cuda.current_device())
     R._check(dev)  # raises with the reason
-    assert R.availability(dev, torch.bfloat16) == (True, "")
-    assert CE.use_fused(torch.empty(1, 8, device=dev, dtype=torch.bfloat16))
+    assert R.ROPE.get("triton").is_available(device=dev, dtype=torch.bfloat16) == (True, "")
+    logits = torch.empty(1, 8, device=dev, dtype=torch.bfloat16)
+    assert CE.select_cross_entropy(logits).name == "triton"
 
 
 @pytest.mark.parametrize("shape", [(2048, 4, 16, 64), (129, 3, 5, 128), (7, 1, 1, 32)])
 @pytest.mark.parametrize("rot,pos", [(1.0, False), (0.5, True)])
 def test_rope_matches_reference(shape, rot, pos):
-    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+    from moecore.kernels.rope import apply_rotary_pos_emb_torch
+    from moecore.transformer.rope import RotaryEmbedding
 
     s, b, h, d = shape
     freqs = RotaryEmbedding(d, rot).cuda()(
@@ -32,7 +34,7 @@ def test_rope_matches_reference(shape, rot, pos):
     ref.backward(gy)
     out.backward(gy)
     for got, want in ((out, ref), (f.grad, a.grad)):
-        # Not bit-identical on an H200 (see rope_kernel's docstring): bf16 rounding level.
+        # Not bit-identical on an H200 (see moecore.kernels.rope's docstring): bf16 rounding level.
         rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
         assert got.dtype == want.dtype and rel < 8e-3, rel
 
@@ -40,7 +42,8 @@ def test_rope_matches_reference(shape, rot, pos):
 @pytest.mark.parametrize("s,b,ng,hpg,d,rot", [(2048, 4, 16, 1, 64, 1.0), (129, 3, 4, 4, 128, 0.5),
                                              (7, 1, 1, 3, 32, 1.0)])
 def test_qkv_rope_matches_split_and_reference(s, b, ng, hpg, d, rot):
-    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+    from moecore.kernels.rope import apply_rotary_pos_emb_torch
+    from moecore.transformer.rope import RotaryEmbedding
 
     freqs = RotaryEmbedding(d, rot).cuda()(s)
     mixed = torch.randn(s, b, ng, (hpg + 2) * d, device="cuda", dtype=torch.bfloat16)
@@ -61,7 +64,7 @@ def test_qkv_rope_matches_split_and_reference(s, b, ng, hpg, d, rot):
 
 @pytest.mark.parametrize("n,v,smoothing", [(8192, 32128, 0.0), (77, 50000, 0.1), (5, 3, 0.0)])
 def test_cross_entropy_matches_reference(n, v, smoothing):
-    from moecore.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy
+    from moecore.kernels.cross_entropy import _VocabParallelCrossEntropy
 
     logits = (3 * torch.randn(n, v, device="cuda")).to(torch.bfloat16)
     target = torch.randint(0, v, (n,), device="cuda")

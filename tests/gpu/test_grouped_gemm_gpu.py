@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moecore.config import TransformerConfig
+from moecore.kernels.grouped_gemm import GROUPED_GEMM, grouped_mm, select_backend
 from moecore.moe.experts import GroupedMLP, SequentialMLP
-from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm, select_backend
 from moecore.parallel_state import ParallelState
 
 pytestmark = [

@@ -100,7 +100,7 @@ def test_fused_residual_add_norm_matches_unfused_bf16(monkeypatch, what, fused_c
     monkeypatch.setattr(R, "add_rms_norm", lambda *a: (calls.append(1), real(*a))[1])
     cfg = TransformerConfig(num_layers=3, hidden_size=1024, num_attention_heads=8,
                             num_query_groups=4, ffn_hidden_size=2048, bf16=True,
-                            params_dtype=torch.bfloat16)
+                            params_dtype=torch.bfloat16, norm_backend="triton")
     torch.manual_seed(0)
     ps = ParallelState.single()
     with torch.device(DEV):
@@ -114,18 +114,14 @@ def test_fused_residual_add_norm_matches_unfused_bf16(monkeypatch, what, fused_c
     x0 = torch.randn(256, 2, 1024, device=DEV, generator=gen).bfloat16()
     probe = torch.randn(256, 2, 1024, device=DEV, generator=gen)
     results = []
-    try:
-        norms.set_norm_backend("triton")
-        for fuse in (True, False):
-            if not fuse:
-                monkeypatch.setattr(TransformerLayer, "_plain_residual_add", lambda s, b: False)
-            x = x0.clone().requires_grad_()
-            loss = (model(x).float() * probe).sum()
-            loss.backward()
-            results.append((loss.detach(), x.grad, *[p.grad for p in model.parameters()]))
-            model.zero_grad(set_to_none=True)
-    finally:
-        norms.set_norm_backend("auto")
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(TransformerLayer, "_plain_residual_add", lambda s, b: False)
+        x = x0.clone().requires_grad_()
+        loss = (model(x).float() * probe).sum()
+        loss.backward()
+        results.append((loss.detach(), x.grad, *[p.grad for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
     assert len(calls) == fused_calls
     assert _rel(results[0][0], results[1][0]) < 1e-2, "loss"
     for a, b in zip(results[0][1:], results[1][1:]):
@@ -135,10 +131,10 @@ def test_fused_residual_add_norm_matches_unfused_bf16(monkeypatch, what, fused_c
 def test_auto_picks_triton_rms_norm_on_cuda():
     from moecore.transformer import norms
 
-    norms.set_norm_backend("auto")
     norm = norms.RMSNorm(1024, params_dtype=torch.bfloat16).to(DEV)
-    norm(torch.randn(8, 1024, device=DEV, dtype=torch.bfloat16))
-    backend = next(b for k, b in norms._RESOLVED.items() if k[0] == "rms_norm")
+    x = torch.randn(8, 1024, device=DEV, dtype=torch.bfloat16)
+    norm(x)
+    backend = norms.select_norm(norms.RMS_NORM_BACKENDS, x, norm.backend)
     assert backend.name in ("triton", "te", "apex")
 
 

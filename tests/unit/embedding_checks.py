@@ -180,16 +180,16 @@ def check_vocab_parallel(gen):
         probe = _dyadic((9, 2, 32) if rs else (2, 9, 32), gen)
         results = []
         for name in ("triton", "torch"):
-            E.set_embedding_backend(name)
+            emb.backend = name  # the config's embedding_backend
             results.append(_module_grads(emb, ids, probe))
-            assert E.select_embedding(emb.weight.device, emb.weight.dtype).name == name
+            assert E.select_embedding(emb.weight.device, emb.weight.dtype, name).name == name
         for a, b in zip(*results):
             assert torch.equal(a, b), (ps.tp_size, rs)
     real = E.embedding_backward_triton
     E.embedding_backward_triton = lambda *a, **kw: real(*a, **kw) * 1.02
     K.self_check.cache_clear()
+    E.EMBEDDING.clear_cache()
     try:
-        E.set_embedding_backend("auto")
         assert E.select_embedding(torch.device("cpu"), torch.float32).name == "torch"
         try:
             E.embedding(ids, torch.randn(64, 8), backend="triton")
@@ -200,7 +200,7 @@ def check_vocab_parallel(gen):
     finally:
         E.embedding_backward_triton = real
         K.self_check.cache_clear()
-        E.set_embedding_backend("auto")
+        E.EMBEDDING.clear_cache()
 
 
 CHECKS = {"kernels": check_kernels, "determinism": check_determinism,

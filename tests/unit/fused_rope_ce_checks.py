@@ -15,8 +15,9 @@ from tests.triton_interpret import run_checks
 
 
 def check_rope() -> None:
-    from moecore.transformer import rope_kernel as K
-    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+    from moecore.kernels import rope as K
+    from moecore.kernels.rope import apply_rotary_pos_emb_torch
+    from moecore.transformer.rope import RotaryEmbedding
 
     torch.manual_seed(0)
     cases = [(7, 2, 3, 2, 16, 1.0, False), (4, 3, 1, 1, 64, 0.25, True),
@@ -43,8 +44,10 @@ def check_rope() -> None:
 
 
 def check_cross_entropy() -> None:
-    from moecore.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy
-    from moecore.tensor_parallel.cross_entropy_kernel import FusedVocabParallelCrossEntropy
+    from moecore.kernels.cross_entropy import (
+        FusedVocabParallelCrossEntropy,
+        _VocabParallelCrossEntropy,
+    )
 
     torch.manual_seed(0)
     cases = [(torch.float32, 0.0, (5, 3), 300), (torch.bfloat16, 0.2, (2, 4), 9000),
@@ -68,8 +71,9 @@ def check_cross_entropy() -> None:
 def check_qkv_rope() -> None:
     """fused_qkv_rope vs split + the torch rotation: values and the QKV gradient, with GQA,
     partial rotation, per-sequence positions, and outputs that get no gradient."""
-    from moecore.transformer import rope_kernel as K
-    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+    from moecore.kernels import rope as K
+    from moecore.kernels.rope import apply_rotary_pos_emb_torch
+    from moecore.transformer.rope import RotaryEmbedding
 
     torch.manual_seed(0)
     cases = [(7, 2, 3, 2, 16, 1.0, False), (4, 3, 1, 1, 64, 0.25, True),
@@ -130,7 +134,7 @@ def check_attention_qkv_rope() -> None:
 def check_copy_heads() -> None:
     """copy_heads: a permuted ([B, H, S, D] as [S, B, H, D]) source into the v slot of a QKV
     gradient, bit for bit; shape / stride mismatches raise."""
-    from moecore.transformer import rope_kernel as K
+    from moecore.kernels import rope as K
 
     for dtype in (torch.float32, torch.bfloat16):
         src = torch.randn(3, 4, 5, 24).to(dtype).permute(2, 0, 1, 3)  # [S=5, B=3, H=4, D=24]

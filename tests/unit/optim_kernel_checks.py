@@ -8,7 +8,6 @@ failed.
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 
 import torch
@@ -190,19 +189,15 @@ def check_megatron_optimizer(gen):
 
     for name in launches:
         setattr(O, name, counted(name, getattr(O, name)))
-    make = opt_mod.make_adamw
     runs = []
     for triton, buffers in ((False, False), (None, False), (None, True)):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 33), nn.LayerNorm(33),
                               nn.Linear(33, 4, bias=False)).to(torch.bfloat16)
-        opt_mod.make_adamw = functools.partial(make, fused=True, triton=triton)
-        try:
-            sync = DataParallelGradSync([model], ParallelState.single()) if buffers else None
-            opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.1,
-                                    clip_grad=0.5, grad_sync=sync)
-        finally:
-            opt_mod.make_adamw = make
+        sync = DataParallelGradSync([model], ParallelState.single()) if buffers else None
+        opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.1,
+                                clip_grad=0.5, grad_sync=sync,
+                                adamw_backend="torch_fused" if triton is False else "triton")
         assert opt_mod.is_fused(opt.optimizer)
         assert isinstance(opt.optimizer, opt_mod.TritonAdamW) == (triton is None)
         torch.manual_seed(1)

@@ -114,7 +114,7 @@ def check_norm_module(gen):
     from moecore.transformer import norms
 
     K.cuda_triton_available = lambda *a, **kw: (True, "")  # looked up at call time
-    ctx = dict(device="cpu", device_obj=torch.device("cpu"), dtype=torch.bfloat16, hidden=72,
+    ctx = dict(device=torch.device("cpu"), dtype=torch.bfloat16, hidden=72,
                log=False)
     assert norms.RMS_NORM_BACKENDS.select("auto", **ctx).name == "triton"
     assert norms.RMS_NORM_BACKENDS.select("auto", **{**ctx, "hidden": R.MAX_H + 1}).name == "torch"
@@ -140,15 +140,14 @@ def check_norm_module(gen):
             K.self_check.cache_clear()
     results = []
     for name in ("triton", "torch"):
-        norms.set_norm_backend(name)
-        norm = norms.RMSNorm(72, eps=1e-5, params_dtype=torch.bfloat16)
+        norm = norms.RMSNorm(72, eps=1e-5, params_dtype=torch.bfloat16, backend=name)
         with torch.no_grad():
             norm.weight.normal_(generator=torch.Generator().manual_seed(1))
         x = torch.randn(2, 9, 72, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
         x.requires_grad_()
         y = norm(x)
         y.float().square().sum().backward()
-        assert norms._resolve(norms.RMS_NORM_BACKENDS, x).name == name
+        assert norms.select_norm(norms.RMS_NORM_BACKENDS, x, name).name == name
         results.append((y, x.grad, norm.weight.grad))
     for a, b in zip(*results):
         assert_close_rel(a, b, 1e-2, "triton vs torch backend")
@@ -259,18 +258,15 @@ def check_add_layer(gen):
     """A TransformerLayer under the ``triton`` norm backend: the fused attention residual add +
     pre-MLP norm (taken, counted) against the unfused layer, fp32 and bf16."""
     from moecore.kernels import rmsnorm as R
-    from moecore.transformer import norms
 
     real_available, real_add = R.triton_available, R.add_rms_norm
     R.triton_available = lambda *a, **kw: (True, "")  # norms' probe looks it up at call time
     calls = []
     R.add_rms_norm = lambda *a: (calls.append(1), real_add(*a))[1]
-    norms.set_norm_backend("triton")
     try:
-        _compare_layers(gen, calls)
+        _compare_layers(gen, calls)  # configs with norm_backend="triton"
     finally:
         R.triton_available, R.add_rms_norm = real_available, real_add
-        norms.set_norm_backend("auto")
 
 
 def _compare_layers(gen, calls):
@@ -290,7 +286,7 @@ def _compare_layers(gen, calls):
             cfg = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4,
                                     num_query_groups=2, ffn_hidden_size=48,
                                     init_method_std=0.05, params_dtype=dtype,
-                                    bf16=dtype == torch.bfloat16)
+                                    bf16=dtype == torch.bfloat16, norm_backend="triton")
             torch.manual_seed(0)
             model = TransformerLayer(cfg, layer_number=1) if what == "layer" else \
                 TransformerBlock(cfg)
@@ -312,7 +308,7 @@ def _compare_layers(gen, calls):
                 TransformerLayer._plain_residual_add = plain
             assert len(calls) == n_calls, (what, calls)
             calls.clear()
-            assert norms._resolve(norms.RMS_NORM_BACKENDS, x).name == "triton"
+            assert norms.select_norm(norms.RMS_NORM_BACKENDS, x, "triton").name == "triton"
             for a, b in zip(*results):
                 assert_close_rel(a, b, tol, f"{what} {dtype}")
             if dtype == torch.float32:  # the same fp32 math: the forward is bit for bit equal
@@ -325,14 +321,12 @@ def check_recompute_layernorm(gen):
     as without recompute, fp32 and bf16."""
     from moecore.config import TransformerConfig
     from moecore.kernels import rmsnorm as R
-    from moecore.transformer import norms
     from moecore.transformer.block import TransformerBlock
 
     real_available, real_into = R.triton_available, R.rms_norm_into
     R.triton_available = lambda *a, **kw: (True, "")
     calls = []
     R.rms_norm_into = lambda *a: (calls.append(1), real_into(*a))[1]
-    norms.set_norm_backend("triton")
     try:
         x0 = torch.randn(6, 2, 32, generator=gen)
         for dtype in (torch.float32, torch.bfloat16):
@@ -342,7 +336,7 @@ def check_recompute_layernorm(gen):
                                         ffn_hidden_size=48, init_method_std=0.05,
                                         params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                         recompute_granularity="selective",
-                                        recompute_modules=modules)
+                                        recompute_modules=modules, norm_backend="triton")
                 torch.manual_seed(0)
                 block = TransformerBlock(cfg)
                 x = x0.to(dtype).clone().requires_grad_()
@@ -355,7 +349,6 @@ def check_recompute_layernorm(gen):
                 assert torch.equal(a, b), dtype
     finally:
         R.triton_available, R.rms_norm_into = real_available, real_into
-        norms.set_norm_backend("auto")
 
 
 CHECKS = {"kernels": check_kernels, "autograd": check_autograd, "norm_module": check_norm_module,

@@ -1,4 +1,5 @@
-"""``--attention-backend``: flag -> config -> the SDPA kernel ``core_attention`` pins."""
+"""``--attention-backend``: flag -> config -> the ``attention`` registry -> the SDPA kernel
+``core_attention`` pins."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch.nn.attention import SDPBackend
 
 from moecore.arguments import parse_args, transformer_config_from_args
 from moecore.config import TransformerConfig
-from moecore.transformer import attention as A
+from moecore.kernels import attention as A
 
 BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
         "--micro-batch-size 2 --lr 1e-3 --train-iters 10 --mock-data --vocab-size 100 "
@@ -67,3 +68,11 @@ def test_a_kernel_that_cannot_run_names_the_flag():
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match="--attention-backend fused cannot run this attention"):
         A.core_attention(q, k, v, backend="fused")  # cuDNN attention has no CPU kernel
+
+
+def test_the_registry_offers_the_flag_choices_and_auto_is_pytorchs_pick():
+    from moecore.config import ATTENTION_BACKENDS
+
+    assert set(A.ATTENTION.names()) == {"sdpa", *ATTENTION_BACKENDS} - {"auto"}
+    assert A.ATTENTION.select("auto", device=torch.device("cpu"), log=False).name == "sdpa"
+    assert A.ATTENTION.flag == "--attention-backend"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from moecore.kernels.router import topk_routing_with_score_function
 from moecore.moe.capacity import apply_token_drop, get_capacity
-from moecore.moe.router import topk_routing_with_score_function
 
 
 def _loop_reference(probs, routing_map, capacity, policy):

@@ -330,3 +330,17 @@ def test_use_checkpoint_args_takes_the_saved_model_shape(tmp_path, capsys):
     assert "pass --load DIR" in parse_error(BASE + ["--use-checkpoint-args"], capsys)
     assert "no checkpoint in --load" in parse_error(
         BASE + ["--use-checkpoint-args", "--load", str(tmp_path / "nothing")], capsys)
+
+
+def test_saved_args_record_the_chosen_kernel_backends(tmp_path, monkeypatch):
+    from moecore import backends
+    from moecore.kernels.norm import RMS_NORM_BACKENDS
+
+    monkeypatch.setattr(backends, "_LOGGED", {})
+    RMS_NORM_BACKENDS.select("auto", device="cpu")  # what a CPU run's RMSNorm resolves to
+    model, opt, sched = make()
+    save_checkpoint(3, model, opt, sched, args_for(tmp_path))
+    saved = ckpt.read_checkpoint_args(str(tmp_path))
+    assert saved["kernel_backends"]["rms_norm"] == "torch"
+    assert saved["kernel_backends"] == backends.chosen()
+    assert saved["save"] == str(tmp_path)  # the flags themselves are saved as before

@@ -1,6 +1,7 @@
-"""Embedding kernel module: the ``embedding`` registry and its selection (``set_embedding_backend``,
-``MOECORE_EMBEDDING_BACKEND``, errors) on CPU, the torch path bit for bit ``F.embedding`` (also
-through ``VocabParallelEmbedding``), and the Triton backward under the interpreter."""
+"""Embedding kernel module: the ``embedding`` registry and its selection (the config's
+``embedding_backend``, ``--embedding-backend``, errors) on CPU, the torch path bit for bit
+``F.embedding`` (also through ``VocabParallelEmbedding``), and the Triton backward under the
+interpreter."""
 
 from __future__ import annotations
 
@@ -9,18 +10,28 @@ import torch
 import torch.nn.functional as F
 
 from moecore.backends import BackendUnavailableError
+from moecore.config import TransformerConfig
 from moecore.kernels import embedding as E
+from moecore.parallel_state import ParallelState
+from moecore.tensor_parallel import VocabParallelEmbedding
 from tests.triton_interpret import assert_checks_pass
 
 
 @pytest.fixture(autouse=True)
-def _fresh_choice(monkeypatch):
-    """Each test starts with no process-wide choice (the env var read again) and leaves none."""
-    monkeypatch.setattr(E._CHOICE, "requested", None)
-    monkeypatch.delenv(E.ENV, raising=False)
-    E._CHOICE.resolved.clear()
+def _fresh_choice():
+    """Each test resolves its requests afresh."""
+    E.EMBEDDING.clear_cache()
     yield
-    E._CHOICE.resolved.clear()
+    E.EMBEDDING.clear_cache()
+
+
+def _config(**kw):
+    return TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1,
+                             ffn_hidden_size=8, init_method_std=0.3, **kw)
+
+
+def _vocab_embedding(**kw):
+    return VocabParallelEmbedding(3, 4, config=_config(**kw), parallel_state=ParallelState.single())
 
 
 def _lookup_and_grad(fn, ids, weight, probe):
@@ -46,10 +57,6 @@ def test_torch_path_is_f_embedding_bitwise(shape, dtype):
 
 
 def test_vocab_parallel_embedding_cpu_is_f_embedding_bitwise():
-    from moecore.config import TransformerConfig
-    from moecore.parallel_state import ParallelState
-    from moecore.tensor_parallel import VocabParallelEmbedding
-
     cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4,
                             ffn_hidden_size=32, init_method_std=0.3, params_dtype=torch.bfloat16)
     emb = VocabParallelEmbedding(64, 16, config=cfg, parallel_state=ParallelState.single())
@@ -68,7 +75,7 @@ def test_registry_and_selection_on_cpu():
     assert E.select_embedding(cpu, torch.float32).name == "torch"
     assert E.select_embedding(cpu, torch.float32) is E.select_embedding(cpu, torch.float32)
     ok, why = E.triton_available(cpu, torch.float32)
-    assert not ok and "CUDA tensors only" in why and "MOECORE_EMBEDDING_BACKEND=torch" in why
+    assert not ok and "CUDA tensors only" in why and "--embedding-backend torch" in why
     ok, why = E.triton_available(torch.device("cuda"), torch.float64)
     assert not ok and ("float64" in why or "not installed" in why)
     with pytest.raises(ValueError, match="unknown embedding backend 'fast'"):
@@ -77,36 +84,35 @@ def test_registry_and_selection_on_cpu():
 
 def test_requested_triton_on_cpu_raises_naming_the_fix():
     ids, weight = torch.zeros(2, dtype=torch.long), torch.ones(3, 4)
-    with pytest.raises(BackendUnavailableError, match=r"embedding backend 'triton' is not "
+    with pytest.raises(BackendUnavailableError, match=r"embedding backend 'triton' \(set by "
+                                                      r"--embedding-backend\) is not "
                                                       r"available: .*CUDA tensors only.*"
-                                                      r"MOECORE_EMBEDDING_BACKEND=torch or auto"):
+                                                      r"--embedding-backend torch or auto"):
         E.embedding(ids, weight, backend="triton")
-    E.set_embedding_backend("triton")
     with pytest.raises(BackendUnavailableError, match="CUDA tensors only"):
-        E.embedding(ids, weight)
-    E.set_embedding_backend("torch")
-    assert torch.equal(E.embedding(ids, weight), F.embedding(ids, weight))
+        _vocab_embedding(embedding_backend="triton")(ids)
+    emb = _vocab_embedding(embedding_backend="torch")
+    assert torch.equal(emb(ids), F.embedding(ids, emb.weight))
 
 
 @pytest.mark.parametrize("value,expect", [("torch", "torch"), ("auto", "torch"),
-                                          ("triton", BackendUnavailableError),
-                                          ("fastest", ValueError)])
-def test_env_var_chooses_the_backend(monkeypatch, value, expect):
-    monkeypatch.setenv(E.ENV, value)
-    ids, weight = torch.zeros(2, dtype=torch.long), torch.ones(3, 4)
+                                          ("triton", BackendUnavailableError)])
+def test_config_field_chooses_the_backend(value, expect):
+    ids = torch.zeros(2, dtype=torch.long)
+    emb = _vocab_embedding(embedding_backend=value)
+    assert emb.backend == value
     if isinstance(expect, str):
-        assert E.select_embedding(weight.device, weight.dtype).name == expect
-        assert torch.equal(E.embedding(ids, weight), F.embedding(ids, weight))
+        assert E.select_embedding(emb.weight.device, emb.weight.dtype, emb.backend).name == expect
+        assert torch.equal(emb(ids), F.embedding(ids, emb.weight))
         return
-    match = "MOECORE_EMBEDDING_BACKEND" if expect is ValueError else "CUDA tensors only"
-    with pytest.raises(expect, match=match):
-        E.embedding(ids, weight)
+    with pytest.raises(expect, match="CUDA tensors only"):
+        emb(ids)
 
 
-def test_set_embedding_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"'apex' is unknown \(MOECORE_EMBEDDING_BACKEND\?\); "
+def test_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"embedding_backend='apex' is not supported; "
                                          r"choose one of \['auto', 'triton', 'torch'\]"):
-        E.set_embedding_backend("apex")
+        _config(embedding_backend="apex")
 
 
 def test_backward_argument_errors():

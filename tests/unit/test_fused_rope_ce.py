@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from moecore.kernels.rope import apply_rotary_pos_emb_torch
 from moecore.tensor_parallel import vocab_parallel_cross_entropy
-from moecore.transformer.rope import (
-    RotaryEmbedding,
-    apply_rotary_pos_emb,
-    apply_rotary_pos_emb_torch,
-)
+from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb
 from tests.triton_interpret import assert_checks_pass
 
 CHECKS = ("rope", "qkv_rope", "copy_heads", "attention_qkv_rope", "cross_entropy")

@@ -7,8 +7,8 @@ import torch
 
 from moecore import backends
 from moecore.backends import Backend, BackendRegistry, BackendUnavailableError
-from moecore.moe import grouped_gemm as gg
-from moecore.moe.grouped_gemm import GROUPED_GEMM, grouped_mm, select_backend
+from moecore.kernels import grouped_gemm as gg
+from moecore.kernels.grouped_gemm import GROUPED_GEMM, grouped_mm, select_backend
 
 CPU = torch.device("cpu")
 AVAILABLE = GROUPED_GEMM.available(device=CPU, dtype=torch.float32)
@@ -113,10 +113,10 @@ def test_unknown_backend_name():
         select_backend("cutlass", CPU, torch.float32)
 
 
-def test_te_is_unavailable_and_says_what_to_do():
-    ok, reason = GROUPED_GEMM.get("te").is_available(device=CPU, dtype=torch.bfloat16)
-    assert not ok and "transformer_engine" in reason.lower().replace(" ", "_")
-    with pytest.raises(BackendUnavailableError, match="backend 'te' is not available"):
+def test_te_is_not_offered():
+    # Transformer Engine's grouped GEMM was never wired: a choice that cannot run is not offered.
+    assert "te" not in GROUPED_GEMM.names()
+    with pytest.raises(ValueError, match="unknown grouped_gemm backend 'te'"):
         select_backend("te", CPU, torch.bfloat16)
 
 
@@ -124,8 +124,7 @@ def test_every_unavailable_backend_raises_with_install_hint(monkeypatch):
     # Make torch's op look missing too, so each backend's "missing" message is exercised.
     monkeypatch.delattr(torch, "_grouped_mm")
     gg._probe_torch_grouped_mm.cache_clear()
-    hints = {"torch": "PyTorch >= 2.8", "grouped_gemm": "pip install",
-             "te": "transformer_engine"}
+    hints = {"torch": "PyTorch >= 2.8", "grouped_gemm": "pip install"}
     for name, hint in hints.items():
         if GROUPED_GEMM.get(name).is_available(device=CPU, dtype=torch.bfloat16)[0]:
             continue  # installed here (grouped_gemm on a CUDA box): nothing to check
@@ -185,7 +184,7 @@ def test_registry_auto_explicit_and_errors():
 
 
 def test_choice_is_logged_once_per_process(monkeypatch, caplog):
-    monkeypatch.setattr(backends, "_LOGGED", set())
+    monkeypatch.setattr(backends, "_LOGGED", {})
     reg = _registry()
     with caplog.at_level(logging.INFO, logger="moecore"):
         for _ in range(3):

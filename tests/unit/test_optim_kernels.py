@@ -7,12 +7,12 @@ the Triton kernels under the interpreter (one subprocess, see optim_kernel_check
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 from torch import nn
 
+from moecore.backends import BackendUnavailableError
 from moecore.kernels import optim as O
 from moecore.optimizer import MegatronOptimizer, get_param_groups
 from moecore.optimizer import optimizer as opt_mod
@@ -21,7 +21,6 @@ from tests.unit.test_optimizer_fused import _model, _steps
 
 CPU = torch.device("cpu")
 HP = dict(beta1=0.9, beta2=0.999, eps=1e-8)
-O_MAKE = opt_mod.make_adamw
 
 
 @pytest.mark.parametrize("n", [0, 1, 1000, 4097])
@@ -144,20 +143,22 @@ def test_make_adamw_selection(monkeypatch):
         return opt_mod.make_adamw([{"params": [p]}], **kw, **extra)
 
     assert type(make()) is torch.optim.AdamW and not opt_mod.is_fused(make())
-    assert type(make(fused=True)) is torch.optim.AdamW  # no Triton kernel on CPU
-    assert isinstance(make(triton=True), O.TritonAdamW)
+    assert type(make(backend="torch_fused")) is torch.optim.AdamW  # no Triton kernel on CPU
+    assert isinstance(make(backend="triton"), O.TritonAdamW)
     monkeypatch.setattr(O, "triton_adamw_available", lambda device: True)  # as on a GPU
-    assert isinstance(make(fused=True), O.TritonAdamW)
-    assert type(make(fused=True, triton=False)) is torch.optim.AdamW  # the ZeRO-1 optimizer
-    monkeypatch.setenv("MOECORE_FUSED_ADAM", "torch")
-    assert type(make(fused=True)) is torch.optim.AdamW and opt_mod.is_fused(make(fused=True))
+    monkeypatch.setattr(O, "params_device", lambda params: torch.device("cuda"))
+    assert isinstance(make(), O.TritonAdamW)
+    assert type(make(sharded=True)) is torch.optim.AdamW  # the ZeRO-1 optimizer
+    with pytest.raises(BackendUnavailableError, match="--adamw-backend"):
+        make(sharded=True, backend="triton")
+    assert type(make(backend="torch_fused")) is torch.optim.AdamW  # --adamw-backend torch_fused
+    assert opt_mod.is_fused(make(backend="torch_fused"))
 
 
 def _train(monkeypatch, triton: bool, steps=3, state=None):
-    monkeypatch.setattr(opt_mod, "make_adamw",
-                        functools.partial(O_MAKE, fused=True, triton=triton))
     model = _model()
-    opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.1, clip_grad=0.5)
+    opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.1, clip_grad=0.5,
+                            adamw_backend="triton" if triton else "torch_fused")
     if state is not None:
         model.load_state_dict(state[0])
         opt.load_state_dict(copy.deepcopy(state[1]))

@@ -5,7 +5,6 @@ checkpoints moving between fused and unfused optimizers. CPU runs the fused kern
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from moecore.optimizer import MegatronOptimizer, finalize_model_grads, get_param
 from moecore.optimizer import optimizer as opt_mod
 from moecore.optimizer.grad_sync import model_grad
 
-_MAKE = opt_mod.make_adamw
-
 
 def _model():
     torch.manual_seed(0)
@@ -25,9 +22,8 @@ def _model():
 
 
 def _optimizer(model, fused: bool, monkeypatch, clip: float = 0.5):
-    monkeypatch.setattr(opt_mod, "make_adamw", functools.partial(_MAKE, fused=fused))
     opt = MegatronOptimizer(get_param_groups(model), lr=1e-2, weight_decay=0.1,
-                            clip_grad=clip)
+                            clip_grad=clip, adamw_backend="torch_fused" if fused else "torch")
     assert opt_mod.is_fused(opt.optimizer) == fused
     return opt
 
@@ -57,7 +53,7 @@ def test_fused_adamw_with_folded_clipping_matches_foreach(monkeypatch, clip):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_default_is_cuda_only_and_env_switch(monkeypatch):
+def test_fused_default_is_cuda_only_and_flag_switch():
     p = nn.Parameter(torch.zeros(3))
     assert not opt_mod.is_fused(opt_mod.make_adamw([{"params": [p]}], lr=1.0, betas=(0.9, 0.9),
                                                    eps=1e-8, weight_decay=0.0))
@@ -65,8 +61,8 @@ def test_fused_default_is_cuda_only_and_env_switch(monkeypatch):
         q = nn.Parameter(torch.zeros(3, device="cuda"))
         kw = dict(lr=1.0, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)
         assert opt_mod.is_fused(opt_mod.make_adamw([{"params": [q]}], **kw))
-        monkeypatch.setenv("MOECORE_FUSED_ADAM", "0")
-        assert not opt_mod.is_fused(opt_mod.make_adamw([{"params": [q]}], **kw))
+        # --adamw-backend torch
+        assert not opt_mod.is_fused(opt_mod.make_adamw([{"params": [q]}], backend="torch", **kw))
 
 
 def test_main_grads_reset_lazily_and_accumulate_exactly(monkeypatch):

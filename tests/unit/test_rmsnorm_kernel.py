@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from moecore.backends import BackendUnavailableError
+from moecore.config import NORM_BACKENDS
 from moecore.kernels import assert_close_rel
+from moecore.kernels import norm as N
 from moecore.kernels import rmsnorm as R
 from moecore.moe import MoELayer
 from moecore.transformer import norms
@@ -78,20 +80,17 @@ def test_reference_strided_inputs_and_partial_grads():
 def test_norm_registry_triton_backend_on_cpu():
     assert norms.RMS_NORM_BACKENDS.names() == ["te", "apex", "triton", "torch"]
     assert norms.LAYER_NORM_BACKENDS.names() == ["te", "apex", "torch"]
-    assert "triton" in norms.NORM_BACKENDS
+    assert "triton" in NORM_BACKENDS  # --norm-backend's choices
     x = torch.randn(3, 16)
-    norm = norms.RMSNorm(16)
-    try:
-        norms.set_norm_backend("triton")
-        with pytest.raises(BackendUnavailableError, match="rms_norm backend 'triton' is not "
-                                                          "available: the Triton rms_norm "
-                                                          "kernels run on CUDA tensors only"):
-            norm(x)
-        norms.set_norm_backend("auto")
-        assert norms._resolve(norms.RMS_NORM_BACKENDS, x).name == "torch"
-        torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, norm.eps))
-    finally:
-        norms.set_norm_backend("auto")
+    norm = norms.RMSNorm(16, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="rms_norm backend 'triton' \\(set by "
+                                                      "--norm-backend\\) is not "
+                                                      "available: the Triton rms_norm "
+                                                      "kernels run on CUDA tensors only"):
+        norm(x)
+    norm.backend = "auto"
+    assert N.select_norm(norms.RMS_NORM_BACKENDS, x, norm.backend).name == "torch"
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, norm.eps))
     # The old context (device type only) still resolves, and too wide rows are refused.
     assert norms.RMS_NORM_BACKENDS.select("auto", device="cpu", log=False).name == "torch"
     ok, why = R.triton_available("cuda", torch.bfloat16, hidden=R.MAX_H + 1)
@@ -260,7 +259,7 @@ def test_add_and_norm_dispatch(monkeypatch):
     monkeypatch.setattr(R, "add_rms_norm",
                         lambda *a: (calls.append(a), R.add_rms_norm_torch(*a))[1])
     triton = norms.RMS_NORM_BACKENDS.get("triton")
-    monkeypatch.setattr(norms, "_resolve", lambda reg, x: triton)
+    monkeypatch.setattr(norms, "select_norm", lambda reg, x, requested: triton)
     hooked = []  # module hooks (the distributed optimizer's param-gather wait) still run
     norm.register_forward_pre_hook(lambda module, args: hooked.append(module))
     hidden, y = norm.add_and_norm(res, out)

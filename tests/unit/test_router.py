@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from moecore.config import TransformerConfig
+from moecore.kernels.router import group_limited_topk, topk_routing_with_score_function
 from moecore.moe.losses import MoELossTracker
-from moecore.moe.router import (
-    TopKRouter,
-    group_limited_topk,
-    sinkhorn_routing,
-    topk_routing_with_score_function,
-    update_expert_bias,
-)
+from moecore.moe.router import TopKRouter, sinkhorn_routing, update_expert_bias
 from moecore.parallel_state import ParallelState
 
 SINGLE = ParallelState.single()

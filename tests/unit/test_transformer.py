@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
+from moecore.kernels import attention as kernel_attention
+from moecore.kernels.attention import core_attention
 from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import model_parallel_seed
-from moecore.transformer import attention as attn_mod
 from moecore.transformer import norms
-from moecore.transformer.attention import SelfAttention, core_attention
+from moecore.transformer.attention import SelfAttention
 from moecore.transformer.block import TransformerBlock
 from moecore.transformer.layer import TransformerLayer
 from moecore.transformer.mlp import MLP, glu_interleaved_init
@@ -50,14 +51,13 @@ def test_norms_match_formulas_and_backend_selection():
     assert isinstance(built, norms.LayerNorm) and built.eps == 1e-3
     assert built.weight.sequence_parallel is False
     assert norms.build_norm(cfg, 16, sequence_parallel=True).bias.sequence_parallel is True
-    try:
-        norms.set_norm_backend("apex")
-        with pytest.raises(BackendUnavailableError, match="apex"):
-            rms(x)  # CPU tensor: the fused kernels cannot run it
-        with pytest.raises(ValueError, match="unknown"):
-            norms.set_norm_backend("fastest")
-    finally:
-        norms.set_norm_backend("auto")
+    with pytest.raises(BackendUnavailableError, match="apex"):
+        norms.RMSNorm(16, eps=1e-6, backend="apex")(x)  # CPU tensor: the fused kernels can't
+    assert norms.build_norm(_cfg(norm_backend="apex"), 16).backend == "apex"
+    with pytest.raises(ValueError, match="unknown"):
+        norms.RMSNorm(16, backend="fastest")(x)
+    with pytest.raises(ValueError, match="norm_backend='fastest' is not supported"):
+        _cfg(norm_backend="fastest")
     assert norms.RMS_NORM_BACKENDS.select("auto", device="cpu", log=False).name == "torch"
 
 
@@ -123,7 +123,7 @@ def test_attention_gqa_layout_and_causality(monkeypatch):
     assert bias is None and out.shape == (6, 2, 32)
     assert _rel(out, ref) < 1e-5
     # The path without SDPA's enable_gqa (older torch) repeats k/v heads explicitly.
-    monkeypatch.setattr(attn_mod, "SDPA_HAS_GQA", False)
+    monkeypatch.setattr(kernel_attention, "SDPA_HAS_GQA", False)
     assert _rel(attn(x, rotary_pos_emb=freqs)[0], ref) < 1e-5
     # Causality: changing tokens after position 3 leaves outputs 0..3 untouched.
     x2 = x.clone()

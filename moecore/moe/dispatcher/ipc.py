@@ -205,7 +205,8 @@ class MoEIPCTokenDispatcher(MoETokenDispatcher):
                 f"moe_token_dispatcher_type='ipc' supports expert_tensor_parallel_size=1 only "
                 f"(got {self.etp_size}); set --expert-tensor-parallel-size 1 or use "
                 "--moe-token-dispatcher-type alltoall")
-        self.options = ExchangeOptions(limit=int(config.moe_ipc_buffer_max_mb * 2**20))
+        self.options = ExchangeOptions(limit=int(config.moe_ipc_buffer_max_mb * 2**20),
+                                       copy=config.moe_peer_copy_backend)
         if self.ep_size > 1:
             check_launch_nodes(self.ep_group)  # the full host check runs at the first exchange
 

@@ -1,34 +1,74 @@
-"""Fused RoPE on CUDA: one Triton kernel forward, one backward, beside the torch reference
-:func:`moecore.transformer.rope.apply_rotary_pos_emb_torch`.
+"""RoPE (Megatron's non-interleaved ``rotate_half``): the torch reference, a fused Triton kernel
+(one launch forward, one backward) and the ``rope`` registry that chooses between them.
 
-The reference runs ~8 elementwise kernels per call (upcast, two products, negate, concatenate,
-add, downcast; as many again in backward) over ``[S, B, heads, d]`` fp32 temporaries; at the
-e2e benchmark's size that was ~0.4 ms per layer forward on an H200. Here each program rotates
-all heads of one ``(s, b)`` position: ``x`` is read once (any strides with a unit last stride,
-e.g. the q/k views of the fused QKV output), the output written once.
+``apply_rotary_pos_emb_torch(t [S, B, H, D], freqs [S, B or 1, 1, R]) -> [S, B, H, D]`` is the
+reference: ~8 elementwise kernels per call (upcast, two products, negate, concatenate, add,
+downcast; as many again in backward) over ``[S, B, heads, d]`` fp32 temporaries, ~0.4 ms per
+layer forward at ``benchmarks/e2e.py``'s size on an H200. The kernel rotates all heads of one
+``(s, b)`` position per program: ``x`` is read once (any strides with a unit last stride, e.g.
+the q/k views of the fused QKV output), the output written once.
 
 Numerics: the same fp32 operations in the same order as the reference, each rounded to fp32
 (FMA contraction is turned off at launch: the PTX has only ``mul.rn``/``add.rn``), then one cast
 to ``x.dtype``. Under the Triton interpreter fp32 results equal the reference bit for bit; on an
-H200 (2026-11-30) they were not bit-identical (rounding-level differences; cause not
-established), so the check at first use on each device (:func:`use_fused`) accepts relative
-error <= 1e-6 (fp32) / 8e-3 (16-bit) and otherwise falls back to the reference.
+H200 they are not bit-identical (rounding-level differences; cause not established), so the
+self-check at first use on each device accepts relative error <= 1e-6 (fp32) / 8e-3 (16-bit)
+and otherwise the ``triton`` backend is unavailable there.
 
 Backward (``y1 = x1 c1 - x2 s1``, ``y2 = x2 c2 + x1 s2`` on the two halves of the rotated
 channels): ``dx1 = g1 c1 + g2 s2``, ``dx2 = g2 c2 - g1 s1``; pass-through channels copy ``g``.
+
+Registry ``ROPE`` (request from ``apply_rope_fusion``, ``--no-rope-fusion``): ``triton`` (CUDA,
+fp32/bf16/fp16, self-check passed) and ``torch``; :func:`select_rope` takes the reference for
+shapes the kernel does not take.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
     import triton
     import triton.language as tl
+
+
+# ---- torch reference -----------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(freqs.cos(), freqs.sin())``, computed once per angle tensor: every layer's q and k of
+    one forward rotate by the same ``freqs``, so the pair is cached on that tensor."""
+    cached = getattr(freqs, "_moecore_cos_sin", None)
+    if cached is not None and cached[0] == freqs._version:
+        return cached[1], cached[2]
+    cos, sin = freqs.cos(), freqs.sin()
+    if not freqs.requires_grad:  # a cache must not cut a graph that reaches freqs
+        freqs._moecore_cos_sin = (freqs._version, cos, sin)
+    return cos, sin
+
+
+def apply_rotary_pos_emb_torch(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The reference rotation of ``t [S, B, H, D]`` by ``freqs [S, B or 1, 1, R]``: fp32 torch
+    ops, first ``R`` channels rotated, the rest passed through, cast back to ``t.dtype``."""
+    rot_dim = freqs.shape[-1]
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    cos, sin = rope_cos_sin(freqs)
+    rot = t_rot.float() * cos + _rotate_half(t_rot.float()) * sin
+    rot = rot.to(t.dtype)
+    if t_pass.shape[-1] == 0:
+        return rot
+    return torch.cat((rot, t_pass), dim=-1)
+
+
+# ---- Triton kernel -------------------------------------------------------------------------
 
 if HAVE_TRITON:
 
@@ -121,7 +161,7 @@ def _launch(x5, out5, cos, sin, sc_s: int, sc_b: int, half: int, backward: bool)
 def copy_heads(src: torch.Tensor, out: torch.Tensor) -> None:
     """``out.copy_(src)`` for ``[S, B, H, D]`` tensors with unit last strides, through the RoPE
     kernel with no rotated channels. torch's ``copy_`` into a strided slot (the ``v`` part of a
-    QKV gradient) runs its generic strided kernel: 90 us for 64 MiB on an H200 (2026-12-01)."""
+    QKV gradient) runs its generic strided kernel: 90 us for 64 MiB on an H200."""
     if src.shape != out.shape or src.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError(f"copy_heads needs equal shapes with unit last strides; got "
                          f"{tuple(src.shape)} {src.stride()} and {tuple(out.shape)} {out.stride()}")
@@ -206,12 +246,18 @@ def _check(device: torch.device) -> None:
         _check_cases(device, g)
 
 
-def _check_cases(device: torch.device, g: torch.Generator) -> None:
-    from moecore.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb_torch
+def _check_freqs(rot_dim: int, position_ids: torch.Tensor) -> torch.Tensor:
+    """Angles ``[S, B, 1, rot_dim]`` for ``position_ids [B, S]`` (base 10000), as
+    ``RotaryEmbedding`` builds them."""
+    inv_freq = (1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64,
+                                                device=position_ids.device) / rot_dim))).float()
+    freqs = (position_ids.t().float()[..., None] * inv_freq)[:, :, None, :]
+    return torch.cat((freqs, freqs), dim=-1)
 
-    for dtype, rot in ((torch.bfloat16, 1.0), (torch.float32, 0.5)):
-        freqs = RotaryEmbedding(32, rot).to(device)(5, torch.randint(
-            0, 64, (3, 5), device=device, generator=g))
+
+def _check_cases(device: torch.device, g: torch.Generator) -> None:
+    for dtype, rot in ((torch.bfloat16, 32), (torch.float32, 16)):
+        freqs = _check_freqs(rot, torch.randint(0, 64, (3, 5), device=device, generator=g))
         x = torch.randn(5, 3, 4, 32, device=device, dtype=dtype, generator=g)
         gy = torch.randn(5, 3, 4, 32, device=device, dtype=dtype, generator=g)
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
@@ -225,29 +271,35 @@ def _check_cases(device: torch.device, g: torch.Generator) -> None:
             assert_close_rel(got, want, tol, f"fused RoPE {what} ({dtype})")
 
 
-def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """``(ok, reason)`` for the fused kernel on ``device`` with ``dtype``."""
-    if os.environ.get("MOECORE_ROPE_BACKEND", "auto") == "torch":
-        return False, "MOECORE_ROPE_BACKEND=torch"
+def fits(t: torch.Tensor, freqs: torch.Tensor) -> bool:
+    """Whether the kernel takes ``t [S, B, H, D]`` and ``freqs [S, B or 1, 1, R]`` (R even,
+    D <= 4096, angles without grad)."""
+    return (t.dim() == 4 and freqs.dim() == 4 and freqs.shape[-1] % 2 == 0
+            and t.shape[-1] <= 4096 and freqs.shape[0] == t.shape[0]
+            and freqs.shape[1] in (1, t.shape[1]) and freqs.shape[2] == 1
+            and not freqs.requires_grad)
+
+
+def rope_triton(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary_pos_emb_torch` through the fused kernel (for :func:`fits` shapes)."""
+    cos, sin = rope_cos_sin(freqs)
+    return fused_rope(t, cos, sin)
+
+
+def _triton_available(device=None, dtype=None, **ctx) -> tuple[bool, str]:
     return checked_triton_available("RoPE", _check, device, dtype)
 
 
-_LOGGED: set = set()
+ROPE = BackendRegistry("rope", flag="--no-rope-fusion")
+ROPE.register(Backend("triton", _triton_available, rope_triton,
+                      description="one Triton kernel forward, one backward"))
+ROPE.register(Backend("torch", always_available, apply_rotary_pos_emb_torch,
+                      description="torch ops"))
 
 
-def use_fused(t: torch.Tensor, freqs: torch.Tensor) -> bool:
-    """Whether :func:`apply_rotary_pos_emb` runs the fused kernel for ``t``/``freqs``."""
-    if (t.dim() != 4 or freqs.dim() != 4 or freqs.shape[-1] % 2 or t.shape[-1] > 4096
-            or freqs.shape[0] != t.shape[0] or freqs.shape[1] not in (1, t.shape[1])
-            or freqs.shape[2] != 1):
-        return False
-    ok, reason = availability(t.device, t.dtype)
-    key = (t.device, t.dtype, ok)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        import logging
-
-        logging.getLogger("moecore").info("rope backend: %s on %s %s%s",
-                                          "triton" if ok else "torch", t.device, t.dtype,
-                                          "" if ok else f" ({reason})")
-    return ok
+def select_rope(t: torch.Tensor, freqs: torch.Tensor, requested: str = AUTO) -> Backend:
+    """The ``rope`` backend for ``t``/``freqs`` (``torch`` for shapes the kernel does not
+    take); resolved once per device, dtype and request."""
+    if not fits(t, freqs):
+        requested = "torch"
+    return ROPE.resolve(requested, device=t.device, dtype=t.dtype)

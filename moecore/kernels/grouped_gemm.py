@@ -5,12 +5,12 @@ by expert in order (expert 0's rows first). Backends (see :data:`GROUPED_GEMM`):
 
 - ``torch``: ``torch._grouped_mm`` (PyTorch >= 2.8; CUTLASS kernel on sm90+, bf16).
 - ``grouped_gemm``: the ``grouped_gemm`` package's ``ops.gmm`` (CUDA, bf16), as Megatron-Core.
-- ``te``: Transformer Engine's grouped GEMM, not wired yet (always unavailable, says why).
 - ``bmm``: pads every expert to the largest count and runs one ``torch.bmm``; any device/dtype.
 - ``loop``: one matmul per expert; the readable reference.
 
 ``auto`` picks ``torch`` on sm90+ with bf16, else ``grouped_gemm`` when installed (CUDA, bf16),
 else ``bmm``. Every backend supports experts with zero rows and ``N = 0``, forward and backward.
+The request is the config's ``moe_grouped_gemm_backend`` (``--moe-grouped-gemm-backend``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from moecore.backends import AUTO, Backend, BackendRegistry
+from moecore.kernels.swiglu import select_swiglu
 
-GROUPED_GEMM = BackendRegistry("grouped_gemm")
+GROUPED_GEMM = BackendRegistry("grouped_gemm", flag="--moe-grouped-gemm-backend")
 AUTO_ORDER = ("torch", "grouped_gemm", "bmm")
 GROUPED_GEMM_INSTALL = "pip install git+https://github.com/fanshiqing/grouped_gemm@v1.1.4"
 
@@ -191,8 +192,6 @@ def swiglu_grouped_mm(h: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch
     ``w [E, F, M]``, without keeping ``swiglu(h)`` for backward (:class:`_TorchSwiGLUGroupedMM`).
     None where that path does not apply (another backend, no rows, sizes the kernel would need
     padded): the caller then runs the activation and ``grouped_mm`` itself."""
-    from moecore.kernels.swiglu import select_swiglu
-
     if (backend.name != "torch" or h.dim() != 2 or h.shape[0] == 0
             or h.shape[1] != 2 * w.shape[1] or not _aligned(h, w.shape[1], w.shape[2])):
         return None
@@ -233,30 +232,6 @@ def _gg_grouped_mm(x, w, tokens_per_expert):
 
 
 # --------------------------------------------------------------------------------------------
-# Transformer Engine
-# --------------------------------------------------------------------------------------------
-TE_NOT_WIRED = (
-    "Transformer Engine's grouped GEMM is not wired into moecore: TE exposes it through "
-    "GroupedLinear (a module that owns per-expert weights) and the internal, version-dependent "
-    "general_grouped_gemm, not as a function of an [E, K, M] weight; use backend 'torch' "
-    "(PyTorch >= 2.8, bf16, sm90+) or 'grouped_gemm' (" + GROUPED_GEMM_INSTALL + ")")
-
-
-@functools.cache
-def _te_available(**_) -> tuple[bool, str]:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False, ("Transformer Engine is not installed (pip install --no-build-isolation "
-                       "transformer_engine[pytorch]); and even then: " + TE_NOT_WIRED)
-    return False, TE_NOT_WIRED
-
-
-def _te_grouped_mm(x, w, tokens_per_expert):
-    raise NotImplementedError(TE_NOT_WIRED)
-
-
-# --------------------------------------------------------------------------------------------
 # Portable backends
 # --------------------------------------------------------------------------------------------
 def _bmm_grouped_mm(x, w, tokens_per_expert):
@@ -289,8 +264,6 @@ GROUPED_GEMM.register(Backend("torch", _torch_available, _torch_grouped_mm, _tor
                               "torch._grouped_mm (CUTLASS on sm90+)"))
 GROUPED_GEMM.register(Backend("grouped_gemm", _gg_available, _gg_grouped_mm,
                               description="grouped_gemm package (ops.gmm)"))
-GROUPED_GEMM.register(Backend("te", _te_available, _te_grouped_mm,
-                              description="Transformer Engine (not wired)"))
 GROUPED_GEMM.register(Backend("bmm", _always_available, _bmm_grouped_mm,
                               description="padded torch.bmm, any device/dtype"))
 GROUPED_GEMM.register(Backend("loop", _always_available, _loop_grouped_mm,

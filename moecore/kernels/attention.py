@@ -1,0 +1,91 @@
+"""Core attention (scaled dot-product, causal or masked) and the ``attention`` registry of the
+SDPA kernel it runs: Megatron's ``--attention-backend`` names.
+
+``core_attention(q [S, B, heads, d], k, v [S, B, kv_heads, d], mask, dropout_p, backend) ->
+[S, B, heads * d]`` runs ``torch.nn.functional.scaled_dot_product_attention`` (GQA through
+``enable_gqa`` on torch >= 2.5, else explicitly repeated k/v heads). Backends: ``sdpa``
+(PyTorch picks among its kernels; what ``auto`` resolves to), ``flash`` (FlashAttention-2),
+``fused`` (cuDNN), ``unfused`` / ``local`` (the math reference). A pinned kernel that cannot take
+an input raises ``RuntimeError`` naming ``--attention-backend`` (PyTorch decides per call, so
+the probes accept every device).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+# SDPA learned ``enable_gqa`` in torch 2.5; older versions get explicitly repeated k/v heads.
+SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+# Megatron's --attention-backend names -> the SDPA kernel they pin ("auto": PyTorch's choice).
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fused": SDPBackend.CUDNN_ATTENTION,
+                 "unfused": SDPBackend.MATH, "local": SDPBackend.MATH}
+
+
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None,
+                   dropout_p: float = 0.0, backend: str = AUTO) -> torch.Tensor:
+    """Scaled dot-product attention, causal unless a mask is given.
+
+    Args:
+        q: ``[S, B, heads, d]``; k, v: ``[S, B, kv_heads, d]`` with ``heads % kv_heads == 0``
+            (query head ``i`` uses kv head ``i // (heads // kv_heads)``).
+        attention_mask: ``None`` for causal attention, or a bool mask broadcastable to
+            ``[B, heads, S, S]`` where ``True`` means *masked out* (Megatron's convention).
+        backend: ``auto`` (PyTorch's pick) or a key of :data:`SDPA_BACKENDS` (that SDPA
+            kernel only; an input it cannot take raises, naming ``--attention-backend``).
+    Returns:
+        ``[S, B, heads * d]``.
+    """
+    return ATTENTION.resolve(backend, device=q.device).fn(q, k, v, attention_mask, dropout_p)
+
+
+def _sdpa(q, k, v, attention_mask, dropout_p):
+    S, B, nh, d = q.shape
+    rep = nh // k.shape[2]
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, heads, S, d]
+    kwargs = {}
+    if rep > 1:
+        if SDPA_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            kb = kb.repeat_interleave(rep, dim=1)
+            vb = vb.repeat_interleave(rep, dim=1)
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, is_causal=True,
+                                             **kwargs)
+    else:
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=~attention_mask.bool(),
+                                             dropout_p=dropout_p, **kwargs)
+    return out.permute(2, 0, 1, 3).reshape(S, B, nh * d)
+
+
+def _pinned(name: str, q, k, v, attention_mask, dropout_p):
+    """:func:`_sdpa` under ``sdpa_kernel([SDPA_BACKENDS[name]])``; a refusal names the flag."""
+    try:
+        with sdpa_kernel([SDPA_BACKENDS[name]]):
+            return _sdpa(q, k, v, attention_mask, dropout_p)
+    except RuntimeError as e:
+        if not any(m in str(e) for m in ("No available kernel", "No viable backend")):
+            raise
+        raise RuntimeError(f"--attention-backend {name} cannot run this attention "
+                           f"(q {tuple(q.shape)} {q.dtype} on {q.device}, dropout {dropout_p}, "
+                           f"mask {attention_mask is not None}); use --attention-backend auto. "
+                           f"PyTorch said: {str(e).strip().splitlines()[0]}") from e
+
+
+ATTENTION = BackendRegistry("attention", flag="--attention-backend")
+ATTENTION.register(Backend("sdpa", always_available, _sdpa,
+                           description="PyTorch's pick among its SDPA kernels"))
+for _name in SDPA_BACKENDS:
+    ATTENTION.register(Backend(_name, always_available, functools.partial(_pinned, _name),
+                               auto_ok=lambda **ctx: False,
+                               description=f"SDPA pinned to {SDPA_BACKENDS[_name].name}"))
