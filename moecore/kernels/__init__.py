@@ -7,7 +7,8 @@ Ops, as ``module`` (REGISTRY): what it computes; the config field / flag that re
   / ``--moe-grouped-gemm-backend``.
 - ``permute`` (PERMUTE): dropless top-k gather into expert order; ``moe_permute_fusion`` /
   ``--moe-permute-fusion``.
-- ``combine`` (COMBINE): top-k weighted sum back to token order; always ``auto``.
+- ``combine`` (COMBINE): top-k weighted sum back to token order; ``moe_permute_fusion`` /
+  ``--moe-permute-fusion`` (as Megatron's, it covers the unpermute).
 - ``swiglu`` (SWIGLU): the gated activation of the experts; ``bias_swiglu_fusion`` /
   ``--no-bias-swiglu-fusion``.
 - ``router`` (ROUTER): score function, top-k, normalisation, counts; ``moe_router_fusion`` /

@@ -125,7 +125,7 @@ def combine_backward_triton(grad_out, rows, slot_rows, probs, need_probs_grad: b
 # ---- registry ------------------------------------------------------------------------------
 
 
-COMBINE = BackendRegistry("moe_combine")
+COMBINE = BackendRegistry("moe_combine", flag="--moe-permute-fusion")
 COMBINE.register(Backend("triton", triton_on_cuda("combine"),
                          (combine_forward_triton, combine_backward_triton),
                          description="fused gather-weight-sum and its backward"))
@@ -133,6 +133,3 @@ COMBINE.register(Backend("torch", always_available,
                          (combine_forward_torch, combine_backward_torch),
                          description="gather + batched matmul"))
 
-
-def select_combine(device: torch.device, requested: str = "auto") -> Backend:
-    return COMBINE.select(requested, device=device)

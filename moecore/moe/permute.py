@@ -143,13 +143,17 @@ class TopKPlan:
 
     @classmethod
     def from_parts(cls, parts: PlanParts, probs: torch.Tensor | None, num_tokens: int,
-                   topk: int) -> TopKPlan:
+                   topk: int, request: str = "auto") -> TopKPlan:
         plan = cls.__new__(cls)
-        plan._set(parts, probs, num_tokens, topk)
+        plan._set(parts, probs, num_tokens, topk, request)
         return plan
 
-    def _set(self, parts: PlanParts, probs, num_tokens: int, topk: int) -> None:
+    def _set(self, parts: PlanParts, probs, num_tokens: int, topk: int,
+             request: str = "auto") -> None:
         self.topk = topk
+        # moe_permute_fusion as a backend request: it picks the combine kernel too (Megatron's
+        # permute fusion covers the unpermute).
+        self.request = request
         self.num_tokens = num_tokens
         self.slot_rows, self.row_slots, self.sorted_indices = parts[:3]
         self.tokens_per_expert, self.expert_ids = parts[3:]
@@ -158,10 +162,10 @@ class TopKPlan:
 
 
 @functools.cache
-def combine_backend(device: torch.device):
-    """The ``moe_combine`` backend :func:`unpermute_topk` runs on ``device`` (chosen once per
-    device, logged once)."""
-    return COMBINE.select("auto", device=device)
+def combine_backend(device: torch.device, requested: str = "auto"):
+    """The ``moe_combine`` backend :func:`unpermute_topk` runs on ``device`` for ``requested``
+    (the plan's ``moe_permute_fusion`` request; chosen once per device, logged once)."""
+    return COMBINE.select(requested, device=device)
 
 
 class _CombineRows(torch.autograd.Function):
@@ -170,7 +174,7 @@ class _CombineRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, permuted, probs_tk, plan: TopKPlan):
-        forward_fn, ctx.backward_fn = combine_backend(permuted.device).fn
+        forward_fn, ctx.backward_fn = combine_backend(permuted.device, plan.request).fn
         ctx.plan = plan
         ctx.save_for_backward(permuted, probs_tk)
         return forward_fn(permuted, plan.slot_rows, probs_tk)
@@ -191,12 +195,14 @@ def permute_topk(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.T
 
     Returns ``(permuted [T*k, H], plan, tokens_per_expert [E])``; rows are in the same order as
     :func:`permute`. Pass ``plan`` to :func:`unpermute_topk`. ``fusion`` (the config's
-    ``moe_permute_fusion``) picks the ``moe_permute`` backend: ``None`` auto (the fused Triton
-    kernel on CUDA, no host sync), ``True`` Triton required, ``False`` the torch reference.
+    ``moe_permute_fusion``) picks the ``moe_permute`` and ``moe_combine`` backends: ``None``
+    auto (the fused Triton kernels on CUDA, no host sync), ``True`` Triton required, ``False``
+    the torch references.
     """
     _check_routing(tokens, routing_map, probs)
-    permuted, parts = permute_rows(tokens, routing_map, topk, fusion_request(fusion))
-    plan = TopKPlan.from_parts(parts, probs, routing_map.shape[0], topk)
+    request = fusion_request(fusion)
+    permuted, parts = permute_rows(tokens, routing_map, topk, request)
+    plan = TopKPlan.from_parts(parts, probs, routing_map.shape[0], topk, request)
     return permuted, plan, plan.tokens_per_expert
 
 
