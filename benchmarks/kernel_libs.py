@@ -149,8 +149,8 @@ def interpreter_compat() -> None:
     """CPU smoke runs only (``TRITON_INTERPRET=1``, Triton 3.6): let Liger's kernels run under the
     interpreter as they do compiled. Python float kernel args become fp32 scalars (compiled
     Triton's; Liger calls ``eps.to(...)``), runtime loop bounds convert under numpy >= 2.4, and
-    libdevice ``rsqrt`` (not interpreted) is ``tl.rsqrt``. Not used on CUDA. (Still wrong there:
-    bf16 * bf16 products, which Liger's SwiGLU takes; hence fp32 smoke runs by default.)"""
+    libdevice ``rsqrt`` (not interpreted) is ``tl.rsqrt``. Not used on CUDA. The interpreter still
+    multiplies bf16 by bf16 wrongly (Liger's SwiGLU and fused add do): CPU smoke runs are fp32."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter as ti
@@ -195,7 +195,8 @@ def split_qkv(mixed, j, d):
 
 @dataclass
 class Case:
-    """One computation at one shape; every impl maps ``args`` to outputs in ``out_names`` order."""
+    """One computation at one shape: every impl maps ``args`` to the same outputs (``names``: the
+    outputs, then the grads of ``args[grad_idx]``)."""
 
     op: str
     includes: str
