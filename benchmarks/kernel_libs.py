@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -536,7 +537,10 @@ def main(argv=None) -> int:
         e2e, large, smoke = SHAPES[op]
         for shape in smoke if args.smoke else e2e + ([] if args.no_large else large):
             for case in BUILDERS[op](shape, args.dtype, device, gen, lg, compile_fn):
+                t0 = time.perf_counter()
                 rows += run_case(case, device, args)
+                print(f"-- {case.op} {case.shape} [{case.includes}] took "
+                      f"{time.perf_counter() - t0:.0f} s (checks, compiles, timing)", flush=True)
                 notes.update({(case.op, case.includes, n): note
                               for n, (_, note) in case.impls.items() if note})
                 write_json(args, env, rows)
