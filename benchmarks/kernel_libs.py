@@ -45,17 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_ms  # noqa: E402
 
 # ---- adapter: moecore's kernels and torch references (the one place to change imports) --------
+from moecore.kernels import cross_entropy as _ce_kernel  # noqa: E402
 from moecore.kernels import rmsnorm as _rmsnorm  # noqa: E402
+from moecore.kernels import rope as _rope_kernel  # noqa: E402
 from moecore.kernels import swiglu as _swiglu  # noqa: E402
-from moecore.tensor_parallel import cross_entropy_kernel as _ce_kernel  # noqa: E402
-from moecore.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy  # noqa: E402
-from moecore.transformer import rope_kernel as _rope_kernel  # noqa: E402
-from moecore.transformer.rope import (  # noqa: E402
-    RotaryEmbedding,
+from moecore.kernels.cross_entropy import _VocabParallelCrossEntropy  # noqa: E402
+from moecore.kernels.rope import (  # noqa: E402
     _rotate_half,
     apply_rotary_pos_emb_torch,
     rope_cos_sin,
 )
+from moecore.transformer.rope import RotaryEmbedding  # noqa: E402
 
 EPS = 1e-5
 

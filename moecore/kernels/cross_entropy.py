@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.collectives import group_rank, group_size
 from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
 
 if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
@@ -37,16 +38,6 @@ if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
     import triton.language as tl
 
 _BLOCK = 4096
-
-
-def group_size(group) -> int:
-    """Ranks in ``group``; 1 for ``None`` (unsplit logits)."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group) -> int:
-    """This rank's index in ``group``; 0 for ``None``."""
-    return 0 if group is None else dist.get_rank(group)
 
 
 # ---- torch reference -----------------------------------------------------------------------
