@@ -339,7 +339,7 @@ def test_saved_args_record_the_chosen_kernel_backends(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "_LOGGED", {})
     RMS_NORM_BACKENDS.select("auto", device="cpu")  # what a CPU run's RMSNorm resolves to
     model, opt, sched = make()
-    save_checkpoint(3, model, opt, sched, args_for(tmp_path))
+    save_checkpoint(3, model, opt, sched, args_for(tmp_path, run_args={"save": str(tmp_path)}))
     saved = ckpt.read_checkpoint_args(str(tmp_path))
     assert saved["kernel_backends"]["rms_norm"] == "torch"
     assert saved["kernel_backends"] == backends.chosen()
