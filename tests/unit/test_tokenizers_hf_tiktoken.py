@@ -8,6 +8,7 @@ import base64
 import importlib.util
 import io
 import json
+import math
 import os
 import sys
 
@@ -21,7 +22,7 @@ from moecore.data.tokenizers import (
     build_tokenizer,
     load_bpe_ranks,
 )
-from moecore.training import builders
+from moecore.training import builders, pretrain
 from tests.cli import BASE, parse_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,7 +101,7 @@ def test_hf_without_eos_is_refused(tmp_path):
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
 
 
-def test_missing_transformers_is_a_one_line_error(monkeypatch, capsys):
+def test_missing_transformers_is_a_one_line_error(monkeypatch, capsys, preprocess, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)  # "import transformers" fails
     with pytest.raises(ImportError, match="^HuggingFaceTokenizer needs the transformers "
                                           "package: pip install transformers$"):
@@ -109,6 +110,10 @@ def test_missing_transformers_is_a_one_line_error(monkeypatch, capsys):
                               "--tokenizer-model", "x"], capsys)
     assert "--tokenizer-type HuggingFaceTokenizer needs the transformers package: pip install " \
            "transformers" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        preprocess.main(["--input", "x", "--output-prefix", str(tmp_path / "x"),
+                         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "x"])
+    assert "pip install transformers" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     err = parse_error(BASE + ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "x",
                               "--tiktoken-pattern", "v2"], capsys)
@@ -253,10 +258,19 @@ def _preprocess_round_trip(preprocess, tmp_path, tok_flags, workers):
     return tok
 
 
-def test_preprocess_hf(preprocess, tmp_path, hf_dirs):
-    tok = _preprocess_round_trip(preprocess, tmp_path, ["--tokenizer-type",
-                                 "HuggingFaceTokenizer", "--tokenizer-model", hf_dirs[0]], 2)
+def test_preprocess_hf_then_train(preprocess, tmp_path, hf_dirs):
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dirs[0]]
+    tok = _preprocess_round_trip(preprocess, tmp_path, flags, 2)
     assert tok.eod == 1
+    lines = []
+    out = pretrain(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                    "--seq-length", "8", "--micro-batch-size", "2", "--lr", "1e-3",
+                    "--train-iters", "2", "--device", "cpu", "--split", "100,0,0",
+                    "--data-path", str(tmp_path / "out_text_document"), *flags],
+                   log=lines.append)
+    assert out["iterations"] == [1, 2] and all(math.isfinite(x) for x in out["lm_loss"])
+    assert any(f"tokenizer HuggingFaceTokenizer: vocab {tok.vocab_size} padded to 384" in line
+               for line in lines)
 
 
 def test_preprocess_tiktoken(preprocess, tmp_path, capsys):
