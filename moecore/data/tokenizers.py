@@ -511,6 +511,11 @@ _NEEDS_MODEL = {
 }
 
 
+def _is_local_path(name: str) -> bool:
+    """Whether ``name`` can only be a filesystem path (hub names are ``name`` or ``org/name``)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
 def check_tokenizer_args(args) -> None:
     """The flags and the package ``args.tokenizer_type`` needs, before anything is loaded.
 
@@ -525,6 +530,10 @@ def check_tokenizer_args(args) -> None:
                          f"pip install {package}")
     if kind in _NEEDS_MODEL and args.tokenizer_model is None:
         raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model ({_NEEDS_MODEL[kind]})")
+    model = args.tokenizer_model
+    if kind == "HuggingFaceTokenizer" and not os.path.isdir(model) and _is_local_path(model):
+        raise ValueError(f"--tokenizer-model {model}: no such directory (a local path; a hub "
+                         "name looks like org/name)")
     if kind == "CharacterTokenizer" and args.vocab_file is None:
         raise ValueError("--tokenizer-type CharacterTokenizer needs --vocab-file (a JSON list "
                          "of characters)")

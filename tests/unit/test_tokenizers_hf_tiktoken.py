@@ -208,6 +208,17 @@ def test_tokenizer_flags_that_do_not_fit(extra, match, capsys):
     assert match in err and err.count("error:") == 1
 
 
+def test_hf_missing_local_directory(tmp_path, capsys):
+    missing = str(tmp_path / "tok")
+    err = parse_error(BASE + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                              missing], capsys)
+    assert f"--tokenizer-model {missing}: no such directory" in err
+    # A hub-like name is left to the loader (it may be downloadable or cached).
+    args = parse_args(BASE + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                              "org/name"])
+    assert args.tokenizer_model == "org/name"
+
+
 def test_null_tokenizer_needs_vocab_size(capsys):
     argv = [a for a in BASE if a not in ("--vocab-size", "100")]
     assert "NullTokenizer needs --vocab-size" in parse_error(
