@@ -76,6 +76,15 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sentencepiece model file, Hugging Face tokenizer directory or hub name "
         "(HuggingFaceTokenizer), or BPE rank file (TikTokenizer)",
     )
+    g.add_argument(
+        "--tokenizer-hf-include-special-tokens",
+        action="store_true",
+        help="HuggingFaceTokenizer adds its own special tokens (e.g. BOS) to each document",
+    )
+    g.add_argument("--trust-remote-code", action="store_true", help="HuggingFaceTokenizer")
+    g.add_argument(
+        "--tokenizer-hf-use-fast", action="store_true", help="accepted; the fast backend is used"
+    )
     g.add_argument("--tiktoken-pattern", default=None, choices=("v1", "v2"))
     g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
     g.add_argument("--tiktoken-special-tokens", nargs="+", default=None)
@@ -162,6 +171,8 @@ class Encoder:
             a.tiktoken_pattern,
             a.tiktoken_num_special_tokens,
             a.tiktoken_special_tokens,
+            a.tokenizer_hf_include_special_tokens,
+            a.trust_remote_code,
         )
 
     def encode(self, raw: bytes) -> tuple[dict[str, tuple[list[int], list[int]]], int]:

@@ -390,6 +390,14 @@ def _add_tokenizer_args(p):
                    help="Sentencepiece .model (SentencePieceTokenizer, Llama2Tokenizer), local "
                         "directory or hub name (HuggingFaceTokenizer, needs transformers), or "
                         "BPE rank file (TikTokenizer: Megatron's .json or a .tiktoken file).")
+    g.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
+                   help="HuggingFaceTokenizer: tokenizing adds the tokenizer's own special "
+                        "tokens (e.g. a BOS before each document), as Megatron's flag.")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="HuggingFaceTokenizer: let transformers run the tokenizer code a hub "
+                        "repository ships (e.g. Kimi-K2's).")
+    _noop(g, "--tokenizer-hf-use-fast", "the fast (tokenizers) backend is used whenever the "
+          "tokenizer has one")
     g.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"],
                    help="TikTokenizer's pre-tokenisation regex (Megatron's v1 or v2).")
     g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,

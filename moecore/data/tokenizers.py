@@ -249,15 +249,21 @@ def _import(tokenizer_type: str):
 class HuggingFaceTokenizer(Tokenizer):
     """A Hugging Face tokenizer (``transformers.AutoTokenizer``), as Megatron's.
 
-    ``tokenize`` is the tokenizer's ``__call__`` (it adds the special tokens its post-processor
-    adds, e.g. a BOS), ``detokenize`` is ``decode`` (special tokens stay in the text),
-    ``vocab_size`` is ``len(tokenizer)`` (added tokens included) and EOD is its EOS token.
+    ``tokenize`` encodes the text alone; with ``include_special_tokens``
+    (``--tokenizer-hf-include-special-tokens``) it also adds what the tokenizer's post-processor
+    adds, e.g. a BOS (Megatron's legacy tokenizer always did). Special-token text in the input
+    (e.g. ``</s>``) becomes the special token. ``detokenize`` is ``decode`` (special tokens stay
+    in the text), ``vocab_size`` is ``len(tokenizer)`` (added tokens included) and EOD is the
+    EOS token.
     """
 
-    def __init__(self, name_or_path: str, **kwargs) -> None:
+    def __init__(self, name_or_path: str, include_special_tokens: bool = False,
+                 trust_remote_code: bool = False) -> None:
         transformers = _import("HuggingFaceTokenizer")
+        self.include_special_tokens = include_special_tokens
         try:
-            self.hf = transformers.AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+            self.hf = transformers.AutoTokenizer.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
@@ -297,7 +303,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return dict(zip(self.hf.all_special_tokens, self.hf.all_special_ids))
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.hf(text)["input_ids"])
+        return list(self.hf(text, add_special_tokens=self.include_special_tokens)["input_ids"])
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids])
@@ -464,14 +470,17 @@ def build_tokenizer(
     tiktoken_pattern: str | None = None,
     tiktoken_num_special_tokens: int = 1000,
     tiktoken_special_tokens: Sequence[str] | None = None,
+    hf_include_special_tokens: bool = False,
+    trust_remote_code: bool = False,
 ) -> Tokenizer:
     """Build a tokenizer by Megatron's ``--tokenizer-type`` name.
 
     CharacterTokenizer reads ``vocab_file`` (JSON list of characters); SentencePieceTokenizer
     and Llama2Tokenizer read ``tokenizer_model``; GPT2BPETokenizer optionally reads
     ``vocab_file`` + ``merge_file``; HuggingFaceTokenizer loads ``tokenizer_model`` (a local
-    directory or a hub name); TikTokenizer reads the BPE rank file ``tokenizer_model`` with
-    the ``tiktoken_*`` settings and optional ``vocab_size``; NullTokenizer needs ``vocab_size``.
+    directory or a hub name) with ``hf_include_special_tokens`` and ``trust_remote_code``;
+    TikTokenizer reads the BPE rank file ``tokenizer_model`` with the ``tiktoken_*`` settings
+    and optional ``vocab_size``; NullTokenizer needs ``vocab_size``.
     """
     if tokenizer_type == "CharacterTokenizer":
         if vocab_file is None:
@@ -488,7 +497,7 @@ def build_tokenizer(
     if tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") and tokenizer_model is None:
         raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(tokenizer_model)
+        return HuggingFaceTokenizer(tokenizer_model, hf_include_special_tokens, trust_remote_code)
     if tokenizer_type == "TikTokenizer":
         if tiktoken_pattern is None:
             raise ValueError("--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2")

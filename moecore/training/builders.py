@@ -34,7 +34,9 @@ def build_tokenizer_from_args(args):
                                 merge_file=args.merge_file,
                                 tiktoken_pattern=args.tiktoken_pattern,
                                 tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
-                                tiktoken_special_tokens=args.tiktoken_special_tokens)
+                                tiktoken_special_tokens=args.tiktoken_special_tokens,
+                                hf_include_special_tokens=args.tokenizer_hf_include_special_tokens,
+                                trust_remote_code=args.trust_remote_code)
     args.padded_vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     return tokenizer

@@ -71,11 +71,38 @@ def test_hf_semantics(hf_dirs):
     assert ids[0] != tok.bos and tok.detokenize(ids) == TEXT
     # Special-token text is the special token (the Hugging Face tokenizer's own rule).
     assert tok.eod in ids
-    # Megatron's: tokenize adds what the post-processor adds; detokenize keeps specials.
+    # Megatron's: the text alone, unless --tokenizer-hf-include-special-tokens, which adds what
+    # the tokenizer's post-processor adds (a BOS here); detokenize keeps special tokens.
     tok2 = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=with_bos)
-    ids2 = tok2.tokenize("the lazy dog")
-    assert ids2[0] == tok2.bos and ids2[1:] == tok.tokenize("the lazy dog")
-    assert tok2.detokenize(ids2) == "<s>the lazy dog"
+    assert tok2.tokenize("the lazy dog") == tok.tokenize("the lazy dog")
+    tok3 = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=with_bos,
+                           hf_include_special_tokens=True)
+    ids3 = tok3.tokenize("the lazy dog")
+    assert ids3[0] == tok3.bos and ids3[1:] == tok.tokenize("the lazy dog")
+    assert tok3.detokenize(ids3) == "<s>the lazy dog"
+    plain_with_specials = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=plain,
+                                          hf_include_special_tokens=True)
+    assert plain_with_specials.tokenize(TEXT) == ids  # no post-processor: nothing added
+
+
+def test_hf_flags_reach_the_tokenizer(hf_dirs, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(name, **kwargs):
+        calls.append(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    args = parse_args(BASE + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                              hf_dirs[1], "--tokenizer-hf-include-special-tokens",
+                              "--tokenizer-hf-use-fast", "--trust-remote-code"])
+    assert args.noop_flags_given == ["--tokenizer-hf-use-fast"]
+    tok = builders.build_tokenizer_from_args(args)
+    assert calls == [{"trust_remote_code": True}]
+    assert tok.include_special_tokens and tok.tokenize("dog")[0] == tok.bos
+    assert args.padded_vocab_size == 384
 
 
 def test_hf_unloadable_name_is_one_line(tmp_path):
@@ -282,6 +309,13 @@ def test_preprocess_hf_then_train(preprocess, tmp_path, hf_dirs):
     assert out["iterations"] == [1, 2] and all(math.isfinite(x) for x in out["lm_loss"])
     assert any(f"tokenizer HuggingFaceTokenizer: vocab {tok.vocab_size} padded to 384" in line
                for line in lines)
+    # --tokenizer-hf-include-special-tokens puts the tokenizer's BOS before each document.
+    out = preprocess.main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix",
+                           str(tmp_path / "bos"), "--append-eod", "--tokenizer-type",
+                           "HuggingFaceTokenizer", "--tokenizer-model", hf_dirs[1],
+                           "--tokenizer-hf-include-special-tokens"])
+    ds = IndexedDataset(out["text"])
+    assert ds[1].tolist() == [tok.bos, *tok.tokenize("the lazy dog"), tok.eod]
 
 
 def test_preprocess_tiktoken(preprocess, tmp_path, capsys):
