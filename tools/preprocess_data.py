@@ -10,6 +10,14 @@ Megatron-LM's tools/preprocess_data.py, trimmed to what moecore trains on:
         --output-prefix data/shakespeare --tokenizer-type CharacterTokenizer \\
         --vocab-file data/shakespeare_vocab.json --append-eod
 
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/tokenizer_dir \\
+        --append-eod --workers 8      # or a hub name; needs transformers
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type TikTokenizer --tokenizer-model vocab.json --tiktoken-pattern v2 \\
+        --append-eod
+
 A jsonl line is one document per ``--json-keys`` key; a plain text file is one document, or
 one per blank-line-separated block with ``--split-docs-on-blank-line``. For
 CharacterTokenizer a missing ``--vocab-file`` is created from the corpus's characters.
@@ -40,6 +48,7 @@ from moecore.data.tokenizers import (  # noqa: E402
     TOKENIZER_TYPES,
     CharacterTokenizer,
     build_tokenizer,
+    check_tokenizer_args,
 )
 
 
@@ -61,7 +70,24 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model file")
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="sentencepiece model file, Hugging Face tokenizer directory or hub name "
+        "(HuggingFaceTokenizer), or BPE rank file (TikTokenizer)",
+    )
+    g.add_argument(
+        "--tokenizer-hf-include-special-tokens",
+        action="store_true",
+        help="HuggingFaceTokenizer adds its own special tokens (e.g. BOS) to each document",
+    )
+    g.add_argument("--trust-remote-code", action="store_true", help="HuggingFaceTokenizer")
+    g.add_argument(
+        "--tokenizer-hf-use-fast", action="store_true", help="accepted; the fast backend is used"
+    )
+    g.add_argument("--tiktoken-pattern", default=None, choices=("v1", "v2"))
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
+    g.add_argument("--tiktoken-special-tokens", nargs="+", default=None)
     g.add_argument(
         "--vocab-file",
         default=None,
@@ -69,7 +95,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         "{output_prefix}_vocab.json) or GPT-2 encoder.json",
     )
     g.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe merges")
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocab size")
+    g.add_argument(
+        "--vocab-size", type=int, default=None, help="NullTokenizer / TikTokenizer vocab size"
+    )
     g.add_argument("--append-eod", action="store_true", help="append EOD after each document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True)
@@ -84,6 +112,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--input-format text takes one --json-keys name (it names the output)")
     if args.tokenizer_type == "CharacterTokenizer" and args.vocab_file is None:
         args.vocab_file = args.output_prefix + "_vocab.json"
+    try:
+        check_tokenizer_args(args)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -131,7 +163,16 @@ class Encoder:
     def initializer(self) -> None:
         a = self.args
         Encoder.tokenizer = build_tokenizer(
-            a.tokenizer_type, a.tokenizer_model, a.vocab_size, a.vocab_file, a.merge_file
+            a.tokenizer_type,
+            a.tokenizer_model,
+            a.vocab_size,
+            a.vocab_file,
+            a.merge_file,
+            a.tiktoken_pattern,
+            a.tiktoken_num_special_tokens,
+            a.tiktoken_special_tokens,
+            a.tokenizer_hf_include_special_tokens,
+            a.trust_remote_code,
         )
 
     def encode(self, raw: bytes) -> tuple[dict[str, tuple[list[int], list[int]]], int]:
@@ -166,10 +207,10 @@ class Progress:
             self.last = now
             frac = min(self.bytes / self.total, 1.0)
             bar = "#" * int(30 * frac)
-            mbps = self.bytes / max(now - self.start, 1e-9) / 2**20
+            elapsed = max(now - self.start, 1e-9)
             self.stream.write(
                 f"\r[{bar:<30}] {100 * frac:5.1f}% {self.docs} docs {self.tokens} tokens "
-                f"{mbps:.2f} MB/s"
+                f"{self.docs / elapsed:.1f} docs/s {self.bytes / elapsed / 2**20:.2f} MB/s"
             )
             self.stream.flush()
 
@@ -178,7 +219,7 @@ class Progress:
             elapsed = time.time() - self.start
             self.stream.write(
                 f"\rdone: {self.docs} docs, {self.tokens} tokens, {self.bytes / 2**20:.2f} MB "
-                f"in {elapsed:.1f} s{' ' * 20}\n"
+                f"in {elapsed:.1f} s ({self.docs / max(elapsed, 1e-9):.1f} docs/s){' ' * 20}\n"
             )
             self.stream.flush()
 

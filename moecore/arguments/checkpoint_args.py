@@ -32,7 +32,7 @@ PARALLEL_DESTS = (
 
 # Filled from the checkpoint only where the command line left them unset (None).
 _CHECKPOINT_DEFAULTS = ("seq_length", "tokenizer_type", "tokenizer_model", "vocab_file",
-                        "merge_file", "vocab_size")
+                        "merge_file", "vocab_size", "tiktoken_pattern", "tiktoken_special_tokens")
 
 
 def apply_checkpoint_args(args: argparse.Namespace) -> dict:

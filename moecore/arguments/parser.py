@@ -386,7 +386,26 @@ def _add_tokenizer_args(p):
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--tokenizer-type", default=None, choices=list(_MEGATRON_TOKENIZERS))
-    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--tokenizer-model", default=None,
+                   help="Sentencepiece .model (SentencePieceTokenizer, Llama2Tokenizer), local "
+                        "directory or hub name (HuggingFaceTokenizer, needs transformers), or "
+                        "BPE rank file (TikTokenizer: Megatron's .json or a .tiktoken file).")
+    g.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
+                   help="HuggingFaceTokenizer: tokenizing adds the tokenizer's own special "
+                        "tokens (e.g. a BOS before each document), as Megatron's flag.")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="HuggingFaceTokenizer: let transformers run the tokenizer code a hub "
+                        "repository ships (e.g. Kimi-K2's).")
+    _noop(g, "--tokenizer-hf-use-fast", "the fast (tokenizers) backend is used whenever the "
+          "tokenizer has one")
+    g.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"],
+                   help="TikTokenizer's pre-tokenisation regex (Megatron's v1 or v2).")
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                   help="TikTokenizer: ids 0 .. N-1 are special tokens (the BPE ranks follow).")
+    g.add_argument("--tiktoken-special-tokens", nargs="+", default=None,
+                   help="TikTokenizer's named special tokens, in id order; must include "
+                        "`<unk> <s> </s>` (the default; `</s>` is EOD); `<SPECIAL_i>` fill the "
+                        "rest.")
 
 
 def _add_moe_args(p):

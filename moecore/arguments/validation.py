@@ -14,7 +14,7 @@ from moecore.arguments.checkpoint_args import apply_checkpoint_args
 from moecore.arguments.config_flags import transformer_config_from_args
 from moecore.batch_rampup import rampup_from_args
 from moecore.config import DEFAULT_RECOMPUTE_MODULES, check_recompute_modules
-from moecore.data.tokenizers import TOKENIZER_TYPES
+from moecore.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_args
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
 from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
 
@@ -323,6 +323,8 @@ def _validate_precision_and_data(args) -> None:
     if args.tokenizer_type is None and not (args.mock_data and args.vocab_size):
         raise ValueError("pass --tokenizer-type (with --tokenizer-model/--vocab-file) or, with "
                          "--mock-data, --vocab-size")
+    if args.tokenizer_type is not None:
+        check_tokenizer_args(args)
     if args.split is None:
         args.split = "969, 30, 1"
 

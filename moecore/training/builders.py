@@ -31,7 +31,12 @@ def build_tokenizer_from_args(args):
     kind = args.tokenizer_type or "NullTokenizer"
     tokenizer = build_tokenizer(kind, tokenizer_model=args.tokenizer_model,
                                 vocab_size=args.vocab_size, vocab_file=args.vocab_file,
-                                merge_file=args.merge_file)
+                                merge_file=args.merge_file,
+                                tiktoken_pattern=args.tiktoken_pattern,
+                                tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+                                tiktoken_special_tokens=args.tiktoken_special_tokens,
+                                hf_include_special_tokens=args.tokenizer_hf_include_special_tokens,
+                                trust_remote_code=args.trust_remote_code)
     args.padded_vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     return tokenizer

@@ -83,12 +83,14 @@ class MetricWriters:
         if args.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError(
-                    f"--tensorboard-dir {args.tensorboard_dir} needs the tensorboard package "
-                    f"({e}); pip install tensorboard, or drop --tensorboard-dir") from None
-            self.tb = SummaryWriter(log_dir=args.tensorboard_dir,
-                                    max_queue=args.tensorboard_queue_size)
+            except ImportError:
+                # As Megatron: a missing optional logger must not stop a run that is set up.
+                print(f"WARNING: --tensorboard-dir {args.tensorboard_dir} is set but tensorboard "
+                      "is not installed (pip install tensorboard); not logging to TensorBoard",
+                      file=sys.stderr, flush=True)
+            else:
+                self.tb = SummaryWriter(log_dir=args.tensorboard_dir,
+                                        max_queue=args.tensorboard_queue_size)
         if args.wandb_project:
             try:
                 import wandb

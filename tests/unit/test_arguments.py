@@ -183,7 +183,7 @@ def test_noop_flags_parse_and_are_reported():
                                               "x pipeline \\(3\\)"),
     (["--moe-token-dispatcher-type", "flex", "--num-experts", "4", "--disable-bias-linear"],
      "flex"),
-    (["--tokenizer-type", "HuggingFaceTokenizer"], "HuggingFaceTokenizer is not supported"),
+    (["--tokenizer-type", "BertWordPieceCase"], "BertWordPieceCase is not supported"),
 ])
 def test_not_yet_supported_features_fail_clearly(extra, match, capsys):
     assert re.search(match, parse_error(BASE + extra, capsys))

@@ -94,7 +94,7 @@ def test_null_tokenizer():
 
 def test_unknown_type_lists_choices():
     with pytest.raises(ValueError) as err:
-        build_tokenizer("HuggingFaceTokenizer")
+        build_tokenizer("BertWordPieceCase")
     for name in TOKENIZER_TYPES:
         assert name in str(err.value)
 
