@@ -127,6 +127,15 @@ class ModelConfig:
     recompute_modules: tuple[str, ...] | None = None
     """Under 'selective' granularity: the submodules to recompute (None:
     DEFAULT_RECOMPUTE_MODULES)."""
+    mtp_num_layers: int | None = None
+    """Multi-token prediction depths ``D`` on the last pipeline stage (each one transformer
+    layer of the model's last layer's kind; see moecore.models.mtp); None: no MTP."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the MTP losses: the objective adds ``factor / D`` times the sum of the
+    depths' masked mean cross entropies."""
+    calculate_per_token_loss: bool = False
+    """The trainer's loss is the token sum over the global batch divided by its token count
+    (--calculate-per-token-loss), not a mean of micro-batch means; the MTP losses follow."""
 
     def _validate_model(self) -> None:
         if self.ffn_hidden_size is None:
@@ -159,6 +168,9 @@ class ModelConfig:
                     f"recompute_granularity='selective' (got {self.recompute_granularity!r}); "
                     "set it (--recompute-granularity selective) or drop the modules")
             self.recompute_modules = check_recompute_modules(self.recompute_modules)
+        if self.mtp_num_layers is not None and self.mtp_num_layers < 1:
+            raise ValueError(f"mtp_num_layers={self.mtp_num_layers} must be >= 1 (or None for "
+                             "no multi-token prediction)")
 
 
 @dataclass

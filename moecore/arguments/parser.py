@@ -35,7 +35,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--moe-router-padding-for-fp8": "FP8 training",
     "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
     "--delay-wgrad-compute": "delayed wgrad", "--multi-latent-attention": "MLA",
-    "--mtp-num-layers": "multi-token prediction",
     "--use-torch-fsdp2": "FSDP", "--use-megatron-fsdp": "FSDP",
     "--yaml-cfg": "YAML configs", "--spec": "custom module specs",
     "--retro-project-dir": "Retro", "--cpu-offloading-num-layers": "activation CPU offload",
@@ -116,6 +115,12 @@ def _add_network_size_args(p):
                    "(FlashAttention-2), fused (cuDNN fused attention, TE's 'fused'), unfused / "
                    "local (the math reference, any device).")
     _noop(g, "--apply-layernorm-1p", "(accepted for scripts; LayerNorm is standard here)")
+    g.add_argument("--mtp-num-layers", type=int, default=None,
+                   help="Multi-token prediction depths (DeepSeek-V3): each adds one transformer "
+                        "layer on the last pipeline stage predicting one token further ahead.")
+    g.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1,
+                   help="Weight of the MTP losses: the objective adds factor / mtp-num-layers "
+                        "times their sum; they are logged apart as 'mtp_<k> loss'.")
 
 
 def _add_regularization_args(p):

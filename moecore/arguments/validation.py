@@ -140,6 +140,12 @@ def _validate_model_shape(args) -> None:
             raise ValueError("--recompute-modules applies only under --recompute-granularity "
                              "selective; pass it, or drop --recompute-modules")
         check_recompute_modules(args.recompute_modules)
+    if args.mtp_num_layers is not None and args.mtp_num_layers < 1:
+        raise ValueError(f"--mtp-num-layers {args.mtp_num_layers} must be >= 1; omit the flag "
+                         "for no multi-token prediction")
+    if args.mtp_num_layers is not None and args.mtp_loss_scaling_factor < 0:
+        raise ValueError(f"--mtp-loss-scaling-factor {args.mtp_loss_scaling_factor} must be "
+                         ">= 0")
 
 
 def _validate_parallel(args, world_size: int) -> None:

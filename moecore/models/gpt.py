@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecore.kernels import fusion_request
+from moecore.models.mtp import MultiTokenPredictionBlock, attach_mtp_loss
 from moecore.moe import MoELayer
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import (
@@ -104,6 +105,13 @@ class GPTModel(nn.Module):
     when the last pipeline stage does not hold the embedding it keeps a copy marked
     ``shared_embedding=True``, synchronised at construction over the embedding group, whose grad
     the trainer must all-reduce over that group.
+
+    With ``config.mtp_num_layers`` the last stage also runs the multi-token prediction block
+    (:mod:`moecore.models.mtp`) when ``labels`` are given; pass the ``loss_mask [B, S]`` then
+    (None: all ones). Its losses reach the gradients through the aux-loss hook, not the returned
+    loss. The MTP depths embed the input tokens, so under pipeline parallelism the last stage
+    holds a copy of the embedding (``embedding.*``, marked ``shared_embedding=True`` on both
+    ends, synchronised like the tied head weight), as Megatron-Core does.
     """
 
     def __init__(self, config, vocab_size: int, max_sequence_length: int,
@@ -128,12 +136,18 @@ class GPTModel(nn.Module):
         self.config, self.ps = config, ps
         self.vocab_size, self.max_sequence_length = vocab_size, max_sequence_length
         self.pre_process, self.post_process = pre_process, post_process
+        self.mtp_process = post_process and bool(config.mtp_num_layers)
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
         self.position_embedding_type = position_embedding_type
         self.embedding = None
-        if pre_process:
-            self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
-                                                    position_embedding_type, ps)
+        if pre_process or self.mtp_process:
+            # The last stage's copy is overwritten by the first stage's (_sync_shared_weight):
+            # drawing it from a forked generator keeps every later weight as the one-stage
+            # model's.
+            fork = torch.random.fork_rng(devices=[], enabled=not pre_process)
+            with fork:
+                self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
+                                                        position_embedding_type, ps)
         self.rotary_pos_emb = None
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent,
@@ -142,6 +156,7 @@ class GPTModel(nn.Module):
                                         post_process=post_process, layer_offset=layer_offset,
                                         num_layers=num_layers, parallel_state=ps,
                                         moe_layer=MoELayer)
+        self.mtp = MultiTokenPredictionBlock(config, ps) if self.mtp_process else None
         self.output_layer = None
         if post_process:
             # With tied weights on a stage that holds the embedding, the head computes with the
@@ -150,36 +165,46 @@ class GPTModel(nn.Module):
                 config.hidden_size, vocab_size, config=config,
                 init_method=init_method_normal(config.init_method_std), bias=False,
                 gather_output=False, parallel_state=ps,
-                skip_weight_param_allocation=share_embeddings_and_output_weights and pre_process)
-        if share_embeddings_and_output_weights:
-            self._sync_shared_weight()
-        for weight in (self.embedding.word_embeddings.weight if pre_process else None,
+                skip_weight_param_allocation=share_embeddings_and_output_weights
+                and self.embedding is not None)
+        self._sync_shared_weight()
+        for weight in (None if self.embedding is None else self.embedding.word_embeddings.weight,
                        None if self.output_layer is None else self.output_layer.weight):
             if weight is not None:  # --decoupled-lr's parameters (Megatron's marker)
                 weight.is_embedding_or_output_parameter = True
 
     # ---- tied embeddings ----------------------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
-        if self.pre_process:
+        if self.embedding is not None:
             return self.embedding.word_embeddings.weight
         if self.post_process:
             return self.output_layer.weight
         return None
 
+    def _shared_weights(self) -> list[torch.Tensor]:
+        """The weights the first and the last pipeline stage each hold: the embedding's (both
+        ends hold it with MTP), or the tied embedding/head weight; none elsewhere."""
+        if self.config.mtp_num_layers and self.embedding is not None:
+            return list(self.embedding.parameters())
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+            return [] if weight is None else [weight]
+        return []
+
     def _sync_shared_weight(self) -> None:
-        """With pipeline stages, copy the first stage's embedding into the last stage's head by a
-        sum all-reduce over the embedding group (the head copy is zeroed first)."""
-        weight = self.shared_embedding_or_output_weight()
-        if weight is None:
-            return
-        weight.shared_embedding = True
-        if self.pre_process and self.post_process:
-            return  # one stage holds both ends: they are literally one tensor
+        """With pipeline stages, copy the first stage's shared weights into the last stage's
+        copies by a sum all-reduce over the embedding group (the copies are zeroed first)."""
+        weights = self._shared_weights()
+        for weight in weights:
+            weight.shared_embedding = True
+        if not weights or (self.pre_process and self.post_process):
+            return  # one stage holds both ends: they are literally the same tensors
         group = self.ps.group("embedding")
-        if not self.pre_process:
-            weight.data.zero_()
-        if group is not None:
-            dist.all_reduce(weight.data, group=group)
+        for weight in weights:
+            if not self.pre_process:
+                weight.data.zero_()
+            if group is not None:
+                dist.all_reduce(weight.data, group=group)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
         """Pipeline parallel: hand the previous stage's output ``[S(/tp), B, H]`` to the block."""
@@ -203,17 +228,33 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embedding(input_ids, position_ids) if self.pre_process else None
-        hidden = self.decoder(hidden, attention_mask, self._rotary(input_ids, position_ids))
+        rotary = self._rotary(input_ids, position_ids)
+        hidden = self.decoder(hidden, attention_mask, rotary)
         if not self.post_process:
             return hidden
-        weight = None
-        if self.share_embeddings_and_output_weights:
-            weight = self.shared_embedding_or_output_weight()
-        logits, _ = self.output_layer(hidden, weight=weight)  # [S, B, V/tp]
         if labels is None:
+            logits, _ = self.output_layer(hidden, weight=self._head_weight())  # [S, B, V/tp]
             return logits.transpose(0, 1).contiguous()
+        if self.mtp is not None:
+            mtp_hidden = self.mtp(input_ids, position_ids, hidden, self.embedding,
+                                  attention_mask, rotary)
+            hidden = attach_mtp_loss(hidden, mtp_hidden, labels, loss_mask, self._token_loss,
+                                     self.config.mtp_loss_scaling_factor, self.training,
+                                     self.config.calculate_per_token_loss)
+        return self._token_loss(hidden, labels)
+
+    def _head_weight(self) -> torch.Tensor | None:
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return None
+
+    def _token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Output head and cross entropy: ``hidden [S, B, H]``, ``labels [B, S]`` -> fp32
+        ``[B, S]``."""
+        logits, _ = self.output_layer(hidden, weight=self._head_weight())  # [S, B, V/tp]
         # Unconverted logits: the loss upcasts to fp32 inside (a fused kernel on CUDA reads the
         # bf16 logits once instead of materialising fp32 copies of [S, B, V/tp]).
         loss = vocab_parallel_cross_entropy(

@@ -109,7 +109,7 @@ def build_model(args, ps: ParallelState, model_provider: Callable | None = None
     device = torch.device(args.device)
     if ps.pp_size == 1:
         provider = model_provider or default_model_provider
-        return [provider(config, args, ps).to(device)]
+        return _check_mtp([provider(config, args, ps).to(device)], config, ps)
     stages = _stage_kwargs(pipeline_layout(args, ps), ps)
     if model_provider is None:
         chunks = _gpt_chunks_as_one_model(config, args, ps, stages)
@@ -122,7 +122,17 @@ def build_model(args, ps: ParallelState, model_provider: Callable | None = None
                              f"model_provider must accept the keywords {missing} (one call per "
                              "pipeline model chunk)")
         chunks = [model_provider(config, args, ps, **stage) for stage in stages]
-    return [c.to(device) for c in chunks]
+    return _check_mtp([c.to(device) for c in chunks], config, ps)
+
+
+def _check_mtp(chunks: list[nn.Module], config, ps: ParallelState) -> list[nn.Module]:
+    """With --mtp-num-layers the last stage's last chunk must hold the MTP block."""
+    if config.mtp_num_layers and ps.is_pipeline_last_stage() and \
+            getattr(chunks[-1], "mtp", None) is None:
+        raise ValueError(f"--mtp-num-layers {config.mtp_num_layers}: the model "
+                         f"({type(chunks[-1]).__name__}) has no multi-token prediction block; "
+                         "use the GPT model (no custom model_provider) or drop the flag")
+    return chunks
 
 
 def train_valid_test_num_samples(args) -> tuple[int, int, int]:

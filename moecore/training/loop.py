@@ -53,9 +53,13 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> t
 
 def model_output(model: nn.Module, batch: dict) -> torch.Tensor:
     """Per-token loss ``[B, S]`` of one micro-batch (``tokens``/``labels``/``position_ids``); on a
-    pipeline stage without the output layer, its hidden states for the next stage."""
+    pipeline stage without the output layer, its hidden states for the next stage. A model with
+    multi-token prediction (``mtp_num_layers``) also gets the ``loss_mask``."""
+    extra = {}
+    if getattr(getattr(model, "config", None), "mtp_num_layers", None):
+        extra["loss_mask"] = batch["loss_mask"]
     return model(batch["tokens"], batch.get("position_ids"), attention_mask=None,
-                 labels=batch["labels"])
+                 labels=batch["labels"], **extra)
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):

@@ -9,6 +9,7 @@ import time
 import torch
 
 from moecore.arguments import transformer_config_from_args
+from moecore.models.mtp import MTP_LOSS_NAME
 from moecore.moe.losses import MoELossTracker
 from moecore.optimizer import get_params_norm
 from moecore.training import mfu as mfu_lib
@@ -123,13 +124,18 @@ class RunState:
     def _moe_losses(self) -> dict[str, torch.Tensor]:
         """Per-name MoE losses of this iteration (0-dim device tensors): mean over MoE layers of
         the per-layer values (summed over micro-batches, so divided by their number), averaged
-        over DP ranks."""
-        if not self.moe_layers:
+        over DP ranks; and the multi-token prediction losses, one per depth (``mtp_<k> loss``,
+        Megatron's names)."""
+        if not self.moe_layers and not self.config.mtp_num_layers:
             return {}
         reduced = MoELossTracker.reduce(group=self.ps.pp_group,
                                         avg_group=self.ps.group("data_parallel_with_cp"))
         out = {}
         for name, values in reduced.items():
+            if name == MTP_LOSS_NAME:
+                for k in range(values.numel()):
+                    out[f"mtp_{k + 1} loss"] = values[k].float() / self.num_microbatches
+                continue
             layers = [i for i in self.moe_layers if i < values.numel()]
             if layers:
                 v = values[layers].float() / self.num_microbatches
@@ -208,7 +214,7 @@ class RunState:
                        zeros: list[float]) -> None:
         vals = {"lm loss": loss, "learning-rate": p["lr"],
                 "batch-size": p["global_batch_size"],  # this step's (a ramp-up varies it)
-                **{f"moe/{k}": v for k, v in moe.items()}}
+                **{k if k.startswith("mtp_") else f"moe/{k}": v for k, v in moe.items()}}
         if p["grad_norm"] is not None:
             vals["grad-norm"] = p["grad_norm"]
         if zeros:
