@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from moecore.arguments.config_flags import field_flags, name_flags_in_error
 from moecore.arguments.validation import _moe_freq_type, validate_args
 from moecore.config import (
     ATTENTION_BACKENDS,
@@ -73,6 +74,14 @@ class _Unsupported(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is a Megatron-LM flag that moecore does not support "
                      f"({UNSUPPORTED_FLAGS[option_string]}); remove it from the command line")
+
+
+class _OneOrList(argparse.Action):
+    """``nargs="+"`` that keeps Megatron's single-value form: one value is stored as itself,
+    several as a list (``--moe-router-load-balancing-type``, ``--moe-aux-loss-coeff``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
 
 
 def _noop(group, flag: str, why: str, **kw) -> None:
@@ -408,8 +417,11 @@ def _add_moe_args(p):
     g.add_argument("--moe-grouped-gemm-backend", default="auto",
                    choices=list(GROUPED_GEMM_BACKENDS), help="(moecore) grouped GEMM backend.")
     g.add_argument("--moe-layer-recompute", action="store_true")
-    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
-                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss", nargs="+",
+                   action=_OneOrList,
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+                   help="One type, or several aux loss types (e.g. seq_aux_loss "
+                   "global_aux_loss) with one --moe-aux-loss-coeff each.")
     g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
     g.add_argument("--moe-apply-probs-on-input", action="store_true",
                    help="Scale each token by its routing probability before the experts and "
@@ -430,7 +442,9 @@ def _add_moe_args(p):
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, nargs="+",
+                   action=_OneOrList,
+                   help="One coefficient per --moe-router-load-balancing-type.")
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-input-jitter-eps", type=float, default=None)
     g.add_argument("--moe-per-layer-logging", action="store_true")
@@ -557,5 +571,6 @@ def parse_args(argv: list[str] | None = None, validate: bool = True,
         try:
             validate_args(args, world_size=world_size)
         except ValueError as e:
-            parser.error(str(e))
+            # TransformerConfig's checks name fields; command-line users see the flags.
+            parser.error(name_flags_in_error(str(e), field_flags(parser)))
     return args
