@@ -55,6 +55,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
     "--rotary-seq-len-interpolation-factor": "rope interpolation",
     "--no-rope-freq": "per-layer no-rope patterns", "--sgd-momentum": "the SGD optimizer",
+    "--dist-ckpt-strictness": "lenient checkpoint loading (moecore loads strictly and stops at "
+                              "any missing or unexpected key)",
 }
 
 NOOP_FLAGS: list[str] = []  # filled by _noop(); each is accepted and changes nothing here
@@ -228,6 +230,10 @@ def _add_training_args(p):
     _noop(g, "--train-sync-interval", "no CPU/GPU sync throttling", action="store", type=int,
           default=None)
     _noop(g, "--manual-gc-interval", "see --manual-gc", action="store", type=int, default=0)
+    _noop(g, "--transformer-impl", "moecore's own modules serve every choice (no Transformer "
+          "Engine layers)", action="store", default="transformer_engine",
+          choices=["local", "transformer_engine", "inference_optimized"])
+    _noop(g, "--enable-experimental", "moecore gates no feature behind it")
 
 
 def _add_initialization_args(p):
@@ -514,6 +520,8 @@ def _add_kernel_args(p):
     g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
                    default=None, help="Fused Triton vocab-parallel cross entropy; default: on "
                    "where it runs (CUDA), --no-cross-entropy-loss-fusion for the torch path.")
+    _noop(g, "--cross-entropy-fusion-impl", "--cross-entropy-loss-fusion picks moecore's "
+          "kernel", action="store", default="native", choices=["native", "te"])
     g.add_argument("--norm-backend", default="auto", choices=list(NORM_BACKENDS),
                    help="(moecore) RMSNorm/LayerNorm kernel; auto: te, apex, triton (RMSNorm "
                    "only), torch, the first that runs.")
