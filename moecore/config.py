@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
-LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+LOAD_BALANCING_TYPES = AUX_LOSS_TYPES + ("sinkhorn", "none")
 DISPATCHER_TYPES = ("allgather", "alltoall", "ipc")
 DROP_POLICIES = ("probs", "position")
 GROUPED_GEMM_BACKENDS = ("auto", "torch", "grouped_gemm", "bmm", "loop")
@@ -185,18 +186,21 @@ class MoEConfig:
     """``softmax`` or ``sigmoid`` of the router logits ``[T, E]`` (computed in
     ``moe_router_dtype``)."""
     moe_router_pre_softmax: bool = False
-    """Softmax over all experts before the top-k (else over the k selected logits)."""
+    """Softmax over all experts before the top-k (else over the k selected logits); ignored
+    with the sigmoid score function, as in Megatron-Core."""
     moe_router_topk_scaling_factor: float | None = None
     """Multiplier of the selected probabilities; None: 1."""
     moe_router_num_groups: int | None = None
     """Group-limited routing: the experts form this many groups (None: off)."""
     moe_router_group_topk: int | None = None
     """Groups each token's experts may come from (with ``moe_router_num_groups``)."""
-    moe_router_load_balancing_type: str = "aux_loss"
+    moe_router_load_balancing_type: str | list[str] = "aux_loss"
     """``aux_loss`` (per micro-batch), ``seq_aux_loss`` (per sequence),
-    ``global_aux_loss`` (over data parallel), ``sinkhorn`` or ``none``."""
-    moe_aux_loss_coeff: float = 0.0
-    """Weight of the load-balancing loss; 0 turns it off."""
+    ``global_aux_loss`` (over data parallel), ``sinkhorn`` or ``none``; or a list of the aux
+    loss types, each weighted by its own entry of ``moe_aux_loss_coeff``."""
+    moe_aux_loss_coeff: float | list[float] = 0.0
+    """Weight of the load-balancing loss (0 turns it off); a list (one per type) when
+    ``moe_router_load_balancing_type`` is a list."""
     moe_z_loss_coeff: float | None = None
     """Weight of the router z-loss (mean squared logsumexp of the logits); None: off."""
     moe_input_jitter_eps: float | None = None
@@ -269,8 +273,7 @@ class MoEConfig:
                 f"{self.num_moe_experts}")
         _check_choice("moe_router_score_function", self.moe_router_score_function,
                       ROUTER_SCORE_FUNCTIONS)
-        _check_choice("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
-                      LOAD_BALANCING_TYPES)
+        self._validate_load_balancing()
         _check_choice("moe_token_dispatcher_type", self.moe_token_dispatcher_type,
                       DISPATCHER_TYPES)
         if not self.moe_ipc_buffer_max_mb > 0:
@@ -285,8 +288,6 @@ class MoEConfig:
         if self.moe_apply_probs_on_input and self.moe_router_topk != 1:
             raise ValueError(f"moe_apply_probs_on_input needs moe_router_topk=1 (got "
                              f"{self.moe_router_topk}): one probability scales each token")
-        if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
-            raise ValueError("moe_router_pre_softmax needs moe_router_score_function='softmax'")
         if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
             raise ValueError("set both moe_router_num_groups and moe_router_group_topk, or neither")
         if self.moe_router_num_groups is not None:
@@ -308,6 +309,24 @@ class MoEConfig:
         if self.moe_router_load_balancing_type == "sinkhorn" and self.moe_router_topk != 1 \
                 and self.moe_router_score_function != "softmax":
             raise ValueError("sinkhorn load balancing needs the softmax score function")
+
+    def _validate_load_balancing(self) -> None:
+        types, coeffs = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
+        if not isinstance(types, (list, tuple)):
+            _check_choice("moe_router_load_balancing_type", types, LOAD_BALANCING_TYPES)
+            if isinstance(coeffs, (list, tuple)):
+                raise ValueError(f"moe_aux_loss_coeff has {len(coeffs)} values but "
+                                 "moe_router_load_balancing_type names one type; give one of each")
+            return
+        for name in types:
+            _check_choice("moe_router_load_balancing_type", name, AUX_LOSS_TYPES + ("none",))
+        if len(set(types)) != len(types):
+            raise ValueError(f"moe_router_load_balancing_type={list(types)} repeats a type")
+        n = len(coeffs) if isinstance(coeffs, (list, tuple)) else 1
+        if n != len(types):
+            raise ValueError(f"moe_router_load_balancing_type has {len(types)} types but "
+                             f"moe_aux_loss_coeff has {n} value{'s' if n > 1 else ''}; give "
+                             "one coefficient per type")
 
 
 @dataclass

@@ -12,6 +12,7 @@ field is none of these. Negative flags need no entry when their ``dest`` is the 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -77,6 +78,48 @@ def config_flag_problems(dests: set[str]) -> list[str]:
     problems += [f"LIBRARY_ONLY_FIELDS: {name} gives no reason"
                  for name, why in LIBRARY_ONLY_FIELDS.items() if not why.strip()]
     return problems
+
+
+def field_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
+    """``field -> (flag, takes_value)`` for the config fields a flag names directly: flags
+    that take values and ``store_true`` switches (inverted, ``store_false`` and derived
+    fields keep their field names, whose sense the flag would flip)."""
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings}
+    out = {}
+    for f in fields(TransformerConfig):
+        dest = flag_dest(f.name)
+        action = by_dest.get(dest)
+        if action is None or dest in INVERTED_FLAGS:
+            continue
+        if action.nargs == 0 and action.const is not True:
+            continue
+        flag = next((o for o in action.option_strings if o.startswith("--")),
+                    action.option_strings[0])
+        out[f.name] = (flag, action.nargs != 0)
+    return out
+
+
+def name_flags_in_error(message: str, flags: dict[str, tuple[str, bool]]) -> str:
+    """``message`` (a :class:`TransformerConfig` ``ValueError``) with each field written as
+    the flag that sets it, for command-line users: ``moe_router_topk=3`` -> ``--moe-router-topk
+    3``, ``num_moe_experts`` -> ``--num-experts``, ``moe_router_pre_softmax=True`` ->
+    ``--moe-router-pre-softmax``. ``flags``: :func:`field_flags` of the parser."""
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w-])({names})(?![\w-])(?:=('[^']*'|[^\s,;)]+))?")
+
+    def flag_for(m: re.Match) -> str:
+        flag, takes_value = flags[m.group(1)]
+        value = m.group(2)
+        if value is None:
+            return flag
+        if takes_value:
+            return f"{flag} {value.strip(chr(39))}"
+        return flag if value == "True" else m.group(0)
+
+    named = pattern.sub(flag_for, message)
+    return re.sub(r"(--[\w-]+) \(\1\)", r"\1", named)  # "field (--flag)" said it twice
 
 
 def _activation(args: argparse.Namespace) -> Callable:

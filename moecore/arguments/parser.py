@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from moecore.arguments.config_flags import field_flags, name_flags_in_error
 from moecore.arguments.validation import _moe_freq_type, validate_args
 from moecore.config import (
     ATTENTION_BACKENDS,
@@ -53,6 +54,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--use-rope-scaling": "llama3 rope scaling", "--rotary-interleaved": "interleaved rope",
     "--rotary-seq-len-interpolation-factor": "rope interpolation",
     "--no-rope-freq": "per-layer no-rope patterns", "--sgd-momentum": "the SGD optimizer",
+    "--dist-ckpt-strictness": "lenient checkpoint loading (moecore loads strictly and stops at "
+                              "any missing or unexpected key)",
 }
 
 NOOP_FLAGS: list[str] = []  # filled by _noop(); each is accepted and changes nothing here
@@ -72,6 +75,14 @@ class _Unsupported(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is a Megatron-LM flag that moecore does not support "
                      f"({UNSUPPORTED_FLAGS[option_string]}); remove it from the command line")
+
+
+class _OneOrList(argparse.Action):
+    """``nargs="+"`` that keeps Megatron's single-value form: one value is stored as itself,
+    several as a list (``--moe-router-load-balancing-type``, ``--moe-aux-loss-coeff``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
 
 
 def _noop(group, flag: str, why: str, **kw) -> None:
@@ -224,6 +235,10 @@ def _add_training_args(p):
     _noop(g, "--train-sync-interval", "no CPU/GPU sync throttling", action="store", type=int,
           default=None)
     _noop(g, "--manual-gc-interval", "see --manual-gc", action="store", type=int, default=0)
+    _noop(g, "--transformer-impl", "moecore's own modules serve every choice (no Transformer "
+          "Engine layers)", action="store", default="transformer_engine",
+          choices=["local", "transformer_engine", "inference_optimized"])
+    _noop(g, "--enable-experimental", "moecore gates no feature behind it")
 
 
 def _add_initialization_args(p):
@@ -432,8 +447,11 @@ def _add_moe_args(p):
     g.add_argument("--moe-grouped-gemm-backend", default="auto",
                    choices=list(GROUPED_GEMM_BACKENDS), help="(moecore) grouped GEMM backend.")
     g.add_argument("--moe-layer-recompute", action="store_true")
-    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
-                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss", nargs="+",
+                   action=_OneOrList,
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+                   help="One type, or several aux loss types (e.g. seq_aux_loss "
+                   "global_aux_loss) with one --moe-aux-loss-coeff each.")
     g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
     g.add_argument("--moe-apply-probs-on-input", action="store_true",
                    help="Scale each token by its routing probability before the experts and "
@@ -454,7 +472,9 @@ def _add_moe_args(p):
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, nargs="+",
+                   action=_OneOrList,
+                   help="One coefficient per --moe-router-load-balancing-type.")
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-input-jitter-eps", type=float, default=None)
     g.add_argument("--moe-per-layer-logging", action="store_true")
@@ -524,6 +544,8 @@ def _add_kernel_args(p):
     g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
                    default=None, help="Fused Triton vocab-parallel cross entropy; default: on "
                    "where it runs (CUDA), --no-cross-entropy-loss-fusion for the torch path.")
+    _noop(g, "--cross-entropy-fusion-impl", "--cross-entropy-loss-fusion picks moecore's "
+          "kernel", action="store", default="native", choices=["native", "te"])
     g.add_argument("--norm-backend", default="auto", choices=list(NORM_BACKENDS),
                    help="(moecore) RMSNorm/LayerNorm kernel; auto: te, apex, triton (RMSNorm "
                    "only), torch, the first that runs.")
@@ -581,5 +603,6 @@ def parse_args(argv: list[str] | None = None, validate: bool = True,
         try:
             validate_args(args, world_size=world_size)
         except ValueError as e:
-            parser.error(str(e))
+            # TransformerConfig's checks name fields; command-line users see the flags.
+            parser.error(name_flags_in_error(str(e), field_flags(parser)))
     return args

@@ -377,6 +377,12 @@ def _validate_precision_aware_optimizer(args) -> None:
                              "moments here); use bf16 or fp32")
 
 
+def _balancing_types(args) -> list[str]:
+    """``--moe-router-load-balancing-type`` as a list (one type or several)."""
+    types = args.moe_router_load_balancing_type
+    return list(types) if isinstance(types, (list, tuple)) else [types]
+
+
 def _validate_cuda_graph(args) -> None:
     """``--enable-cuda-graph`` / ``--cuda-graph-impl``: only ``local`` with the
     ``full_iteration`` scope (``moecore.training.cuda_graph``), and only for configurations
@@ -425,12 +431,12 @@ def _validate_cuda_graph(args) -> None:
             args.num_experts is not None and args.moe_expert_capacity_factor is not None,
             "token dropping sizes its buffers on the host; use dropless routing"),
         "--moe-router-load-balancing-type global_aux_loss and data parallelism": (
-            args.num_experts is not None and args.moe_router_load_balancing_type ==
-            "global_aux_loss" and args.data_parallel_size > 1,
+            args.num_experts is not None and "global_aux_loss" in _balancing_types(args)
+            and args.data_parallel_size > 1,
             "it all-reduces the token counts over data parallel inside the forward; use "
             "aux_loss or seq_aux_loss"),
         "--moe-router-load-balancing-type sinkhorn": (
-            args.num_experts is not None and args.moe_router_load_balancing_type == "sinkhorn",
+            args.num_experts is not None and "sinkhorn" in _balancing_types(args),
             "Sinkhorn iterates until a host-side convergence test"),
         "MoE without --moe-grouped-gemm": (
             args.num_experts is not None and not args.moe_grouped_gemm,

@@ -15,6 +15,27 @@ import torch.distributed as dist
 
 from moecore.collectives import all_reduce_inplace, group_size
 
+# Megatron-Core's names of the logged balance losses, in the order it applies them.
+LOAD_BALANCING_LOSS_NAMES = {"aux_loss": "load_balancing_loss",
+                             "seq_aux_loss": "seq_load_balancing_loss",
+                             "global_aux_loss": "global_load_balancing_loss"}
+
+
+def aux_loss_coeffs(load_balancing_type, aux_loss_coeff) -> dict[str, float]:
+    """``{type: coefficient}`` of the balance losses that are on (coefficient > 0), in
+    :data:`LOAD_BALANCING_LOSS_NAMES` order.
+
+    ``load_balancing_type`` is one type or a list of them; ``aux_loss_coeff`` one value, or a
+    list with one value per type (Megatron-Core's ``get_aux_loss_coeff``). ``sinkhorn`` and
+    ``none`` have no balance loss.
+    """
+    types = (list(load_balancing_type) if isinstance(load_balancing_type, (list, tuple))
+             else [load_balancing_type])
+    coeffs = (list(aux_loss_coeff) if isinstance(aux_loss_coeff, (list, tuple))
+              else [aux_loss_coeff] * len(types))
+    given = {t: float(c or 0.0) for t, c in zip(types, coeffs)}
+    return {t: given[t] for t in LOAD_BALANCING_LOSS_NAMES if given.get(t, 0.0) > 0}
+
 
 def switch_load_balancing_loss_func(probs: torch.Tensor, tokens_per_expert: torch.Tensor,
                                     total_num_tokens: int, topk: int, num_experts: int,

@@ -3,8 +3,12 @@
 ``TopKRouter(hidden [S, B, H]) -> (probs [T, E], routing_map [T, E] bool)``, ``T = S * B``:
 logits (fp32) -> z-loss -> softmax/sigmoid scores -> (group-limited) top-k, optionally biased
 by the aux-loss-free expert bias, or Sinkhorn (S-BASE) -> capacity dropping -> load-balancing
-loss. Losses reach the router weight through :class:`MoEAuxLossAutoScaler` attached to
-``probs``; callers never add them to the main loss.
+losses (one per type of ``moe_router_load_balancing_type``, each with its own coefficient and
+logged under Megatron-Core's name: ``load_balancing_loss``, ``seq_load_balancing_loss``,
+``global_load_balancing_loss``). As in Megatron-Core, the balance losses count the plain top-k
+of the unbiased, ungrouped scores (DeepSeek-V3's ``f_i``), not the biased/grouped selection.
+Losses reach the router weight through :class:`MoEAuxLossAutoScaler` attached to ``probs``;
+callers never add them to the main loss.
 
 Sharded tokens: under sequence parallel (TP > 1) or context parallel each rank routes only its
 slice of the micro-batch. Expert counts are summed over the *shard group*
@@ -32,18 +36,16 @@ from moecore.kernels.router import (
 from moecore.kernels.router_gating import gating_fusable, gating_torch, select_gating
 from moecore.moe.capacity import apply_token_drop, get_capacity
 from moecore.moe.losses import (
+    LOAD_BALANCING_LOSS_NAMES,
     MoEAuxLossAutoScaler,
     MoELossTracker,
+    aux_loss_coeffs,
     sequence_load_balancing_loss_func,
     switch_load_balancing_loss_func,
     z_loss_func,
 )
 from moecore.moe.sinkhorn import sinkhorn
 from moecore.parallel_state import ParallelState, get_parallel_state
-
-AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
-
-
 
 
 def sinkhorn_routing(logits: torch.Tensor, topk: int, training: bool):
@@ -102,7 +104,7 @@ class TopKRouter(nn.Module):
         ``moe_pad_expert_input_to_capacity``. ``routing_map`` never contains padding.
       * ``last_stats``: ``tokens_per_expert`` [E] (summed over the shard group, before
         dropping), ``dropped_tokens`` (int64 scalar, same group), and this rank's share of
-        ``load_balancing_loss`` / ``z_loss`` without their coefficients (as logged).
+        each balance loss (by its logged name) / ``z_loss`` without their coefficients.
     Loss values also go to :class:`MoELossTracker` when ``layer_number`` is set.
 
     Buffers with ``moe_router_enable_expert_bias``: ``expert_bias`` [E] fp32 (added to the
@@ -194,14 +196,16 @@ class TopKRouter(nn.Module):
             probs, routing_map = sinkhorn_routing(logits, self.topk, self.training)
             return RouterOutput(probs, routing_map, routing_map.sum(0, dtype=torch.int32), None)
         bias = None if self.expert_bias is None else self.expert_bias.detach()
+        # Megatron-Core reads moe_router_pre_softmax in its softmax branch only.
+        pre_softmax = cfg.moe_router_pre_softmax and cfg.moe_router_score_function == "softmax"
         if backend is not None:
             return backend.fn(logits, self.topk, score_function=cfg.moe_router_score_function,
-                              use_pre_softmax=cfg.moe_router_pre_softmax,
+                              use_pre_softmax=pre_softmax,
                               scaling_factor=cfg.moe_router_topk_scaling_factor,
                               expert_bias=bias, need_aux_scores=need_aux_scores)
         probs, routing_map = topk_routing_with_score_function(
             logits, self.topk, score_function=cfg.moe_router_score_function,
-            use_pre_softmax=cfg.moe_router_pre_softmax, num_groups=cfg.moe_router_num_groups,
+            use_pre_softmax=pre_softmax, num_groups=cfg.moe_router_num_groups,
             group_topk=cfg.moe_router_group_topk,
             scaling_factor=cfg.moe_router_topk_scaling_factor, expert_bias=bias)
         aux = (scores_for_aux_loss(logits, cfg.moe_router_score_function)
@@ -241,7 +245,8 @@ class TopKRouter(nn.Module):
         if self.config.moe_router_force_load_balancing:
             logits = _RandomLogits.apply(logits)
         attach = self.training and torch.is_grad_enabled()
-        routed = self._route(logits, need_aux_scores=attach and self._aux_coeff() > 0)
+        coeffs = self._aux_coeffs() if attach else {}
+        routed = self._route(logits, need_aux_scores=bool(coeffs))
         probs, routing_map = routed.probs, routed.routing_map
         map_before_drop = routing_map
         if self.config.moe_expert_capacity_factor is not None:
@@ -251,13 +256,13 @@ class TopKRouter(nn.Module):
                                                   self.config.moe_token_drop_policy)
         else:
             self.last_capacity = None
-        stats = self._count_tokens(map_before_drop, routing_map, batch,
-                                   per_sequence=attach and self._aux_coeff() > 0
-                                   and self.routing_type == "seq_aux_loss",
+        aux_map = self._aux_routing_map(routed.aux_scores, map_before_drop) if coeffs else None
+        stats = self._count_tokens(map_before_drop, routing_map, batch, aux_map=aux_map,
+                                   per_sequence="seq_aux_loss" in coeffs,
                                    local=routed.tokens_per_expert.float())
         if attach:
             stats["aux_scores"] = routed.aux_scores
-            probs = self._attach_losses(probs, logits, map_before_drop, stats, seq_len, batch)
+            probs = self._attach_losses(probs, logits, coeffs, stats, seq_len, batch)
             if self.local_tokens_per_expert is not None:
                 # Not in eval or no-grad recompute passes: count each trained token once.
                 self.local_tokens_per_expert += routing_map.sum(dim=0).float()
@@ -265,18 +270,30 @@ class TopKRouter(nn.Module):
                            "dropped_tokens": stats["dropped_tokens"], **stats["losses"]}
         return probs, routing_map
 
-    def _aux_coeff(self) -> float:
-        if self.routing_type not in AUX_LOSS_TYPES:
-            return 0.0
-        return float(self.config.moe_aux_loss_coeff or 0.0)
+    def _aux_coeffs(self) -> dict[str, float]:
+        """``{load-balancing type: coefficient}`` of the balance losses that are on."""
+        return aux_loss_coeffs(self.routing_type, self.config.moe_aux_loss_coeff)
+
+    def _aux_routing_map(self, aux_scores: torch.Tensor, map_before: torch.Tensor):
+        """``[T, E]`` bool: the assignments the balance losses count, the plain top-k of the
+        unbiased scores (Megatron-Core's ``compute_routing_scores_for_aux_loss``). Without
+        expert bias or group-limited routing that is the routing itself (before dropping)."""
+        if self.expert_bias is None and not self.config.moe_router_num_groups:
+            return map_before
+        idx = torch.topk(aux_scores.detach(), k=self.topk, dim=1)[1]
+        return torch.zeros_like(map_before).scatter(1, idx, True)
 
     def _count_tokens(self, map_before: torch.Tensor, map_after: torch.Tensor, batch: int,
-                      per_sequence: bool, local: torch.Tensor | None = None) -> dict:
+                      per_sequence: bool, local: torch.Tensor | None = None,
+                      aux_map: torch.Tensor | None = None) -> dict:
         """Expert counts summed over the shard group, in one all-reduce.
 
         ``local``: this rank's counts [E] fp32 when the router has them (else summed here).
+        ``aux_map``: the assignments the balance losses count, when not ``map_before``.
         Returns ``local`` [E] (this rank, before dropping), ``tokens_per_expert`` [E],
-        ``dropped_tokens`` (int64 scalar), ``per_sequence`` [B, E] or None, ``losses`` {}.
+        ``aux_local`` / ``aux_tokens_per_expert`` [E] (the same of ``aux_map``),
+        ``dropped_tokens`` (int64 scalar), ``per_sequence`` [B, E] of ``aux_map`` or None,
+        ``losses`` {}.
         """
         e = self.num_experts
         if local is None:
@@ -286,12 +303,19 @@ class TopKRouter(nn.Module):
         else:
             dropped = (map_before.sum() - map_after.sum()).float().reshape(1)
         parts = [local, dropped]
+        separate = aux_map is not None and aux_map is not map_before
+        if separate:
+            parts.append(aux_map.sum(dim=0).float())
         if per_sequence:
-            parts.append(map_before.view(-1, batch, e).sum(dim=0).float().reshape(-1))
+            counted = map_before if aux_map is None else aux_map
+            parts.append(counted.view(-1, batch, e).sum(dim=0).float().reshape(-1))
         buf = all_reduce_inplace(torch.cat(parts), self.shard_group)
+        seq_at = e + 1 + (e if separate else 0)
         return {"local": local, "tokens_per_expert": buf[:e],
+                "aux_local": parts[2] if separate else local,
+                "aux_tokens_per_expert": buf[e + 1:seq_at] if separate else buf[:e],
                 "dropped_tokens": buf[e].round().long(),
-                "per_sequence": buf[e + 1:].view(batch, e) if per_sequence else None,
+                "per_sequence": buf[seq_at:].view(batch, e) if per_sequence else None,
                 "losses": {}}
 
     def _record(self, stats: dict, name: str, logged: torch.Tensor, avg_group=None) -> None:
@@ -302,47 +326,48 @@ class TopKRouter(nn.Module):
                                 num_layers=self.config.num_layers,
                                 reduce_group=self.shard_group, avg_group=avg_group)
 
-    def _balance_loss(self, logits: torch.Tensor, stats: dict, seq_len: int, batch: int):
-        """This rank's share of the load-balancing loss (with its coefficient)."""
-        coeff, k, e = self._aux_coeff(), self.topk, self.num_experts
+    def _balance_loss(self, kind: str, coeff: float, logits: torch.Tensor, stats: dict,
+                      seq_len: int, batch: int):
+        """This rank's share of the ``kind`` load-balancing loss (times ``coeff``)."""
+        k, e = self.topk, self.num_experts
         scores = stats.get("aux_scores")
         if scores is None:
             scores = scores_for_aux_loss(logits, self.config.moe_router_score_function)
+            stats["aux_scores"] = scores
         t_shard = logits.shape[0] * self.shard_size
-        if self.routing_type == "aux_loss":
-            return switch_load_balancing_loss_func(scores, stats["tokens_per_expert"], t_shard,
-                                                   k, e, coeff)
-        if self.routing_type == "seq_aux_loss":
+        if kind == "aux_loss":
+            return switch_load_balancing_loss_func(scores, stats["aux_tokens_per_expert"],
+                                                   t_shard, k, e, coeff)
+        if kind == "seq_aux_loss":
             return sequence_load_balancing_loss_func(scores, stats["per_sequence"],
                                                      seq_len * self.shard_size, batch, k, e,
                                                      coeff)
         ps = self.parallel_state
-        kind = "tensor_and_data_parallel_with_cp"
-        counts = all_reduce_inplace(stats["local"].clone(), ps.group(kind))
-        t_global = logits.shape[0] * ps.world_size_of(kind)
+        dp_kind = "tensor_and_data_parallel_with_cp"
+        counts = all_reduce_inplace(stats["aux_local"].clone(), ps.group(dp_kind))
+        t_global = logits.shape[0] * ps.world_size_of(dp_kind)
         # f_e over every data-parallel replica, P_e over this micro-batch: the switch loss
         # divides by t_global**2, the micro-batch share needs t_global * t_shard. Averaged over
         # data parallel (as the gradients are), the loss is the global-batch balance loss.
         loss = switch_load_balancing_loss_func(scores, counts, t_global, k, e, coeff)
         return loss * (t_global / t_shard)
 
-    def _attach_losses(self, probs: torch.Tensor, logits: torch.Tensor,
-                       map_before: torch.Tensor, stats: dict, seq_len: int,
-                       batch: int) -> torch.Tensor:
-        """Attach z-loss and balance loss to ``probs`` (autograd) and record them."""
+    def _attach_losses(self, probs: torch.Tensor, logits: torch.Tensor, coeffs: dict,
+                       stats: dict, seq_len: int, batch: int) -> torch.Tensor:
+        """Attach z-loss and each balance loss of ``coeffs`` ({type: coefficient}) to
+        ``probs`` (autograd, one hook each, as Megatron-Core) and record them."""
         z_coeff = self.config.moe_z_loss_coeff
         if z_coeff:
             # Each shard's mean over its tokens / shard_size: the shares sum to the full mean.
             z = z_loss_func(logits, z_coeff / self.shard_size)
             probs = MoEAuxLossAutoScaler.apply(probs, z)
             self._record(stats, "z_loss", z / z_coeff)
-        coeff = self._aux_coeff()
-        if coeff > 0:
-            loss = self._balance_loss(logits, stats, seq_len, batch)
+        for kind, coeff in coeffs.items():
+            loss = self._balance_loss(kind, coeff, logits, stats, seq_len, batch)
             probs = MoEAuxLossAutoScaler.apply(probs, loss)
             avg = (self.parallel_state.group("data_parallel")
-                   if self.routing_type == "global_aux_loss" else None)
-            self._record(stats, "load_balancing_loss", loss / coeff, avg_group=avg)
+                   if kind == "global_aux_loss" else None)
+            self._record(stats, LOAD_BALANCING_LOSS_NAMES[kind], loss / coeff, avg_group=avg)
         return probs
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from moecore.config import TransformerConfig
-from moecore.moe.losses import MoELossTracker
+from moecore.moe.losses import LOAD_BALANCING_LOSS_NAMES, MoELossTracker
 from moecore.moe.router import TopKRouter, update_expert_bias
 from moecore.parallel_state import ParallelSizes, ParallelState
 from tests.dist_harness import run_distributed
@@ -22,6 +22,13 @@ VARIANTS = [
          moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.0),
     # Dropping is per rank, so only the losses (taken before dropping) must match.
     dict(moe_router_load_balancing_type="aux_loss", moe_expert_capacity_factor=0.5),
+    # DeepSeek-V3 style: two balance losses with their own coefficients, sigmoid with the
+    # (ignored) pre-softmax flag, groups and expert bias.
+    dict(moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
+         moe_aux_loss_coeff=[0.1, 0.05], moe_router_score_function="sigmoid",
+         moe_router_pre_softmax=True, moe_router_num_groups=4, moe_router_group_topk=2,
+         moe_router_topk=3, moe_router_enable_expert_bias=True,
+         moe_router_topk_scaling_factor=2.5),
 ]
 
 
@@ -76,12 +83,15 @@ def _check_tp2_sp(rank, ps, over):
     probs, _ = _run(router, x[local], upstream[local].reshape(-1, E))
     vals = MoELossTracker.reduce()  # sums each layer's shares over the TP (shard) group
     tag = str(over)
-    assert set(vals) == {"load_balancing_loss", "z_loss"}, tag
+    types = over["moe_router_load_balancing_type"]
+    names = {LOAD_BALANCING_LOSS_NAMES[t] for t in ([types] if isinstance(types, str) else types)}
+    assert set(vals) == names | {"z_loss"}, tag
     for name, want in ref_vals.items():
         assert _rel(vals[name], want) < TOL, (name, vals[name], want, tag)
     # Per-rank shares add up to the reference too (what the trainer logs per layer).
-    share = _sum(router.last_stats["load_balancing_loss"].clone(), ps.tp_group)
-    assert _rel(share, ref.last_stats["load_balancing_loss"]) < TOL, tag
+    for name in sorted(names):  # the same all-reduce order on every rank
+        share = _sum(router.last_stats[name].clone(), ps.tp_group)
+        assert _rel(share, ref.last_stats[name]) < TOL, (name, tag)
     assert torch.equal(router.last_stats["tokens_per_expert"],
                        ref.last_stats["tokens_per_expert"]), tag
     if not dropping:
@@ -109,7 +119,7 @@ def _check_dp2_global(rank, ps):
     ref_val = MoELossTracker.values()["load_balancing_loss"]
     _run(router, xs[rank], zero)
     vals = MoELossTracker.reduce()  # averages over data parallel for the global loss
-    assert _rel(vals["load_balancing_loss"], ref_val) < TOL, (vals, ref_val)
+    assert _rel(vals["global_load_balancing_loss"], ref_val) < TOL, (vals, ref_val)
     grad = _sum(router.weight.grad.clone(), ps.dp_group) / 2  # the DP gradient mean
     assert _rel(grad, ref.weight.grad) < TOL, _rel(grad, ref.weight.grad)
 

@@ -335,3 +335,52 @@ def test_moe_layer_freq_length_must_match_layers(capsys):
     assert "--moe-layer-freq pattern has 3 entries but --num-layers is 2" in err
     err = parse_error(BASE + ["--moe-layer-freq", "[1]*(3)+x"], capsys)
     assert "argument --moe-layer-freq" in err
+
+
+MOE = ["--num-experts", "4", "--disable-bias-linear"]
+
+
+def test_load_balancing_types_and_coefficients_take_lists(capsys):
+    args = parse_args(BASE + MOE + ["--moe-router-load-balancing-type", "seq_aux_loss",
+                                    "global_aux_loss", "--moe-aux-loss-coeff", "1e-4", "1e-3"])
+    assert args.moe_router_load_balancing_type == ["seq_aux_loss", "global_aux_loss"]
+    assert args.moe_aux_loss_coeff == [1e-4, 1e-3]
+    cfg = transformer_config_from_args(args)
+    assert cfg.moe_router_load_balancing_type == ["seq_aux_loss", "global_aux_loss"]
+    # One value keeps Megatron's scalar form (saved args and configs as before).
+    args = parse_args(BASE + MOE + ["--moe-router-load-balancing-type", "seq_aux_loss",
+                                    "--moe-aux-loss-coeff", "1e-4"])
+    assert args.moe_router_load_balancing_type == "seq_aux_loss"
+    assert args.moe_aux_loss_coeff == 1e-4
+    err = parse_error(BASE + MOE + ["--moe-router-load-balancing-type", "seq_aux_loss",
+                                    "global_aux_loss", "--moe-aux-loss-coeff", "1e-4"], capsys)
+    line = err.strip().splitlines()[-1]
+    assert "--moe-router-load-balancing-type has 2 types but --moe-aux-loss-coeff has 1 " \
+           "value; give one coefficient per type" in line
+    err = parse_error(BASE + MOE + ["--moe-router-load-balancing-type", "aux_loss", "bogus"],
+                      capsys)
+    assert "argument --moe-router-load-balancing-type: invalid choice: 'bogus'" in err
+
+
+def test_pre_softmax_is_accepted_with_sigmoid():
+    args = parse_args(BASE + MOE + ["--moe-router-score-function", "sigmoid",
+                                    "--moe-router-pre-softmax"])
+    cfg = transformer_config_from_args(args)
+    assert cfg.moe_router_pre_softmax and cfg.moe_router_score_function == "sigmoid"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--moe-router-topk", "5"], "--moe-router-topk 5 must be between 1 and --num-experts 4"),
+    (["--moe-router-num-groups", "3", "--moe-router-group-topk", "1"],
+     "--num-experts 4 must be divisible by --moe-router-num-groups 3"),
+    (["--moe-router-num-groups", "2"],
+     "set both --moe-router-num-groups and --moe-router-group-topk, or neither"),
+    (["--moe-shared-expert-overlap"], "--moe-shared-expert-overlap needs shared experts: set "
+     "--moe-shared-expert-intermediate-size or drop --moe-shared-expert-overlap"),
+    (["--moe-token-drop-policy", "position", "--moe-pad-expert-input-to-capacity"],
+     "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
+])
+def test_config_errors_name_flags(extra, message, capsys):
+    """TransformerConfig's checks name fields; parse_args shows command-line users the flags."""
+    err = parse_error(BASE + MOE + extra, capsys).strip().splitlines()[-1]
+    assert err.endswith("error: " + message), err

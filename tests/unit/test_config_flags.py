@@ -15,7 +15,9 @@ from moecore.arguments.config_flags import (
     INVERTED_FLAGS,
     LIBRARY_ONLY_FIELDS,
     config_flag_problems,
+    field_flags,
     flag_dest,
+    name_flags_in_error,
 )
 from moecore.checkpointing import CheckpointConfig
 from moecore.config import TransformerConfig
@@ -77,3 +79,18 @@ def test_typed_configs_take_the_flags():
     assert (ckpt.save, ckpt.no_save_optim, ckpt.no_save_rng, ckpt.async_save) == \
         ("/tmp/x", True, False, True)
     assert ckpt.run_args["adam_beta2"] == 0.95
+
+
+def test_config_errors_are_rewritten_with_flags():
+    flags = field_flags(build_parser())
+    assert flags["num_moe_experts"] == ("--num-experts", True)
+    assert flags["moe_router_pre_softmax"] == ("--moe-router-pre-softmax", False)
+    assert "share_embeddings_and_output_weights" not in flags  # inverted: the sense would flip
+    assert "add_bias_linear" not in flags  # store_false (--disable-bias-linear)
+    msg = ("moe_router_topk=3 must be between 1 and num_moe_experts=2; "
+           "moe_router_score_function='sigmoid', moe_router_pre_softmax=True, "
+           "moe_router_topk_scaling_factor, add_bias_linear=True, --bf16 and bf16")
+    assert name_flags_in_error(msg, flags) == (
+        "--moe-router-topk 3 must be between 1 and --num-experts 2; "
+        "--moe-router-score-function sigmoid, --moe-router-pre-softmax, "
+        "--moe-router-topk-scaling-factor, add_bias_linear=True, --bf16 and --bf16")

@@ -6,6 +6,7 @@ import torch
 
 from moecore.config import TransformerConfig
 from moecore.moe.losses import (
+    LOAD_BALANCING_LOSS_NAMES,
     MoEAuxLossAutoScaler,
     MoELossTracker,
     sequence_load_balancing_loss_func,
@@ -80,10 +81,23 @@ def test_router_records_hand_values(kind, value):
     want = torch.where(ROUTED, P, 0.0) / torch.where(ROUTED, P, 0.0).sum(1, keepdim=True)
     torch.testing.assert_close(probs.detach(), want, rtol=1e-6, atol=1e-7)
     vals = MoELossTracker.values()
-    assert vals["load_balancing_loss"].tolist() == pytest.approx([value, 0.0], rel=1e-6)
+    name = LOAD_BALANCING_LOSS_NAMES[kind]  # Megatron-Core's name for each type
+    assert set(vals) == {name, "z_loss"}
+    assert vals[name].tolist() == pytest.approx([value, 0.0], rel=1e-6)
     assert vals["z_loss"].tolist() == pytest.approx([Z, 0.0], rel=1e-6)
-    assert router.last_stats["load_balancing_loss"].item() == pytest.approx(value, rel=1e-6)
+    assert router.last_stats[name].item() == pytest.approx(value, rel=1e-6)
     assert router.last_stats["tokens_per_expert"].tolist() == [3, 1, 2, 2]
+    MoELossTracker.clear()
+
+
+def test_balance_losses_count_the_unbiased_top_k():
+    """Expert bias moves the selection, not the balance loss (Megatron-Core, DeepSeek-V3)."""
+    MoELossTracker.clear()
+    router = _identity_router(moe_router_enable_expert_bias=True)
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    _, routing_map = router(_hand_input())
+    assert routing_map[:, 3].all() and not torch.equal(routing_map, ROUTED)
+    assert router.last_stats["load_balancing_loss"].item() == pytest.approx(AUX, rel=1e-6)
     MoELossTracker.clear()
 
 
@@ -128,6 +142,60 @@ def test_gradients_reach_router_weight_through_hook(kind):
     w2 = router.weight.detach().clone().requires_grad_(True)
     (_explicit_losses(x, w2, cfg, kind, 5, 3)[0] * upstream).sum().backward()
     assert (w2.grad - w.grad).norm() > 1e-3 * w.grad.norm()
+
+
+def _weight_grad(cfg, x, upstream):
+    torch.manual_seed(3)
+    router = TopKRouter(cfg, layer_number=1, parallel_state=ParallelState.single())
+    probs, _ = router(x)
+    (probs * upstream).sum().backward()
+    return probs.detach(), router.weight.grad, router.last_stats
+
+
+@pytest.mark.parametrize("types,coeffs", [(["seq_aux_loss", "global_aux_loss"], [0.1, 0.3]),
+                                          (["aux_loss", "seq_aux_loss", "global_aux_loss"],
+                                           [0.2, 0.05, 0.4])])
+def test_listed_types_add_their_losses_each_with_its_coefficient(types, coeffs):
+    """The combined loss is the sum of each type's loss times its own coefficient: the
+    router-weight gradient equals the routing gradient plus each single-type router's
+    balance-loss gradient, and each loss is logged under its own name with its own value."""
+    x, upstream = torch.randn(5, 3, 8), torch.randn(15, 6)
+    base = dict(hidden_size=8, num_moe_experts=6, init_method_std=0.5, moe_z_loss_coeff=None)
+    MoELossTracker.clear()
+    probs, grad, stats = _weight_grad(_cfg(moe_router_load_balancing_type=types,
+                                           moe_aux_loss_coeff=coeffs, **base), x, upstream)
+    logged = MoELossTracker.values()
+    assert set(logged) == {LOAD_BALANCING_LOSS_NAMES[t] for t in types}
+    _, want, _ = _weight_grad(_cfg(moe_aux_loss_coeff=0.0, **base), x, upstream)
+    for kind, coeff in zip(types, coeffs):
+        MoELossTracker.clear()
+        single_probs, g, single = _weight_grad(
+            _cfg(moe_router_load_balancing_type=kind, moe_aux_loss_coeff=coeff, **base),
+            x, torch.zeros(15, 6))  # only the balance loss reaches the weight
+        torch.testing.assert_close(single_probs, probs, rtol=0, atol=0)
+        name = LOAD_BALANCING_LOSS_NAMES[kind]
+        assert stats[name].item() == pytest.approx(single[name].item(), rel=1e-6)
+        assert logged[name][0].item() == pytest.approx(single[name].item(), rel=1e-6)
+        want = want + g
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-8)
+    MoELossTracker.clear()
+
+
+def test_list_form_needs_one_coefficient_per_type():
+    with pytest.raises(ValueError, match="has 2 types but moe_aux_loss_coeff has 1 value;"):
+        _cfg(moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
+             moe_aux_loss_coeff=1e-3)
+    with pytest.raises(ValueError, match="moe_aux_loss_coeff has 2 values but"):
+        _cfg(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=[1e-3, 1e-4])
+    with pytest.raises(ValueError, match="'sinkhorn' is not supported"):
+        _cfg(moe_router_load_balancing_type=["sinkhorn", "aux_loss"],
+             moe_aux_loss_coeff=[0.0, 1e-3])
+    with pytest.raises(ValueError, match="repeats a type"):
+        _cfg(moe_router_load_balancing_type=["aux_loss", "aux_loss"],
+             moe_aux_loss_coeff=[1e-3, 1e-3])
+    one = _cfg(moe_router_load_balancing_type=["seq_aux_loss"], moe_aux_loss_coeff=1e-3)
+    assert TopKRouter(one, parallel_state=ParallelState.single())._aux_coeffs() == \
+        {"seq_aux_loss": 1e-3}
 
 
 def test_loss_scale_scales_only_the_aux_gradient():

@@ -253,3 +253,27 @@ def test_force_load_balancing_routes_uniformly_and_passes_gradients_through():
     cfg = transformer_config_from_args(parse_args(BASE + [
         "--num-experts", "4", "--disable-bias-linear", "--moe-router-force-load-balancing"]))
     assert cfg.moe_router_force_load_balancing
+
+
+def test_pre_softmax_is_ignored_with_sigmoid():
+    """DeepSeek-V3 recipes pass --moe-router-pre-softmax with the sigmoid score function;
+    Megatron-Core reads it only for softmax, so the routing, losses and gradients are exactly
+    those without it (group-limited, biased, scaled routing with a sequence aux loss)."""
+    x = torch.randn(6, 2, 8)
+    outs = []
+    for pre in (False, True):
+        MoELossTracker.clear()
+        torch.manual_seed(4)
+        cfg = _cfg(moe_router_score_function="sigmoid", moe_router_pre_softmax=pre,
+                   moe_router_topk=4, moe_router_num_groups=4, moe_router_group_topk=2,
+                   moe_router_topk_scaling_factor=2.5, moe_router_enable_expert_bias=True,
+                   moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2)
+        router = TopKRouter(cfg, layer_number=1, parallel_state=SINGLE)
+        router.expert_bias.copy_(torch.linspace(-0.1, 0.1, 8))
+        probs, rmap = router(x)
+        (probs * torch.arange(8.0)).sum().backward()
+        outs.append((probs.detach(), rmap, router.weight.grad,
+                     router.last_stats["seq_load_balancing_loss"]))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    MoELossTracker.clear()
