@@ -2,7 +2,10 @@
 ``mla_up_proj`` and ``core_attn`` recompute) on --mock-data: the loss falls."""
 
 from moecore.training import pretrain
-from tests.unit.test_mla import MLA_FLAGS
+
+MLA_FLAGS = ("--multi-latent-attention --q-lora-rank 12 --kv-lora-rank 10 --qk-head-dim 8 "
+             "--qk-pos-emb-head-dim 4 --v-head-dim 6 --qk-layernorm --position-embedding-type "
+             "rope").split()
 
 
 def test_gpt_model_with_mla_trains_on_cpu():
