@@ -7,6 +7,8 @@ import torch
 from moecore.arguments import parse_args
 from moecore.arguments.validation import transformer_config_from_args
 from moecore.config import TransformerConfig
+from moecore.convert.reshard import rule_for
+from moecore.models import GPTModel
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import model_parallel_seed
 from moecore.transformer.layer import TransformerLayer
@@ -225,3 +227,16 @@ def test_yarn_without_mla_fails_naming_the_flag(capsys):
     err = parse_error(BASE + ["--rope-type", "yarn"], capsys)
     assert "--multi-latent-attention" in err.strip().splitlines()[-1]
 
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_converter_sharding_rules_cover_mla(q_lora):
+    """Every MLA parameter has a resharding rule that splits it as the model does over TP."""
+    model_parallel_seed(3, ParallelState.single())
+    model = GPTModel(mla_config(q_lora, vocab_size=16), vocab_size=16, max_sequence_length=S)
+    attn = [n for n, _ in model.named_parameters() if ".self_attention." in n]
+    assert len(attn) == (7 if q_lora else 5)
+    for name, p in model.named_parameters():
+        rule, _ = rule_for(name)
+        want = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        assert rule.tp_dim == want, name
