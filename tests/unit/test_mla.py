@@ -11,6 +11,7 @@ from moecore.convert.reshard import rule_for
 from moecore.models import GPTModel
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import model_parallel_seed
+from moecore.training.mfu import flops_per_token, matmul_params
 from moecore.transformer.layer import TransformerLayer
 from moecore.transformer.mla import MultiLatentAttention
 from moecore.transformer.rope import RotaryEmbedding, YarnRotaryEmbedding, build_rotary_embedding
@@ -240,3 +241,15 @@ def test_converter_sharding_rules_cover_mla(q_lora):
         rule, _ = rule_for(name)
         want = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
         assert rule.tp_dim == want, name
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_mfu_counts_the_mla_projections(q_lora):
+    cfg = mla_config(q_lora, num_layers=2, vocab_size=16)
+    model_parallel_seed(3, ParallelState.single())
+    model = GPTModel(cfg, vocab_size=16, max_sequence_length=S)
+    matmuls = sum(p.numel() for n, p in model.named_parameters()
+                  if p.dim() == 2 and "word_embeddings" not in n)
+    assert matmul_params(cfg, 16) == matmuls
+    attn = 6 * 2 * NH * (DN + DR + DV) * S
+    assert flops_per_token(cfg, 16, S) == 6.0 * matmuls + attn
