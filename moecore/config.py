@@ -30,8 +30,9 @@ def _check_choice(name: str, value, choices) -> None:
 
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 # Megatron's --recompute-modules (see moecore.transformer.recompute for what each one does).
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
-UNSUPPORTED_RECOMPUTE_MODULES = {"mla_up_proj": "moecore has no multi-latent attention"}
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts",
+                     "mla_up_proj")
+UNSUPPORTED_RECOMPUTE_MODULES: dict[str, str] = {}
 DEFAULT_RECOMPUTE_MODULES = ("core_attn",)
 
 
@@ -72,7 +73,9 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     """Epsilon added to the variance in every norm."""
     qk_layernorm: bool = False
-    """Normalise queries and keys per head (over ``kv_channels``) before attention."""
+    """Normalise queries and keys per head (over ``kv_channels``) before attention; under
+    multi-latent attention: normalise the q and kv latents (``q_layernorm``, ``kv_layernorm``),
+    as Megatron's MLA spec does."""
     gated_linear_unit: bool = True
     """Gated MLPs: ``act(x W_gate) * (x W_up)`` (SwiGLU with silu); the first
     projection is ``[H, 2 * ffn]``."""
@@ -137,6 +140,40 @@ class ModelConfig:
     calculate_per_token_loss: bool = False
     """The trainer's loss is the token sum over the global batch divided by its token count
     (--calculate-per-token-loss), not a mean of micro-batch means; the MTP losses follow."""
+    multi_latent_attention: bool = False
+    """Multi-Latent Attention (DeepSeek-V2/V3) instead of GQA: see
+    moecore.transformer.mla."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the query's low-rank latent (``linear_q_down_proj``); None: a plain
+    query projection ``linear_q_proj``."""
+    kv_lora_rank: int | None = None
+    """MLA: rank of the shared key/value latent (``linear_kv_down_proj``); required with
+    multi_latent_attention."""
+    qk_head_dim: int = 128
+    """MLA: per-head dimension of the query/key part without position embedding."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA: per-head dimension of the rotated (decoupled RoPE) query/key part; the key's
+    is one vector per token shared by all heads."""
+    v_head_dim: int = 128
+    """MLA: per-head dimension of the values."""
+    rope_type: str | None = None
+    """``rope`` or ``yarn``; None: ``yarn`` under multi_latent_attention (as Megatron; a
+    rotary_scaling_factor of 1 makes it plain RoPE), ``rope`` otherwise."""
+    rotary_scaling_factor: float = 1.0
+    """YaRN: context extension factor ``s`` (positions interpolated by ``s`` where the
+    wavelength is long)."""
+    mscale: float = 1.0
+    """YaRN: ``m`` of the rotary magnitude ``(0.1 m ln s + 1) / (0.1 m_all ln s + 1)``."""
+    mscale_all_dim: float = 0.0
+    """YaRN: ``m_all`` of the rotary magnitude; the softmax scale is multiplied by
+    ``(0.1 m_all ln s + 1) ** 2`` (0: by 1)."""
+    original_max_position_embeddings: int = 4096
+    """YaRN: the context length the model was pretrained with (sets which frequencies are
+    interpolated)."""
+    beta_fast: float = 32.0
+    """YaRN: rotations above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """YaRN: rotations below which a frequency is interpolated."""
 
     def _validate_model(self) -> None:
         if self.ffn_hidden_size is None:
@@ -172,6 +209,40 @@ class ModelConfig:
         if self.mtp_num_layers is not None and self.mtp_num_layers < 1:
             raise ValueError(f"mtp_num_layers={self.mtp_num_layers} must be >= 1 (or None for "
                              "no multi-token prediction)")
+        self._validate_mla()
+
+    def _validate_mla(self) -> None:
+        rope = self.rope_type or ("yarn" if self.multi_latent_attention else "rope")
+        _check_choice("rope_type", rope, ("rope", "yarn"))
+        if not self.multi_latent_attention:
+            if rope == "yarn":
+                raise ValueError("rope_type='yarn' is implemented for multi-latent attention "
+                                 "only: add --multi-latent-attention or drop --rope-type yarn")
+            if "mla_up_proj" in (self.recompute_modules or ()):
+                raise ValueError("recompute module 'mla_up_proj' needs multi-latent attention: "
+                                 "add --multi-latent-attention or drop it from --recompute-modules")
+            return
+        if self.kv_lora_rank is None:
+            raise ValueError("multi-latent attention needs kv_lora_rank: pass --kv-lora-rank")
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "v_head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (--"
+                                 f"{name.replace('_', '-')})")
+        if self.qk_pos_emb_head_dim < 2 or self.qk_pos_emb_head_dim % 2:
+            raise ValueError(f"qk_pos_emb_head_dim={self.qk_pos_emb_head_dim} must be even and "
+                             ">= 2 (--qk-pos-emb-head-dim)")
+        if self.num_query_groups != self.num_attention_heads:
+            raise ValueError(f"multi-latent attention has one key/value head per query head; "
+                             f"drop --group-query-attention / --num-query-groups "
+                             f"{self.num_query_groups}")
+        for name, bad, flag in (("position_embedding_type", self.position_embedding_type != "rope",
+                                 "--position-embedding-type rope"),
+                                ("rotary_percent", self.rotary_percent != 1.0,
+                                 "--rotary-percent 1.0"),
+                                ("add_qkv_bias", self.add_qkv_bias, "no --add-qkv-bias")):
+            if bad:
+                raise ValueError(f"multi-latent attention needs {flag} (got {name}="
+                                 f"{getattr(self, name)!r})")
 
 
 @dataclass

@@ -40,12 +40,17 @@ DERIVED_FIELDS: dict[str, str] = {
                   "trainer once the tokenizer is built",
 }
 # config field -> why it has no flag (settable from Python only).
-LIBRARY_ONLY_FIELDS: dict[str, str] = {}
+LIBRARY_ONLY_FIELDS: dict[str, str] = {
+    "beta_fast": "YaRN's ramp bound; Megatron has no flag for it either (default 32)",
+    "beta_slow": "YaRN's ramp bound; Megatron has no flag for it either (default 1)",
+}
 # config field -> conversion of the flag's value.
 _CONVERT: dict[str, Callable] = {
     "rotary_base": float,  # Megatron's flag is an int
     "recompute_modules": lambda v: None if v is None else tuple(v),
     "moe_router_dtype": lambda v: v or "fp32",  # the flag's None means fp32, as in Megatron
+    # Unset: Megatron's MLA config default.
+    "original_max_position_embeddings": lambda v: 4096 if v is None else v,
 }
 _DEST_OF = {field: dest for dest, field in {**FLAG_RENAMES, **INVERTED_FLAGS}.items()}
 

@@ -35,7 +35,7 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--moe-enable-deepep": "DeepEP dispatch", "--moe-use-upcycling": "dense-to-MoE upcycling",
     "--moe-router-padding-for-fp8": "FP8 training",
     "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
-    "--delay-wgrad-compute": "delayed wgrad", "--multi-latent-attention": "MLA",
+    "--delay-wgrad-compute": "delayed wgrad",
     "--use-torch-fsdp2": "FSDP", "--use-megatron-fsdp": "FSDP",
     "--yaml-cfg": "YAML configs", "--spec": "custom module specs",
     "--retro-project-dir": "Retro", "--cpu-offloading-num-layers": "activation CPU offload",
@@ -132,6 +132,35 @@ def _add_network_size_args(p):
     g.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1,
                    help="Weight of the MTP losses: the objective adds factor / mtp-num-layers "
                         "times their sum; they are logged apart as 'mtp_<k> loss'.")
+    _add_mla_args(p)
+
+
+def _add_mla_args(p):
+    g = p.add_argument_group(title="multi-latent attention")
+    g.add_argument("--multi-latent-attention", action="store_true",
+                   help="Multi-Latent Attention (DeepSeek-V2/V3) instead of GQA; needs "
+                   "--kv-lora-rank and --position-embedding-type rope.")
+    g.add_argument("--q-lora-rank", type=int, default=None,
+                   help="Rank of the query latent; unset: a plain query projection.")
+    g.add_argument("--kv-lora-rank", type=int, default=None,
+                   help="Rank of the key/value latent (required with MLA; Megatron defaults "
+                   "it to 32).")
+    g.add_argument("--qk-head-dim", type=int, default=128,
+                   help="Per-head query/key dimension without position embedding.")
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64,
+                   help="Per-head query/key dimension that RoPE rotates (decoupled RoPE).")
+    g.add_argument("--v-head-dim", type=int, default=128, help="Per-head value dimension.")
+    g.add_argument("--rope-type", default=None, choices=["rope", "yarn"],
+                   help="RoPE variant; unset: yarn under MLA (plain RoPE at "
+                   "--rotary-scaling-factor 1), rope otherwise.")
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0,
+                   help="YaRN context extension factor.")
+    g.add_argument("--mscale", type=float, default=1.0, help="YaRN mscale (rotary magnitude).")
+    g.add_argument("--mscale-all-dim", type=float, default=0.0,
+                   help="YaRN mscale_all_dim (rotary magnitude divisor, softmax scale).")
+    g.add_argument("--original-max-position-embeddings", type=int, default=None,
+                   help="YaRN: the pretraining context length (default 4096, as Megatron's "
+                   "MLA config).")
 
 
 def _add_regularization_args(p):
@@ -174,9 +203,10 @@ def _add_training_args(p):
                    help="Under --recompute-granularity selective: the submodules to recompute "
                         "(default core_attn): core_attn, moe_act (the experts' activation "
                         "output), layernorm (the two norm outputs of each layer), mlp (dense "
-                        "MLPs), moe (the MoE MLP), shared_experts. moe_act and layernorm free "
-                        "one tensor and recompute it bit-identically (CUDA-graph safe); the "
-                        "others checkpoint the module.")
+                        "MLPs), moe (the MoE MLP), shared_experts, mla_up_proj (MLA's "
+                        "up-projections and RoPE, freed after attention). moe_act and "
+                        "layernorm free one tensor and recompute it bit-identically (CUDA-graph "
+                        "safe); the others checkpoint the module.")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None)
     g.add_argument("--log-interval", type=int, default=100)

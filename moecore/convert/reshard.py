@@ -55,6 +55,11 @@ SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
         (_L + r"self_attention\.linear_qkv\.(?:weight|bias)", Rule(tp_dim=0)),
         (_L + r"self_attention\.linear_proj\.weight", Rule(tp_dim=1)),
         (_L + r"self_attention\.linear_proj\.bias", Rule()),
+        # Multi-latent attention: up-projections split by heads, down-projections replicated.
+        (_L + r"self_attention\.(?:linear_q_proj|linear_q_up_proj|linear_kv_up_proj)\.weight",
+         Rule(tp_dim=0)),
+        (_L + r"self_attention\.(?:linear_q_down_proj|linear_kv_down_proj)\.weight", Rule()),
+        (_L + r"self_attention\.kv_layernorm\.(?:weight|bias)", Rule()),
         (_L + _SHARED + r"linear_fc1\.(?:weight|bias)", Rule(tp_dim=0, glu=True)),
         (_L + _SHARED + r"linear_fc2\.weight", Rule(tp_dim=1)),
         (_L + _SHARED + r"linear_fc2\.bias", Rule()),

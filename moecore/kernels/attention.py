@@ -1,13 +1,15 @@
 """Core attention (scaled dot-product, causal or masked) and the ``attention`` registry of the
 SDPA kernel it runs: Megatron's ``--attention-backend`` names.
 
-``core_attention(q [S, B, heads, d], k, v [S, B, kv_heads, d], mask, dropout_p, backend) ->
-[S, B, heads * d]`` runs ``torch.nn.functional.scaled_dot_product_attention`` (GQA through
-``enable_gqa`` on torch >= 2.5, else explicitly repeated k/v heads). Backends: ``sdpa``
+``core_attention(q [S, B, heads, d], k [S, B, kv_heads, d], v [S, B, kv_heads, d_v], mask,
+dropout_p, backend, softmax_scale) -> [S, B, heads * d_v]`` runs
+``torch.nn.functional.scaled_dot_product_attention`` (GQA through ``enable_gqa`` on torch >= 2.5,
+else explicitly repeated k/v heads). Backends: ``sdpa``
 (PyTorch picks among its kernels; what ``auto`` resolves to), ``flash`` (FlashAttention-2),
 ``fused`` (cuDNN), ``unfused`` / ``local`` (the math reference). A pinned kernel that cannot take
 an input raises ``RuntimeError`` naming ``--attention-backend`` (PyTorch decides per call, so
-the probes accept every device).
+the probes accept every device). ``d_v`` may differ from ``d`` (multi-latent attention: 192
+and 128); SDPA picks a kernel that takes it.
 """
 
 from __future__ import annotations
@@ -32,27 +34,33 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fused": SDPBackend.CUDNN_
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, backend: str = AUTO) -> torch.Tensor:
+                   dropout_p: float = 0.0, backend: str = AUTO,
+                   softmax_scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention, causal unless a mask is given.
 
     Args:
-        q: ``[S, B, heads, d]``; k, v: ``[S, B, kv_heads, d]`` with ``heads % kv_heads == 0``
-            (query head ``i`` uses kv head ``i // (heads // kv_heads)``).
+        q: ``[S, B, heads, d]``; k: ``[S, B, kv_heads, d]``, v: ``[S, B, kv_heads, d_v]``
+            with ``heads % kv_heads == 0`` (query head ``i`` uses kv head
+            ``i // (heads // kv_heads)``).
         attention_mask: ``None`` for causal attention, or a bool mask broadcastable to
             ``[B, heads, S, S]`` where ``True`` means *masked out* (Megatron's convention).
         backend: ``auto`` (PyTorch's pick) or a key of :data:`SDPA_BACKENDS` (that SDPA
             kernel only; an input it cannot take raises, naming ``--attention-backend``).
+        softmax_scale: multiplier of ``q k^T`` before the softmax; None: ``1 / sqrt(d)``.
     Returns:
-        ``[S, B, heads * d]``.
+        ``[S, B, heads * d_v]``.
     """
-    return ATTENTION.resolve(backend, device=q.device).fn(q, k, v, attention_mask, dropout_p)
+    fn = ATTENTION.resolve(backend, device=q.device).fn
+    if softmax_scale is None:  # the registry's original call, for backends without the argument
+        return fn(q, k, v, attention_mask, dropout_p)
+    return fn(q, k, v, attention_mask, dropout_p, scale=softmax_scale)
 
 
-def _sdpa(q, k, v, attention_mask, dropout_p):
-    S, B, nh, d = q.shape
+def _sdpa(q, k, v, attention_mask, dropout_p, scale=None):
+    S, B, nh = q.shape[:3]
     rep = nh // k.shape[2]
     qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, heads, S, d]
-    kwargs = {}
+    kwargs = {} if scale is None else {"scale": scale}
     if rep > 1:
         if SDPA_HAS_GQA:
             kwargs["enable_gqa"] = True
@@ -65,14 +73,14 @@ def _sdpa(q, k, v, attention_mask, dropout_p):
     else:
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=~attention_mask.bool(),
                                              dropout_p=dropout_p, **kwargs)
-    return out.permute(2, 0, 1, 3).reshape(S, B, nh * d)
+    return out.permute(2, 0, 1, 3).reshape(S, B, nh * v.shape[-1])
 
 
-def _pinned(name: str, q, k, v, attention_mask, dropout_p):
+def _pinned(name: str, q, k, v, attention_mask, dropout_p, scale=None):
     """:func:`_sdpa` under ``sdpa_kernel([SDPA_BACKENDS[name]])``; a refusal names the flag."""
     try:
         with sdpa_kernel([SDPA_BACKENDS[name]]):
-            return _sdpa(q, k, v, attention_mask, dropout_p)
+            return _sdpa(q, k, v, attention_mask, dropout_p, scale)
     except RuntimeError as e:
         if not any(m in str(e) for m in ("No available kernel", "No viable backend")):
             raise

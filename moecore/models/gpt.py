@@ -28,7 +28,7 @@ from moecore.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from moecore.transformer.block import TransformerBlock
-from moecore.transformer.rope import RotaryEmbedding
+from moecore.transformer.rope import build_rotary_embedding
 from moecore.transformer.utils import check_tp_size, init_method_normal
 
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
@@ -150,8 +150,7 @@ class GPTModel(nn.Module):
                                                         position_embedding_type, ps)
         self.rotary_pos_emb = None
         if position_embedding_type == "rope":
-            self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent,
-                                                  config.rotary_base)
+            self.rotary_pos_emb = build_rotary_embedding(config)
         self.decoder = TransformerBlock(config, pre_process=pre_process,
                                         post_process=post_process, layer_offset=layer_offset,
                                         num_layers=num_layers, parallel_state=ps,

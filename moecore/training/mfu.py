@@ -2,11 +2,13 @@
 
 Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 2 FLOPs)::
 
-    flops_per_token = 6 * N_active + 12 * L * (heads * kv_channels) * S
+    flops_per_token = 6 * N_active + 6 * L * heads * (d_qk + d_v) * S
 
-``N_active`` counts the matmul weights one token passes through: per layer the QKV and output
-projections, the dense MLP or — in an MoE layer — the router, ``topk`` routed experts and the
-shared experts, plus the output head (``V * H``). The input embedding is a lookup (no FLOPs);
+(``d_qk = d_v = kv_channels`` for GQA; ``qk_head_dim + qk_pos_emb_head_dim`` and ``v_head_dim``
+for multi-latent attention.) ``N_active`` counts the matmul weights one token passes through:
+per layer the attention projections (for MLA the down-, up- and output projections), the dense
+MLP or — in an MoE layer — the router, ``topk`` routed experts and the shared experts, plus the
+output head (``V * H``). The input embedding is a lookup (no FLOPs);
 norms and biases are negligible and left out. The second term is self-attention's ``QK^T`` and
 ``AV`` products over the full ``S x S`` square (the PaLM / Megatron convention, which does not
 halve for the causal mask). MFU = achieved FLOP/s / (devices x peak FLOP/s).
@@ -51,15 +53,34 @@ def _mlp_params(hidden: int, ffn: int, gated: bool) -> int:
     return hidden * ffn * (2 if gated else 1) + ffn * hidden
 
 
+def _attention_params(config) -> int:
+    """Matmul weights of one attention layer: GQA's QKV and output projections, or multi-latent
+    attention's down-, up- and output projections."""
+    h, nh = config.hidden_size, config.num_attention_heads
+    if not config.multi_latent_attention:
+        q, kv = nh * config.kv_channels, config.num_query_groups * config.kv_channels
+        return h * (q + 2 * kv) + q * h
+    dn, dr, dv = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
+    rq, rkv = config.q_lora_rank, config.kv_lora_rank
+    q = h * nh * (dn + dr) if rq is None else h * rq + rq * nh * (dn + dr)
+    return q + h * (rkv + dr) + rkv * nh * (dn + dv) + nh * dv * h
+
+
+def _attention_dims(config) -> int:
+    """Per-head ``d_qk + d_v`` of the ``QK^T`` and ``AV`` products."""
+    if config.multi_latent_attention:
+        return config.qk_head_dim + config.qk_pos_emb_head_dim + config.v_head_dim
+    return 2 * config.kv_channels
+
+
 def matmul_params(config, vocab_size: int, active_only: bool = True) -> int:
     """Matmul weights of the model, from ``config`` (see module docstring).
 
     ``active_only`` counts ``topk`` routed experts per MoE layer instead of all of them.
     Excludes the input embedding, norms and biases.
     """
-    h, q = config.hidden_size, config.num_attention_heads * config.kv_channels
-    kv = config.num_query_groups * config.kv_channels
-    attention = h * (q + 2 * kv) + q * h
+    h = config.hidden_size
+    attention = _attention_params(config)
     total = vocab_size * h
     for is_moe in config.moe_layer_pattern():
         total += attention
@@ -76,8 +97,10 @@ def matmul_params(config, vocab_size: int, active_only: bool = True) -> int:
 
 
 def flops_per_token(config, vocab_size: int, seq_length: int) -> float:
-    """Training FLOPs per token: ``6 * N_active + 12 * L * heads * kv_channels * S``."""
-    attn = 12 * config.num_layers * config.num_attention_heads * config.kv_channels * seq_length
+    """Training FLOPs per token: ``6 * N_active + 6 * L * heads * (d_qk + d_v) * S`` (``d_qk =
+    d_v = kv_channels`` for GQA: ``12 * L * heads * kv_channels * S``)."""
+    attn = 6 * config.num_layers * config.num_attention_heads * _attention_dims(config) \
+        * seq_length
     return 6.0 * matmul_params(config, vocab_size, active_only=True) + float(attn)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.transformer.attention import SelfAttention
+from moecore.transformer.mla import MultiLatentAttention
 from moecore.transformer.mlp import MLP
 from moecore.transformer.norms import build_norm
 from moecore.transformer.recompute import discard_until_backward
@@ -59,7 +60,8 @@ class TransformerLayer(nn.Module):
         self.tp_group = ps.tp_group
         self.is_moe = config.moe_layer_pattern()[layer_number - 1]
         self.input_layernorm = build_norm(config, config.hidden_size)
-        self.self_attention = SelfAttention(config, layer_number, parallel_state=ps)
+        attention = MultiLatentAttention if config.multi_latent_attention else SelfAttention
+        self.self_attention = attention(config, layer_number, parallel_state=ps)
         self.pre_mlp_layernorm = build_norm(config, config.hidden_size)
         if self.is_moe:
             if moe_layer is None:

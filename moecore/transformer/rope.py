@@ -8,6 +8,8 @@ use, so their q/k projection weights load without permuting rows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,6 +59,58 @@ class RotaryEmbedding(nn.Module):
             pos = position_ids.t().to(device=inv_freq.device, dtype=torch.float32)  # [S, B]
             freqs = (pos[..., None] * inv_freq)[:, :, None, :]  # [S, B, 1, rot/2]
         return torch.cat((freqs, freqs), dim=-1)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude ``0.1 * mscale * ln(scale) + 1`` (1 for ``scale <= 1``)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_correction_dim(rotations: float, dim: int, base: float, max_pos: int) -> float:
+    return dim * math.log(max_pos / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+class YarnRotaryEmbedding(RotaryEmbedding):
+    """YaRN (NTK-by-parts) angles: Megatron-Core's ``YarnRotaryEmbedding`` and Hugging Face's
+    ``yarn`` rope type. Frequencies whose wavelength fits ``beta_fast`` times into
+    ``original_max_position_embeddings`` are kept, those fitting fewer than ``beta_slow``
+    times are divided by ``scaling_factor``, with a linear ramp between. ``forward`` returns
+    angles as :class:`RotaryEmbedding` does; the cos/sin magnitude :attr:`mscale` is left to
+    the caller (multi-latent attention applies it)."""
+
+    def __init__(self, kv_channels: int, rotary_base: float = 10000.0,
+                 scaling_factor: float = 1.0, original_max_position_embeddings: int = 4096,
+                 beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: float = 1.0,
+                 mscale_all_dim: float = 0.0):
+        super().__init__(kv_channels, 1.0, rotary_base)
+        dim, base = self.dim, self.rotary_base
+        # fp32 as Megatron and Hugging Face compute it (the plain RoPE above uses fp64).
+        extra = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inter = 1.0 / (scaling_factor * base ** (torch.arange(0, dim, 2, dtype=torch.float32)
+                                                 / dim))
+        low = max(math.floor(_yarn_correction_dim(beta_fast, dim, base,
+                                                  original_max_position_embeddings)), 0)
+        high = min(math.ceil(_yarn_correction_dim(beta_slow, dim, base,
+                                                  original_max_position_embeddings)), dim - 1)
+        high = high + 0.001 if low == high else high  # no zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1.0 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+        self.inv_freq.copy_(inter * (1 - keep) + extra * keep)
+        self.mscale = float(yarn_get_mscale(scaling_factor, mscale)
+                            / yarn_get_mscale(scaling_factor, mscale_all_dim))
+
+
+def build_rotary_embedding(config) -> RotaryEmbedding:
+    """The model's rotary embedding: over ``kv_channels`` for GQA; over
+    ``qk_pos_emb_head_dim`` for multi-latent attention, YaRN unless ``rope_type='rope'``."""
+    if not config.multi_latent_attention:
+        return RotaryEmbedding(config.kv_channels, config.rotary_percent, config.rotary_base)
+    if config.rope_type == "rope":
+        return RotaryEmbedding(config.qk_pos_emb_head_dim, 1.0, config.rotary_base)
+    return YarnRotaryEmbedding(
+        config.qk_pos_emb_head_dim, config.rotary_base, config.rotary_scaling_factor,
+        config.original_max_position_embeddings, config.beta_fast, config.beta_slow,
+        config.mscale, config.mscale_all_dim)
 
 
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, fused: bool = True) -> torch.Tensor:
