@@ -140,8 +140,10 @@ def _apply(root: Path, m: Mutation) -> None:
 
 
 def _count(output: str) -> str:
-    """'3 passed, 1 failed' from pytest's last line, or the checks' PASS/FAIL lines."""
-    found = re.findall(r"(\d+) (passed|failed|errors?|skipped)", output)
+    """'3 passed, 1 failed' from pytest's summary line, or the checks' PASS/FAIL lines."""
+    summary = [line for line in output.splitlines()
+               if re.search(r"\d+ (passed|failed|errors?|skipped).* in [0-9.]+s", line)]
+    found = re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary[-1] if summary else "")
     if found:
         return ", ".join(f"{n} {what}" for n, what in found)
     return ", ".join(f"{len(re.findall(rf'^{w} ', output, re.M))} {w.lower()}"
