@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-4}
+PYTHON=${PYTHON:-python}  # the interpreter to use (tests pass their own)
 MODEL_ARGS=(--use-mcore-models --disable-bias-linear --seq-length 64
             --max-position-embeddings 256 --num-layers 2 --hidden-size 64
             --ffn-hidden-size 224 --num-attention-heads 8 --init-method-std 0.01
@@ -23,6 +24,6 @@ TRAINING_ARGS=(--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --train-iter
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1
                      --sequence-parallel)
 LOGGING_ARGS=(--log-interval 5 --eval-interval 10 --eval-iters 2)
-exec torchrun --standalone --nproc_per_node "$NPROC" pretrain_gpt.py ${MODEL_ARGS[@]} \
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py ${MODEL_ARGS[@]} \
   ${MOE_ARGS[@]} ${DATA_ARGS[@]} ${TRAINING_ARGS[@]} ${MODEL_PARALLEL_ARGS[@]} \
   ${LOGGING_ARGS[@]} "$@"

@@ -4,14 +4,15 @@
 # Extra arguments are passed to pretrain_gpt.py (e.g. --train-iters 100).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA=$(python examples/shakespeare_moe/prepare.py ${SHAKESPEARE_INPUT:+--input "$SHAKESPEARE_INPUT"} | tail -n 1)
+PYTHON=${PYTHON:-python}  # the interpreter to use (tests pass their own)
+DATA=$("$PYTHON" examples/shakespeare_moe/prepare.py ${SHAKESPEARE_INPUT:+--input "$SHAKESPEARE_INPUT"} | tail -n 1)
 if [ "$DATA" = "MOCK" ]; then
   DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 66)
 else
   DATA_ARGS=(--data-path "$DATA" --split 90,10,0 --tokenizer-type CharacterTokenizer
              --vocab-file "$(dirname "$DATA")/vocab.json")
 fi
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   SIZE=(--num-layers 6 --hidden-size 384 --num-attention-heads 6 --seq-length 256
         --max-position-embeddings 256 --ffn-hidden-size 1536 --moe-ffn-hidden-size 448
         --micro-batch-size 64 --global-batch-size 64 --train-iters 1000
@@ -19,7 +20,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
         --hidden-dropout 0.2 --attention-dropout 0.2 --bf16 --moe-grouped-gemm)
   # This model is too small to keep a GPU busy from Python: replay each step as a CUDA graph
   # (~4x faster, same numbers) where it can be captured (torch._grouped_mm on sm90+, Triton).
-  if python -c "import importlib.util as u, sys, torch
+  if "$PYTHON" -c "import importlib.util as u, sys, torch
 sys.exit(0 if torch.cuda.get_device_capability()[0] >= 9 and u.find_spec('triton') else 1)"; then
     SIZE+=(--cuda-graph-impl local)
   fi
@@ -30,7 +31,7 @@ else
         --lr-warmup-iters 20 --lr-decay-iters 300 --eval-interval 100 --eval-iters 8
         --hidden-dropout 0.0 --attention-dropout 0.0 --moe-grouped-gemm)
 fi
-exec python pretrain_gpt.py "${SIZE[@]}" "${DATA_ARGS[@]}" \
+exec "$PYTHON" pretrain_gpt.py "${SIZE[@]}" "${DATA_ARGS[@]}" \
   --num-experts 8 --moe-router-topk 2 --moe-router-load-balancing-type aux_loss \
   --moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --moe-token-dispatcher-type alltoall \
   --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope \

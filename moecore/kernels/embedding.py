@@ -113,7 +113,10 @@ if HAVE_TRITON:
                         mask=(p < N)[:, None] & cmask[None, :], other=0.0)
             # Prefetch the next step's keys and row offsets while this one is summed.
             p_next = p + BLOCK_N
-            keys_next = _load_keys(keys_ptr, perm_ptr, p_next, (p_next < N) & (sub + 1 < SUBS),
+            # Masks combine a tensor with a scalar condition through tl.where: Triton 3.9's
+            # interpreter gives ``tensor & scalar_bool`` an integer dtype and rejects it.
+            keys_next = _load_keys(keys_ptr, perm_ptr, p_next,
+                                   tl.where(sub + 1 < SUBS, p_next < N, False),
                                    N, D1, stride0, stride1)
             start = ((key != prev) & (p < N)).to(tl.int32)
             end = ((key != nxt) & (p < N)).to(tl.int32)
@@ -128,14 +131,16 @@ if HAVE_TRITON:
             sums = tl.dot(member.to(g.dtype), g, input_precision="ieee")
             sums = tl.where(((r == 0) & (go_on > 0))[:, None], sums + carry[None, :], sums)
             # a run ending here is complete when it started in this tile
-            began = (_per_run(member, start) > 0) | ((r == 0) & (go_on > 0) & (n_starts > 0))
+            began = (_per_run(member, start) > 0) | tl.where((go_on > 0) & (n_starts > 0),
+                                                             r == 0, False)
             complete = (_per_run(member, end) > 0) & began
             tl.store(gw_ptr + _per_run(member, key).to(tl.int64)[:, None] * H + cols[None, :],
                      sums.to(gw_ptr.dtype.element_ty), mask=complete[:, None] & cmask[None, :])
             # slot 0: the tile's first run (read when it came from earlier tiles) is run 0 of
             # the step where the first run end falls
             n_end = tl.sum(end, 0)
-            tl.store(part, _row_of(sums, r == 0), mask=cmask & (n_ends == 0) & (n_end > 0))
+            tl.store(part, _row_of(sums, r == 0),
+                     mask=tl.where((n_ends == 0) & (n_end > 0), cmask, False))
             n_starts += tl.sum(start, 0)
             n_ends += n_end
             carry = _row_of(sums, r == tl.max(run, 0))
@@ -144,7 +149,7 @@ if HAVE_TRITON:
         # The tile's last run, read when it goes on into the next tile (this tile is then full,
         # so its last position ends the last step). Slot 0 too when no run ended here.
         tl.store(part + H, carry, mask=cmask)
-        tl.store(part, carry, mask=cmask & (n_ends == 0))
+        tl.store(part, carry, mask=tl.where(n_ends == 0, cmask, False))
 
     @triton.jit
     def _fill_rows_kernel(starts_ptr, part_ptr, gw_ptr, V, N, H, TILE: tl.constexpr,

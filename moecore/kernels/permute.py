@@ -131,7 +131,9 @@ if HAVE_TRITON:
         x = tl.load(tok_ptr + t * stride_tok + offs, mask=hmask)
         for jj in tl.static_range(K):
             d = tl.sum(tl.where(kk == jj, dest, 0), axis=0)
-            tl.store(out_ptr + d * H + offs, x, mask=hmask & (d < n_rows))
+            # tl.where, not ``hmask & (d < n_rows)``: Triton 3.9's interpreter gives a
+            # tensor & scalar-bool mask an integer dtype and rejects it.
+            tl.store(out_ptr + d * H + offs, x, mask=tl.where(d < n_rows, hmask, False))
 
     @triton.jit
     def _chunk_count_kernel(map_ptr, counts_ptr, T, E, CHUNK: tl.constexpr,

@@ -10,7 +10,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd, timeout=300, **env):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **env}
+    """Run ``cmd`` at the repo root; the scripts start Python as ``$PYTHON`` (this interpreter,
+    so the test does not depend on the venv's ``bin`` being on ``PATH``)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+                "PYTHON": sys.executable, **env}
     out = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Triton SwiGLU / router / permute kernels vs their torch references on CUDA (fp32, bf16), random
 shapes with empty experts and odd sizes, outputs poisoned before each run; the whole MoE layer
-fused vs unfused; auto selection after the self-checks."""
+fused vs unfused, and row by row per expert against float64; auto selection after the
+self-checks."""
 
 import pytest
 import torch
@@ -216,3 +217,101 @@ def test_moe_layer_fused_matches_unfused(score, pre):
         results.append((out, x.grad, *[p.grad for p in layer.parameters()]))
     for a, b in zip(*results):
         assert _rel(a, b) < 3e-2
+
+
+U_BF16 = 2.0 ** -9  # bf16 unit roundoff
+
+
+def _row_err(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``[N]`` normwise relative error of each row of ``got`` against float64 ``ref``."""
+    return (got.double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
+
+
+def _expert_mlp64(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU MLP in float64: ``rows [n, H] @ w1 [H, 2F]`` -> silu(gate) * up ->
+    ``@ w2 [F, H]``."""
+    gate, up = (rows.double() @ w1.double()).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ w2.double()
+
+
+def check_moe_rows_against_float64(layer, x: torch.Tensor, rows_tol: float = 8 * U_BF16,
+                                   grad_tol: float = 16 * U_BF16) -> None:
+    """Run a bf16 MoELayer on ``x [S, B, H]`` and check it row by row, expert by expert,
+    against float64 arithmetic on the same routing: every permuted row is its token's row bit
+    for bit, in expert-major / token order; every expert's output rows, the combined output
+    rows and every expert's input-row gradients within ``rows_tol`` (normwise per row); every
+    expert's weight gradients within ``grad_tol`` (normwise per expert)."""
+    seen = {}
+    hooks = [layer.router.register_forward_hook(lambda m, i, o: seen.update(route=o)),
+             layer.experts.register_forward_hook(
+                 lambda m, i, o: seen.update(inp=i[0], counts=i[1], out=o[0]))]
+    if layer.shared_experts is not None:
+        hooks.append(layer.shared_experts.register_forward_hook(
+            lambda m, i, o: seen.update(shared=o)))
+    try:
+        x = x.detach().requires_grad_()
+        out, _ = layer(x)
+        seen["out"].retain_grad()
+        seen["inp"].retain_grad()
+        out.float().square().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    probs, rmap = seen["route"]
+    flat = x.detach().reshape(-1, x.shape[-1])
+    w1, w2 = layer.experts.weight1, layer.experts.weight2
+    counts = [int(c) for c in seen["counts"].tolist()]
+    assert counts == rmap.sum(0).tolist()
+    expert_of_row, start = [], 0
+    for e, n in enumerate(counts):
+        rows = slice(start, start + n)
+        start += n
+        expert_of_row += [e] * n
+        tokens = rmap[:, e].nonzero().squeeze(1)
+        assert torch.equal(seen["inp"][rows], flat[tokens]), f"expert {e}: wrong rows"
+        if n == 0:
+            continue
+        inp = seen["inp"][rows].detach().double().requires_grad_()
+        w1e = w1[e].detach().double().requires_grad_()
+        w2e = w2[e].detach().double().requires_grad_()
+        ref = _expert_mlp64(inp, w1e, w2e)
+        err = _row_err(seen["out"][rows].detach(), ref.detach())
+        assert err.max() <= rows_tol, (f"expert {e}: worst output row {err.argmax().item()} "
+                                       f"off by {err.max().item():.2e}")
+        ref.backward(seen["out"].grad[rows].double())
+        err = _row_err(seen["inp"].grad[rows], inp.grad)
+        assert err.max() <= rows_tol, f"expert {e}: input-row gradient off by {err.max():.2e}"
+        for name, got, want in (("weight1", w1.grad[e], w1e.grad), ("weight2", w2.grad[e],
+                                                                      w2e.grad)):
+            rel = ((got.double() - want).norm() / want.norm()).item()
+            assert rel <= grad_tol, f"expert {e}: {name} gradient off by {rel:.2e}"
+    # combine: each token's output row is the prob-weighted sum of its experts' rows
+    token_of_row = torch.cat([rmap[:, e].nonzero().squeeze(1) for e in range(len(counts))])
+    want = torch.zeros(flat.shape, dtype=torch.float64, device=flat.device)
+    weight = probs[token_of_row, torch.tensor(expert_of_row, device=flat.device)].double()
+    want.index_add_(0, token_of_row, seen["out"].detach().double() * weight[:, None])
+    if "shared" in seen:
+        want += seen["shared"].detach().reshape(flat.shape).double()
+    err = _row_err(out.detach().reshape(flat.shape), want)
+    assert err.max() <= rows_tol, f"combined row {err.argmax().item()} off by {err.max():.2e}"
+
+
+@pytest.mark.parametrize("score,pre", [("softmax", False), ("sigmoid", False), ("softmax", True)])
+def test_moe_layer_fused_rows_match_float64_per_expert(score, pre):
+    """The fused bf16 layer (Triton router, permute, SwiGLU, combine) row by row against
+    float64: a wrong row in one expert fails here even where the whole-layer norm above would
+    hide it."""
+    from moecore.moe.layer import MoELayer
+    from moecore.parallel_state import ParallelState
+    from tests.moe_reference import tiny_moe_config
+
+    cfg = tiny_moe_config(hidden_size=256, moe_ffn_hidden_size=384, num_moe_experts=16,
+                          moe_router_topk=4, moe_router_score_function=score,
+                          moe_router_pre_softmax=pre, moe_grouped_gemm_backend="auto",
+                          bf16=True, params_dtype=torch.bfloat16,
+                          moe_shared_expert_intermediate_size=256)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        layer = MoELayer(cfg, parallel_state=ParallelState.single())
+    x = torch.randn(64, 4, 256, device=DEV, generator=_gen(1)).bfloat16()
+    check_moe_rows_against_float64(layer, x)

@@ -83,3 +83,40 @@ def test_bad_inputs():
         apply_token_drop(probs, rmap[:, :2], 2)
     with pytest.raises(ValueError, match="capacity"):
         apply_token_drop(probs, rmap, -1)
+
+
+@pytest.mark.parametrize("tokens,experts,factor,want", [
+    (10, 4, 1.0, 3),    # 2.5 -> 3 (round() gives 2: ties go to even)
+    (9, 4, 1.0, 3),     # 2.25 -> 3 (round() gives 2)
+    (1, 4, 1.0, 1),     # 0.25 -> 1: one token still finds a slot
+    (3, 8, 1.0, 1),     # 0.375 -> 1
+    (14, 4, 1.0, 4),    # 3.5 -> 4 (round() gives 4 too: ties to even)
+    (12, 8, 1.25, 2),   # 1.875 -> 2
+    (20, 8, 1.1, 3),    # 2.75 -> 3
+    (40, 16, 1.0, 3),   # 2.5 -> 3
+])
+def test_get_capacity_rounds_up_at_fractions(tokens, experts, factor, want):
+    """Every fraction of a row rounds up (Megatron-Core's ``ceil``): rounding to nearest would
+    drop tokens that fit. The ``want`` values are worked by hand."""
+    assert get_capacity(tokens, experts, factor) == want
+
+
+def test_router_capacity_is_the_rounded_up_share():
+    """Layer level: 5 tokens x top-2 over 4 experts at factor 1.0 -> ceil(2.5) = 3 rows per
+    expert; the router keeps every assignment that fits in them."""
+    from moecore.moe.router import TopKRouter
+    from moecore.parallel_state import ParallelState
+    from tests.moe_reference import tiny_moe_config
+
+    cfg = tiny_moe_config(num_moe_experts=4, moe_router_topk=2, moe_expert_capacity_factor=1.0,
+                          moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
+    router = TopKRouter(cfg, parallel_state=ParallelState.single())
+    with torch.no_grad():  # tokens 0-2 pick experts {0, 1}, tokens 3-4 experts {2, 3}
+        router.weight.copy_(torch.eye(4, cfg.hidden_size))
+    x = torch.zeros(5, cfg.hidden_size)
+    x[:3, :2] = torch.tensor([3.0, 2.0])
+    x[3:, 2:4] = torch.tensor([3.0, 2.0])
+    router.eval()
+    _, rmap = router(x)
+    assert router.last_capacity == 3
+    assert rmap.sum(0).tolist() == [3, 3, 2, 2]

@@ -169,6 +169,72 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
                                             "latest_checkpointed_iteration.txt"]
 
 
+class _Crash(BaseException):
+    """The process dying mid-call: no handler in the library may catch it."""
+
+
+def _crash_at(monkeypatch, at: int) -> list[str]:
+    """Make filesystem call number ``at`` (0-based; -1: none) of what follows raise ``_Crash``
+    before it acts; returns the names of the calls made, in order."""
+    calls: list[str] = []
+
+    def patch(owner, name, real):
+        def call(*args, **kwargs):
+            calls.append(name)
+            if len(calls) - 1 == at:
+                raise _Crash(f"crash at call {at}: {name}{args}")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, call, raising=False)
+
+    for name in ("rename", "replace", "fsync", "makedirs", "open", "close"):
+        patch(os, name, getattr(os, name))
+    patch(ckpt.shutil, "rmtree", ckpt.shutil.rmtree)
+    patch(ckpt, "open", open)  # the module's file writes (builtins.open)
+    return calls
+
+
+def _save_two_crash_at(root, monkeypatch, at: int):
+    """Save iteration 1, train, save iteration 2 with a crash at filesystem call ``at``; returns
+    the parameters of both iterations and the calls of the second save."""
+    model_parallel_seed(2)
+    model, opt, sched = make()
+    step(model, opt, sched)
+    save_checkpoint(1, model, opt, sched, args_for(root))
+    saved = {1: params(model)}
+    step(model, opt, sched)
+    saved[2] = params(model)
+    calls = _crash_at(monkeypatch, at)
+    try:
+        save_checkpoint(2, model, opt, sched, args_for(root))
+    except _Crash:
+        assert at >= 0
+    finally:
+        monkeypatch.undo()
+    return saved, calls
+
+
+def test_a_crash_at_any_step_of_a_save_leaves_the_tracker_naming_a_loadable_checkpoint(
+        tmp_path, monkeypatch):
+    """Kill the save of iteration 2 at each of its filesystem calls in turn (shard file writes,
+    fsyncs, the directory rename, the tracker's temp file and replace): the tracker must name
+    iteration 1 or 2, and that checkpoint must load with its own parameters."""
+    _, calls = _save_two_crash_at(tmp_path / "whole", monkeypatch, at=-1)
+    assert {"rename", "replace", "fsync"} <= set(calls), calls
+    for at in range(len(calls)):
+        root = tmp_path / f"crash{at}"
+        saved, _ = _save_two_crash_at(root, monkeypatch, at)
+        latest = read_tracker(str(root))
+        assert latest in saved, (at, calls[at], latest)
+        model2, opt2, sched2 = make(seed=3)
+        try:
+            loaded = load_checkpoint(model2, opt2, sched2, args_for(root))
+        except (CheckpointError, OSError) as e:
+            raise AssertionError(f"crash at call {at} ({calls[at]}): the tracker names "
+                                 f"iteration {latest}, which does not load: {e}") from e
+        assert loaded["iteration"] == latest
+        assert all(torch.equal(v, saved[latest][k]) for k, v in params(model2).items()), at
+
+
 def test_async_save_snapshots_now_publishes_at_finalize(tmp_path):
     """--async-save: the file holds the state at the save call though training goes on, and the
     checkpoint becomes the latest only at finalize_async_save (or the next save)."""

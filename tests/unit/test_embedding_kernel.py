@@ -1,7 +1,7 @@
 """Embedding kernel module: the ``embedding`` registry and its selection (the config's
-``embedding_backend``, ``--embedding-backend``, errors) on CPU, the torch path bit for bit
-``F.embedding`` (also through ``VocabParallelEmbedding``), and the Triton backward under the
-interpreter."""
+``embedding_backend``, ``--embedding-backend``, errors) on CPU, the torch path against
+hand-written loops and bit for bit ``F.embedding`` (also through ``VocabParallelEmbedding``),
+and the Triton backward under the interpreter."""
 
 from __future__ import annotations
 
@@ -50,10 +50,34 @@ def test_torch_path_is_f_embedding_bitwise(shape, dtype):
     probe = torch.randn(*shape, 24, generator=gen).to(dtype)
     assert E.select_embedding(weight.device, dtype).name == "torch"  # auto on CPU
     want = _lookup_and_grad(F.embedding, ids, weight, probe)
+    _check_against_loops(ids, weight, probe, *want)
     for fn in (E.embedding, E.embedding_torch,
                lambda i, w: E.embedding(i, w, backend="torch")):
         for a, b in zip(_lookup_and_grad(fn, ids, weight, probe), want):
             assert torch.equal(a, b)
+
+
+def _check_against_loops(ids, weight, probe, out, grad):
+    """``out`` and ``grad`` of a lookup against hand-written loops: each output row is its
+    table row bit for bit; each table row's gradient is the float64 sum of the probe rows of
+    its ids, to the error bound of summing ``c`` terms in the table's dtype
+    (``(c + 1) * eps * sum |terms|``, c the id's count)."""
+    flat_ids, flat_probe = ids.reshape(-1).tolist(), probe.reshape(-1, weight.shape[1])
+    for i, v in enumerate(flat_ids):
+        assert torch.equal(out.reshape(-1, weight.shape[1])[i], weight[v])
+    want = torch.zeros(weight.shape, dtype=torch.float64)
+    mass = torch.zeros(weight.shape, dtype=torch.float64)
+    count = [0] * weight.shape[0]
+    for i, v in enumerate(flat_ids):
+        want[v] += flat_probe[i].double()
+        mass[v] += flat_probe[i].double().abs()
+        count[v] += 1
+    eps = torch.finfo(weight.dtype).eps
+    for v in range(weight.shape[0]):
+        err = (grad[v].double() - want[v]).abs()
+        assert (err <= (count[v] + 1) * eps * mass[v]).all(), (v, count[v], err.max())
+        if count[v] == 0:
+            assert not grad[v].any()
 
 
 def test_vocab_parallel_embedding_cpu_is_f_embedding_bitwise():
@@ -65,6 +89,7 @@ def test_vocab_parallel_embedding_cpu_is_f_embedding_bitwise():
     emb(ids).backward(probe)
     got = emb.weight.grad
     want = _lookup_and_grad(F.embedding, ids, emb.weight.detach(), probe)
+    _check_against_loops(ids, emb.weight.detach(), probe, emb(ids).detach(), got)
     assert torch.equal(emb(ids), want[0]) and torch.equal(got, want[1])
 
 

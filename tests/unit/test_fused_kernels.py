@@ -89,25 +89,88 @@ def test_route_torch_outputs(score, pre):
     assert route_torch(logits, 3, score_function=score, use_pre_softmax=pre).aux_scores is None
 
 
+def _router_reference(x, weight, score, pre, topk, balance, aux_coeff, z_coeff):
+    """Float64 TopKRouter written from the formulas, token by token: ``x [S, B, H]`` ->
+    ``(probs [T, E], routing_map [T, E], balance loss / aux_coeff, z loss / z_coeff)``."""
+    s, b, _ = x.shape
+    logits = x.double().reshape(s * b, -1) @ weight.double().T  # token s * B + b
+    t, e = logits.shape
+    probs = torch.zeros_like(logits)
+    for i in range(t):
+        row = logits[i]
+        if score == "sigmoid":
+            select = torch.sigmoid(row)
+        else:
+            select = torch.softmax(row, 0) if pre else row
+        chosen = torch.topk(select, topk).indices
+        if score == "sigmoid":
+            w = torch.sigmoid(row[chosen])
+            probs[i, chosen] = w / w.sum()
+        elif pre:
+            probs[i, chosen] = torch.softmax(row, 0)[chosen]
+        else:
+            probs[i, chosen] = torch.softmax(row[chosen], 0)
+    rmap = probs > 0
+    if score == "softmax":
+        scores = torch.softmax(logits, -1)
+    else:
+        scores = torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True)
+    if balance in ("aux_loss", "global_aux_loss"):  # E * sum_e f_e P_e over all T tokens
+        f = rmap.sum(0).double() / (t * topk)
+        balance_loss = e * (f * scores.mean(0)).sum()
+    elif balance == "seq_aux_loss":  # the same per sequence b (tokens b, B + b, ...), averaged
+        per_seq = [e * ((rmap[j::b].sum(0).double() / (s * topk)) * scores[j::b].mean(0)).sum()
+                   for j in range(b)]
+        balance_loss = torch.stack(per_seq).mean()
+    else:
+        balance_loss = logits.new_zeros(())
+    z = torch.logsumexp(logits, -1).square().mean()
+    return probs, rmap, balance_loss, z
+
+
 @pytest.mark.parametrize("balance", ["aux_loss", "seq_aux_loss", "global_aux_loss", "none"])
 @pytest.mark.parametrize("score,pre", [("softmax", False), ("softmax", True), ("sigmoid", False)])
-def test_router_auto_equals_torch_path_with_losses(balance, score, pre):
-    """On CPU ``auto`` is the torch path; the loss plumbing (aux scores, counts from the
-    routing step) must give the old results: forward, losses and gradients."""
-    results = []
+def test_router_auto_and_torch_paths_match_a_float64_reference(balance, score, pre):
+    """The router on CPU (``auto``, which picks torch there, and ``torch``) against the float64
+    reference above: selection exactly, probs, losses and the gradients of ``x`` and the weight
+    (balance and z losses added with their coefficients, as the aux-loss scaler does) to fp32
+    accuracy."""
+    aux_coeff, z_coeff = 1e-2, 1e-3
     for fusion in (None, False):
         cfg = tiny_moe_config(moe_router_fusion=fusion, moe_router_load_balancing_type=balance,
                               moe_router_score_function=score, moe_router_pre_softmax=pre,
-                              moe_router_topk=3)
+                              moe_router_topk=3, moe_aux_loss_coeff=aux_coeff,
+                              moe_z_loss_coeff=z_coeff)
         torch.manual_seed(0)
         router = TopKRouter(cfg, parallel_state=SINGLE)
         x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
         probs, rmap = router(x)
-        (probs * torch.arange(probs.numel()).view_as(probs)).sum().backward()
-        results.append((probs, rmap, x.grad, router.weight.grad,
-                        router.last_stats["tokens_per_expert"]))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        # O(1) gradients: a probe of the size of the probs keeps fp32 cancellation small
+        probe = torch.randn(probs.shape, generator=torch.Generator().manual_seed(3),
+                            dtype=torch.float64)
+        (probs * probe.float()).sum().backward()
+
+        x64 = x.detach().double().requires_grad_()
+        w64 = router.weight.detach().double().requires_grad_()
+        want, want_map, balance_loss, z = _router_reference(x64, w64, score, pre, 3, balance,
+                                                             aux_coeff, z_coeff)
+        total = (want * probe).sum() + z_coeff * z
+        if balance != "none":
+            total = total + aux_coeff * balance_loss
+        total.backward()
+        assert torch.equal(rmap, want_map), fusion
+        stats = router.last_stats
+        assert torch.equal(stats["tokens_per_expert"], want_map.sum(0).float())
+        # fp32 vs float64: a few fp32 roundings (eps 1.2e-7) of the largest entry's size
+        for got, ref in ((probs, want), (x.grad, x64.grad), (router.weight.grad, w64.grad),
+                         (stats["z_loss"], z)):
+            err = (got.double() - ref).abs().max()
+            assert err <= 1e-6 * ref.abs().max(), (fusion, err.item(), ref.abs().max().item())
+        if balance != "none":
+            err = (stats["load_balancing_loss"].double() - balance_loss).abs()
+            assert err <= 1e-6 * balance_loss, (fusion, err)
+        else:
+            assert "load_balancing_loss" not in stats
 
 
 def test_router_fusion_flag_semantics(caplog, monkeypatch):

@@ -152,14 +152,33 @@ def test_moe_layer_recompute_and_bf16():
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
     for g1, g0 in zip(grads[1][1], grads[0][1]):
         torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-9)
-    torch.manual_seed(6)
-    cfg = _cfg(bf16=True, params_dtype=torch.bfloat16, qk_layernorm=True)
-    model = GPTModel(cfg, vocab_size=V, max_sequence_length=S)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    loss = model(ids, labels=labels)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
-    loss.mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    for make_cfg in (_cfg, _moe_cfg):
+        torch.manual_seed(6)
+        cfg = make_cfg(bf16=True, params_dtype=torch.bfloat16, qk_layernorm=True)
+        model = GPTModel(cfg, vocab_size=V, max_sequence_length=S)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        loss = model(ids, labels=labels)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+        loss.mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16
+                   for p in model.parameters())
+        _check_bf16_against_float64(model, make_cfg, loss, ids, labels)
+
+
+def _check_bf16_against_float64(model, make_cfg, loss, ids, labels):
+    """The bf16 model against the same weights run in float64: per-token losses within 2 bf16
+    unit roundoffs (u = 2**-9) and every parameter's gradient within 16 u in norm (a few
+    roundings per layer; measured 0.5 u and 5-9 u)."""
+    u = 2.0 ** -9
+    ref = GPTModel(make_cfg(qk_layernorm=True, params_dtype=torch.float64), vocab_size=V,
+                   max_sequence_length=S)
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ref_loss = ref(ids, labels=labels)
+    ref_loss.mean().backward()
+    assert ((loss.double() - ref_loss) / ref_loss).abs().max() <= 2 * u
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        err = (p.grad.double() - p_ref.grad).norm() / p_ref.grad.norm()
+        assert err <= 16 * u, (name, err.item())
 
 
 def test_matches_hugging_face_llama_with_documented_qkv_layout():

@@ -122,3 +122,35 @@ def test_build_scheduler_counts_samples_like_megatron():
     args = parse_args(BASE + ["--train-samples", "1000", "--lr-warmup-samples", "40"])
     s = build_scheduler(_Opt(), args)
     assert (s.lr_warmup_steps, s.lr_decay_steps) == (40, 1000)
+
+
+@pytest.mark.parametrize("n", [0, 11, 27, 55, 83, 99, 110])
+def test_cosine_weight_decay_increment_rises_from_start_to_end(n):
+    """The cosine increment is ``start + (end - start) * (1 - cos(pi r)) / 2``: start_wd at
+    r = 0, end_wd at r = 1, below the midpoint before r = 0.5 (the reversed curve agrees with it
+    only at r = 0.5)."""
+    s = _sched("linear", start_wd=0.01, end_wd=0.2, wd_incr_style="cosine")
+    s.num_steps = n
+    r = n / 110
+    assert s.get_wd() == pytest.approx(0.01 + 0.19 * (1 - math.cos(math.pi * r)) / 2,
+                                       rel=1e-12, abs=1e-15)
+    if r < 0.5:
+        assert s.get_wd() < (0.01 + 0.2) / 2
+
+
+def test_build_scheduler_converts_wsd_iters_to_samples():
+    """``--lr-wsd-decay-iters`` counts iterations: 20 of them are 160 samples at global batch
+    8, and the schedule equals the one given in samples."""
+    wsd = ["--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear"]
+    by_iters = build_scheduler(_Opt(), parse_args(
+        BASE + wsd + ["--train-iters", "100", "--lr-decay-iters", "80",
+                      "--lr-wsd-decay-iters", "20"]))
+    by_samples = build_scheduler(_Opt(), parse_args(
+        BASE + wsd + ["--train-samples", "800", "--lr-decay-samples", "640",
+                      "--lr-wsd-decay-samples", "160"]))
+    assert (by_iters.lr_decay_steps, by_iters.wsd_decay_steps) == (640, 160)
+    for sample in (0, 400, 480, 520, 560, 600, 640, 700):
+        lr = _at(by_iters, sample)
+        r = min(max(sample - 480, 0) / 160, 1.0)  # annealing over the last 160 samples
+        assert lr == pytest.approx(1e-4 + (1 - r) * 9e-4, rel=1e-12), sample
+        assert lr == _at(by_samples, sample)

@@ -116,6 +116,20 @@ def test_clip_grad_norm_matches_torch():
     assert clip_grad_norm(list(model.parameters()), 0.0) == pytest.approx(0.05, rel=1e-4)
 
 
+def test_clip_grad_norm_leaves_gradients_under_the_limit_alone():
+    """A norm below ``max_norm`` is no reason to scale: the gradients stay as they are (only
+    ever scaled down, as torch's ``clip_grad_norm_``)."""
+    model = _model()
+    model(torch.ones(2, 4)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = clip_grad_norm(list(model.parameters()), 1e6)
+    assert norm == pytest.approx(torch.cat([g.reshape(-1) for g in before]).norm().item(),
+                                 rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    assert clip_grad_norm(list(model.parameters()), 2 * norm) == pytest.approx(norm, rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+
+
 def test_nan_gradients_raise_unless_disabled():
     model = _model()
     opt = MegatronOptimizer(get_param_groups(model), lr=0.1, weight_decay=0.0)
