@@ -423,9 +423,6 @@ class TritonAdamW(torch.optim.AdamW):
         return loss
 
 
-# ---- benchmark -----------------------------------------------------------------------------
-
-
 # ---- the adamw registry --------------------------------------------------------------------
 
 ADAMW_BACKENDS = (AUTO, "triton", "torch_fused", "torch")

@@ -18,7 +18,7 @@ from moecore.kernels import embedding as E
 from moecore.kernels import norm as N
 from moecore.kernels import rope as R
 from moecore.models.gpt import GPTModel
-from moecore.optimizer import get_megatron_optimizer
+from moecore.optimizer import OptimizerConfig, get_megatron_optimizer
 from moecore.optimizer import optimizer as opt_mod
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import cross_entropy as tp_ce
@@ -108,7 +108,8 @@ def test_adamw_flag_reaches_the_optimizer():
     for name, check in (("torch", lambda o: not opt_mod.is_fused(o)),
                         ("triton", lambda o: isinstance(o, opt_mod.TritonAdamW))):
         args = parse_args([*BASE, "--adamw-backend", name])
-        opt = get_megatron_optimizer(model, args, parallel_state=ParallelState.single())
+        opt = get_megatron_optimizer(model, OptimizerConfig.from_args(args),
+                                     parallel_state=ParallelState.single())
         assert check(opt.optimizer), name
     with pytest.raises(SystemExit):
         parse_args([*BASE, "--adamw-backend", "apex"])
