@@ -125,9 +125,19 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def published_iteration_dir(root: str, iteration: int) -> str:
+    """The directory to read iteration ``iteration`` from: ``iter_N``, or ``iter_N.old`` when a
+    crash fell between the two renames that replace an iteration saved again (see
+    :func:`_publish`): the tracker then names N, and the earlier save of N is complete there."""
+    final = iteration_dir(root, iteration)
+    old = final + ".old"
+    return old if not os.path.isdir(final) and os.path.isdir(old) else final
+
+
 def checkpoint_file(root: str, iteration: int, ps: ParallelState | None = None) -> str:
     ps = ps or get_parallel_state()
-    return os.path.join(iteration_dir(root, iteration), shard_dirname(ps), CHECKPOINT_FILENAME)
+    return os.path.join(published_iteration_dir(root, iteration), shard_dirname(ps),
+                        CHECKPOINT_FILENAME)
 
 
 def read_tracker(root: str) -> int | None:
@@ -279,15 +289,13 @@ def _publish(root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: b
     place, then the tracker (collective)."""
     _barrier()
     if is_root:
+        old = final_dir + ".old"
         if os.path.exists(final_dir):  # saving an iteration again (e.g. after a resume)
-            old = final_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)
-            os.rename(final_dir, old)
-            os.rename(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp_dir, final_dir)
+            os.rename(final_dir, old)  # until the next rename, readers use .old
+        os.rename(tmp_dir, final_dir)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         _replace_tracker(root, iteration)
     _barrier()
 
@@ -410,7 +418,7 @@ def read_checkpoint_args(root: str) -> dict:
     if iteration is None:
         raise CheckpointError(f"--use-checkpoint-args: no checkpoint in --load {root} (no "
                               f"{TRACKER_FILENAME}); drop the flag or point --load at a save")
-    directory = iteration_dir(root, iteration)
+    directory = published_iteration_dir(root, iteration)
     shards = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     if not shards:
         raise CheckpointError(f"--use-checkpoint-args: {directory} holds no shard")

@@ -29,6 +29,7 @@ from moecore.checkpointing import (
     _write_file,
     args_to_dict,
     iteration_dir,
+    published_iteration_dir,
     read_tracker,
 )
 from moecore.convert.io import load_torch_mmap
@@ -73,7 +74,7 @@ class MoecoreSource:
         if self.iteration is None:
             raise ValueError(f"{directory} holds no moecore checkpoint (no "
                              "latest_checkpointed_iteration.txt)")
-        idir = iteration_dir(directory, self.iteration)
+        idir = published_iteration_dir(directory, self.iteration)
         found = sorted(d for d in os.listdir(idir)
                        if os.path.isfile(os.path.join(idir, d, CHECKPOINT_FILENAME))) \
             if os.path.isdir(idir) else []

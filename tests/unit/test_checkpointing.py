@@ -193,9 +193,10 @@ def _crash_at(monkeypatch, at: int) -> list[str]:
     return calls
 
 
-def _save_two_crash_at(root, monkeypatch, at: int):
-    """Save iteration 1, train, save iteration 2 with a crash at filesystem call ``at``; returns
-    the parameters of both iterations and the calls of the second save."""
+def _save_two_crash_at(root, monkeypatch, at: int, second: int = 2):
+    """Save iteration 1, train, save iteration ``second`` with a crash at filesystem call
+    ``at``; returns the parameters of both saves (keyed by save order, 1 and 2) and the calls
+    of the second save."""
     model_parallel_seed(2)
     model, opt, sched = make()
     step(model, opt, sched)
@@ -205,7 +206,7 @@ def _save_two_crash_at(root, monkeypatch, at: int):
     saved[2] = params(model)
     calls = _crash_at(monkeypatch, at)
     try:
-        save_checkpoint(2, model, opt, sched, args_for(root))
+        save_checkpoint(second, model, opt, sched, args_for(root))
     except _Crash:
         assert at >= 0
     finally:
@@ -233,6 +234,27 @@ def test_a_crash_at_any_step_of_a_save_leaves_the_tracker_naming_a_loadable_chec
                                  f"iteration {latest}, which does not load: {e}") from e
         assert loaded["iteration"] == latest
         assert all(torch.equal(v, saved[latest][k]) for k, v in params(model2).items()), at
+
+
+def test_a_crash_while_saving_an_iteration_again_keeps_it_loadable(tmp_path, monkeypatch):
+    """Saving the iteration the tracker already names (a resumed run reaching it again) swaps
+    the directory in two renames; a crash at any filesystem call of that save must leave the
+    tracker's iteration loadable, with the first or the second save's parameters."""
+    _, calls = _save_two_crash_at(tmp_path / "whole", monkeypatch, at=-1, second=1)
+    assert calls.count("rename") >= 2, calls
+    for at in range(len(calls)):
+        root = tmp_path / f"crash{at}"
+        saved, _ = _save_two_crash_at(root, monkeypatch, at, second=1)
+        assert read_tracker(str(root)) == 1
+        model2, opt2, sched2 = make(seed=3)
+        try:
+            assert load_checkpoint(model2, opt2, sched2, args_for(root))["iteration"] == 1
+        except (CheckpointError, OSError) as e:
+            raise AssertionError(f"crash at call {at} ({calls[at]}): iteration 1 does not "
+                                 f"load: {e}") from e
+        got = params(model2)
+        assert any(all(torch.equal(v, ref[k]) for k, v in got.items())
+                   for ref in saved.values()), at
 
 
 def test_async_save_snapshots_now_publishes_at_finalize(tmp_path):
