@@ -32,7 +32,11 @@ from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from moecore.transformer.norms import build_norm
 from moecore.transformer.rope import apply_rotary_pos_emb, rope_request
-from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
+from moecore.transformer.utils import (
+    check_attention_layout,
+    init_method_normal,
+    scaled_init_method_normal,
+)
 
 
 class SelfAttention(nn.Module):
@@ -47,10 +51,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
         super().__init__()
         ps = parallel_state or get_parallel_state()
-        check_tp_size(config, ps)
-        if ps.cp_size > 1:
-            raise ValueError(f"context_parallel_size={ps.cp_size}: context-parallel attention is "
-                             "not implemented; use context_parallel_size=1")
+        check_attention_layout(config, ps)
         self.config = config
         self.layer_number = layer_number
         self.tp_group = ps.tp_group

@@ -54,7 +54,11 @@ from moecore.tensor_parallel.mappings import (
 from moecore.transformer.norms import build_norm
 from moecore.transformer.recompute import discard_until_backward
 from moecore.transformer.rope import apply_rotary_pos_emb, yarn_get_mscale
-from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
+from moecore.transformer.utils import (
+    check_attention_layout,
+    init_method_normal,
+    scaled_init_method_normal,
+)
 
 
 class ReplicatedLinear(nn.Module):
@@ -132,10 +136,7 @@ class MultiLatentAttention(nn.Module):
     def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
         super().__init__()
         ps = parallel_state or get_parallel_state()
-        check_tp_size(config, ps)
-        if ps.cp_size > 1:
-            raise ValueError(f"context_parallel_size={ps.cp_size}: context-parallel attention is "
-                             "not implemented; use context_parallel_size=1")
+        check_attention_layout(config, ps)
         self.config, self.layer_number, self.tp_group = config, layer_number, ps.tp_group
         tp, nh, H = ps.tp_size, config.num_attention_heads, config.hidden_size
         if nh % tp:

@@ -33,3 +33,12 @@ def check_tp_size(config, ps) -> None:
             f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but the "
             f"parallel state has tp={ps.tp_size}; pass the same size to initialize_model_parallel "
             "and the config")
+
+
+def check_attention_layout(config, ps) -> None:
+    """:func:`check_tp_size`, and no context parallelism (no attention variant splits the
+    sequence across ranks yet)."""
+    check_tp_size(config, ps)
+    if ps.cp_size > 1:
+        raise ValueError(f"context_parallel_size={ps.cp_size}: context-parallel attention is "
+                         "not implemented; use context_parallel_size=1")

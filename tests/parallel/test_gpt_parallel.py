@@ -13,6 +13,7 @@ from moecore.config import TransformerConfig
 from moecore.models import GPTModel
 from moecore.parallel_state import ParallelSizes, ParallelState
 from tests.dist_harness import run_distributed
+from tests.tp_compare import full_tensor, rel_err
 
 V, S, B, SEED = 64, 8, 2, 1234
 
@@ -51,19 +52,6 @@ def _build(case, ps, **cfg_kw):
                     parallel_state=ps, **model_kw)
 
 
-def _full(p, t, ps):
-    """The full (TP=1) tensor of parameter ``p``'s shard ``t``, honouring ``partition_stride``."""
-    if not getattr(p, "tensor_model_parallel", False):
-        return t
-    dim, stride, tp = p.partition_dim, getattr(p, "partition_stride", 1), ps.tp_size
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
-    chunks = [part.chunk(stride, dim) for part in parts]
-    return torch.cat([chunks[r][s] for s in range(stride) for r in range(tp)], dim)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _data():
@@ -102,19 +90,19 @@ def _check_tp(case, tp_state, single):
         par = _build(case, tp_state, tensor_model_parallel_size=2, sequence_parallel=sp)
         logits, loss = _forward_backward(par, ids, labels, weights)
         tag = f"{case} sp={sp}"
-        errors.append((f"{tag} logits", _rel(_gather_vocab(logits, tp_state), ref_logits)))
-        errors.append((f"{tag} loss", _rel(loss, ref_loss)))
+        errors.append((f"{tag} logits", rel_err(_gather_vocab(logits, tp_state), ref_logits)))
+        errors.append((f"{tag} loss", rel_err(loss, ref_loss)))
         for active in (False, True):
             assert par.num_parameters(active) == ref.num_parameters(active), (tag, active)
         names = [n for n, _ in par.named_parameters()]
         assert names == list(ref_params), (tag, names)
         for name, p in par.named_parameters():
-            w_err = _rel(_full(p, p.data, tp_state), ref_params[name].data)
+            w_err = rel_err(full_tensor(p, p.data, tp_state), ref_params[name].data)
             assert w_err == 0.0, f"{tag} {name}: initial weights differ (rel {w_err})"
             grad = p.grad.clone()
             if getattr(p, "sequence_parallel", False):
                 dist.all_reduce(grad, group=tp_state.tp_group)
-            errors.append((f"{tag} grad {name}", _rel(_full(p, grad, tp_state),
+            errors.append((f"{tag} grad {name}", rel_err(full_tensor(p, grad, tp_state),
                                                       ref_params[name].grad)))
     return errors
 
@@ -160,7 +148,7 @@ def _check_pp_tied(rank, single):
         recv.requires_grad_(True)
         stage.set_input_tensor(recv)
         loss = stage(ids, labels=labels)
-        errors.append(("pp loss", _rel(loss.detach(), ref_loss.detach())))
+        errors.append(("pp loss", rel_err(loss.detach(), ref_loss.detach())))
         (loss * weights).sum().backward()
         dist.send(recv.grad.contiguous(), dst=0)
     # The trainer's job for tied weights: sum the two stages' grads over the embedding group.
@@ -168,7 +156,7 @@ def _check_pp_tied(rank, single):
     for name, p in stage.named_parameters():
         src = name.replace("decoder.layers.0.", f"decoder.layers.{rank}.")
         ref_grad = ref_shared.grad if p is shared else ref_params[src].grad
-        errors.append((f"pp{rank} grad {name}", _rel(p.grad, ref_grad)))
+        errors.append((f"pp{rank} grad {name}", rel_err(p.grad, ref_grad)))
     total = stage.num_parameters()
     assert total == ref.num_parameters(), (total, ref.num_parameters())
     return errors

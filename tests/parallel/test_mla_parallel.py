@@ -6,13 +6,13 @@ bit-identical to the run without it. One spawn of 2 ranks."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from moecore.config import TransformerConfig
 from moecore.models import GPTModel
 from moecore.optimizer.grad_sync import finalize_model_grads
 from moecore.parallel_state import ParallelSizes, ParallelState
 from tests.dist_harness import run_distributed
+from tests.tp_compare import full_tensor, rel_err
 
 S, B, V, SEED = 8, 2, 64, 11
 CASES = {
@@ -37,19 +37,6 @@ def _build(case, ps, **kw):
                     parallel_state=ps)
 
 
-def _full(p, t, ps):
-    """The full (TP=1) tensor of ``p``'s shard ``t``, honouring ``partition_stride``."""
-    if not getattr(p, "tensor_model_parallel", False):
-        return t
-    dim, stride, tp = p.partition_dim, getattr(p, "partition_stride", 1), ps.tp_size
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
-    chunks = [part.chunk(stride, dim) for part in parts]
-    return torch.cat([chunks[r][s] for s in range(stride) for r in range(tp)], dim)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _run(model, ps):
@@ -71,11 +58,11 @@ def _check_case(case, tp_state, single):
     for sp in ((True,) if "moe" in case else (False, True)):
         par = _build(case, tp_state, tensor_model_parallel_size=2, sequence_parallel=sp)
         tag = f"{case} sp={sp}"
-        errors.append((f"{tag} loss", _rel(_run(par, tp_state), ref_loss)))
+        errors.append((f"{tag} loss", rel_err(_run(par, tp_state), ref_loss)))
         assert [n for n, _ in par.named_parameters()] == list(ref_params), tag
         for name, p in par.named_parameters():
-            assert torch.equal(_full(p, p.data, tp_state), ref_params[name].data), (tag, name)
-            errors.append((f"{tag} grad {name}", _rel(_full(p, p.grad, tp_state),
+            assert torch.equal(full_tensor(p, p.data, tp_state), ref_params[name].data), (tag, name)
+            errors.append((f"{tag} grad {name}", rel_err(full_tensor(p, p.grad, tp_state),
                                                       ref_params[name].grad)))
     return errors
 
