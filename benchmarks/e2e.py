@@ -6,7 +6,7 @@ optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated
     python benchmarks/e2e.py                         # one GPU, the ~1B MoE below
     torchrun --nproc_per_node 4 benchmarks/e2e.py --ep 4
     python benchmarks/e2e.py --tiny --device cpu     # smoke run
-    python benchmarks/e2e.py --model deepseek-v2-lite --micro-batch-size 2   # MLA + shared
+    python benchmarks/e2e.py --model deepseek-v2-lite --max-memory-gib 79   # MLA + shared
     python benchmarks/e2e.py --model deepseek-v2-lite --tiny --device cpu    # its smoke run
     python benchmarks/e2e.py --cuda-graph-impl local # any pretrain_gpt.py flag passes through
     python benchmarks/e2e.py --micro-batch-size 32 --global-batch-size 256 \
@@ -98,7 +98,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--skip", type=int, default=1, help="logged intervals to drop (warm-up)")
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="4 (moe-1b); 2 for deepseek-v2-lite (8192 tokens of 4096: its fp32 "
+                        "logits over 102400 ids are large)")
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--device", default=None)
@@ -120,6 +122,8 @@ def main() -> None:
             p.error("--max-memory-gib caps CUDA memory; there is no CUDA device here")
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * 2**30 / total))
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 2 if args.model == "deepseek-v2-lite" else 4
     gbs = args.global_batch_size or args.micro_batch_size
     argv = _model_argv(args) + [
         "--train-iters", str(args.iters), "--log-interval", str(args.log_interval),
