@@ -14,8 +14,10 @@
 #          layer's experts: ~0.7B routed-expert parameters per GPU, ~1B others.
 #   Distributed optimizer: the non-expert weights' fp32 master copy and Adam moments are sharded
 #          over DP=64 (the experts' expert-data-parallel size is 1: they keep their own).
-#   Full recompute of each layer (~30 GB of activations otherwise with up to 16 micro-batches
-#          in flight on the first stage); on 141 GB H200s try instead
+#   Full recompute of each layer: 1F1B keeps up to 16 micro-batches in flight on the first
+#          stage, and one MLA + MoE layer's activations at 4096 tokens (128 heads of q/k 192,
+#          8 experts per token) are several GB; with recompute only each layer's input stays
+#          (4096 x 7168 bf16, 56 MiB). On 141 GB H200s try instead
 #          --recompute-granularity selective --recompute-modules mla_up_proj moe_act layernorm.
 # Batch: DeepSeek-V3's ramp from 3072 to 15360 sequences of 4096 over the first 469B tokens,
 # 14.8T tokens in all (samples below); lr 2.2e-4 with a cosine decay to 2.2e-5.
