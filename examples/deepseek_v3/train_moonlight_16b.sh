@@ -16,7 +16,8 @@
 #
 # Usage:  NNODES=1 bash examples/deepseek_v3/train_moonlight_16b.sh CKPT_DIR TOKENIZER DATA_PREFIX
 # TOKENIZER: a local copy of moonshotai/Moonlight-16B-A3B's tokenizer files (tiktoken-based,
-# whose code transformers runs: hence --trust-remote-code) or the hub name.
+# whose code transformers runs: hence --trust-remote-code; it needs `pip install tiktoken`) or
+# the hub name.
 # DRY_RUN=1 prints pretrain_gpt.py's arguments, one a line, instead of launching.
 set -euo pipefail
 export CUDA_DEVICE_MAX_CONNECTIONS=1
