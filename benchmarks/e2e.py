@@ -6,6 +6,8 @@ optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated
     python benchmarks/e2e.py                         # one GPU, the ~1B MoE below
     torchrun --nproc_per_node 4 benchmarks/e2e.py --ep 4
     python benchmarks/e2e.py --tiny --device cpu     # smoke run
+    python benchmarks/e2e.py --model deepseek-v2-lite --max-memory-gib 79   # MLA + shared
+    python benchmarks/e2e.py --model deepseek-v2-lite --tiny --device cpu    # its smoke run
     python benchmarks/e2e.py --cuda-graph-impl local # any pretrain_gpt.py flag passes through
     python benchmarks/e2e.py --micro-batch-size 32 --global-batch-size 256 \
         --cuda-graph-impl local --cuda-graph-warmup-steps 2 --iters 6 --log-interval 2
@@ -15,9 +17,11 @@ optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated
         --recompute-modules moe_act layernorm --max-memory-gib 79
                                                      # 67 GiB: room on an 80 GB H100
 
-Model: hidden 1024, 16 layers, 16 heads, 16 experts top-2, expert FFN 2816, seq 2048, bf16,
-mock data, no dropout (as Mixtral, DeepSeek-MoE and OLMoE pretrain; pass ``--attention-dropout
-0.1 --hidden-dropout 0.1`` for Megatron's defaults). The first ``--skip`` logged intervals
+Model (``--model moe-1b``, the default): hidden 1024, 16 layers, 16 heads, 16 experts top-2,
+expert FFN 2816, seq 2048, bf16, mock data, no dropout (as Mixtral, DeepSeek-MoE and OLMoE
+pretrain; pass ``--attention-dropout 0.1 --hidden-dropout 0.1`` for Megatron's defaults).
+``--model deepseek-v2-lite``: DeepSeek-V2-Lite's shape at ``--layers`` (see DSV2_LITE), seq
+4096, the same training settings. The first ``--skip`` logged intervals
 (warm-up, Triton compilation) are excluded from the reported medians. Results:
 docs/benchmarks.md.
 """
@@ -40,6 +44,31 @@ MODEL = ["--num-layers", "16", "--hidden-size", "1024", "--num-attention-heads",
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--ffn-hidden-size", "128", "--moe-ffn-hidden-size", "64", "--seq-length", "64",
         "--max-position-embeddings", "64", "--num-experts", "4", "--moe-router-topk", "2"]
+# DeepSeek-V2-Lite's shape (Hugging Face deepseek-ai/DeepSeek-V2-Lite config.json: MLA with kv
+# latent 512 and no query LoRA, qk 128 + 64 RoPE, v 128, YaRN x40; 64 routed experts of FFN 1408
+# top-6 (softmax over all, as --moe-router-pre-softmax) plus 2 shared; the first layer dense
+# with FFN 10944; vocabulary 102400; sequence aux loss 1e-3) at fewer layers than its 27 so that
+# weights, fp32 grads and Adam state (about 18 bytes a parameter) fit one 80 GB GPU: --layers 5
+# (1 dense + 4 MoE) is 2.84B parameters (48 GiB of state), 0.83B active per token (embeddings
+# included); --layers 6: 3.42B (57 GiB). All 27 layers: 15.7B, 2.66B active (as published).
+DSV2_LITE = ["--hidden-size", "2048", "--num-attention-heads", "16", "--ffn-hidden-size", "10944",
+             "--moe-ffn-hidden-size", "1408", "--moe-shared-expert-intermediate-size", "2816",
+             "--num-experts", "64", "--moe-router-topk", "6", "--seq-length", "4096",
+             "--max-position-embeddings", "4096", "--kv-lora-rank", "512",
+             "--qk-head-dim", "128", "--qk-pos-emb-head-dim", "64", "--v-head-dim", "128",
+             "--rotary-scaling-factor", "40", "--mscale", "0.707", "--mscale-all-dim", "0.707",
+             "--original-max-position-embeddings", "4096"]
+DSV2_TINY = ["--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "192",
+             "--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size", "64",
+             "--num-experts", "8", "--moe-router-topk", "3", "--seq-length", "64",
+             "--max-position-embeddings", "64", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+             "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--rotary-scaling-factor", "4",
+             "--original-max-position-embeddings", "16"]
+# After COMMON (the later flag wins): DeepSeek's attention, routing and loss.
+DSV2_COMMON = ["--multi-latent-attention", "--rope-type", "yarn", "--qk-layernorm",
+               "--norm-epsilon", "1e-6", "--moe-router-pre-softmax",
+               "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-3",
+               "--vocab-size", "102399"]  # NullTokenizer adds EOD: 102400, DeepSeek-V2's
 COMMON = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
           "--disable-bias-linear", "--untie-embeddings-and-output-weights",
           "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
@@ -51,16 +80,36 @@ COMMON = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type",
           "--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
 
 
+def _model_argv(args) -> list[str]:
+    """The model's flags and COMMON, for ``--model`` (``--tiny``: its small version)."""
+    if args.model == "moe-1b":
+        if args.layers is not None:
+            raise SystemExit("--layers applies to --model deepseek-v2-lite; pass --num-layers")
+        return (TINY if args.tiny else MODEL) + COMMON
+    layers = args.layers or (3 if args.tiny else 5)
+    if layers < 2:
+        raise SystemExit(f"--layers {layers}: deepseek-v2-lite needs >= 2 (the first is dense)")
+    pattern = ["--num-layers", str(layers), "--moe-layer-freq", f"([0]*1+[1]*{layers - 1})"]
+    return (DSV2_TINY if args.tiny else DSV2_LITE) + pattern + COMMON + DSV2_COMMON
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--skip", type=int, default=1, help="logged intervals to drop (warm-up)")
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="4 (moe-1b); 2 for deepseek-v2-lite (8192 tokens of 4096: its fp32 "
+                        "logits over 102400 ids are large)")
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--model", default="moe-1b", choices=["moe-1b", "deepseek-v2-lite"],
+                   help="moe-1b: the ~1B MoE above; deepseek-v2-lite: DeepSeek-V2-Lite's shape "
+                        "(MLA, 64 experts top-6 + 2 shared, first layer dense) at --layers")
+    p.add_argument("--layers", type=int, default=None,
+                   help="deepseek-v2-lite's layers, the first dense (default 5; 3 with --tiny)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--max-memory-gib", type=float, default=None,
                    help="cap this process's CUDA allocations (e.g. 79 to check that a "
@@ -73,8 +122,10 @@ def main() -> None:
             p.error("--max-memory-gib caps CUDA memory; there is no CUDA device here")
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * 2**30 / total))
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 2 if args.model == "deepseek-v2-lite" else 4
     gbs = args.global_batch_size or args.micro_batch_size
-    argv = (TINY if args.tiny else MODEL) + COMMON + [
+    argv = _model_argv(args) + [
         "--train-iters", str(args.iters), "--log-interval", str(args.log_interval),
         "--lr-decay-iters", str(args.iters), "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(gbs), "--expert-model-parallel-size", str(args.ep)]

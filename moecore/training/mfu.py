@@ -8,7 +8,9 @@ Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 
 for multi-latent attention.) ``N_active`` counts the matmul weights one token passes through:
 per layer the attention projections (for MLA the down-, up- and output projections), the dense
 MLP or — in an MoE layer — the router, ``topk`` routed experts and the shared experts, plus the
-output head (``V * H``). The input embedding is a lookup (no FLOPs);
+output head (``V * H``). Each multi-token-prediction depth adds its ``[2H -> H]`` projection,
+one layer of the last layer's kind (to ``L`` as well) and a second pass through the shared output
+head. The input embedding is a lookup (no FLOPs);
 norms and biases are negligible and left out. The second term is self-attention's ``QK^T`` and
 ``AV`` products over the full ``S x S`` square (the PaLM / Megatron convention, which does not
 halve for the causal mask). MFU = achieved FLOP/s / (devices x peak FLOP/s).
@@ -80,28 +82,36 @@ def matmul_params(config, vocab_size: int, active_only: bool = True) -> int:
     Excludes the input embedding, norms and biases.
     """
     h = config.hidden_size
-    attention = _attention_params(config)
-    total = vocab_size * h
-    for is_moe in config.moe_layer_pattern():
-        total += attention
-        if not is_moe:
-            total += _mlp_params(h, config.ffn_hidden_size, config.gated_linear_unit)
-            continue
-        n_experts = config.moe_router_topk if active_only else config.num_moe_experts
-        total += h * config.num_moe_experts
-        total += n_experts * _mlp_params(h, config.moe_ffn_hidden_size, config.gated_linear_unit)
-        if config.moe_shared_expert_intermediate_size:
-            total += _mlp_params(h, config.moe_shared_expert_intermediate_size,
-                                 config.gated_linear_unit)
+    pattern = config.moe_layer_pattern()
+    total = vocab_size * h + sum(_layer_params(config, is_moe, active_only) for is_moe in pattern)
+    for _ in range(config.mtp_num_layers or 0):  # eh_proj and one layer of the last one's kind
+        total += 2 * h * h + _layer_params(config, pattern[-1], active_only)
+    return total
+
+
+def _layer_params(config, is_moe: bool, active_only: bool) -> int:
+    """Matmul weights of one transformer layer: attention plus the dense MLP, or the router,
+    the routed experts (``topk`` of them if ``active_only``) and the shared experts."""
+    h, gated = config.hidden_size, config.gated_linear_unit
+    if not is_moe:
+        return _attention_params(config) + _mlp_params(h, config.ffn_hidden_size, gated)
+    n_experts = config.moe_router_topk if active_only else config.num_moe_experts
+    total = _attention_params(config) + h * config.num_moe_experts
+    total += n_experts * _mlp_params(h, config.moe_ffn_hidden_size, gated)
+    if config.moe_shared_expert_intermediate_size:
+        total += _mlp_params(h, config.moe_shared_expert_intermediate_size, gated)
     return total
 
 
 def flops_per_token(config, vocab_size: int, seq_length: int) -> float:
     """Training FLOPs per token: ``6 * N_active + 6 * L * heads * (d_qk + d_v) * S`` (``d_qk =
-    d_v = kv_channels`` for GQA: ``12 * L * heads * kv_channels * S``)."""
-    attn = 6 * config.num_layers * config.num_attention_heads * _attention_dims(config) \
-        * seq_length
-    return 6.0 * matmul_params(config, vocab_size, active_only=True) + float(attn)
+    d_v = kv_channels`` for GQA: ``12 * L * heads * kv_channels * S``); with ``D`` MTP depths
+    ``L`` includes them and ``N_active`` adds ``D`` passes through the output head."""
+    mtp = config.mtp_num_layers or 0
+    attn = 6 * (config.num_layers + mtp) * config.num_attention_heads \
+        * _attention_dims(config) * seq_length
+    head = mtp * vocab_size * config.hidden_size
+    return 6.0 * (matmul_params(config, vocab_size, active_only=True) + head) + float(attn)
 
 
 def mfu(tokens_per_sec: float, flops_token: float, num_devices: int,

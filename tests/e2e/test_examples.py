@@ -1,10 +1,16 @@
 """The example launch scripts run to completion on CPU (shortened with extra flags)."""
 
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from moecore.arguments import parse_args, transformer_config_from_args
+from moecore.training.mfu import matmul_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +35,36 @@ def test_mixtral_tiny_script_runs_on_four_ranks():
                 "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2"])
     assert len(_losses(log)) == 2
     assert "validation loss at iteration 4" in log
+
+
+def test_deepseek_v3_tiny_script_runs_on_four_ranks():
+    log = _run(["bash", "examples/deepseek_v3/train_deepseek_v3_tiny.sh", "--train-iters", "4",
+                "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2"])
+    assert len(_losses(log)) == 2
+    assert len(re.findall(r"\| mtp_1 loss: [0-9.E+-]+", log)) == 2
+    assert len(re.findall(r"\| seq_load_balancing_loss: [0-9.E+-]+", log)) == 2
+    assert "validation loss at iteration 4" in log
+
+
+@pytest.mark.parametrize("script,world,vocab,total,active", [
+    # DeepSeek-V3: 671B parameters, 37B active (the paper's counts, without the MTP module).
+    ("train_deepseek_v3_671b.sh", 1024, 129280, 671e9, 37e9),
+    # Moonlight-16B-A3B: 16B (15.96B in Hugging Face's count), 3B active.
+    ("train_moonlight_16b.sh", 8, 163840, 15.96e9, 3e9),
+])
+def test_full_size_scripts_parse_to_the_published_model(script, world, vocab, total, active):
+    """The launch scripts' flags pass moecore's validation at their GPU count and build the
+    published model: matmul weights plus the input embedding within 3% of its size."""
+    out = _run(["bash", f"examples/deepseek_v3/{script}", "/ckpt", "tok", "/data/text"],
+               timeout=60, DRY_RUN="1")
+    args = parse_args(out.splitlines(), world_size=world)
+    cfg = transformer_config_from_args(args)
+    assert cfg.multi_latent_attention and cfg.moe_router_enable_expert_bias
+    assert cfg.mtp_num_layers == (1 if "deepseek_v3" in script else None)
+    cfg = dataclasses.replace(cfg, mtp_num_layers=None)  # the published counts leave MTP out
+    embedding = vocab * cfg.hidden_size
+    assert abs(matmul_params(cfg, vocab, active_only=False) + embedding - total) < 0.03 * total
+    assert abs(matmul_params(cfg, vocab) + embedding - active) < 0.03 * active
 
 
 def test_shakespeare_example_trains(tmp_path):

@@ -72,24 +72,37 @@ DEEPSEEK_V3 = """
 
 # Flag -> why the CPU run leaves it out (docs/megatron_recipes.md says the same).
 LEFT_OUT = {
-    "--multi-latent-attention": "MLA is being built (issue 19)",
-    "--q-lora-rank": "MLA", "--kv-lora-rank": "MLA", "--qk-head-dim": "MLA",
-    "--qk-pos-emb-head-dim": "MLA", "--v-head-dim": "MLA",
-    "--rotary-scaling-factor": "YaRN (with MLA)", "--mscale": "YaRN (with MLA)",
-    "--mscale-all-dim": "YaRN (with MLA)",
-    "--mtp-num-layers": "multi-token prediction is being built (issue 19)",
-    "--mtp-loss-scaling-factor": "multi-token prediction",
-    "--tokenizer-type": "Hugging Face tokenizers are being built (issue 19); --mock-data here",
-    "--tokenizer-model": "Hugging Face tokenizer", "--data-path": "--mock-data here",
-    "--split": "--mock-data here",
+    "--data-path": "--mock-data here", "--split": "--mock-data here",
     "--cross-entropy-loss-fusion": "requires the Triton kernel, which needs CUDA",
     "--moe-permute-fusion": "requires the Triton kernels, which need CUDA",
     "--moe-router-fusion": "requires the Triton kernels, which need CUDA",
     "--dist-ckpt-strictness": "refused: moecore loads checkpoints strictly",
-    "--tensorboard-dir": "tensorboard is not installed here",
     "--wandb-project": "wandb is not installed here", "--wandb-exp-name": "wandb",
 }
-CPU = ["--mock-data", "--vocab-size", "100", "--device", "cpu", "--seed", "1234"]
+CPU = ["--mock-data", "--device", "cpu", "--seed", "1234"]
+# The recipe names a hub tokenizer; the CPU run gets a tiny local one (no downloads), or, where
+# transformers is not installed, none (mock data over --vocab-size ids).
+HUB_TOKENIZER = "unsloth/DeepSeek-V3"
+NO_TOKENIZER = ["--tokenizer-type", "--tokenizer-model"]
+
+
+def tiny_hf_tokenizer(root) -> str | None:
+    """A byte-level BPE of ~300 tokens saved with ``transformers`` in ``root``; None when
+    ``tokenizers`` or ``transformers`` is missing."""
+    try:
+        import tokenizers
+        import transformers
+    except ImportError:
+        return None
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(str(root))
+    return str(root)
 
 
 def recipe_argv(text: str = DEEPSEEK_V3) -> list[str]:
@@ -107,10 +120,15 @@ def _drop(argv: list[str], flags) -> list[str]:
     return out
 
 
-def cpu_argv(ckpt: str = "/ckpt/dsv3", extra=()) -> list[str]:
-    """The recipe's CPU run, its checkpoints in ``ckpt``."""
-    argv = [ckpt if a == "/ckpt/dsv3" else a for a in recipe_argv()]
-    return _drop(argv, LEFT_OUT) + CPU + list(extra)
+def cpu_argv(ckpt: str = "/ckpt/dsv3", extra=(), tokenizer: str | None = HUB_TOKENIZER,
+             out: str = "/out") -> list[str]:
+    """The recipe's CPU run, its checkpoints in ``ckpt``, TensorBoard under ``out``, the
+    Hugging Face ``tokenizer`` (None: no tokenizer, mock data over 100 ids)."""
+    argv = _drop(recipe_argv(), LEFT_OUT)
+    if tokenizer is None:
+        argv = _drop(argv, NO_TOKENIZER) + ["--vocab-size", "100"]
+    swap = {"/ckpt/dsv3": ckpt, HUB_TOKENIZER: tokenizer, "/out/tensorboard": f"{out}/tensorboard"}
+    return [swap.get(a, a) for a in argv] + CPU + list(extra)
 
 
 def test_every_recipe_flag_is_accepted_or_documented():
@@ -137,6 +155,13 @@ def test_recipe_parses_with_megatron_meanings():
     assert cfg.moe_aux_loss_coeff == 1e-4
     assert cfg.moe_shared_expert_intermediate_size == 16 and cfg.qk_layernorm
     assert cfg.normalization == "RMSNorm" and cfg.gated_linear_unit and cfg.bf16
+    assert cfg.multi_latent_attention and (cfg.q_lora_rank, cfg.kv_lora_rank) == (32, 16)
+    assert (cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim) == (16, 8, 16)
+    # No --rope-type: YaRN, the default under MLA, at Megatron's original 4096 positions.
+    assert (cfg.rope_type, cfg.rotary_scaling_factor) == (None, 40.0)
+    assert (cfg.mscale, cfg.mscale_all_dim, cfg.original_max_position_embeddings) == \
+        (1.0, 1.0, 4096)
+    assert (cfg.mtp_num_layers, cfg.mtp_loss_scaling_factor) == (1, 0.1)
 
 
 @pytest.mark.parametrize("extra,names", [
@@ -148,13 +173,20 @@ def test_recipe_parses_with_megatron_meanings():
 ])
 def test_recipe_trains_on_cpu(extra, names, tmp_path):
     lines: list[str] = []
-    s = pretrain(cpu_argv(str(tmp_path / "ckpt"), extra), log=lines.append)
+    tokenizer = tiny_hf_tokenizer(tmp_path / "tokenizer")
+    s = pretrain(cpu_argv(str(tmp_path / "ckpt"), extra, tokenizer, str(tmp_path / "out")),
+                 log=lines.append)
     assert s["iterations"] == [1, 2, 3], s["iterations"]
     assert all(0.0 < loss < 10.0 for loss in s["lm_loss"]), s["lm_loss"]
     assert 2 in s["val_loss"]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     for m in s["moe_losses"]:
-        assert set(m) == names, m
+        assert set(m) == names | {"mtp_1 loss"}, m
         # Near-balanced random routing: every balance loss is about 1 (its minimum value).
         assert all(0.5 < m[n] < 3.0 for n in names), m
+        assert 0.0 < m["mtp_1 loss"] < 10.0, m  # the MTP depth's cross entropy, logged apart
     assert any("| seq_load_balancing_loss: " in line for line in lines)
+    assert any("| mtp_1 loss: " in line for line in lines)
+    if tokenizer is not None:  # the vocabulary is the tokenizer's, padded as the recipe asks
+        assert any("tokenizer HuggingFaceTokenizer" in line and "padded to 3232" in line
+                   for line in lines), [line for line in lines if "tokenizer" in line]
