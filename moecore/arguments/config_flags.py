@@ -104,11 +104,18 @@ def field_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
     return out
 
 
+class ConfigFieldError(ValueError):
+    """A :class:`TransformerConfig` check failed on values that came from flags: its message
+    names config fields, which :func:`name_flags_in_error` rewrites as the flags."""
+
+
 def name_flags_in_error(message: str, flags: dict[str, tuple[str, bool]]) -> str:
     """``message`` (a :class:`TransformerConfig` ``ValueError``) with each field written as
     the flag that sets it, for command-line users: ``moe_router_topk=3`` -> ``--moe-router-topk
     3``, ``num_moe_experts`` -> ``--num-experts``, ``moe_router_pre_softmax=True`` ->
-    ``--moe-router-pre-softmax``. ``flags``: :func:`field_flags` of the parser."""
+    ``--moe-router-pre-softmax``. A name without ``_`` (``bf16``, ``fp16``) is rewritten only
+    in the ``name=value`` form: bare, it is more likely a value than the field. ``flags``:
+    :func:`field_flags` of the parser."""
     if not flags:
         return message
     names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
@@ -118,7 +125,7 @@ def name_flags_in_error(message: str, flags: dict[str, tuple[str, bool]]) -> str
         flag, takes_value = flags[m.group(1)]
         value = m.group(2)
         if value is None:
-            return flag
+            return flag if "_" in m.group(1) else m.group(0)
         if takes_value:
             return f"{flag} {value.strip(chr(39))}"
         return flag if value == "True" else m.group(0)

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from moecore.arguments.config_flags import field_flags, name_flags_in_error
+from moecore.arguments.config_flags import ConfigFieldError, field_flags, name_flags_in_error
 from moecore.arguments.validation import _moe_freq_type, validate_args
 from moecore.config import (
     ATTENTION_BACKENDS,
@@ -632,7 +632,9 @@ def parse_args(argv: list[str] | None = None, validate: bool = True,
     if validate:
         try:
             validate_args(args, world_size=world_size)
-        except ValueError as e:
+        except ConfigFieldError as e:
             # TransformerConfig's checks name fields; command-line users see the flags.
             parser.error(name_flags_in_error(str(e), field_flags(parser)))
+        except ValueError as e:
+            parser.error(str(e))
     return args

@@ -11,7 +11,7 @@ import os
 import torch
 
 from moecore.arguments.checkpoint_args import apply_checkpoint_args
-from moecore.arguments.config_flags import transformer_config_from_args
+from moecore.arguments.config_flags import ConfigFieldError, transformer_config_from_args
 from moecore.batch_rampup import rampup_from_args
 from moecore.config import DEFAULT_RECOMPUTE_MODULES, check_recompute_modules
 from moecore.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_args
@@ -481,5 +481,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         if isinstance(pattern, list) and len(pattern) != args.num_layers:
             raise ValueError(f"--moe-layer-freq pattern has {len(pattern)} entries but "
                              f"--num-layers is {args.num_layers}")
-    transformer_config_from_args(args)  # the config validates shapes against parallel sizes
+    try:  # the config validates shapes against parallel sizes
+        transformer_config_from_args(args)
+    except ValueError as e:
+        raise ConfigFieldError(str(e)) from e
     return args

@@ -89,8 +89,10 @@ def test_config_errors_are_rewritten_with_flags():
     assert "add_bias_linear" not in flags  # store_false (--disable-bias-linear)
     msg = ("moe_router_topk=3 must be between 1 and num_moe_experts=2; "
            "moe_router_score_function='sigmoid', moe_router_pre_softmax=True, "
-           "moe_router_topk_scaling_factor, add_bias_linear=True, --bf16 and bf16")
+           "moe_router_topk_scaling_factor, add_bias_linear=True, --bf16 and bf16=True; "
+           "use bf16 or fp32")
     assert name_flags_in_error(msg, flags) == (
         "--moe-router-topk 3 must be between 1 and --num-experts 2; "
         "--moe-router-score-function sigmoid, --moe-router-pre-softmax, "
-        "--moe-router-topk-scaling-factor, add_bias_linear=True, --bf16 and --bf16")
+        "--moe-router-topk-scaling-factor, add_bias_linear=True, --bf16 and --bf16; "
+        "use bf16 or fp32")  # a bare name without "_" is more likely a value than a field
