@@ -41,7 +41,7 @@ V3 = dict(vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_s
           n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
           qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4, topk_group=2,
           num_experts_per_tok=4, first_k_dense_replace=1, norm_topk_prob=True,
-          max_position_embeddings=64, rope_scaling=YARN, tie_word_embeddings=False,
+          max_position_embeddings=32, rope_scaling=YARN, tie_word_embeddings=False,
           bos_token_id=5, eos_token_id=7, rms_norm_eps=1e-6)
 # Moonlight/Kimi-K2-shaped: no q LoRA, one group, plain RoPE, tied embeddings.
 MOONLIGHT = dict(V3, q_lora_rank=None, n_group=1, topk_group=1, num_experts_per_tok=2,
