@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from moecore.convert import Layout, convert
+from moecore.convert.hf_base import export_base_config
 from moecore.convert.io import INDEX_FILENAME, SafetensorsReader
+from moecore.convert.model_args import args_from_flags, true_vocab_size_of
 from moecore.convert.reshard import fake_parallel_state
 from tests.unit.test_convert import (
     assert_same_tensors,
@@ -256,6 +258,17 @@ def test_token_ids_survive_an_export_from_a_pretrain_checkpoint(tmp_path):
     assert back["vocab_size"] == V
     reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "back"))
     assert reloaded.config.first_k_dense_replace == 1
+
+
+def test_true_vocab_size_from_the_tokenizer_directory(tmp_path):
+    ns = args_from_flags(["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads",
+                          "2", "--tokenizer-type", "HuggingFaceTokenizer",
+                          "--tokenizer-model", str(tmp_path)])
+    assert true_vocab_size_of(ns) is None
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"vocab_size": 129280, "bos_token_id": 0, "num_hidden_layers": 61}, f)
+    assert true_vocab_size_of(ns) == 129280
+    assert export_base_config(ns) == {"bos_token_id": 0}  # model fields are not taken
 
 
 # ---- refusals ----------------------------------------------------------------------------------
