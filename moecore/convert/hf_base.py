@@ -140,7 +140,8 @@ class HFSinkBase:
         self.tied = not ns.untie_embeddings_and_output_weights
         os.makedirs(directory, exist_ok=True)
         self.writer = ShardedSafetensorsWriter(
-            directory, [(n, tuple(s), dtype) for n, s in self.plan()], max_shard_bytes)
+            directory, [(n, tuple(s), self.dtype_of(n)) for n, s in self.plan()],
+            max_shard_bytes)
 
     # ---- family hooks ----
     def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
@@ -152,6 +153,11 @@ class HFSinkBase:
     def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
                              ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` is written in (the export dtype unless the family keeps
+        a tensor in another)."""
+        return self.dtype
 
     # ---- shared ----
     def plan(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -166,7 +172,7 @@ class HFSinkBase:
         return plan
 
     def _write(self, name: str, t: torch.Tensor) -> None:
-        self.writer.write(name, t.to(self.dtype).contiguous())
+        self.writer.write(name, t.to(self.dtype_of(name)).contiguous())
 
     def _vocab_rows(self, t: torch.Tensor, name: str) -> torch.Tensor:
         if t.shape[0] < self.vocab_size:

@@ -500,6 +500,13 @@ class HFSink(HFSinkBase):
     def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
         return hf_config_from_args(ns, vocab_size, dtype, self._base)
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        # The hub keeps the expert bias in fp32 next to bf16 weights (moecore's buffer is fp32
+        # too): a bf16 copy would lose the small updates that aux-loss-free balancing makes.
+        if name.endswith("e_score_correction_bias"):
+            return torch.float32
+        return self.dtype
+
     def plan(self) -> list[tuple[str, tuple[int, ...]]]:
         out = super().plan()
         for k in range(self.ns.mtp_num_layers or 0):

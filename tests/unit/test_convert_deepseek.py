@@ -185,6 +185,18 @@ def test_back_to_hub_is_byte_identical(converted):
         "num_nextn_predict_layers": (1, 0)}
 
 
+def test_bf16_weights_with_an_fp32_expert_bias_round_trip(converted, tmp_path):
+    # As the hub stores DeepSeek-V3: bf16 weights, e_score_correction_bias in fp32.
+    tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+               for k, t in read_all(str(converted["root"] / "hf")).items()}
+    with open(converted["root"] / "hf" / "config.json") as f:
+        cfg = json.load(f)
+    write_hf_checkpoint(str(tmp_path / "hf"), cfg, tensors)
+    convert("hf", "moecore", str(tmp_path / "hf"), str(tmp_path / "m"), target={"tp": 2})
+    convert("moecore", "hf", str(tmp_path / "m"), str(tmp_path / "back"))
+    assert_same_tensors(read_all(str(tmp_path / "back")), tensors)
+
+
 # ---- multi-token prediction: a tensor round trip (transformers' model has no MTP) -------------
 def _with_mtp(src: str, dst: str) -> dict[str, torch.Tensor]:
     """The hub checkpoint in ``src`` plus one random MTP depth under DeepSeek's hub names
