@@ -337,7 +337,8 @@ def _mlp_entries(prefix: str, f: int, h: int) -> list[tuple[str, tuple[int, ...]
 
 
 def _is_moe(i: int, ns: argparse.Namespace) -> bool:
-    return i >= ns.num_layers or bool(_moe_pattern(ns)[i])  # MTP layers are MoE as the last
+    """Layer ``i`` is MoE; an MTP layer (``i >= num_layers``) is of the last layer's kind."""
+    return bool(_moe_pattern(ns)[min(i, ns.num_layers - 1)])
 
 
 def hf_layer_entries(i: int, ns: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
