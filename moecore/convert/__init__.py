@@ -1,8 +1,11 @@
-"""Checkpoint conversion: Hugging Face Mixtral <-> moecore, and moecore between TP/PP/EP layouts.
+"""Checkpoint conversion: Hugging Face Mixtral and DeepSeek-V3 <-> moecore, and moecore between
+TP/PP/EP layouts.
 
 ``convert(loader, saver, load_dir, save_dir, target=Layout(...) or {"tp": 2, ...}, dtype=...)``
 runs one conversion layer by layer (``tools/checkpoint/convert.py`` is its command line).
-Modules: :mod:`~moecore.convert.hf_mixtral` (config and parameter mapping),
+Modules: :mod:`~moecore.convert.hf_mixtral` and :mod:`~moecore.convert.hf_deepseek_v3` (config
+and parameter mapping of each family), :mod:`~moecore.convert.hf_base` (their shared reader
+and writer of Hugging Face directories),
 :mod:`~moecore.convert.reshard` (the sharding table: global tensors <-> TP/PP/EP shards),
 :mod:`~moecore.convert.io` (streaming safetensors), :mod:`~moecore.convert.moecore_ckpt`
 (moecore checkpoint files), :mod:`~moecore.convert.model_args` (args, configs, printed flags).

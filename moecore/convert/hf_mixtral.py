@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
-from moecore.convert.io import SafetensorsReader, ShardedSafetensorsWriter, write_json
+from moecore.convert.hf_base import HFSinkBase, HFSourceBase
 from moecore.convert.model_args import args_from_flags
 
 ARCHITECTURE = "MixtralForCausalLM"
@@ -172,6 +171,9 @@ def _check_representable(ns: argparse.Namespace) -> None:
          "Mixtral has no group-limited routing"),
         ("--moe-router-enable-expert-bias", not ns.moe_router_enable_expert_bias,
          "Mixtral has no expert bias"),
+        ("--multi-latent-attention", not ns.multi_latent_attention,
+         "Mixtral uses grouped-query attention"),
+        ("--mtp-num-layers", not ns.mtp_num_layers, "Mixtral has no multi-token prediction"),
     ]
     for flag, ok, why in checks:
         if not ok:
@@ -279,115 +281,31 @@ def hf_from_global_layer(i: int, sd: dict[str, torch.Tensor], ns: argparse.Names
     return out
 
 
-# ---- source -------------------------------------------------------------------------------------
-class HFSource:
+# ---- source and sink ----------------------------------------------------------------------------
+class HFSource(HFSourceBase):
     """Reads a Hugging Face Mixtral directory (``config.json`` + safetensors) layer by layer."""
 
-    def __init__(self, directory: str):
-        path = os.path.join(directory, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"{directory} has no config.json; point --load-dir at a Hugging Face "
-                             "Mixtral model directory")
-        with open(path) as f:
-            self.hf_config = json.load(f)
-        self.args = args_from_hf_config(self.hf_config)
-        self.reader = SafetensorsReader(directory)
-        self.num_layers = self.args.num_layers
-        self.true_vocab_size = self.hf_config["vocab_size"]
-        self.iteration = 0
-        self.tied = not self.args.untie_embeddings_and_output_weights
-        self._check_tensors()
-        self.dtype = self.reader.dtype("model.embed_tokens.weight")
+    model_name = "Mixtral"
 
-    def _check_tensors(self) -> None:
-        """Before converting anything: every tensor the config implies is present with its
-        shape, and nothing else is (rotary ``inv_freq`` caches of old exports are ignored)."""
-        v, h = self.true_vocab_size, self.args.hidden_size
-        shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-        for i in range(self.num_layers):
-            shapes.update(hf_layer_entries(i, self.args))
-        if not self.tied:
-            shapes["lm_head.weight"] = (v, h)
-        missing = [n for n in shapes if n not in self.reader]
-        if missing:
-            raise ValueError(f"{len(missing)} tensors of the Mixtral described by config.json "
-                             f"are missing from {self.reader.directory}, e.g. {missing[:3]}")
-        for name, shape in shapes.items():
-            if self.reader.shape(name) != tuple(shape):
-                raise ValueError(f"tensor {name} has shape {self.reader.shape(name)} but "
-                                 f"config.json implies {tuple(shape)}")
-        extra = [n for n in self.reader.keys() if n not in shapes
-                 and not n.endswith("rotary_emb.inv_freq")
-                 and not (self.tied and n == "lm_head.weight")]
-        if extra:
-            raise ValueError(f"{len(extra)} tensors in {self.reader.directory} are not part of "
-                             f"the Mixtral that config.json describes: {extra[:5]}")
+    def args_from_hf_config(self, cfg: dict) -> argparse.Namespace:
+        return args_from_hf_config(cfg)
 
-    def read_embedding(self) -> dict[str, torch.Tensor]:
-        return {"embedding.word_embeddings.weight": self.reader.get("model.embed_tokens.weight")}
+    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        return hf_layer_entries(i, self.args)
 
-    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+    def global_from_hf_layer(self, i: int) -> dict[str, torch.Tensor]:
         return global_from_hf_layer(i, self.reader.get, self.args)
 
-    def read_final(self) -> dict[str, torch.Tensor]:
-        out = {"decoder.final_layernorm.weight": self.reader.get("model.norm.weight")}
-        if not self.tied:
-            out["output_layer.weight"] = self.reader.get("lm_head.weight")
-        return out
 
-    def close(self) -> None:
-        pass
+class HFSink(HFSinkBase):
+    """Writes a Mixtral's ``config.json`` and safetensors."""
 
+    def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
+        return hf_config_from_args(ns, vocab_size, dtype)
 
-# ---- sink ---------------------------------------------------------------------------------------
-class HFSink:
-    """Writes ``config.json`` and safetensors (sharded above ``max_shard_bytes``), streaming one
-    tensor at a time. Padded vocabulary rows are stripped to ``vocab_size``."""
+    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        return hf_layer_entries(i, self.ns)
 
-    def __init__(self, directory: str, ns: argparse.Namespace, vocab_size: int,
-                 dtype: torch.dtype, max_shard_bytes: int):
-        self.config = hf_config_from_args(ns, vocab_size, dtype)
-        self.directory, self.ns, self.vocab_size, self.dtype = directory, ns, vocab_size, dtype
-        self.tied = not ns.untie_embeddings_and_output_weights
-        h = ns.hidden_size
-        plan = [("model.embed_tokens.weight", (vocab_size, h))]
-        for i in range(ns.num_layers):
-            plan += hf_layer_entries(i, ns)
-        plan.append(("model.norm.weight", (h,)))
-        if not self.tied:
-            plan.append(("lm_head.weight", (vocab_size, h)))
-        os.makedirs(directory, exist_ok=True)
-        self.writer = ShardedSafetensorsWriter(directory, [(n, s, dtype) for n, s in plan],
-                                               max_shard_bytes)
-
-    def _write(self, name: str, t: torch.Tensor) -> None:
-        self.writer.write(name, t.to(self.dtype).contiguous())
-
-    def _vocab_rows(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        if t.shape[0] < self.vocab_size:
-            raise ValueError(f"{name} has {t.shape[0]} rows, fewer than the vocabulary "
-                             f"{self.vocab_size}; pass the right --true-vocab-size")
-        return t[:self.vocab_size]
-
-    def write_embedding(self, sd: dict[str, torch.Tensor]) -> None:
-        name = "embedding.word_embeddings.weight"
-        self._write("model.embed_tokens.weight", self._vocab_rows(sd[name], name))
-
-    def write_layer(self, i: int, sd: dict[str, torch.Tensor]) -> None:
-        hf = hf_from_global_layer(i, sd, self.ns)
-        for name, _ in hf_layer_entries(i, self.ns):
-            self._write(name, hf[name])
-
-    def write_final(self, sd: dict[str, torch.Tensor]) -> None:
-        self._write("model.norm.weight", sd["decoder.final_layernorm.weight"])
-        if not self.tied:
-            self._write("lm_head.weight", self._vocab_rows(sd["output_layer.weight"],
-                                                           "output_layer.weight"))
-
-    def finish(self) -> list[str]:
-        files = self.writer.close()
-        write_json(os.path.join(self.directory, "config.json"), self.config)
-        return files
-
-    def abort(self) -> None:
-        self.writer.abort()
+    def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor]:
+        return hf_from_global_layer(i, sd, self.ns)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 
 import torch
 
@@ -98,11 +100,17 @@ def auto_divisible_by(true_vocab_size: int, tp: int) -> int:
 
 def true_vocab_size_of(ns: argparse.Namespace) -> int | None:
     """The tokenizer's vocabulary size of a checkpoint's args, when they tell it: recorded by
-    the converter, or ``--vocab-size`` + 1 for the mock data's NullTokenizer (its EOD id)."""
+    the converter, ``--vocab-size`` + 1 for the mock data's NullTokenizer (its EOD id), or the
+    ``vocab_size`` of ``config.json`` in a ``--tokenizer-model`` directory."""
     if getattr(ns, "true_vocab_size", None):
         return ns.true_vocab_size
     if ns.tokenizer_type in (None, "NullTokenizer") and ns.vocab_size:
         return ns.vocab_size + 1
+    # --tokenizer-model naming a Hugging Face model directory: its config's vocabulary.
+    path = os.path.join(ns.tokenizer_model or "", "config.json")
+    if ns.tokenizer_model and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("vocab_size")
     return None
 
 

@@ -96,6 +96,7 @@ class MoecoreSource:
         self.num_layers = self.args.num_layers
         self.tied = not self.args.untie_embeddings_and_output_weights
         self.gated = bool(self.args.swiglu)
+        self.num_mtp = self.args.mtp_num_layers or 0
         self._stage, self._loaded = None, []
         emb = self._stage_shards(0)[0][1][model_keys(self.layout.vp)[0]].get(EMBEDDING_KEY)
         if emb is None:
@@ -145,6 +146,11 @@ class MoecoreSource:
         return self._merge(last, self.layout.vp - 1,
                            lambda k: k.startswith("decoder.final_layernorm.")
                            or (k == OUTPUT_KEY and not self.tied))
+
+    def read_mtp(self) -> dict[str, torch.Tensor]:
+        """The MTP block (``mtp.layers.*``, grouped experts), from the last model chunk."""
+        sd = self._merge(self.layout.pp - 1, self.layout.vp - 1, lambda k: k.startswith("mtp."))
+        return set_expert_form(sd, grouped=True)
 
     def close(self) -> None:
         self._stage, self._loaded = None, []
@@ -201,6 +207,12 @@ class MoecoreSink:
     def _vocab(self, t: torch.Tensor, name: str) -> torch.Tensor:
         return resize_vocab(t, self.ns.padded_vocab_size, self.ns.true_vocab_size, name)
 
+    def _last_chunk_has(self, name: str) -> bool:
+        last = len(self.chunks[-1]) - 1
+        mkey = model_keys(last + 1)[last]
+        return any(name in self.expected[shard_name(ps)][mkey]
+                   for ps in self.states if ps.pp_rank == self.layout.pp - 1)
+
     def write_embedding(self, sd: dict[str, torch.Tensor]) -> None:
         for name, t in sd.items():
             if name == EMBEDDING_KEY:
@@ -208,6 +220,9 @@ class MoecoreSink:
                 if self.tied and self.layout.pp > 1:
                     self._embedding_copy = t
             self._put(0, 0, name, t)
+            # Multi-token prediction embeds on the last stage: it holds a copy (PP > 1).
+            if self.layout.pp > 1 and self._last_chunk_has(name):
+                self._put(self.layout.pp - 1, len(self.chunks[-1]) - 1, name, t)
         self._spill()
 
     def write_layer(self, i: int, sd: dict[str, torch.Tensor]) -> None:
@@ -223,9 +238,20 @@ class MoecoreSink:
         sd = dict(sd)
         if OUTPUT_KEY in sd:
             sd[OUTPUT_KEY] = self._vocab(sd[OUTPUT_KEY], OUTPUT_KEY)
-        elif self._embedding_copy is not None:
-            sd[OUTPUT_KEY] = self._embedding_copy  # the last stage's copy of the tied embedding
+        elif self._embedding_copy is not None and self._last_chunk_has(OUTPUT_KEY):
+            # The last stage's copy of the tied embedding (with MTP the stage's embedding copy
+            # serves as the head instead).
+            sd[OUTPUT_KEY] = self._embedding_copy
         for name, t in sd.items():
+            self._put(self.layout.pp - 1, len(self.chunks[-1]) - 1, name, t)
+        self._spill()
+
+    def write_mtp(self, sd: dict[str, torch.Tensor]) -> None:
+        """The MTP block's global tensors (``mtp.layers.*``) onto the last model chunk."""
+        sd = set_expert_form(sd, grouped=bool(self.ns.moe_grouped_gemm))
+        for name, t in sd.items():
+            if not name.startswith("mtp."):
+                raise ValueError(f"the MTP block was given the tensor {name}")
             self._put(self.layout.pp - 1, len(self.chunks[-1]) - 1, name, t)
         self._spill()
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecore.convert.hf_mixtral import HFSink, HFSource
+from moecore.convert import hf_deepseek_v3, hf_mixtral
+from moecore.convert.hf_base import export_base_config, read_hf_config
 from moecore.convert.io import parse_size
 from moecore.convert.model_args import pretrain_flags, target_args
 from moecore.convert.moecore_ckpt import MoecoreSink, MoecoreSource
@@ -32,6 +33,23 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)  # safetensors files (hf saver)
     vocab_size: int = 0
     padded_vocab_size: int = 0
+
+
+def _hf_source(directory: str):
+    """The Hugging Face family's reader for ``directory``, chosen by config.json's model_type
+    (DeepSeek-V3 family, else Mixtral, whose reader names what it cannot read)."""
+    model_type = read_hf_config(directory, "Mixtral or DeepSeek-V3").get("model_type")
+    if model_type in hf_deepseek_v3.MODEL_TYPES:
+        return hf_deepseek_v3.HFSource(directory)
+    return hf_mixtral.HFSource(directory)
+
+
+def _hf_sink(directory: str, ns, vocab_size: int, dtype: torch.dtype, max_shard_bytes: int):
+    """DeepSeek-V3 for a multi-latent-attention model, Mixtral otherwise."""
+    if ns.multi_latent_attention:
+        return hf_deepseek_v3.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
+                                     base=export_base_config(ns))
+    return hf_mixtral.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes)
 
 
 def _mb(sd: dict[str, torch.Tensor]) -> float:
@@ -82,7 +100,7 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
                          "checkpoint to another directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is unknown; choose one of {list(DTYPES)}")
-    source = (HFSource(load_dir) if loader == "hf"
+    source = (_hf_source(load_dir) if loader == "hf"
               else MoecoreSource(load_dir, true_vocab_size=true_vocab_size))
     out_dtype = DTYPES[dtype] if dtype else source.dtype
     result = ConversionResult(saver=saver, save_dir=save_dir, vocab_size=source.true_vocab_size)
@@ -97,7 +115,7 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
         if target and _target_layout(target, Layout()) != Layout():
             raise ValueError("--target-*-parallel-size applies to --saver moecore; a Hugging "
                              "Face checkpoint has no parallel layout")
-        sink = HFSink(save_dir, source.args, source.true_vocab_size, out_dtype,
+        sink = _hf_sink(save_dir, source.args, source.true_vocab_size, out_dtype,
                       parse_size(max_shard_size))
     print(f"[convert] {loader} {load_dir} -> {saver} {save_dir}"
           + (f" at {result.layout.describe()}" if result.layout else "")
@@ -121,6 +139,11 @@ def _run(source, sink, log):
                   f"{_mb(sd):.1f} MB, {time.monotonic() - start:.1f} s", file=log, flush=True)
             del sd
         sink.write_final(source.read_final())
+        if getattr(source, "num_mtp", 0):
+            sd = source.read_mtp()
+            sink.write_mtp(sd)
+            print(f"[convert] MTP block: {len(sd)} tensors, {_mb(sd):.1f} MB", file=log,
+                  flush=True)
         source.close()
         out = sink.finish()
     except BaseException:

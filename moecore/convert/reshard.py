@@ -41,7 +41,10 @@ class Rule:
     vocab: bool = False
 
 
-_L = r"decoder\.layers\.(?P<layer>\d+)\."
+# A decoder layer, or the transformer layer of an MTP depth (same parameters; never renumbered:
+# the MTP block lives whole on the last pipeline stage).
+_L = r"(?:decoder\.layers\.(?P<layer>\d+)|mtp\.layers\.\d+\.transformer_layer)\."
+_MTP = r"mtp\.layers\.\d+\."
 _E = r"mlp\.experts\.local_experts\.(?P<expert>\d+)\."
 _SHARED = r"mlp\.(?:shared_experts\.mlp\.)?"
 SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
@@ -65,6 +68,8 @@ SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
         (_L + _SHARED + r"linear_fc2\.bias", Rule()),
         (_L + r"mlp\.shared_experts\.gate_weight", Rule()),
         (_L + r"mlp\.router\.(?:weight|expert_bias|local_tokens_per_expert)", Rule()),
+        (_MTP + r"(?:enorm|hnorm|final_layernorm)\.weight", Rule()),
+        (_MTP + r"eh_proj\.weight", Rule(tp_dim=0)),
         (_L + r"mlp\.experts\.weight1", Rule(etp_dim=2, ep="dim0", glu=True)),
         (_L + r"mlp\.experts\.weight2", Rule(etp_dim=1, ep="dim0")),
         (_L + _E + r"linear_fc1\.weight", Rule(etp_dim=0, ep="index", glu=True)),
@@ -83,8 +88,9 @@ def rule_for(name: str) -> tuple[Rule, re.Match]:
 
 
 def layer_of(name: str) -> int | None:
+    """The decoder layer of ``name``; None outside the decoder layers (MTP included)."""
     m = re.match(_L, name)
-    return int(m.group("layer")) if m else None
+    return int(m.group("layer")) if m and m.group("layer") is not None else None
 
 
 def _rename(name: str, m: re.Match, layer: int | None, expert: int | None) -> str:
@@ -269,8 +275,8 @@ def merge_tensors(shards: list[tuple[ParallelState, dict[str, torch.Tensor]]], *
 
 
 # ---- representation helpers ----------------------------------------------------------------------
-_SEQ_EXPERT = re.compile(_L + _E + r"linear_fc(?P<fc>[12])\.weight")
-_GROUPED_EXPERT = re.compile(_L + r"mlp\.experts\.weight(?P<fc>[12])")
+_SEQ_EXPERT = re.compile(f"(?P<prefix>{_L})" + _E + r"linear_fc(?P<fc>[12])\.weight")
+_GROUPED_EXPERT = re.compile(f"(?P<prefix>{_L})" + r"mlp\.experts\.weight(?P<fc>[12])")
 
 
 def set_expert_form(sd: dict[str, torch.Tensor], grouped: bool) -> dict[str, torch.Tensor]:
@@ -283,15 +289,15 @@ def set_expert_form(sd: dict[str, torch.Tensor], grouped: bool) -> dict[str, tor
         if m is None:
             out[name] = t
         elif grouped:
-            seq.setdefault((int(m.group("layer")), m.group("fc")), {})[int(m.group("expert"))] = t
+            seq.setdefault((m.group("prefix"), m.group("fc")), {})[int(m.group("expert"))] = t
         else:
-            prefix = f"decoder.layers.{m.group('layer')}.mlp.experts.local_experts."
+            prefix = f"{m.group('prefix')}mlp.experts.local_experts."
             for e in range(t.shape[0]):
                 out[f"{prefix}{e}.linear_fc{m.group('fc')}.weight"] = t[e].t().contiguous()
-    for (layer, fc), by_expert in seq.items():
+    for (prefix, fc), by_expert in seq.items():
         if sorted(by_expert) != list(range(len(by_expert))):
-            raise ValueError(f"layer {layer}: experts {sorted(by_expert)} are not 0..E-1")
-        out[f"decoder.layers.{layer}.mlp.experts.weight{fc}"] = torch.stack(
+            raise ValueError(f"{prefix}: experts {sorted(by_expert)} are not 0..E-1")
+        out[f"{prefix}mlp.experts.weight{fc}"] = torch.stack(
             [by_expert[e].t() for e in range(len(by_expert))])
     return out
 

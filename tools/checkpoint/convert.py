@@ -1,4 +1,5 @@
-"""Convert checkpoints: Hugging Face Mixtral <-> moecore, and moecore between TP/PP/EP layouts.
+"""Convert checkpoints: Hugging Face Mixtral / DeepSeek-V3 <-> moecore, and moecore between
+TP/PP/EP layouts.
 
     # Hugging Face -> moecore at TP=2, EP=4 (prints the pretrain_gpt.py model flags on stdout)
     python tools/checkpoint/convert.py --loader hf --saver moecore \\
@@ -11,6 +12,11 @@
     # moecore -> Hugging Face (config.json + safetensors, sharded above --max-shard-size)
     python tools/checkpoint/convert.py --loader moecore --saver hf \\
         --load-dir ckpt/mixtral-tp2-ep4 --save-dir Mixtral-continued
+    # DeepSeek-V3 / R1 / Kimi-K2 / Moonlight (DeepseekV3ForCausalLM, bf16 weights): the same
+    # commands; config.json's model_type picks the family, MLA models are written back as it
+    python tools/checkpoint/convert.py --loader hf --saver moecore \\
+        --load-dir Moonlight-16B-A3B --save-dir ckpt/moonlight-tp2-ep8 \\
+        --target-tensor-parallel-size 2 --target-expert-parallel-size 8
 
 Progress goes to stderr, one line per layer. See docs/checkpoint_conversion.md.
 """

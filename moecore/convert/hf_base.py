@@ -1,0 +1,203 @@
+"""What every Hugging Face family shares: reading ``config.json`` and a safetensors directory
+layer by layer (:class:`HFSourceBase`), and streaming a model out as sharded safetensors with
+an index (:class:`HFSinkBase`).
+
+A family (``hf_mixtral``, ``hf_deepseek_v3``) subclasses both and supplies the config mapping
+(``args_from_hf_config`` / ``hf_config_from_args``) and the per-layer tensor mapping
+(``layer_entries``, ``global_from_hf_layer``, ``hf_from_global_layer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from moecore.convert.io import SafetensorsReader, ShardedSafetensorsWriter, write_json
+
+EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+def read_hf_config(directory: str, model_name: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory} has no config.json; point --load-dir at a Hugging Face "
+                         f"{model_name} model directory")
+    with open(path) as f:
+        return json.load(f)
+
+
+# Fields of a Hugging Face config.json about tokens and the library, not the computation.
+NON_MODEL_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class",
+                    "transformers_version", "use_cache")
+
+
+def export_base_config(ns: argparse.Namespace) -> dict:
+    """The non-model fields an export starts from: the original Hugging Face config when the
+    converter wrote the checkpoint (``ns.hf_config``); for a checkpoint ``pretrain_gpt.py``
+    saved, those of ``config.json`` / ``generation_config.json`` in its ``--tokenizer-model``
+    directory (a Hugging Face model directory, as DeepSeek recipes pass it); else nothing."""
+    if getattr(ns, "hf_config", None):
+        return json.loads(ns.hf_config)
+    directory = getattr(ns, "tokenizer_model", None)
+    out: dict = {}
+    if directory and os.path.isdir(directory):
+        for name in ("generation_config.json", "config.json"):  # config.json wins
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    found = json.load(f)
+                out.update({k: found[k] for k in NON_MODEL_FIELDS if k in found})
+    return out
+
+
+class HFSourceBase:
+    """Reads a Hugging Face directory (``config.json`` + safetensors) layer by layer."""
+
+    model_name = "model"
+
+    def __init__(self, directory: str):
+        self.hf_config = read_hf_config(directory, self.model_name)
+        self.reader = SafetensorsReader(directory)
+        self.args = self.args_from_hf_config(self.hf_config)
+        self.num_layers = self.args.num_layers
+        self.true_vocab_size = self.hf_config["vocab_size"]
+        self.iteration = 0
+        self.tied = not self.args.untie_embeddings_and_output_weights
+        self._check_tensors(self.expected_shapes())
+        self.dtype = self.reader.dtype(EMBED)
+
+    # ---- family hooks ----
+    def args_from_hf_config(self, cfg: dict) -> argparse.Namespace:
+        """The moecore args of ``cfg`` (``self.reader`` is open)."""
+        raise NotImplementedError
+
+    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def global_from_hf_layer(self, i: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def ignored(self, name: str) -> bool:
+        """Tensors present in the files that the model does not use (rotary caches of old
+        exports; a tied model's ``lm_head``)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.tied and name == HEAD)
+
+    # ---- shared ----
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        v, h = self.true_vocab_size, self.args.hidden_size
+        shapes = {EMBED: (v, h), NORM: (h,)}
+        for i in range(self.num_layers):
+            shapes.update(self.layer_entries(i))
+        if not self.tied:
+            shapes[HEAD] = (v, h)
+        return shapes
+
+    def _check_tensors(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Before converting anything: every tensor the config implies is present with its
+        shape, and nothing else is."""
+        missing = [n for n in shapes if n not in self.reader]
+        if missing:
+            raise ValueError(f"{len(missing)} tensors of the {self.model_name} described by "
+                             f"config.json are missing from {self.reader.directory}, e.g. "
+                             f"{missing[:3]}")
+        for name, shape in shapes.items():
+            if self.reader.shape(name) != tuple(shape):
+                raise ValueError(f"tensor {name} has shape {self.reader.shape(name)} but "
+                                 f"config.json implies {tuple(shape)}")
+        extra = [n for n in self.reader.keys() if n not in shapes and not self.ignored(n)]
+        if extra:
+            raise ValueError(f"{len(extra)} tensors in {self.reader.directory} are not part of "
+                             f"the {self.model_name} that config.json describes: {extra[:5]}")
+
+    def read_embedding(self) -> dict[str, torch.Tensor]:
+        return {"embedding.word_embeddings.weight": self.reader.get(EMBED)}
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        return self.global_from_hf_layer(i)
+
+    def read_final(self) -> dict[str, torch.Tensor]:
+        out = {"decoder.final_layernorm.weight": self.reader.get(NORM)}
+        if not self.tied:
+            out["output_layer.weight"] = self.reader.get(HEAD)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class HFSinkBase:
+    """Writes ``config.json`` and safetensors (sharded above ``max_shard_bytes``, with
+    ``model.safetensors.index.json``), streaming one tensor at a time. Padded vocabulary rows
+    are stripped to ``vocab_size``."""
+
+    def __init__(self, directory: str, ns: argparse.Namespace, vocab_size: int,
+                 dtype: torch.dtype, max_shard_bytes: int):
+        self.config = self.hf_config_from_args(ns, vocab_size, dtype)
+        self.directory, self.ns, self.vocab_size, self.dtype = directory, ns, vocab_size, dtype
+        self.tied = not ns.untie_embeddings_and_output_weights
+        os.makedirs(directory, exist_ok=True)
+        self.writer = ShardedSafetensorsWriter(
+            directory, [(n, tuple(s), self.dtype_of(n)) for n, s in self.plan()],
+            max_shard_bytes)
+
+    # ---- family hooks ----
+    def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
+        raise NotImplementedError
+
+    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` is written in (the export dtype unless the family keeps
+        a tensor in another)."""
+        return self.dtype
+
+    # ---- shared ----
+    def plan(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(name, shape)`` of every tensor in the order they are written."""
+        h = self.ns.hidden_size
+        plan = [(EMBED, (self.vocab_size, h))]
+        for i in range(self.ns.num_layers):
+            plan += self.layer_entries(i)
+        plan.append((NORM, (h,)))
+        if not self.tied:
+            plan.append((HEAD, (self.vocab_size, h)))
+        return plan
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        self.writer.write(name, t.to(self.dtype_of(name)).contiguous())
+
+    def _vocab_rows(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.shape[0] < self.vocab_size:
+            raise ValueError(f"{name} has {t.shape[0]} rows, fewer than the vocabulary "
+                             f"{self.vocab_size}; pass the right --true-vocab-size")
+        return t[:self.vocab_size]
+
+    def write_embedding(self, sd: dict[str, torch.Tensor]) -> None:
+        name = "embedding.word_embeddings.weight"
+        self._write(EMBED, self._vocab_rows(sd[name], name))
+
+    def write_layer(self, i: int, sd: dict[str, torch.Tensor]) -> None:
+        hf = self.hf_from_global_layer(i, sd)
+        for name, _ in self.layer_entries(i):
+            self._write(name, hf[name])
+
+    def write_final(self, sd: dict[str, torch.Tensor]) -> None:
+        self._write(NORM, sd["decoder.final_layernorm.weight"])
+        if not self.tied:
+            self._write(HEAD, self._vocab_rows(sd["output_layer.weight"], "output_layer.weight"))
+
+    def finish(self) -> list[str]:
+        files = self.writer.close()
+        write_json(os.path.join(self.directory, "config.json"), self.config)
+        return files
+
+    def abort(self) -> None:
+        self.writer.abort()
