@@ -23,8 +23,8 @@ from moecore.models.mtp import MTP_LOSS_NAME
 from moecore.moe.losses import MoEAuxLossAutoScaler, MoELossTracker
 from moecore.parallel_state import ParallelSizes, ParallelState
 from tests.dist_harness import run_distributed
-from tests.parallel.test_gpt_parallel import _full, _rel
 from tests.parallel.test_pipeline import DENSE, MOE, _check_layout
+from tests.tp_compare import full_tensor, rel_err
 
 MTP2 = " --mtp-num-layers 2 --mtp-loss-scaling-factor 0.5"
 LAYOUTS = {
@@ -82,13 +82,13 @@ def _check_tp(case: str, tp_state: ParallelState) -> list:
         par = _tp_model(case, tp_state, tensor_model_parallel_size=2, sequence_parallel=sp)
         loss, mtp = _tp_run(par, data)
         tag = f"{case} sp={sp}"
-        errors += [(f"{tag} loss", _rel(loss, ref_loss)), (f"{tag} mtp loss", _rel(mtp, ref_mtp))]
+        errors += [(f"{tag} loss", rel_err(loss, ref_loss)), (f"{tag} mtp loss", rel_err(mtp, ref_mtp))]
         for name, p in par.named_parameters():
-            assert torch.equal(_full(p, p.data, tp_state), ref_params[name].data), (tag, name)
+            assert torch.equal(full_tensor(p, p.data, tp_state), ref_params[name].data), (tag, name)
             grad = p.grad.clone()
             if getattr(p, "sequence_parallel", False):
                 torch.distributed.all_reduce(grad, group=tp_state.tp_group)
-            errors.append((f"{tag} grad {name}", _rel(_full(p, grad, tp_state),
+            errors.append((f"{tag} grad {name}", rel_err(full_tensor(p, grad, tp_state),
                                                       ref_params[name].grad)))
     return errors
 
