@@ -82,7 +82,8 @@ def _check_tp(case: str, tp_state: ParallelState) -> list:
         par = _tp_model(case, tp_state, tensor_model_parallel_size=2, sequence_parallel=sp)
         loss, mtp = _tp_run(par, data)
         tag = f"{case} sp={sp}"
-        errors += [(f"{tag} loss", rel_err(loss, ref_loss)), (f"{tag} mtp loss", rel_err(mtp, ref_mtp))]
+        errors += [(f"{tag} loss", rel_err(loss, ref_loss)),
+                   (f"{tag} mtp loss", rel_err(mtp, ref_mtp))]
         for name, p in par.named_parameters():
             assert torch.equal(full_tensor(p, p.data, tp_state), ref_params[name].data), (tag, name)
             grad = p.grad.clone()
