@@ -76,6 +76,10 @@ class ModelConfig:
     """Normalise queries and keys per head (over ``kv_channels``) before attention; under
     multi-latent attention: normalise the q and kv latents (``q_layernorm``, ``kv_layernorm``),
     as Megatron's MLA spec does."""
+    qk_layernorm_hidden_dim: bool = False
+    """With ``qk_layernorm``: normalise the whole q and k projections (``nh*d`` and ``ng*d``
+    wide, one RMS over all heads, as OLMoE does) instead of each head; the weights are split
+    over TP with the heads and the sum of squares is all-reduced over TP."""
     gated_linear_unit: bool = True
     """Gated MLPs: ``act(x W_gate) * (x W_up)`` (SwiGLU with silu); the first
     projection is ``[H, 2 * ffn]``."""
@@ -191,6 +195,10 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_query_groups={self.num_query_groups}")
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        if self.qk_layernorm_hidden_dim and (not self.qk_layernorm or self.normalization
+                                             != "RMSNorm" or self.multi_latent_attention):
+            raise ValueError("qk_layernorm_hidden_dim needs qk_layernorm, RMSNorm and "
+                             "grouped-query attention (not multi_latent_attention)")
         _check_choice("position_embedding_type", self.position_embedding_type,
                       ("rope", "learned_absolute", "none"))
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)

@@ -25,6 +25,7 @@ MODEL_DESTS = (
     "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
     "moe_input_jitter_eps", "moe_grouped_gemm", "mtp_num_layers",
+    "qk_layernorm_hidden_dim",
 )
 PARALLEL_DESTS = (
     "tensor_model_parallel_size", "pipeline_model_parallel_size",

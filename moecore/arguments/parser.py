@@ -116,6 +116,10 @@ def _add_network_size_args(p):
     g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--qk-layernorm-hidden-dim", action="store_true",
+                   help="moecore (FlagScale's Megatron fork's name): with --qk-layernorm, one "
+                        "RMSNorm over the whole q and k projections instead of per head "
+                        "(OLMoE).")
     g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
     g.add_argument("--openai-gelu", action="store_true", help="tanh-approximated GeLU.")
     g.add_argument("--squared-relu", action="store_true")

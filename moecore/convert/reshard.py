@@ -55,6 +55,7 @@ SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
         (r"decoder\.final_layernorm\.(?:weight|bias)", Rule()),
         (_L + r"(?:input_layernorm|pre_mlp_layernorm)\.(?:weight|bias)", Rule()),
         (_L + r"self_attention\.(?:q_layernorm|k_layernorm)\.(?:weight|bias)", Rule()),
+        (_L + r"self_attention\.(?:q_proj_layernorm|k_proj_layernorm)\.weight", Rule(tp_dim=0)),
         (_L + r"self_attention\.linear_qkv\.(?:weight|bias)", Rule(tp_dim=0)),
         (_L + r"self_attention\.linear_proj\.weight", Rule(tp_dim=1)),
         (_L + r"self_attention\.linear_proj\.bias", Rule()),

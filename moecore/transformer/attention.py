@@ -1,5 +1,9 @@
 """Causal self-attention with grouped-query attention (GQA), optional QK-norm and RoPE.
 
+QK-norm (``qk_layernorm``) is per head (``q_layernorm``/``k_layernorm``, ``[d]``, replicated),
+or with ``qk_layernorm_hidden_dim`` over the whole q and k projections as OLMoE
+(``q_proj_layernorm [nh*d]``/``k_proj_layernorm [ng*d]``, split over TP with the heads).
+
 Fused QKV weight layout (``linear_qkv.weight``, ``[(nh + 2 * ng) * d, H]`` as a full master
 weight; ``nh`` query heads, ``ng`` query groups = key/value heads, ``d`` = ``kv_channels``,
 ``hpg = nh // ng`` query heads per group). Output rows are grouped per query group ``g`` in
@@ -31,6 +35,7 @@ from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from moecore.transformer.norms import build_norm
+from moecore.transformer.projection_norm import ProjectionRMSNorm
 from moecore.transformer.rope import apply_rotary_pos_emb, rope_request
 from moecore.transformer.utils import (
     check_attention_layout,
@@ -70,7 +75,15 @@ class SelfAttention(nn.Module):
             bias=config.add_bias_linear or config.add_qkv_bias, gather_output=False,
             parallel_state=ps)
         self.q_layernorm = self.k_layernorm = None
-        if config.qk_layernorm:
+        self.q_proj_layernorm = self.k_proj_layernorm = None
+        if config.qk_layernorm and config.qk_layernorm_hidden_dim:
+            # One norm over the whole projection, its weight split with the heads over TP (its
+            # own name: the converter's sharding table splits it, not replicates it).
+            self.q_proj_layernorm = ProjectionRMSNorm(nh, d, config.layernorm_epsilon,
+                                                      config.params_dtype, tp, ps.tp_group)
+            self.k_proj_layernorm = ProjectionRMSNorm(ng, d, config.layernorm_epsilon,
+                                                      config.params_dtype, tp, ps.tp_group)
+        elif config.qk_layernorm:
             # Each TP rank normalises only its own heads, so these grads are partial over TP.
             self.q_layernorm = build_norm(config, d, sequence_parallel=tp > 1)
             self.k_layernorm = build_norm(config, d, sequence_parallel=tp > 1)
@@ -93,7 +106,7 @@ class SelfAttention(nn.Module):
         (:func:`~moecore.kernels.rope.fused_qkv_rope`): RoPE on, no QK-norm between
         the split and the rotation, and the fused RoPE kernel usable here (CUDA, Triton,
         ``apply_rope_fusion``, angles without grad)."""
-        if (freqs is None or self.q_layernorm is not None or not self.config.apply_rope_fusion
+        if (freqs is None or self.config.qk_layernorm or not self.config.apply_rope_fusion
                 or freqs.requires_grad):
             return False
         S, B = mixed.shape[:2]
@@ -113,6 +126,8 @@ class SelfAttention(nn.Module):
             q, k, v = self.split_qkv(mixed)
             if self.q_layernorm is not None:
                 q, k = self.q_layernorm(q), self.k_layernorm(k)
+            elif self.q_proj_layernorm is not None:
+                q, k = self.q_proj_layernorm(q), self.k_proj_layernorm(k)
             if rotary_pos_emb is not None:
                 fused = self.config.apply_rope_fusion
                 q = apply_rotary_pos_emb(q, rotary_pos_emb, fused=fused)
