@@ -67,6 +67,26 @@ def test_full_size_scripts_parse_to_the_published_model(script, world, vocab, to
     assert abs(matmul_params(cfg, vocab) + embedding - active) < 0.03 * active
 
 
+def test_olmoe_tiny_script_runs_on_four_ranks():
+    log = _run(["bash", "examples/olmoe/train_olmoe_tiny.sh", "--train-iters", "4",
+                "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2"])
+    assert len(_losses(log)) == 2
+    assert len(re.findall(r"\| z_loss: [0-9.E+-]+", log)) == 2
+    assert "validation loss at iteration 4" in log
+
+
+def test_olmoe_full_size_script_parses_to_the_published_model():
+    """OLMoE-1B-7B: 6.92B parameters, 1.28B active (Hugging Face's count of the released
+    weights), with QK norm over the whole projections and no top-k renormalisation."""
+    out = _run(["bash", "examples/olmoe/train_olmoe_1b_7b.sh", "/ckpt", "tok", "/data/text"],
+               timeout=60, DRY_RUN="1")
+    cfg = transformer_config_from_args(parse_args(out.splitlines(), world_size=32))
+    assert cfg.qk_layernorm and cfg.qk_layernorm_hidden_dim and cfg.moe_router_pre_softmax
+    total, active, embedding = 6.92e9, 1.28e9, 50304 * cfg.hidden_size
+    assert abs(matmul_params(cfg, 50304, active_only=False) + embedding - total) < 0.03 * total
+    assert abs(matmul_params(cfg, 50304) + embedding - active) < 0.03 * active
+
+
 def test_shakespeare_example_trains(tmp_path):
     log = _run(["bash", "examples/shakespeare_moe/run.sh", "--train-iters", "40",
                 "--eval-interval", "40", "--log-interval", "10"])
