@@ -172,3 +172,18 @@ def test_clip_qkv_is_refused(tmp_path):
     save_hub(model, str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="clip_qkv=8.0"):
         convert("hf", "moecore", str(tmp_path / "hf"), str(tmp_path / "m"))
+
+
+def test_cli_in_and_out(converted, tmp_path, capsys):
+    """tools/checkpoint/convert.py: hub -> moecore at EP=2 prints OLMoE's flags; -> hub again."""
+    from tools.checkpoint.convert import main
+
+    root, mid, back = converted["root"], str(tmp_path / "ep2"), str(tmp_path / "back")
+    assert main(["--loader", "hf", "--saver", "moecore", "--load-dir", str(root / "hf"),
+                 "--save-dir", mid, "--target-expert-parallel-size", "2"]) == 0
+    flags = capsys.readouterr().out.split()
+    assert "--qk-layernorm-hidden-dim" in flags
+    assert flags[flags.index("--expert-model-parallel-size") + 1] == "2"
+    assert main(["--loader", "moecore", "--saver", "hf", "--load-dir", mid,
+                 "--save-dir", back]) == 0
+    assert_same_tensors(read_all(back), read_all(str(root / "hf")))
