@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecore.convert import hf_deepseek_v3, hf_mixtral
+from moecore.convert import hf_deepseek_v3, hf_mixtral, hf_qwen_moe
 from moecore.convert.hf_base import export_base_config, read_hf_config
 from moecore.convert.io import parse_size
 from moecore.convert.model_args import pretrain_flags, target_args
@@ -37,18 +37,25 @@ class ConversionResult:
 
 def _hf_source(directory: str):
     """The Hugging Face family's reader for ``directory``, chosen by config.json's model_type
-    (DeepSeek-V3 family, else Mixtral, whose reader names what it cannot read)."""
-    model_type = read_hf_config(directory, "Mixtral or DeepSeek-V3").get("model_type")
+    (DeepSeek-V3 family, Qwen3-/Qwen2-MoE, else Mixtral, whose reader names what it cannot
+    read)."""
+    model_type = read_hf_config(directory, "Mixtral, DeepSeek-V3 or Qwen-MoE").get("model_type")
     if model_type in hf_deepseek_v3.MODEL_TYPES:
         return hf_deepseek_v3.HFSource(directory)
+    if model_type in hf_qwen_moe.MODEL_TYPES:
+        return hf_qwen_moe.HFSource(directory)
     return hf_mixtral.HFSource(directory)
 
 
 def _hf_sink(directory: str, ns, vocab_size: int, dtype: torch.dtype, max_shard_bytes: int):
-    """DeepSeek-V3 for a multi-latent-attention model, Mixtral otherwise."""
+    """DeepSeek-V3 for a multi-latent-attention model, Qwen3-/Qwen2-MoE for one converted from
+    those or with QK norm / a gated shared expert, Mixtral otherwise."""
     if ns.multi_latent_attention:
         return hf_deepseek_v3.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
                                      base=export_base_config(ns))
+    if hf_qwen_moe.is_qwen_model(ns):
+        return hf_qwen_moe.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
+                                  base=export_base_config(ns))
     return hf_mixtral.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes)
 
 
