@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecore.convert import hf_deepseek_v3, hf_mixtral, hf_qwen_moe
-from moecore.convert.hf_base import export_base_config, read_hf_config
+from moecore.convert.hf_base import copy_tokenizer_files, export_base_config, read_hf_config
 from moecore.convert.io import parse_size
 from moecore.convert.model_args import pretrain_flags, target_args
 from moecore.convert.moecore_ckpt import MoecoreSink, MoecoreSource
@@ -95,8 +95,9 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
     ``dtype``: ``"bf16"``/``"fp32"`` (default: the source's). ``grouped_gemm``: write
     ``GroupedMLP`` (True) or ``SequentialMLP`` (False) expert weights (default: the source's
     choice; HF sources use grouped). ``true_vocab_size``: the tokenizer's vocabulary when a
-    moecore source's args do not record it (padding rows beyond it are dropped). Progress
-    lines go to ``log`` (default: stderr).
+    moecore source's args do not record it (padding rows beyond it are dropped). The tokenizer
+    files of ``load_dir`` (else of a moecore source's ``--tokenizer-model`` directory) are
+    copied beside the result. Progress lines go to ``log`` (default: stderr).
     """
     log = log or sys.stderr
     for what, value in (("--loader", loader), ("--saver", saver)):
@@ -128,6 +129,10 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
           + (f" at {result.layout.describe()}" if result.layout else "")
           + f", {source.num_layers} layers, dtype {out_dtype}", file=log, flush=True)
     out = _run(source, sink, log)
+    copied = copy_tokenizer_files([load_dir, getattr(source.args, "tokenizer_model", None)],
+                                  save_dir)
+    if copied:
+        print(f"[convert] copied {', '.join(copied)} beside the weights", file=log, flush=True)
     if saver == "hf":
         result.files = out
     return result

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moecore.convert import Layout, convert
+from moecore.convert.hf_base import copy_tokenizer_files
 from moecore.convert.hf_qwen_moe import (
     args_from_hf_config,
     family_of,
@@ -126,6 +127,8 @@ def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = hf_model(request.param)
     save_hub(model, str(root / "hf"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # stand-ins, copied byte for byte
+        (root / "hf" / name).write_text(json.dumps({"file": name, "case": request.param}))
     res = convert("hf", "moecore", str(root / "hf"), str(root / "m"))
     (ours,) = load_stage(str(root / "m"), fake_parallel_state(Layout().sizes(), 0))
     return {"case": request.param, "root": root, "hf": model, "res": res, "moecore": ours}
@@ -183,6 +186,8 @@ def test_back_to_hub_is_byte_identical(converted, tmp_path):
         cfg = json.load(f)
     assert cfg["architectures"] == [family + "ForCausalLM"]
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (5, 7)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (back / name).read_bytes() == (root / "hf" / name).read_bytes(), name
     cls = getattr(transformers, family + "ForCausalLM")
     reloaded = cls.from_pretrained(str(back), attn_implementation="eager").eval()
     ids, _ = ids_and_labels()
@@ -196,6 +201,19 @@ def test_export_of_a_model_built_from_flags_picks_the_family(converted):
     ns.hf_config = None
     assert is_qwen_model(ns)
     assert family_of(ns) == CASES[converted["case"]][0].lower().replace("moe", "_moe")
+
+
+def test_tokenizer_files_come_from_the_first_source_holding_any(tmp_path):
+    empty, tok, out = tmp_path / "empty", tmp_path / "tok", tmp_path / "out"
+    for d in (empty, tok, out):
+        d.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "merges.txt").write_text("a b")
+    (tok / "model.safetensors").write_text("")  # not a tokenizer file
+    (out / "merges.txt").write_text("kept")
+    assert copy_tokenizer_files([None, str(empty), str(tok)], str(out)) == ["tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["merges.txt", "tokenizer.json"]
+    assert (out / "merges.txt").read_text() == "kept"
 
 
 # ---- refusals ----------------------------------------------------------------------------------
