@@ -262,7 +262,8 @@ def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dt
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_theta": theta}
     else:
         cfg["rope_theta"], cfg["rope_scaling"] = theta, None
-    cfg.pop("layer_types", None)  # derived by transformers (all full attention here)
+    if "layer_types" in cfg:  # transformers >= 5 writes it (all full attention here)
+        cfg["layer_types"] = ["full_attention"] * ns.num_layers
     cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dtype).replace("torch.", "")
     cfg.setdefault("use_cache", True)
     return cfg

@@ -26,7 +26,13 @@ from moecore.convert.hf_qwen_moe import (
 )
 from moecore.convert.io import INDEX_FILENAME, SafetensorsReader
 from moecore.convert.reshard import fake_parallel_state
-from tests.unit.test_convert import assert_same_tensors, load_stage, read_all, rel_err
+from tests.unit.test_convert import (
+    assert_same_tensors,
+    load_stage,
+    read_all,
+    rel_err,
+    write_hf_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -186,6 +192,10 @@ def test_back_to_hub_is_byte_identical(converted, tmp_path):
         cfg = json.load(f)
     assert cfg["architectures"] == [family + "ForCausalLM"]
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (5, 7)
+    with open(root / "hf" / "config.json") as f:
+        orig = json.load(f)
+    assert {k: (v, cfg.get(k)) for k, v in orig.items() if cfg.get(k) != v} == {}
+    assert set(cfg) - set(orig) <= {"head_dim"}  # written even where it is hidden / heads
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (back / name).read_bytes() == (root / "hf" / name).read_bytes(), name
     cls = getattr(transformers, family + "ForCausalLM")
@@ -193,6 +203,26 @@ def test_back_to_hub_is_byte_identical(converted, tmp_path):
     ids, _ = ids_and_labels()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, converted["hf"](ids).logits)
+
+
+def test_hub_config_spelling_round_trips(converted, tmp_path):
+    # The hub's configs predate transformers 5: "num_experts", "rope_theta", "torch_dtype".
+    root = converted["root"]
+    with open(root / "hf" / "config.json") as f:
+        cfg = json.load(f)
+    cfg["num_experts"] = cfg.pop("num_local_experts", cfg.get("num_experts"))
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    cfg["rope_scaling"], cfg["torch_dtype"] = None, cfg.pop("dtype")
+    tensors = read_all(str(root / "hf"))
+    write_hf_checkpoint(str(tmp_path / "hf"), cfg, tensors)
+    res = convert("hf", "moecore", str(tmp_path / "hf"), str(tmp_path / "m"))
+    assert res.flags == converted["res"].flags
+    convert("moecore", "hf", str(tmp_path / "m"), str(tmp_path / "back"))
+    assert_same_tensors(read_all(str(tmp_path / "back")), tensors)
+    with open(tmp_path / "back" / "config.json") as f:
+        back = json.load(f)
+    assert {k: back[k] for k in cfg if back[k] != cfg[k]} == {}
+    assert "num_local_experts" not in back and "rope_parameters" not in back
 
 
 def test_export_of_a_model_built_from_flags_picks_the_family(converted):
