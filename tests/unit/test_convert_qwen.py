@@ -33,6 +33,7 @@ from tests.unit.test_convert import (
     rel_err,
     write_hf_checkpoint,
 )
+from tools.checkpoint.convert import main as cli_main
 
 transformers = pytest.importorskip("transformers")
 
@@ -244,6 +245,22 @@ def test_tokenizer_files_come_from_the_first_source_holding_any(tmp_path):
     assert copy_tokenizer_files([None, str(empty), str(tok)], str(out)) == ["tokenizer.json"]
     assert sorted(os.listdir(out)) == ["merges.txt", "tokenizer.json"]
     assert (out / "merges.txt").read_text() == "kept"
+
+
+def test_cli_bf16_through_pp2_ep2_and_back(tmp_path, capsys):
+    save_hub(hf_model("qwen2", seed=1), str(tmp_path / "hf"))
+    (tmp_path / "hf" / "merges.txt").write_text("q w")
+    cli = ["--dtype", "bf16", "--load-dir"]
+    assert cli_main(["--loader", "hf", "--saver", "moecore", *cli, str(tmp_path / "hf"),
+                     "--save-dir", str(tmp_path / "m"), "--target-pipeline-parallel-size", "2",
+                     "--target-expert-parallel-size", "2"]) == 0
+    flags = capsys.readouterr().out.split()
+    assert "--bf16" in flags and flags[flags.index("--pipeline-model-parallel-size") + 1] == "2"
+    assert cli_main(["--loader", "moecore", "--saver", "hf", "--load-dir", str(tmp_path / "m"),
+                     "--save-dir", str(tmp_path / "back")]) == 0
+    expected = {k: t.to(torch.bfloat16) for k, t in read_all(str(tmp_path / "hf")).items()}
+    assert_same_tensors(read_all(str(tmp_path / "back")), expected)
+    assert (tmp_path / "back" / "merges.txt").read_text() == "q w"
 
 
 # ---- refusals ----------------------------------------------------------------------------------
