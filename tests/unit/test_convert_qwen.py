@@ -29,6 +29,7 @@ from moecore.convert.reshard import fake_parallel_state
 from tests.unit.test_convert import (
     assert_same_tensors,
     load_stage,
+    load_with_pretrain,
     read_all,
     rel_err,
     write_hf_checkpoint,
@@ -226,12 +227,33 @@ def test_hub_config_spelling_round_trips(converted, tmp_path):
     assert "num_local_experts" not in back and "rope_parameters" not in back
 
 
-def test_export_of_a_model_built_from_flags_picks_the_family(converted):
-    # Without the original config (as after pretrain_gpt.py saved it), the features decide.
+def test_export_of_a_checkpoint_pretrain_saved(converted, tmp_path):
+    # pretrain_gpt.py's checkpoint keeps no Hugging Face config: the model's features pick the
+    # family, the --tokenizer-model directory gives the token ids and tokenizer files. At lr 0
+    # the weights are the original's.
+    root, (family, _) = converted["root"], CASES[converted["case"]]
+    load_with_pretrain(converted["res"].flags + [
+        "--load", str(root / "m"), "--no-load-optim", "--no-load-rng",
+        "--save", str(tmp_path / "trained"), "--tokenizer-model", str(root / "hf")], V,
+        train=True)
+    saved = torch.load(next((tmp_path / "trained").rglob("model_optim_rng.pt")),
+                       weights_only=False)["args"]
+    assert "hf_config" not in saved
     ns = args_from_hf_config(converted["hf"].config.to_dict())
     ns.hf_config = None
-    assert is_qwen_model(ns)
-    assert family_of(ns) == CASES[converted["case"]][0].lower().replace("moe", "_moe")
+    assert is_qwen_model(ns) and family_of(ns) == family.lower().replace("moe", "_moe")
+    convert("moecore", "hf", str(tmp_path / "trained"), str(tmp_path / "back"))
+    assert_same_tensors(read_all(str(tmp_path / "back")), read_all(str(root / "hf")))
+    with open(tmp_path / "back" / "config.json") as f:
+        back = json.load(f)
+    assert back["architectures"] == [family + "ForCausalLM"]
+    assert (back["bos_token_id"], back["eos_token_id"], back["vocab_size"]) == (5, 7, V)
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    cls = getattr(transformers, family + "ForCausalLM")
+    reloaded = cls.from_pretrained(str(tmp_path / "back"), attn_implementation="eager").eval()
+    ids, _ = ids_and_labels()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, converted["hf"](ids).logits)
 
 
 def test_tokenizer_files_come_from_the_first_source_holding_any(tmp_path):
