@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import torch
 
@@ -51,6 +52,29 @@ def export_base_config(ns: argparse.Namespace) -> dict:
                     found = json.load(f)
                 out.update({k: found[k] for k in NON_MODEL_FIELDS if k in found})
     return out
+
+
+# Files beside the weights that a Hugging Face model directory needs to tokenize and generate.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(sources: list[str | None], directory: str) -> list[str]:
+    """Copy :data:`TOKENIZER_FILES` into ``directory`` from the first of ``sources`` (the
+    converted directory, then e.g. a run's ``--tokenizer-model``) that holds any; files already
+    in ``directory`` are kept. Returns the names copied."""
+    for src in sources:
+        if not src or not os.path.isdir(src) or os.path.realpath(src) == \
+                os.path.realpath(directory):
+            continue
+        found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+        if found:
+            copied = [n for n in found if not os.path.exists(os.path.join(directory, n))]
+            for name in copied:
+                shutil.copyfile(os.path.join(src, name), os.path.join(directory, name))
+            return copied
+    return []
 
 
 class HFSourceBase:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecore.convert import hf_deepseek_v3, hf_mixtral, hf_olmoe
-from moecore.convert.hf_base import export_base_config, read_hf_config
+from moecore.convert import hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen_moe
+from moecore.convert.hf_base import copy_tokenizer_files, export_base_config, read_hf_config
 from moecore.convert.io import parse_size
 from moecore.convert.model_args import pretrain_flags, target_args
 from moecore.convert.moecore_ckpt import MoecoreSink, MoecoreSource
@@ -37,23 +37,31 @@ class ConversionResult:
 
 def _hf_source(directory: str):
     """The Hugging Face family's reader for ``directory``, chosen by config.json's model_type
-    (DeepSeek-V3 family, OLMoE, else Mixtral, whose reader names what it cannot read)."""
-    model_type = read_hf_config(directory, "Mixtral or DeepSeek-V3").get("model_type")
+    (DeepSeek-V3 family, OLMoE, Qwen3-/Qwen2-MoE, else Mixtral, whose reader names what it
+    cannot read)."""
+    model_type = read_hf_config(directory, "Mixtral, DeepSeek-V3, OLMoE or Qwen-MoE"
+                                ).get("model_type")
     if model_type in hf_deepseek_v3.MODEL_TYPES:
         return hf_deepseek_v3.HFSource(directory)
     if model_type in hf_olmoe.MODEL_TYPES:
         return hf_olmoe.HFSource(directory)
+    if model_type in hf_qwen_moe.MODEL_TYPES:
+        return hf_qwen_moe.HFSource(directory)
     return hf_mixtral.HFSource(directory)
 
 
 def _hf_sink(directory: str, ns, vocab_size: int, dtype: torch.dtype, max_shard_bytes: int):
     """DeepSeek-V3 for a multi-latent-attention model, OLMoE for QK norm over the whole
-    projections, Mixtral otherwise."""
+    projections, Qwen3-/Qwen2-MoE for one converted from those or with per-head QK norm / a gated
+    shared expert, Mixtral otherwise."""
     if ns.multi_latent_attention:
         return hf_deepseek_v3.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
                                      base=export_base_config(ns))
     if getattr(ns, "qk_layernorm_hidden_dim", False):  # QK norm over whole projections
         return hf_olmoe.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes)
+    if hf_qwen_moe.is_qwen_model(ns):
+        return hf_qwen_moe.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
+                                  base=export_base_config(ns))
     return hf_mixtral.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes)
 
 
@@ -93,8 +101,9 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
     ``dtype``: ``"bf16"``/``"fp32"`` (default: the source's). ``grouped_gemm``: write
     ``GroupedMLP`` (True) or ``SequentialMLP`` (False) expert weights (default: the source's
     choice; HF sources use grouped). ``true_vocab_size``: the tokenizer's vocabulary when a
-    moecore source's args do not record it (padding rows beyond it are dropped). Progress
-    lines go to ``log`` (default: stderr).
+    moecore source's args do not record it (padding rows beyond it are dropped). The tokenizer
+    files of ``load_dir`` (else of a moecore source's ``--tokenizer-model`` directory) are
+    copied beside the result. Progress lines go to ``log`` (default: stderr).
     """
     log = log or sys.stderr
     for what, value in (("--loader", loader), ("--saver", saver)):
@@ -126,6 +135,10 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
           + (f" at {result.layout.describe()}" if result.layout else "")
           + f", {source.num_layers} layers, dtype {out_dtype}", file=log, flush=True)
     out = _run(source, sink, log)
+    copied = copy_tokenizer_files([load_dir, getattr(source.args, "tokenizer_model", None)],
+                                  save_dir)
+    if copied:
+        print(f"[convert] copied {', '.join(copied)} beside the weights", file=log, flush=True)
     if saver == "hf":
         result.files = out
     return result

@@ -87,6 +87,27 @@ def test_olmoe_full_size_script_parses_to_the_published_model():
     assert abs(matmul_params(cfg, 50304) + embedding - active) < 0.03 * active
 
 
+def test_qwen3_moe_tiny_script_runs_on_four_ranks():
+    log = _run(["bash", "examples/qwen3_moe/train_qwen3_moe_tiny.sh", "--train-iters", "4",
+                "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2"])
+    assert len(_losses(log)) == 2
+    assert len(re.findall(r"\| load_balancing_loss: [0-9.E+-]+", log)) == 2
+    assert "validation loss at iteration 4" in log
+
+
+def test_qwen3_30b_a3b_script_parses_to_the_published_model():
+    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active (Qwen's model card), at 16 GPUs."""
+    out = _run(["bash", "examples/qwen3_moe/train_qwen3_30b_a3b.sh", "/ckpt", "tok",
+                "/data/text"], timeout=60, DRY_RUN="1")
+    cfg = transformer_config_from_args(parse_args(out.splitlines(), world_size=16))
+    assert cfg.qk_layernorm and cfg.kv_channels == 128 and cfg.num_query_groups == 4
+    assert not cfg.moe_router_pre_softmax and cfg.moe_shared_expert_intermediate_size is None
+    vocab, total, active = 151936, 30.5e9, 3.3e9
+    embedding = vocab * cfg.hidden_size
+    assert abs(matmul_params(cfg, vocab, active_only=False) + embedding - total) < 0.03 * total
+    assert abs(matmul_params(cfg, vocab) + embedding - active) < 0.03 * active
+
+
 def test_shakespeare_example_trains(tmp_path):
     log = _run(["bash", "examples/shakespeare_moe/run.sh", "--train-iters", "40",
                 "--eval-interval", "40", "--log-interval", "10"])

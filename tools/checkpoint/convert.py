@@ -17,8 +17,13 @@ TP/PP/EP layouts.
     python tools/checkpoint/convert.py --loader hf --saver moecore \\
         --load-dir Moonlight-16B-A3B --save-dir ckpt/moonlight-tp2-ep8 \\
         --target-tensor-parallel-size 2 --target-expert-parallel-size 8
+    # Qwen3-MoE / Qwen2-MoE (Qwen3MoeForCausalLM, Qwen2MoeForCausalLM): the same commands
+    python tools/checkpoint/convert.py --loader hf --saver moecore \\
+        --load-dir Qwen3-30B-A3B --save-dir ckpt/qwen3-30b-tp2-ep8 \\
+        --target-tensor-parallel-size 2 --target-expert-parallel-size 8
 
-Progress goes to stderr, one line per layer. See docs/checkpoint_conversion.md.
+Tokenizer files beside the weights are copied with them. Progress goes to stderr, one line per
+layer. See docs/checkpoint_conversion.md.
 """
 
 from __future__ import annotations
