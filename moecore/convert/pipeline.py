@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecore.convert import hf_deepseek_v3, hf_mixtral
+from moecore.convert import hf_deepseek_v3, hf_gpt_oss, hf_mixtral
 from moecore.convert.hf_base import export_base_config, read_hf_config
 from moecore.convert.io import parse_size
 from moecore.convert.model_args import pretrain_flags, target_args
@@ -41,11 +41,15 @@ def _hf_source(directory: str):
     model_type = read_hf_config(directory, "Mixtral or DeepSeek-V3").get("model_type")
     if model_type in hf_deepseek_v3.MODEL_TYPES:
         return hf_deepseek_v3.HFSource(directory)
+    if model_type in hf_gpt_oss.MODEL_TYPES:
+        return hf_gpt_oss.HFSource(directory)
     return hf_mixtral.HFSource(directory)
 
 
 def _hf_sink(directory: str, ns, vocab_size: int, dtype: torch.dtype, max_shard_bytes: int):
     """DeepSeek-V3 for a multi-latent-attention model, Mixtral otherwise."""
+    if hf_gpt_oss.is_gpt_oss(ns):
+        return hf_gpt_oss.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes)
     if ns.multi_latent_attention:
         return hf_deepseek_v3.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
                                      base=export_base_config(ns))

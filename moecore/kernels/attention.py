@@ -15,6 +15,7 @@ and 128); SDPA picks a kernel that takes it.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fused": SDPBackend.CUDNN_
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
                    dropout_p: float = 0.0, backend: str = AUTO,
-                   softmax_scale: float | None = None) -> torch.Tensor:
+                   softmax_scale: float | None = None, window: int | None = None,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention, causal unless a mask is given.
 
     Args:
@@ -47,9 +49,15 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend: ``auto`` (PyTorch's pick) or a key of :data:`SDPA_BACKENDS` (that SDPA
             kernel only; an input it cannot take raises, naming ``--attention-backend``).
         softmax_scale: multiplier of ``q k^T`` before the softmax; None: ``1 / sqrt(d)``.
+        window: sliding window: query ``i`` sees keys ``i - window .. i`` only; None: all.
+        sinks: ``[heads]`` logits added to each softmax denominator (attention sinks).
+            With a window or sinks :func:`sink_window_attention` runs (whatever ``backend``).
     Returns:
         ``[S, B, heads * d_v]``.
     """
+    if window is not None or sinks is not None:
+        return sink_window_attention(q, k, v, attention_mask, dropout_p, softmax_scale,
+                                     window, sinks)
     fn = ATTENTION.resolve(backend, device=q.device).fn
     if softmax_scale is None:  # the registry's original call, for backends without the argument
         return fn(q, k, v, attention_mask, dropout_p)
@@ -73,6 +81,42 @@ def _sdpa(q, k, v, attention_mask, dropout_p, scale=None):
     else:
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=~attention_mask.bool(),
                                              dropout_p=dropout_p, **kwargs)
+    return out.permute(2, 0, 1, 3).reshape(S, B, nh * v.shape[-1])
+
+
+def sink_window_attention(q, k, v, attention_mask=None, dropout_p: float = 0.0,
+                          scale: float | None = None, window: int | None = None,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention with an optional sliding window and attention sinks, materialising the
+    ``[B, heads, S, S]`` scores (the reference; shapes as :func:`core_attention`).
+
+    ``softmax([scores_i, sink_h])`` over the visible keys and one extra logit per head whose
+    probability is dropped (Hugging Face's ``GptOssAttention``): the sink only enlarges the
+    denominator. Scores and softmax are computed in fp32.
+    """
+    S, B, nh, d = q.shape
+    rep = nh // k.shape[2]
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, heads, S, d]
+    kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * scale
+    i = torch.arange(S, device=q.device)
+    offset = i[:, None] - i[None, :]  # query - key
+    masked = offset < 0
+    if window is not None:
+        masked = masked | (offset > window)
+    if attention_mask is not None:
+        masked = masked | attention_mask.bool()
+    scores = scores.masked_fill(masked, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, nh, 1, 1).expand(B, nh, S, 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    out = torch.matmul(probs.to(vb.dtype), vb)  # [B, heads, S, d_v]
     return out.permute(2, 0, 1, 3).reshape(S, B, nh * v.shape[-1])
 
 
