@@ -23,7 +23,13 @@ from moecore.convert.reshard import fake_parallel_state
 from moecore.kernels.attention import core_attention
 from moecore.transformer.attention import layer_window
 from moecore.transformer.mlp import apply_activation, quick_gelu
-from tests.unit.test_convert import assert_same_tensors, load_stage, read_all, rel_err
+from tests.unit.test_convert import (
+    assert_same_tensors,
+    load_stage,
+    read_all,
+    rel_err,
+    write_hf_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -203,3 +209,32 @@ def test_mxfp4_dequantisation_matches_transformers():
     out = dequantize_mxfp4(blocks, scales, torch.float32)
     assert out.shape == (3, 64, 6)
     assert torch.equal(out, ref)
+
+
+def test_mxfp4_checkpoint_imports_dequantised(tmp_path):
+    """A hub-style checkpoint (experts as ``_blocks`` / ``_scales``) converts to moecore and
+    exports unquantised with transformers' dequantised values."""
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    kwargs = dict(GPT_OSS, intermediate_size=32)
+    cfg = transformers.GptOssConfig(**kwargs).to_dict()
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**kwargs))
+    tensors = {k: v.detach().float() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    expected = {}
+    for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
+        e, n_in, n_out = tensors.pop(name).shape
+        blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), generator=g,
+                               dtype=torch.uint8)
+        scales = torch.randint(122, 130, (e, n_out, n_in // 32), generator=g, dtype=torch.uint8)
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        expected[name] = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    assert len(expected) == 2 * kwargs["num_hidden_layers"]
+    write_hf_checkpoint(str(tmp_path / "hub"), cfg, tensors)
+    convert("hf", "moecore", str(tmp_path / "hub"), str(tmp_path / "m"))
+    convert("moecore", "hf", str(tmp_path / "m"), str(tmp_path / "back"))
+    back = read_all(str(tmp_path / "back"))
+    for name, ref in expected.items():
+        assert torch.equal(back[name], ref), name
+    with open(tmp_path / "back" / "config.json") as f:
+        assert "quantization_config" not in json.load(f)
