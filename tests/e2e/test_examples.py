@@ -67,6 +67,28 @@ def test_full_size_scripts_parse_to_the_published_model(script, world, vocab, to
     assert abs(matmul_params(cfg, vocab) + embedding - active) < 0.03 * active
 
 
+def test_gpt_oss_tiny_script_runs_on_four_ranks():
+    log = _run(["bash", "examples/gpt_oss/train_gpt_oss_tiny.sh", "--train-iters", "4",
+                "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2"])
+    assert len(_losses(log)) == 2
+    assert "validation loss at iteration 4" in log
+
+
+def test_gpt_oss_20b_script_parses_to_the_published_model():
+    """gpt-oss-20b's model card: 20.91B parameters, 3.61B active (without the input
+    embedding); the flags pass moecore's validation on 8 GPUs."""
+    out = _run(["bash", "examples/gpt_oss/train_gpt_oss_20b.sh", "/ckpt", "tok", "/data/text"],
+               timeout=60, DRY_RUN="1")
+    args = parse_args(out.splitlines(), world_size=8)
+    cfg = transformer_config_from_args(args)
+    assert cfg.softmax_type == "learnable" and cfg.window_size == (127, 0)
+    assert cfg.add_bias_linear and cfg.glu_linear_offset == 1.0
+    vocab = 201088
+    total = matmul_params(cfg, vocab, active_only=False) + vocab * cfg.hidden_size
+    assert abs(total - 20.91e9) < 0.03 * 20.91e9
+    assert abs(matmul_params(cfg, vocab) - 3.61e9) < 0.03 * 3.61e9
+
+
 def test_shakespeare_example_trains(tmp_path):
     log = _run(["bash", "examples/shakespeare_moe/run.sh", "--train-iters", "40",
                 "--eval-interval", "40", "--log-interval", "10"])
