@@ -238,3 +238,20 @@ def test_mxfp4_checkpoint_imports_dequantised(tmp_path):
         assert torch.equal(back[name], ref), name
     with open(tmp_path / "back" / "config.json") as f:
         assert "quantization_config" not in json.load(f)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_attention_forward_matches_the_reference_on_cpu(window):
+    """The CUDA path's math (block mask, sink through the log-sum-exp), eager on CPU where
+    FlexAttention has a forward only; CPU training uses the reference."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from moecore.kernels.attention import SINK_ATTENTION, flex_sink_window_attention
+
+    assert SINK_ATTENTION.resolve("auto", device=torch.device("cpu")).name == "torch"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, 2, n, 8, generator=g) for n in (4, 2, 2))
+    sinks = torch.randn(4, generator=g)
+    out = flex_sink_window_attention(q, k, v, window=window, sinks=sinks, compiled=False)
+    ref = core_attention(q, k, v, window=window, sinks=sinks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
