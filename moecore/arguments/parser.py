@@ -163,6 +163,10 @@ def _add_attention_variant_args(p):
     g.add_argument("--no-yarn-correction-range-round-to-int", action="store_false",
                    dest="yarn_correction_range_round_to_int",
                    help="YaRN: keep the ramp bounds fractional (gpt-oss).")
+    _noop(g, "--enable-gpt-oss", "gpt-oss's layers are set by their own flags (--softmax-type, "
+          "--window-size, --quick-geglu, ...)")
+    _noop(g, "--export-force-local-attention", "there is no Transformer Engine attention to "
+          "force off")
 
 
 def _add_mla_args(p):
