@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from moecore.convert.hf_base import HFSinkBase, HFSourceBase
+from moecore.convert.hf_base import HFSinkBase, HFSourceBase, export_base_config
 from moecore.convert.model_args import args_from_flags
 
 ARCHITECTURE = "GptOssForCausalLM"
@@ -211,7 +211,7 @@ def _layer_types(ns: argparse.Namespace) -> list[str]:
 def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dtype) -> dict:
     """The ``config.json`` of ``ns``'s model (non-model fields of an original config kept)."""
     _check_representable(ns)
-    cfg = json.loads(ns.hf_config) if getattr(ns, "hf_config", None) else {}
+    cfg = export_base_config(ns)  # the original config, or token ids from the tokenizer dir
     rope = {**rope_parameters(cfg), "rope_type": "yarn", "rope_theta": float(ns.rotary_base),
             "factor": float(ns.rotary_scaling_factor), "beta_fast": 32.0, "beta_slow": 1.0,
             "original_max_position_embeddings": ns.original_max_position_embeddings or 4096,

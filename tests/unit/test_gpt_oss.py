@@ -255,3 +255,30 @@ def test_flex_attention_forward_matches_the_reference_on_cpu(window):
     out = flex_sink_window_attention(q, k, v, window=window, sinks=sinks, compiled=False)
     ref = core_attention(q, k, v, window=window, sinks=sinks)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"attention_bias": False}, "attention_bias"),
+    ({"swiglu_alpha": 1.5}, "swiglu_alpha"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"rope_parameters": dict(GPT_OSS["rope_parameters"], beta_fast=16.0)}, "rope_parameters"),
+])
+def test_refusals_name_the_field(change, field):
+    from moecore.convert.hf_gpt_oss import args_from_hf_config
+
+    cfg = transformers.GptOssConfig(**GPT_OSS).to_dict() | change
+    with pytest.raises(ValueError, match=f"field {field}="):
+        args_from_hf_config(cfg)
+
+
+def test_expert_biases_refuse_expert_tensor_parallelism():
+    from moecore.moe.experts import GroupedMLP
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                            num_moe_experts=2, moe_ffn_hidden_size=8, add_bias_linear=True)
+    experts = GroupedMLP(2, cfg, fake_parallel_state(Layout().sizes(), 0))
+    assert experts.bias1.shape == (2, 16) and experts.bias2.shape == (2, 16)
+    etp2 = fake_parallel_state(Layout(tp=2, etp=2).sizes(), 0)
+    assert etp2.etp_size == 2
+    with pytest.raises(ValueError, match="--expert-tensor-parallel-size 1"):
+        GroupedMLP(2, cfg, etp2)
