@@ -54,7 +54,8 @@ _KNOWN = {"_name_or_path", "architectures", "model_type", "transformers_version"
           "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
           "sliding_window", "num_experts_per_tok", "num_local_experts", "attention_bias",
           "quantization_config", "layer_types", "swiglu_limit", "swiglu_alpha", "problem_type",
-          "chunk_size_feed_forward", "is_encoder_decoder", "experts_per_token"}
+          "chunk_size_feed_forward", "is_encoder_decoder", "experts_per_token",
+          "initial_context_length"}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_local_experts", "num_experts_per_tok", "head_dim")
 _EXPERT_MATS = ("gate_up_proj", "down_proj")

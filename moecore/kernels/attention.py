@@ -10,6 +10,10 @@ else explicitly repeated k/v heads). Backends: ``sdpa``
 an input raises ``RuntimeError`` naming ``--attention-backend`` (PyTorch decides per call, so
 the probes accept every device). ``d_v`` may differ from ``d`` (multi-latent attention: 192
 and 128); SDPA picks a kernel that takes it.
+
+Sliding windows and attention sinks (gpt-oss) go through the ``sink_attention`` registry
+instead: FlexAttention on CUDA under ``auto`` (no mask, no dropout), else
+:func:`sink_window_attention`, the materialised fp32 reference.
 """
 
 from __future__ import annotations
