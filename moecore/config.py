@@ -178,6 +178,25 @@ class ModelConfig:
     """YaRN: rotations above which a frequency is kept (extrapolated)."""
     beta_slow: float = 1.0
     """YaRN: rotations below which a frequency is interpolated."""
+    yarn_correction_range_round_to_int: bool = True
+    """YaRN: round the ramp bounds to integers (floor/ceil), as Megatron and Hugging Face do by
+    default; gpt-oss does not (its ``rope_scaling.truncate`` is false)."""
+    softmax_type: str = "vanilla"
+    """Attention softmax: ``vanilla``; ``off-by-one`` (an extra zero logit in every softmax
+    denominator); ``learnable`` (one learned logit per head there: gpt-oss's attention
+    sinks, parameter ``self_attention.sinks [heads]``)."""
+    window_size: tuple[int, int] | None = None
+    """Sliding-window attention ``(left, right)``: query ``i`` sees keys ``i - left .. i``
+    (``right`` must be 0: causal); None: full causal attention on every layer."""
+    window_attn_skip_freq: int | list[int] | None = None
+    """Which layers keep full attention under ``window_size``: an int ``N`` makes every
+    ``N``-th layer (1-based numbers divisible by ``N``) full, the rest windowed; a list gives
+    one entry per layer, 1 = windowed, 0 = full; None: every layer windowed."""
+    activation_func_clamp_value: float | None = None
+    """Gated MLPs: clamp the gate input to ``<= c`` and the linear input to ``[-c, c]`` before
+    the activation (gpt-oss: 7)."""
+    glu_linear_offset: float = 0.0
+    """Gated MLPs: ``act(gate) * (up + offset)`` (gpt-oss: 1)."""
 
     def _validate_model(self) -> None:
         if self.ffn_hidden_size is None:
@@ -217,15 +236,36 @@ class ModelConfig:
         if self.mtp_num_layers is not None and self.mtp_num_layers < 1:
             raise ValueError(f"mtp_num_layers={self.mtp_num_layers} must be >= 1 (or None for "
                              "no multi-token prediction)")
+        self._validate_attention_variants()
         self._validate_mla()
+
+    def _validate_attention_variants(self) -> None:
+        _check_choice("softmax_type", self.softmax_type, ("vanilla", "off-by-one", "learnable"))
+        if self.window_size is not None:
+            self.window_size = tuple(int(w) for w in self.window_size)
+            if len(self.window_size) != 2 or self.window_size[0] < 0 or self.window_size[1]:
+                raise ValueError(f"window_size={self.window_size} must be (left >= 0, 0): "
+                                 "attention is causal (--window-size LEFT,0)")
+        freq = self.window_attn_skip_freq
+        if isinstance(freq, list | tuple) and len(freq) != self.num_layers:
+            raise ValueError(f"window_attn_skip_freq has {len(freq)} entries for num_layers="
+                             f"{self.num_layers}; give one 1/0 per layer")
+        if self.activation_func_clamp_value is not None and self.activation_func_clamp_value <= 0:
+            raise ValueError(f"activation_func_clamp_value={self.activation_func_clamp_value} "
+                             "must be > 0 (--activation-func-clamp-value)")
+        if self.multi_latent_attention and (self.window_size is not None
+                                            or self.softmax_type != "vanilla"):
+            raise ValueError("sliding windows and --softmax-type other than vanilla are "
+                             "implemented for grouped-query attention only: drop "
+                             "--multi-latent-attention or --window-size / --softmax-type")
 
     def _validate_mla(self) -> None:
         rope = self.rope_type or ("yarn" if self.multi_latent_attention else "rope")
         _check_choice("rope_type", rope, ("rope", "yarn"))
         if not self.multi_latent_attention:
-            if rope == "yarn":
-                raise ValueError("rope_type='yarn' is implemented for multi-latent attention "
-                                 "only: add --multi-latent-attention or drop --rope-type yarn")
+            if rope == "yarn" and self.rotary_percent != 1.0:
+                raise ValueError("YaRN rotates whole heads: drop --rotary-percent "
+                                 f"{self.rotary_percent} or --rope-type yarn")
             if "mla_up_proj" in (self.recompute_modules or ()):
                 raise ValueError("recompute module 'mla_up_proj' needs multi-latent attention: "
                                  "add --multi-latent-attention or drop it from --recompute-modules")

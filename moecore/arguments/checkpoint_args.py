@@ -17,6 +17,8 @@ MODEL_DESTS = (
     "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor", "mscale",
     "mscale_all_dim", "original_max_position_embeddings",
     "swiglu", "squared_relu", "openai_gelu", "add_bias_linear", "add_qkv_bias",
+    "quick_geglu", "glu_linear_offset", "activation_func_clamp_value", "softmax_type",
+    "window_size", "window_attn_skip_freq", "yarn_correction_range_round_to_int",
     "untie_embeddings_and_output_weights", "apply_residual_connection_post_layernorm",
     "make_vocab_size_divisible_by", "init_method_std", "attention_dropout", "hidden_dropout",
     "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk",

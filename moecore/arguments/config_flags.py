@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from moecore.config import TransformerConfig
+from moecore.transformer.mlp import quick_gelu
 
 # flag dest -> config field, where Megatron's flag and Megatron-Core's field differ in name.
 FLAG_RENAMES: dict[str, str] = {
     "num_experts": "num_moe_experts",
-    "swiglu": "gated_linear_unit",
     "norm_epsilon": "layernorm_epsilon",
 }
 # flag dest -> config field that holds its negation.
@@ -33,7 +33,9 @@ INVERTED_FLAGS: dict[str, str] = {
 }
 # config field -> the flags it is computed from.
 DERIVED_FIELDS: dict[str, str] = {
-    "activation_func": "--swiglu / --squared-relu / --openai-gelu (gelu otherwise)",
+    "activation_func": "--swiglu / --quick-geglu / --squared-relu / --openai-gelu (gelu "
+                       "otherwise)",
+    "gated_linear_unit": "--swiglu / --quick-geglu",
     "params_dtype": "--bf16 / --fp16 (fp32 otherwise)",
     "vocab_size": "the tokenizer's vocabulary (--vocab-size or --tokenizer-*) padded by "
                   "--make-vocab-size-divisible-by x TP: args.padded_vocab_size, set by the "
@@ -47,6 +49,7 @@ LIBRARY_ONLY_FIELDS: dict[str, str] = {
 # config field -> conversion of the flag's value.
 _CONVERT: dict[str, Callable] = {
     "rotary_base": float,  # Megatron's flag is an int
+    "window_size": lambda v: None if v is None else tuple(v),
     "recompute_modules": lambda v: None if v is None else tuple(v),
     "moe_router_dtype": lambda v: v or "fp32",  # the flag's None means fp32, as in Megatron
     # Unset: Megatron's MLA config default.
@@ -137,6 +140,8 @@ def name_flags_in_error(message: str, flags: dict[str, tuple[str, bool]]) -> str
 def _activation(args: argparse.Namespace) -> Callable:
     if args.swiglu:
         return F.silu
+    if args.quick_geglu:
+        return quick_gelu
     if args.squared_relu:
         return lambda x: torch.pow(F.relu(x), 2)
     if args.openai_gelu:
@@ -146,6 +151,7 @@ def _activation(args: argparse.Namespace) -> Callable:
 
 def _derived(args: argparse.Namespace) -> dict:
     return {"activation_func": _activation(args),
+            "gated_linear_unit": bool(args.swiglu or args.quick_geglu),
             "params_dtype": torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
             else torch.float32,
             "vocab_size": vars(args).get("padded_vocab_size")}

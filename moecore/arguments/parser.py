@@ -44,7 +44,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--use-legacy-models": "legacy (non-core) models",
     "--is-hybrid-model": "hybrid Mamba models", "--hybrid-override-pattern": "hybrid models",
     "--heterogeneous-layers-config-path": "heterogeneous layers",
-    "--window-size": "sliding-window attention",
     "--data-parallel-random-init": "per-DP-rank random init",
     "--init-method-xavier-uniform": "Xavier init",
     "--apply-query-key-layer-scaling": "QK layer scaling",
@@ -124,6 +123,13 @@ def _add_network_size_args(p):
     g.add_argument("--openai-gelu", action="store_true", help="tanh-approximated GeLU.")
     g.add_argument("--squared-relu", action="store_true")
     g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--quick-geglu", action="store_true",
+                   help="Gated MLP with x * sigmoid(1.702 x) (gpt-oss's experts).")
+    g.add_argument("--activation-func-clamp-value", type=float, default=None,
+                   help="Gated MLPs: clamp the gate input to <= c and the linear input to "
+                   "[-c, c] (gpt-oss: 7).")
+    g.add_argument("--glu-linear-offset", type=float, default=0.0,
+                   help="Gated MLPs: act(gate) * (up + offset) (gpt-oss: 1).")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                    help="SDPA kernel: auto (PyTorch's pick: cuDNN on Hopper), flash "
@@ -137,6 +143,34 @@ def _add_network_size_args(p):
                    help="Weight of the MTP losses: the objective adds factor / mtp-num-layers "
                         "times their sum; they are logged apart as 'mtp_<k> loss'.")
     _add_mla_args(p)
+    _add_attention_variant_args(p)
+
+
+def _window_size(value: str) -> tuple[int, int]:
+    parts = value.strip("()[] ").split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"--window-size {value!r}: give LEFT,RIGHT (e.g. 128,0)")
+    return int(parts[0]), int(parts[1])
+
+
+def _add_attention_variant_args(p):
+    g = p.add_argument_group(title="attention variants (gpt-oss)")
+    g.add_argument("--softmax-type", default="vanilla",
+                   choices=["vanilla", "off-by-one", "learnable"],
+                   help="learnable: one learned logit per head in the softmax denominator "
+                   "(attention sinks); off-by-one: a fixed zero logit there.")
+    g.add_argument("--window-size", type=_window_size, default=None,
+                   help="Sliding-window attention LEFT,0: query i sees keys i-LEFT..i.")
+    g.add_argument("--window-attn-skip-freq", type=_moe_freq_type, default=None,
+                   help="Under --window-size: every N-th layer keeps full attention, or a "
+                   "per-layer pattern like [1,0]*12 (1 = windowed).")
+    g.add_argument("--no-yarn-correction-range-round-to-int", action="store_false",
+                   dest="yarn_correction_range_round_to_int",
+                   help="YaRN: keep the ramp bounds fractional (gpt-oss).")
+    _noop(g, "--enable-gpt-oss", "gpt-oss's layers are set by their own flags (--softmax-type, "
+          "--window-size, --quick-geglu, ...)")
+    _noop(g, "--export-force-local-attention", "there is no Transformer Engine attention to "
+          "force off")
 
 
 def _add_mla_args(p):

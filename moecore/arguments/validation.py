@@ -131,8 +131,9 @@ def _validate_model_shape(args) -> None:
     if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by "
                          f"--num-attention-heads {args.num_attention_heads}; pass --kv-channels")
-    if sum([args.swiglu, args.squared_relu, args.openai_gelu]) > 1:
-        raise ValueError("--swiglu, --squared-relu and --openai-gelu are mutually exclusive")
+    if sum([args.swiglu, args.quick_geglu, args.squared_relu, args.openai_gelu]) > 1:
+        raise ValueError("--swiglu, --quick-geglu, --squared-relu and --openai-gelu are "
+                         "mutually exclusive")
     if args.recompute_activations:
         args.recompute_granularity = "selective"
     if args.recompute_modules is not None:
@@ -474,9 +475,9 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_batch_and_schedule(args)
     _validate_cuda_graph(args)
     if args.num_experts is not None:
-        if args.add_bias_linear:
-            raise ValueError("MoE expert MLPs have no bias (as Megatron-Core's GroupedMLP); "
-                             "pass --disable-bias-linear with --num-experts")
+        if args.add_bias_linear and not args.moe_grouped_gemm:
+            raise ValueError("expert biases (MoE without --disable-bias-linear) need "
+                             "--moe-grouped-gemm; add it or pass --disable-bias-linear")
         pattern = args.moe_layer_freq
         if isinstance(pattern, list) and len(pattern) != args.num_layers:
             raise ValueError(f"--moe-layer-freq pattern has {len(pattern)} entries but "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecore.convert import hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen_moe
+from moecore.convert import hf_deepseek_v3, hf_gpt_oss, hf_mixtral, hf_olmoe, hf_qwen_moe
 from moecore.convert.hf_base import copy_tokenizer_files, export_base_config, read_hf_config
 from moecore.convert.io import parse_size
 from moecore.convert.model_args import pretrain_flags, target_args
@@ -37,9 +37,9 @@ class ConversionResult:
 
 def _hf_source(directory: str):
     """The Hugging Face family's reader for ``directory``, chosen by config.json's model_type
-    (DeepSeek-V3 family, OLMoE, Qwen3-/Qwen2-MoE, else Mixtral, whose reader names what it
+    (DeepSeek-V3 family, OLMoE, Qwen3-/Qwen2-MoE, gpt-oss, else Mixtral, whose reader names what it
     cannot read)."""
-    model_type = read_hf_config(directory, "Mixtral, DeepSeek-V3, OLMoE or Qwen-MoE"
+    model_type = read_hf_config(directory, "Mixtral, DeepSeek-V3, OLMoE, Qwen-MoE or gpt-oss"
                                 ).get("model_type")
     if model_type in hf_deepseek_v3.MODEL_TYPES:
         return hf_deepseek_v3.HFSource(directory)
@@ -47,13 +47,18 @@ def _hf_source(directory: str):
         return hf_olmoe.HFSource(directory)
     if model_type in hf_qwen_moe.MODEL_TYPES:
         return hf_qwen_moe.HFSource(directory)
+    if model_type in hf_gpt_oss.MODEL_TYPES:
+        return hf_gpt_oss.HFSource(directory)
     return hf_mixtral.HFSource(directory)
 
 
 def _hf_sink(directory: str, ns, vocab_size: int, dtype: torch.dtype, max_shard_bytes: int):
-    """DeepSeek-V3 for a multi-latent-attention model, OLMoE for QK norm over the whole
-    projections, Qwen3-/Qwen2-MoE for one converted from those or with per-head QK norm / a gated
-    shared expert, Mixtral otherwise."""
+    """gpt-oss for a model with its layers (sinks, windows, biases, the clamped GLU), DeepSeek-V3
+    for a multi-latent-attention model, OLMoE for QK norm over the whole projections,
+    Qwen3-/Qwen2-MoE for one converted from those or with per-head QK norm / a gated shared
+    expert, Mixtral otherwise."""
+    if hf_gpt_oss.is_gpt_oss(ns):
+        return hf_gpt_oss.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes)
     if ns.multi_latent_attention:
         return hf_deepseek_v3.HFSink(directory, ns, vocab_size, dtype, max_shard_bytes,
                                      base=export_base_config(ns))

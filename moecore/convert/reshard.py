@@ -59,6 +59,7 @@ SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
         (_L + r"self_attention\.linear_qkv\.(?:weight|bias)", Rule(tp_dim=0)),
         (_L + r"self_attention\.linear_proj\.weight", Rule(tp_dim=1)),
         (_L + r"self_attention\.linear_proj\.bias", Rule()),
+        (_L + r"self_attention\.sinks", Rule(tp_dim=0)),
         # Multi-latent attention: up-projections split by heads, down-projections replicated.
         (_L + r"self_attention\.(?:linear_q_proj|linear_q_up_proj|linear_kv_up_proj)\.weight",
          Rule(tp_dim=0)),
@@ -68,11 +69,13 @@ SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
         (_L + _SHARED + r"linear_fc2\.weight", Rule(tp_dim=1)),
         (_L + _SHARED + r"linear_fc2\.bias", Rule()),
         (_L + r"mlp\.shared_experts\.gate_weight", Rule()),
-        (_L + r"mlp\.router\.(?:weight|expert_bias|local_tokens_per_expert)", Rule()),
+        (_L + r"mlp\.router\.(?:weight|bias|expert_bias|local_tokens_per_expert)", Rule()),
         (_MTP + r"(?:enorm|hnorm|final_layernorm)\.weight", Rule()),
         (_MTP + r"eh_proj\.weight", Rule(tp_dim=0)),
         (_L + r"mlp\.experts\.weight1", Rule(etp_dim=2, ep="dim0", glu=True)),
         (_L + r"mlp\.experts\.weight2", Rule(etp_dim=1, ep="dim0")),
+        (_L + r"mlp\.experts\.bias1", Rule(etp_dim=1, ep="dim0", glu=True)),
+        (_L + r"mlp\.experts\.bias2", Rule(ep="dim0")),
         (_L + _E + r"linear_fc1\.weight", Rule(etp_dim=0, ep="index", glu=True)),
         (_L + _E + r"linear_fc2\.weight", Rule(etp_dim=1, ep="index")),
     ])

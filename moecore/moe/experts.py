@@ -40,9 +40,10 @@ def _expert_layout(num_local_experts: int, config: TransformerConfig, ps: Parall
     if ffn % ps.etp_size:
         raise ValueError(f"moe_ffn_hidden_size={ffn} is not divisible by the expert tensor "
                          f"parallel size {ps.etp_size}; choose a multiple of {ps.etp_size}")
-    if config.add_bias_linear:
-        raise ValueError("expert MLPs have no bias (as Megatron-Core's GroupedMLP); set "
-                         "add_bias_linear=False (--disable-bias-linear)")
+    if config.add_bias_linear and ps.etp_size > 1:
+        raise ValueError("expert biases (add_bias_linear) are not sharded over expert tensor "
+                         "parallelism; use --expert-tensor-parallel-size 1 or "
+                         "--disable-bias-linear")
     return ps.ep_rank * num_local_experts, ffn // ps.etp_size
 
 
@@ -109,6 +110,15 @@ class GroupedMLP(nn.Module):
         self.weight2 = nn.Parameter(w2.to(config.params_dtype))
         _mark_expert_param(self.weight1, 2, 2 if config.gated_linear_unit else 1)
         _mark_expert_param(self.weight2, 1)
+        self.bias1 = self.bias2 = None
+        if config.add_bias_linear:  # gpt-oss: per-expert biases of both projections
+            self.bias1 = nn.Parameter(torch.zeros(w1.shape[0], w1.shape[2],
+                                                  dtype=config.params_dtype))
+            self.bias2 = nn.Parameter(torch.zeros(w2.shape[0], w2.shape[2],
+                                                  dtype=config.params_dtype))
+            _mark_expert_param(self.bias1, 1, 2 if config.gated_linear_unit else 1)
+            _mark_expert_param(self.bias2, 0)
+            self.bias2.tensor_model_parallel = False  # whole on each rank (ETP is refused)
         self.backend_name = config.moe_grouped_gemm_backend
         self._backends: dict = {}
         self.backend = self._resolve_at_construction(
@@ -141,16 +151,29 @@ class GroupedMLP(nn.Module):
         (host or device) -> ``(out [N, H], None)``; under ETP ``out`` is a partial sum."""
         _check_counts(tokens_per_expert, self.num_local_experts)
         backend = self._resolve(permuted.device, permuted.dtype)
-        h = grouped_mm(permuted, self.weight1, tokens_per_expert, backend)
+        h = self._add_bias(grouped_mm(permuted, self.weight1, tokens_per_expert, backend),
+                           self.bias1, tokens_per_expert)
         recompute = self.config.recomputes("moe_act")
         out = None
-        if recompute and fused_swiglu(self.config) and torch.is_grad_enabled():
+        if (recompute and fused_swiglu(self.config) and torch.is_grad_enabled()
+                and self.bias2 is None):
             out = swiglu_grouped_mm(h, self.weight2, tokens_per_expert, backend)
         if out is None:
             out = activation_then(
-                self.config, h, lambda act: grouped_mm(act, self.weight2, tokens_per_expert,
-                                                       backend), recompute)
+                self.config, h, lambda act: self._add_bias(
+                    grouped_mm(act, self.weight2, tokens_per_expert, backend), self.bias2,
+                    tokens_per_expert), recompute)
         return out, None
+
+    @staticmethod
+    def _add_bias(rows: torch.Tensor, bias: torch.Tensor | None,
+                  tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``rows [N, X]`` grouped by expert plus each row's expert's ``bias [E_local, X]``."""
+        if bias is None:
+            return rows
+        counts = tokens_per_expert.to(device=bias.device, dtype=torch.long)
+        return rows + bias.to(rows.dtype).repeat_interleave(counts, dim=0,
+                                                            output_size=rows.shape[0])
 
 
 class _ExpertLinear(nn.Module):
@@ -190,6 +213,10 @@ class SequentialMLP(nn.Module):
                  parallel_state: ParallelState | None = None):
         super().__init__()
         ps = parallel_state or get_parallel_state()
+        if config.add_bias_linear:
+            raise ValueError("expert biases are implemented in GroupedMLP only: use it "
+                             "(--moe-grouped-gemm) or set add_bias_linear=False "
+                             "(--disable-bias-linear)")
         self.config = config
         self.num_local_experts = num_local_experts
         w1, w2 = init_expert_weights(num_local_experts, config, ps)

@@ -128,6 +128,10 @@ class TopKRouter(nn.Module):
         weight.normal_(0.0, config.init_method_std)
         self.weight = nn.Parameter(weight)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.bias = None
+        if config.add_bias_linear:  # gpt-oss: a bias on the router logits
+            self.bias = nn.Parameter(torch.zeros(self.num_experts, dtype=config.params_dtype))
+            self.bias.sequence_parallel = config.sequence_parallel
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(self.num_experts))
             self.register_buffer("local_tokens_per_expert", torch.zeros(self.num_experts))
@@ -165,7 +169,8 @@ class TopKRouter(nn.Module):
         if requested != "torch" and not gating_fusable(hidden.dtype, self.weight.dtype,
                                                        self.router_dtype):
             fn = select_gating(hidden.device, requested).fn
-        return fn(hidden, self.weight, self.router_dtype)
+        logits = fn(hidden, self.weight, self.router_dtype)
+        return logits if self.bias is None else logits + self.bias.to(logits.dtype)
 
     def routing(self, logits: torch.Tensor):
         """Expert selection on ``[T, E]`` logits, before dropping: ``(probs, routing_map)``."""

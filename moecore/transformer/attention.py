@@ -36,7 +36,7 @@ from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from moecore.transformer.norms import build_norm
 from moecore.transformer.projection_norm import ProjectionRMSNorm
-from moecore.transformer.rope import apply_rotary_pos_emb, rope_request
+from moecore.transformer.rope import apply_rotary_pos_emb, rope_request, yarn_attention_mscale
 from moecore.transformer.utils import (
     check_attention_layout,
     init_method_normal,
@@ -87,6 +87,18 @@ class SelfAttention(nn.Module):
             # Each TP rank normalises only its own heads, so these grads are partial over TP.
             self.q_layernorm = build_norm(config, d, sequence_parallel=tp > 1)
             self.k_layernorm = build_norm(config, d, sequence_parallel=tp > 1)
+        self.window = layer_window(config, layer_number)
+        self.mscale = yarn_attention_mscale(config)
+        if config.softmax_type == "learnable":
+            # One logit per head; heads are split over TP (no gradient sync inside TP).
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads_local,
+                                                  dtype=config.params_dtype))
+            self.sinks.tensor_model_parallel = True
+            self.sinks.partition_dim, self.sinks.partition_stride = 0, 1
+        elif config.softmax_type == "off-by-one":
+            self.register_buffer("sinks", torch.zeros(self.num_heads_local), persistent=False)
+        else:
+            self.sinks = None
         self.linear_proj = RowParallelLinear(
             nh * d, config.hidden_size, config=config,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
@@ -132,6 +144,8 @@ class SelfAttention(nn.Module):
                 fused = self.config.apply_rope_fusion
                 q = apply_rotary_pos_emb(q, rotary_pos_emb, fused=fused)
                 k = apply_rotary_pos_emb(k, rotary_pos_emb, fused=fused)
+        if self.mscale != 1.0:  # YaRN's cos/sin magnitude, on both q and k
+            q, k = q * self.mscale, k * self.mscale
         dropout_p = self.config.attention_dropout if self.training else 0.0
 
         def attend(q_, k_, v_):
@@ -139,10 +153,26 @@ class SelfAttention(nn.Module):
             rng = tp_random.get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
             with rng:
                 return core_attention(q_, k_, v_, attention_mask, dropout_p,
-                                      self.config.attention_backend)
+                                      self.config.attention_backend, window=self.window,
+                                      sinks=self.sinks)
 
         if self.config.recomputes("core_attn") and torch.is_grad_enabled():
             context = tp_random.checkpoint(attend, False, q, k, v, group=self.tp_group)
         else:
             context = attend(q, k, v)
         return self.linear_proj(context)
+
+
+def layer_window(config, layer_number: int) -> int | None:
+    """The left window of (1-based) layer ``layer_number`` under ``window_size`` and
+    ``window_attn_skip_freq`` (Megatron-Core's rule), or None for full attention."""
+    if config.window_size is None:
+        return None
+    freq = config.window_attn_skip_freq
+    if freq is None:
+        windowed = True
+    elif isinstance(freq, int):
+        windowed = layer_number % freq != 0
+    else:
+        windowed = bool(freq[layer_number - 1])
+    return config.window_size[0] if windowed else None

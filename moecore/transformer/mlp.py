@@ -24,10 +24,16 @@ from moecore.transformer.recompute import discard_until_backward
 from moecore.transformer.utils import check_tp_size, init_method_normal, scaled_init_method_normal
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)``: Megatron's ``--quick-geglu`` activation (gpt-oss's experts)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 def fused_swiglu(config) -> bool:
     """Whether the activation is SwiGLU through :mod:`moecore.kernels.swiglu`."""
     return (config.gated_linear_unit and config.bias_swiglu_fusion
-            and config.activation_func is F.silu)
+            and config.activation_func is F.silu and not config.glu_linear_offset
+            and config.activation_func_clamp_value is None)
 
 
 def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
@@ -41,6 +47,11 @@ def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
         return swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
     if config.gated_linear_unit:
         gate, up = torch.chunk(h, 2, dim=-1)
+        clamp = config.activation_func_clamp_value
+        if clamp is not None:  # gpt-oss: gate <= c, -c <= up <= c
+            gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+        if config.glu_linear_offset:
+            up = up + config.glu_linear_offset
         return config.activation_func(gate) * up
     return config.activation_func(h)
 

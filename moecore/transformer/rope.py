@@ -81,17 +81,18 @@ class YarnRotaryEmbedding(RotaryEmbedding):
     def __init__(self, kv_channels: int, rotary_base: float = 10000.0,
                  scaling_factor: float = 1.0, original_max_position_embeddings: int = 4096,
                  beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: float = 1.0,
-                 mscale_all_dim: float = 0.0):
+                 mscale_all_dim: float = 0.0, round_to_int: bool = True):
         super().__init__(kv_channels, 1.0, rotary_base)
         dim, base = self.dim, self.rotary_base
         # fp32 as Megatron and Hugging Face compute it (the plain RoPE above uses fp64).
         extra = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         inter = 1.0 / (scaling_factor * base ** (torch.arange(0, dim, 2, dtype=torch.float32)
                                                  / dim))
-        low = max(math.floor(_yarn_correction_dim(beta_fast, dim, base,
-                                                  original_max_position_embeddings)), 0)
-        high = min(math.ceil(_yarn_correction_dim(beta_slow, dim, base,
-                                                  original_max_position_embeddings)), dim - 1)
+        low = _yarn_correction_dim(beta_fast, dim, base, original_max_position_embeddings)
+        high = _yarn_correction_dim(beta_slow, dim, base, original_max_position_embeddings)
+        if round_to_int:  # Hugging Face's rope_scaling.truncate (gpt-oss: false)
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         high = high + 0.001 if low == high else high  # no zero-width ramp
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         keep = 1.0 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
@@ -100,17 +101,31 @@ class YarnRotaryEmbedding(RotaryEmbedding):
                             / yarn_get_mscale(scaling_factor, mscale_all_dim))
 
 
+def uses_yarn(config) -> bool:
+    """``rope_type`` resolved: YaRN by default under multi-latent attention only."""
+    return (config.rope_type or ("yarn" if config.multi_latent_attention else "rope")) == "yarn"
+
+
 def build_rotary_embedding(config) -> RotaryEmbedding:
     """The model's rotary embedding: over ``kv_channels`` for GQA; over
-    ``qk_pos_emb_head_dim`` for multi-latent attention, YaRN unless ``rope_type='rope'``."""
-    if not config.multi_latent_attention:
-        return RotaryEmbedding(config.kv_channels, config.rotary_percent, config.rotary_base)
-    if config.rope_type == "rope":
-        return RotaryEmbedding(config.qk_pos_emb_head_dim, 1.0, config.rotary_base)
+    ``qk_pos_emb_head_dim`` for multi-latent attention; YaRN under :func:`uses_yarn`."""
+    dim = config.qk_pos_emb_head_dim if config.multi_latent_attention else config.kv_channels
+    if not uses_yarn(config):
+        percent = 1.0 if config.multi_latent_attention else config.rotary_percent
+        return RotaryEmbedding(dim, percent, config.rotary_base)
     return YarnRotaryEmbedding(
-        config.qk_pos_emb_head_dim, config.rotary_base, config.rotary_scaling_factor,
+        dim, config.rotary_base, config.rotary_scaling_factor,
         config.original_max_position_embeddings, config.beta_fast, config.beta_slow,
-        config.mscale, config.mscale_all_dim)
+        config.mscale, config.mscale_all_dim, config.yarn_correction_range_round_to_int)
+
+
+def yarn_attention_mscale(config) -> float:
+    """The cos/sin magnitude of YaRN under GQA (1 without YaRN), applied to q and k after the
+    rotation as Hugging Face's ``attention_factor``."""
+    if not uses_yarn(config):
+        return 1.0
+    s = config.rotary_scaling_factor
+    return float(yarn_get_mscale(s, config.mscale) / yarn_get_mscale(s, config.mscale_all_dim))
 
 
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, fused: bool = True) -> torch.Tensor:

@@ -108,6 +108,53 @@ def test_qwen3_30b_a3b_script_parses_to_the_published_model():
     assert abs(matmul_params(cfg, vocab) + embedding - active) < 0.03 * active
 
 
+def test_gpt_oss_tiny_script_runs_on_four_ranks():
+    log = _run(["bash", "examples/gpt_oss/train_gpt_oss_tiny.sh", "--train-iters", "4",
+                "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2"])
+    assert len(_losses(log)) == 2
+    assert "validation loss at iteration 4" in log
+
+
+def test_gpt_oss_20b_script_parses_to_the_published_model():
+    """gpt-oss-20b's model card: 20.91B parameters, 3.61B active (without the input
+    embedding); the flags pass moecore's validation on 8 GPUs."""
+    out = _run(["bash", "examples/gpt_oss/train_gpt_oss_20b.sh", "/ckpt", "tok", "/data/text"],
+               timeout=60, DRY_RUN="1")
+    args = parse_args(out.splitlines(), world_size=8)
+    cfg = transformer_config_from_args(args)
+    assert cfg.softmax_type == "learnable" and cfg.window_size == (127, 0)
+    assert cfg.add_bias_linear and cfg.glu_linear_offset == 1.0
+    vocab = 201088
+    total = matmul_params(cfg, vocab, active_only=False) + vocab * cfg.hidden_size
+    assert abs(total - 20.91e9) < 0.03 * 20.91e9
+    assert abs(matmul_params(cfg, vocab) - 3.61e9) < 0.03 * 3.61e9
+
+
+def test_megatron_gpt_oss_recipe_flags_train_scaled_down():
+    """Megatron-LM's gpt-oss recipe flags (GPT-OSS-specific block verbatim), sizes scaled
+    down, train on CPU."""
+    recipe = ["--quick-geglu", "--glu-linear-offset", "1.0", "--softmax-type", "learnable",
+              "--window-attn-skip-freq", "2", "--window-size", "128,0",
+              "--activation-func-clamp-value", "7.0", "--enable-gpt-oss",
+              "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-bias-gelu-fusion",
+              "--no-bias-dropout-fusion", "--export-force-local-attention",
+              "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0.0",
+              "--moe-router-dtype", "fp32", "--moe-router-score-function", "softmax",
+              "--rotary-percent", "1.0", "--rotary-base", "150000", "--use-mcore-models"]
+    log = _run([sys.executable, "pretrain_gpt.py", *recipe, "--num-layers", "2",
+                "--hidden-size", "64", "--ffn-hidden-size", "32", "--num-attention-heads", "8",
+                "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "16",
+                "--seq-length", "32", "--max-position-embeddings", "32",
+                "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+                "--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2",
+                "--moe-grouped-gemm", "--untie-embeddings-and-output-weights",
+                "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+                "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3",
+                "--train-iters", "2", "--log-interval", "1", "--eval-iters", "0",
+                "--device", "cpu"])
+    assert len(_losses(log)) == 2
+
+
 def test_shakespeare_example_trains(tmp_path):
     log = _run(["bash", "examples/shakespeare_moe/run.sh", "--train-iters", "40",
                 "--eval-interval", "40", "--log-interval", "10"])

@@ -184,10 +184,11 @@ def test_config_errors_name_the_flag(kw, match):
         mla_config(**kw)
 
 
-def test_yarn_and_mla_up_proj_need_mla():
+def test_yarn_rotates_whole_heads_and_mla_up_proj_needs_mla():
     base = dict(num_layers=1, hidden_size=H, num_attention_heads=NH)
-    with pytest.raises(ValueError, match="--multi-latent-attention"):
-        TransformerConfig(**base, rope_type="yarn")
+    TransformerConfig(**base, rope_type="yarn")  # YaRN under GQA (gpt-oss)
+    with pytest.raises(ValueError, match="--rotary-percent"):
+        TransformerConfig(**base, rope_type="yarn", rotary_percent=0.5)
     with pytest.raises(ValueError, match="--multi-latent-attention"):
         TransformerConfig(**base, recompute_granularity="selective",
                           recompute_modules=("mla_up_proj",))
@@ -224,9 +225,9 @@ def test_bad_flag_combinations_fail_in_one_line(extra, needle, capsys):
     assert needle in line, err
 
 
-def test_yarn_without_mla_fails_naming_the_flag(capsys):
-    err = parse_error(BASE + ["--rope-type", "yarn"], capsys)
-    assert "--multi-latent-attention" in err.strip().splitlines()[-1]
+def test_yarn_with_partial_rotary_fails_naming_the_flag(capsys):
+    err = parse_error(BASE + ["--rope-type", "yarn", "--rotary-percent", "0.5"], capsys)
+    assert "--rotary-percent" in err.strip().splitlines()[-1]
 
 
 
