@@ -4,7 +4,10 @@ an index (:class:`HFSinkBase`).
 
 A family (``hf_mixtral``, ``hf_deepseek_v3``) subclasses both and supplies the config mapping
 (``args_from_hf_config`` / ``hf_config_from_args``) and the per-layer tensor mapping
-(``layer_entries``, ``global_from_hf_layer``, ``hf_from_global_layer``).
+(``layer_entries``, ``global_from_hf_layer``, ``hf_from_global_layer``). The pieces those
+mappings share live here too: refusals (:func:`unsupported`, :func:`refuse_fields`,
+:func:`refuse_flags`), Llama-style config reading (:func:`rope_theta`, :func:`llama_moe_flags`,
+:func:`gqa_flags`) and the q/k/v row order of ``linear_qkv`` (:func:`interleave_qkv`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 import torch
 
 from moecore.convert.io import SafetensorsReader, ShardedSafetensorsWriter, write_json
+from moecore.convert.model_args import args_from_flags
 
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
@@ -28,6 +33,148 @@ def read_hf_config(directory: str, model_name: str) -> dict:
                          f"{model_name} model directory")
     with open(path) as f:
         return json.load(f)
+
+
+# ---- config reading and refusals shared by the families ------------------------------------------
+def unsupported(field: str, value, why: str) -> ValueError:
+    """The error for a ``config.json`` field moecore cannot represent."""
+    return ValueError(f"config.json field {field}={value!r} cannot be represented in moecore: "
+                      f"{why}")
+
+
+def refuse_fields(cfg: dict, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise :func:`unsupported` for the first ``(field, ok, why)`` of ``checks`` not ok."""
+    for field, ok, why in checks:
+        if not ok:
+            raise unsupported(field, cfg.get(field), why)
+
+
+def refuse_flags(architecture: str, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise for the first ``(flag, ok, why)`` of ``checks`` that keeps the moecore model from
+    being written as ``architecture``."""
+    for flag, ok, why in checks:
+        if not ok:
+            raise ValueError(f"the moecore model cannot be written as {architecture}: {flag} "
+                             f"({why})")
+
+
+def rope_theta(cfg: dict) -> float:
+    """The RoPE base of a Llama-style config (``rope_parameters`` of newer transformers, else
+    ``rope_theta``); scaled RoPE is refused."""
+    params = cfg.get("rope_parameters")
+    if params is not None:  # newer transformers keep the RoPE settings in one dict
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise unsupported("rope_parameters", params, "only plain RoPE (rope_type "
+                              "'default') is implemented; scaled RoPE is not")
+        return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return float(cfg.get("rope_theta", 10000.0))
+
+
+def refuse_fractional_theta(theta: float) -> None:
+    if theta != int(theta):
+        raise unsupported("rope_theta", theta, "pretrain_gpt.py's --rotary-base takes integers")
+
+
+def warn_unknown_fields(cfg: dict, known) -> None:
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
+              file=sys.stderr)
+
+
+def gqa_flags(cfg: dict) -> list:
+    """Flags for a Llama-style config's query groups, ``head_dim`` and untied embeddings."""
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    ng = cfg.get("num_key_value_heads") or nh
+    flags = []
+    if ng != nh:
+        flags += ["--group-query-attention", "--num-query-groups", ng]
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim != h // nh:
+        flags += ["--kv-channels", head_dim]
+    if not cfg.get("tie_word_embeddings", False):
+        flags += ["--untie-embeddings-and-output-weights"]
+    return flags
+
+
+def llama_moe_flags(cfg: dict, *, num_experts: int, moe_ffn_hidden_size: int,
+                    max_positions: int, norm_eps: float, aux_loss_coeff: float) -> list:
+    """``pretrain_gpt.py`` flags of a Llama-style MoE config (RoPE, RMSNorm, SwiGLU experts, no
+    linear biases, a softmax router with an auxiliary loss, :func:`gqa_flags`); the keyword
+    arguments are what differs between families (defaults of absent fields)."""
+    return [
+        "--num-layers", cfg["num_hidden_layers"], "--hidden-size", cfg["hidden_size"],
+        "--ffn-hidden-size", cfg["intermediate_size"],
+        "--num-attention-heads", cfg["num_attention_heads"],
+        "--max-position-embeddings", cfg.get("max_position_embeddings", max_positions),
+        "--position-embedding-type", "rope", "--rotary-base", int(rope_theta(cfg)),
+        "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", norm_eps),
+        "--swiglu", "--disable-bias-linear",
+        "--init-method-std", cfg.get("initializer_range", 0.02),
+        "--attention-dropout", cfg.get("attention_dropout", 0.0), "--hidden-dropout", 0.0,
+        "--num-experts", num_experts, "--moe-ffn-hidden-size", moe_ffn_hidden_size,
+        "--moe-router-topk", cfg["num_experts_per_tok"],
+        "--moe-router-score-function", "softmax", "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-aux-loss-coeff", cfg.get("router_aux_loss_coef", aux_loss_coeff),
+        "--moe-grouped-gemm",
+    ] + gqa_flags(cfg)
+
+
+def args_from_hf_flags(flags: list, cfg: dict, stored: dict | None = None
+                       ) -> argparse.Namespace:
+    """Parse ``pretrain_gpt.py`` ``flags``; keep ``cfg``'s vocabulary and ``stored`` (default
+    ``cfg``) as ``hf_config`` for the way back."""
+    ns = args_from_flags([str(f) for f in flags])
+    ns.true_vocab_size = cfg["vocab_size"]
+    ns.hf_config = json.dumps(cfg if stored is None else stored, sort_keys=True)
+    return ns
+
+
+def llama_dims(ns: argparse.Namespace) -> tuple[int, int, int, int, int, int]:
+    """``(hidden, heads, query groups, head dim, expert width, experts)`` of ``ns``."""
+    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
+    return (ns.hidden_size, ns.num_attention_heads, ns.num_query_groups, d,
+            ns.moe_ffn_hidden_size, ns.num_experts)
+
+
+def set_head_dim(cfg: dict, ns: argparse.Namespace) -> None:
+    """Write ``head_dim`` only where it is not ``hidden_size / num_attention_heads``."""
+    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
+    if d != ns.hidden_size // ns.num_attention_heads:
+        cfg["head_dim"] = d
+    else:
+        cfg.pop("head_dim", None)
+
+
+def llama_attention_entries(p: str, ns: argparse.Namespace
+                            ) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of the input norm and q, k, v, o projections under prefix ``p``."""
+    h, nh, ng, d, _, _ = llama_dims(ns)
+    return [(p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (nh * d, h)),
+            (p + "self_attn.k_proj.weight", (ng * d, h)),
+            (p + "self_attn.v_proj.weight", (ng * d, h)),
+            (p + "self_attn.o_proj.weight", (h, nh * d))]
+
+
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   ns: argparse.Namespace) -> torch.Tensor:
+    """``q [nh*d, ...]``, ``k``/``v [ng*d, ...]`` (weights or biases) -> moecore's
+    ``linear_qkv`` rows per query group ``g``: its q heads, k head ``g``, v head ``g``."""
+    ng = ns.num_query_groups
+    rest = q.shape[1:]
+    return torch.cat([q.reshape(ng, -1, *rest), k.reshape(ng, -1, *rest),
+                      v.reshape(ng, -1, *rest)], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, ns: argparse.Namespace) -> list[torch.Tensor]:
+    """Inverse of :func:`interleave_qkv`: ``[q, k, v]``."""
+    nh, ng = ns.num_attention_heads, ns.num_query_groups
+    d = ns.kv_channels or ns.hidden_size // nh
+    rest = qkv.shape[1:]
+    parts = torch.split(qkv.reshape(ng, (nh // ng + 2) * d, *rest), [nh // ng * d, d, d], dim=1)
+    return [t.reshape(-1, *rest) for t in parts]
 
 
 # Fields of a Hugging Face config.json about tokens and the library, not the computation.

@@ -41,13 +41,22 @@ group is kept (``topk_group == n_group``: Kimi-K2, Moonlight); other configs are
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from moecore.convert.hf_base import EMBED, HEAD, HFSinkBase, HFSourceBase
-from moecore.convert.model_args import args_from_flags
+from moecore.convert.hf_base import (
+    EMBED,
+    HEAD,
+    HFSinkBase,
+    HFSourceBase,
+    args_from_hf_flags,
+    refuse_fields,
+    refuse_flags,
+    refuse_fractional_theta,
+    unsupported,
+    warn_unknown_fields,
+)
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 MODEL_TYPES = ("deepseek_v3", "kimi_k2")
@@ -70,11 +79,6 @@ _KNOWN = set(_REQUIRED) | {
     "quantization_config"}
 
 
-def _unsupported(field: str, value, why: str) -> ValueError:
-    return ValueError(f"config.json field {field}={value!r} cannot be represented in moecore: "
-                      f"{why}")
-
-
 def rope_settings(cfg: dict) -> tuple[float, dict | None]:
     """``(rope_theta, yarn settings or None)`` from ``rope_scaling`` (hub configs) or
     ``rope_parameters`` (transformers >= 5)."""
@@ -86,17 +90,17 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
         return theta, None
     field = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     if kind != "yarn":
-        raise _unsupported(field, scaling, "only plain RoPE and YaRN are implemented")
+        raise unsupported(field, scaling, "only plain RoPE and YaRN are implemented")
     if scaling.get("attention_factor") is not None:
-        raise _unsupported(field, scaling, "YaRN's attention_factor is not a moecore flag; "
-                           "give mscale and mscale_all_dim instead")
+        raise unsupported(field, scaling, "YaRN's attention_factor is not a moecore flag; "
+                          "give mscale and mscale_all_dim instead")
     if (scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)) != (32, 1):
-        raise _unsupported(field, scaling, "YaRN's beta_fast/beta_slow are fixed at 32/1 "
-                           "(Megatron has no flag for them either)")
+        raise unsupported(field, scaling, "YaRN's beta_fast/beta_slow are fixed at 32/1 "
+                          "(Megatron has no flag for them either)")
     mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if mscale not in (None, 1, 1.0) and not mscale_all:
-        raise _unsupported(field, scaling, "transformers ignores mscale without "
-                           "mscale_all_dim, moecore does not; set mscale_all_dim")
+        raise unsupported(field, scaling, "transformers ignores mscale without "
+                          "mscale_all_dim, moecore does not; set mscale_all_dim")
     return theta, {"factor": float(scaling["factor"]), "mscale": float(mscale or 1.0),
                    "mscale_all_dim": float(mscale_all or 0.0),
                    "original_max_position_embeddings": int(
@@ -107,8 +111,8 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
 def validate_hf_config(cfg: dict) -> None:
     """Raise ``ValueError`` naming the first field moecore cannot represent."""
     if cfg.get("model_type") not in MODEL_TYPES:
-        raise _unsupported("model_type", cfg.get("model_type"), f"this converter reads "
-                           f"{ARCHITECTURE} checkpoints (model_type {MODEL_TYPES})")
+        raise unsupported("model_type", cfg.get("model_type"), f"this converter reads "
+                          f"{ARCHITECTURE} checkpoints (model_type {MODEL_TYPES})")
     for field in _REQUIRED:
         if cfg.get(field) is None:
             raise ValueError(f"config.json lacks the field {field}, which a DeepSeek-V3 config "
@@ -140,22 +144,15 @@ def validate_hf_config(cfg: dict) -> None:
         ("first_k_dense_replace", cfg.get("first_k_dense_replace", 0)
          <= cfg["num_hidden_layers"], "more dense layers than layers"),
     ]
-    for field, ok, why in checks:
-        if not ok:
-            raise _unsupported(field, cfg.get(field), why)
-    theta, _ = rope_settings(cfg)
-    if theta != int(theta):
-        raise _unsupported("rope_theta", theta, "pretrain_gpt.py's --rotary-base takes integers")
+    refuse_fields(cfg, checks)
+    refuse_fractional_theta(rope_settings(cfg)[0])
 
 
 def args_from_hf_config(cfg: dict, mtp_layers: int = 0) -> argparse.Namespace:
     """Validate ``cfg`` and return the moecore model args (``pretrain_gpt.py`` flags) of the
     same model with ``mtp_layers`` MTP depths; the original config is kept as ``hf_config``."""
     validate_hf_config(cfg)
-    unknown = sorted(k for k in cfg if k not in _KNOWN)
-    if unknown:
-        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
-              file=sys.stderr)
+    warn_unknown_fields(cfg, _KNOWN)
     layers, dense = cfg["num_hidden_layers"], cfg.get("first_k_dense_replace", 0)
     f_moe, shared = cfg["moe_intermediate_size"], cfg.get("n_shared_experts") or 0
     theta, yarn = rope_settings(cfg)
@@ -199,10 +196,7 @@ def args_from_hf_config(cfg: dict, mtp_layers: int = 0) -> argparse.Namespace:
         flags += ["--untie-embeddings-and-output-weights"]
     if mtp_layers:
         flags += ["--mtp-num-layers", mtp_layers]
-    ns = args_from_flags([str(f) for f in flags])
-    ns.true_vocab_size = cfg["vocab_size"]
-    ns.hf_config = json.dumps(cfg, sort_keys=True)
-    return ns
+    return args_from_hf_flags(flags, cfg)
 
 
 def _moe_pattern(ns: argparse.Namespace) -> list[int]:
@@ -248,10 +242,7 @@ def _check_representable(ns: argparse.Namespace) -> None:
          or ns.moe_router_topk == 2 * ns.moe_router_group_topk,
          "DeepSeek scores a group by its best 2 experts: topk must be 2 * group topk"),
     ]
-    for flag, ok, why in checks:
-        if not ok:
-            raise ValueError(f"the moecore model cannot be written as {ARCHITECTURE}: {flag} "
-                             f"({why})")
+    refuse_flags(ARCHITECTURE, checks)
     first_k_dense(ns)
 
 

@@ -33,13 +33,21 @@ softmax over the k selected (moecore's default softmax router). Experts: ``(clam
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
-from moecore.convert.hf_base import HFSinkBase, HFSourceBase, export_base_config
-from moecore.convert.model_args import args_from_flags
+from moecore.convert.hf_base import (
+    HFSinkBase,
+    HFSourceBase,
+    args_from_hf_flags,
+    export_base_config,
+    interleave_qkv,
+    llama_dims,
+    refuse_flags,
+    split_qkv,
+    unsupported,
+    warn_unknown_fields,
+)
 
 ARCHITECTURE = "GptOssForCausalLM"
 MODEL_TYPES = ("gpt_oss",)
@@ -61,11 +69,6 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 _EXPERT_MATS = ("gate_up_proj", "down_proj")
 
 
-def _unsupported(field: str, value, why: str) -> ValueError:
-    return ValueError(f"config.json field {field}={value!r} cannot be represented in moecore: "
-                      f"{why}")
-
-
 def rope_parameters(cfg: dict) -> dict:
     """The YaRN settings, from ``rope_parameters`` (transformers >= 5) or ``rope_scaling`` +
     ``rope_theta`` (the hub's config.json)."""
@@ -83,16 +86,16 @@ def _layer_windows(cfg: dict) -> list[bool]:
     types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
                                        for i in range(n)]
     if len(types) != n or any(t not in ("sliding_attention", "full_attention") for t in types):
-        raise _unsupported("layer_types", types, "one of 'sliding_attention' / "
-                           "'full_attention' per layer is expected")
+        raise unsupported("layer_types", types, "one of 'sliding_attention' / "
+                          "'full_attention' per layer is expected")
     return [t == "sliding_attention" for t in types]
 
 
 def validate_hf_config(cfg: dict) -> None:
     """Raise ``ValueError`` naming the first field moecore cannot represent."""
     if cfg.get("model_type") not in MODEL_TYPES:
-        raise _unsupported("model_type", cfg.get("model_type"), f"this converter reads "
-                           f"gpt-oss checkpoints ({ARCHITECTURE}, model_type 'gpt_oss')")
+        raise unsupported("model_type", cfg.get("model_type"), f"this converter reads "
+                          f"gpt-oss checkpoints ({ARCHITECTURE}, model_type 'gpt_oss')")
     for field in _REQUIRED:
         if cfg.get(field) is None:
             raise ValueError(f"config.json lacks the field {field}, which a gpt-oss config has")
@@ -112,12 +115,12 @@ def validate_hf_config(cfg: dict) -> None:
     ]
     for field, ok, why in checks:
         if not ok:
-            raise _unsupported(field, cfg.get(field, rope if field == "rope_parameters" else None),
-                               why)
+            raise unsupported(field, cfg.get(field, rope if field == "rope_parameters" else None),
+                              why)
     if float(rope["rope_theta"]) != int(rope["rope_theta"]):
-        raise _unsupported("rope_theta", rope["rope_theta"], "--rotary-base takes integers")
+        raise unsupported("rope_theta", rope["rope_theta"], "--rotary-base takes integers")
     if any(_layer_windows(cfg)) and not cfg.get("sliding_window"):
-        raise _unsupported("sliding_window", cfg.get("sliding_window"), "sliding layers need it")
+        raise unsupported("sliding_window", cfg.get("sliding_window"), "sliding layers need it")
 
 
 def _skip_freq(windows: list[bool]) -> str:
@@ -131,10 +134,7 @@ def args_from_hf_config(cfg: dict) -> argparse.Namespace:
     """Validate ``cfg`` and return the moecore model args of the same model (the original config
     kept as ``hf_config`` for the way back)."""
     validate_hf_config(cfg)
-    unknown = sorted(k for k in cfg if k not in _KNOWN)
-    if unknown:
-        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
-              file=sys.stderr)
+    warn_unknown_fields(cfg, _KNOWN)
     rope, windows = rope_parameters(cfg), _layer_windows(cfg)
     nh = cfg["num_attention_heads"]
     ng = cfg.get("num_key_value_heads") or nh
@@ -166,11 +166,8 @@ def args_from_hf_config(cfg: dict) -> argparse.Namespace:
                   "--window-attn-skip-freq", _skip_freq(windows)]
     if not cfg.get("tie_word_embeddings", False):
         flags += ["--untie-embeddings-and-output-weights"]
-    ns = args_from_flags([str(x) for x in flags])
-    ns.true_vocab_size = cfg["vocab_size"]
     stored = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    ns.hf_config = json.dumps(stored, sort_keys=True)
-    return ns
+    return args_from_hf_flags(flags, cfg, stored)
 
 
 def _check_representable(ns: argparse.Namespace) -> None:
@@ -193,10 +190,7 @@ def _check_representable(ns: argparse.Namespace) -> None:
         ("--window-size", ns.window_size is None or tuple(ns.window_size)[1] == 0,
          "gpt-oss windows are causal"),
     ]
-    for flag, ok, why in checks:
-        if not ok:
-            raise ValueError(f"the moecore model cannot be written as {ARCHITECTURE}: {flag} "
-                             f"({why})")
+    refuse_flags(ARCHITECTURE, checks)
 
 
 def _layer_types(ns: argparse.Namespace) -> list[str]:
@@ -264,17 +258,11 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
 
 
 # ---- per-layer mapping ---------------------------------------------------------------------------
-def _dims(ns: argparse.Namespace) -> tuple[int, int, int, int, int, int]:
-    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
-    return (ns.hidden_size, ns.num_attention_heads, ns.num_query_groups, d,
-            ns.moe_ffn_hidden_size, ns.num_experts)
-
-
 def hf_layer_entries(i: int, ns: argparse.Namespace, mxfp4: bool = False
                      ) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, shape)`` of layer ``i``'s Hugging Face tensors, in the order they are written
     (``mxfp4``: the expert matrices as ``_blocks`` / ``_scales``)."""
-    h, nh, ng, d, f, e = _dims(ns)
+    h, nh, ng, d, f, e = llama_dims(ns)
     p = f"model.layers.{i}."
     out = [(p + "input_layernorm.weight", (h,))]
     for x, rows in (("q", nh * d), ("k", ng * d), ("v", ng * d)):
@@ -308,14 +296,10 @@ def _interleave(t: torch.Tensor) -> torch.Tensor:
 def global_from_hf_layer(i: int, get, ns: argparse.Namespace, mxfp4: bool = False,
                          dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """Layer ``i``'s moecore global tensors from ``get(hf_name)``."""
-    h, nh, ng, d, f, e = _dims(ns)
     p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
     a = p + "self_attn."
-    q, k, v = (get(f"{a}{x}_proj.weight") for x in "qkv")
-    qkv = torch.cat([q.reshape(ng, nh // ng * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)],
-                    dim=1).reshape(-1, h)
-    qb, kb, vb = (get(f"{a}{x}_proj.bias") for x in "qkv")
-    qkv_b = torch.cat([qb.reshape(ng, -1), kb.reshape(ng, d), vb.reshape(ng, d)], 1).reshape(-1)
+    qkv = interleave_qkv(*(get(f"{a}{x}_proj.weight") for x in "qkv"), ns)
+    qkv_b = interleave_qkv(*(get(f"{a}{x}_proj.bias") for x in "qkv"), ns)
     x = p + "mlp.experts."
 
     def mat(name):
@@ -341,17 +325,14 @@ def global_from_hf_layer(i: int, get, ns: argparse.Namespace, mxfp4: bool = Fals
 def hf_from_global_layer(i: int, sd: dict[str, torch.Tensor], ns: argparse.Namespace
                          ) -> dict[str, torch.Tensor]:
     """Inverse of :func:`global_from_hf_layer` (unquantised)."""
-    h, nh, ng, d, f, e = _dims(ns)
     p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
     a, x = p + "self_attn.", p + "mlp.experts."
-    qkv = sd[g + "self_attention.linear_qkv.weight"].reshape(ng, (nh // ng + 2) * d, h)
-    q, k, v = torch.split(qkv, [nh // ng * d, d, d], dim=1)
-    qkv_b = sd[g + "self_attention.linear_qkv.bias"].reshape(ng, (nh // ng + 2) * d)
-    qb, kb, vb = torch.split(qkv_b, [nh // ng * d, d, d], dim=1)
+    q, k, v = split_qkv(sd[g + "self_attention.linear_qkv.weight"], ns)
+    qb, kb, vb = split_qkv(sd[g + "self_attention.linear_qkv.bias"], ns)
     return {p + "input_layernorm.weight": sd[g + "input_layernorm.weight"],
-            a + "q_proj.weight": q.reshape(nh * d, h), a + "q_proj.bias": qb.reshape(-1),
-            a + "k_proj.weight": k.reshape(ng * d, h), a + "k_proj.bias": kb.reshape(-1),
-            a + "v_proj.weight": v.reshape(ng * d, h), a + "v_proj.bias": vb.reshape(-1),
+            a + "q_proj.weight": q, a + "q_proj.bias": qb,
+            a + "k_proj.weight": k, a + "k_proj.bias": kb,
+            a + "v_proj.weight": v, a + "v_proj.bias": vb,
             a + "o_proj.weight": sd[g + "self_attention.linear_proj.weight"],
             a + "o_proj.bias": sd[g + "self_attention.linear_proj.bias"],
             a + "sinks": sd[g + "self_attention.sinks"],

@@ -29,12 +29,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
-from moecore.convert.hf_base import HFSinkBase, HFSourceBase
-from moecore.convert.model_args import args_from_flags
+from moecore.convert.hf_base import (
+    HFSinkBase,
+    HFSourceBase,
+    args_from_hf_flags,
+    interleave_qkv,
+    llama_attention_entries,
+    llama_dims,
+    llama_moe_flags,
+    refuse_fields,
+    refuse_flags,
+    refuse_fractional_theta,
+    rope_theta,
+    set_head_dim,
+    split_qkv,
+    unsupported,
+    warn_unknown_fields,
+)
 
 ARCHITECTURE = "MixtralForCausalLM"
 # Fields read below, or that describe tokens, caching or the library, not the computation.
@@ -53,27 +67,11 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "num_attention_heads", "num_local_experts", "num_experts_per_tok")
 
 
-def _unsupported(field: str, value, why: str) -> ValueError:
-    return ValueError(f"config.json field {field}={value!r} cannot be represented in moecore: "
-                      f"{why}")
-
-
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters")
-    if params is not None:  # newer transformers keep the RoPE settings in one dict
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise _unsupported("rope_parameters", params, "only plain RoPE (rope_type "
-                               "'default') is implemented; scaled RoPE is not")
-        return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    return float(cfg.get("rope_theta", 10000.0))
-
-
 def validate_hf_config(cfg: dict) -> None:
     """Raise ``ValueError`` naming the first field moecore cannot represent."""
     if cfg.get("model_type") != "mixtral":
-        raise _unsupported("model_type", cfg.get("model_type"), "this converter reads Mixtral "
-                           f"checkpoints ({ARCHITECTURE}, model_type 'mixtral')")
+        raise unsupported("model_type", cfg.get("model_type"), "this converter reads Mixtral "
+                          f"checkpoints ({ARCHITECTURE}, model_type 'mixtral')")
     for field in _REQUIRED:
         if cfg.get(field) is None:
             raise ValueError(f"config.json lacks the field {field}, which a Mixtral config has")
@@ -96,52 +94,21 @@ def validate_hf_config(cfg: dict) -> None:
         ("layer_types", all(t == "full_attention" for t in cfg.get("layer_types") or []),
          "every layer must use full attention (sliding-window attention is not implemented)"),
     ]
-    for field, ok, why in checks:
-        if not ok:
-            raise _unsupported(field, cfg.get(field), why)
-    theta = _rope_theta(cfg)
-    if theta != int(theta):
-        raise _unsupported("rope_theta", theta, "pretrain_gpt.py's --rotary-base takes integers")
+    refuse_fields(cfg, checks)
+    refuse_fractional_theta(rope_theta(cfg))
 
 
 def args_from_hf_config(cfg: dict) -> argparse.Namespace:
     """Validate ``cfg`` and return the moecore model args (parsed from ``pretrain_gpt.py``
     flags) of the same model, with the original config kept as ``hf_config`` for the way back."""
     validate_hf_config(cfg)
-    unknown = sorted(k for k in cfg if k not in _KNOWN)
-    if unknown:
-        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
-              file=sys.stderr)
-    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    ng = cfg.get("num_key_value_heads") or nh
-    flags = [
-        "--num-layers", cfg["num_hidden_layers"], "--hidden-size", h,
-        "--ffn-hidden-size", cfg["intermediate_size"], "--num-attention-heads", nh,
-        "--max-position-embeddings", cfg.get("max_position_embeddings", 4096 * 32),
-        "--position-embedding-type", "rope", "--rotary-base", int(_rope_theta(cfg)),
-        "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-5),
-        "--swiglu", "--disable-bias-linear",
-        "--init-method-std", cfg.get("initializer_range", 0.02),
-        "--attention-dropout", cfg.get("attention_dropout", 0.0), "--hidden-dropout", 0.0,
-        "--num-experts", cfg["num_local_experts"],
-        "--moe-ffn-hidden-size", cfg["intermediate_size"],
-        "--moe-router-topk", cfg["num_experts_per_tok"],
-        "--moe-router-score-function", "softmax", "--moe-router-load-balancing-type", "aux_loss",
-        "--moe-aux-loss-coeff", cfg.get("router_aux_loss_coef", 0.001), "--moe-grouped-gemm",
-    ]
-    if ng != nh:
-        flags += ["--group-query-attention", "--num-query-groups", ng]
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim != h // nh:
-        flags += ["--kv-channels", head_dim]
-    if not cfg.get("tie_word_embeddings", False):
-        flags += ["--untie-embeddings-and-output-weights"]
+    warn_unknown_fields(cfg, _KNOWN)
+    flags = llama_moe_flags(cfg, num_experts=cfg["num_local_experts"],
+                            moe_ffn_hidden_size=cfg["intermediate_size"],
+                            max_positions=4096 * 32, norm_eps=1e-5, aux_loss_coeff=0.001)
     if cfg.get("router_jitter_noise"):
         flags += ["--moe-input-jitter-eps", cfg["router_jitter_noise"]]
-    ns = args_from_flags([str(f) for f in flags])
-    ns.true_vocab_size = cfg["vocab_size"]
-    ns.hf_config = json.dumps(cfg, sort_keys=True)
-    return ns
+    return args_from_hf_flags(flags, cfg)
 
 
 def _check_representable(ns: argparse.Namespace) -> None:
@@ -175,10 +142,7 @@ def _check_representable(ns: argparse.Namespace) -> None:
          "Mixtral uses grouped-query attention"),
         ("--mtp-num-layers", not ns.mtp_num_layers, "Mixtral has no multi-token prediction"),
     ]
-    for flag, ok, why in checks:
-        if not ok:
-            raise ValueError(f"the moecore model cannot be written as {ARCHITECTURE}: {flag} "
-                             f"({why})")
+    refuse_flags(ARCHITECTURE, checks)
 
 
 def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dtype) -> dict:
@@ -186,7 +150,6 @@ def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dt
     (token ids and the like) are carried over; every field the model depends on is set here."""
     _check_representable(ns)
     cfg = json.loads(ns.hf_config) if getattr(ns, "hf_config", None) else {}
-    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
     cfg.update({
         "architectures": [ARCHITECTURE], "model_type": "mixtral", "vocab_size": vocab_size,
         "hidden_size": ns.hidden_size, "intermediate_size": ns.moe_ffn_hidden_size,
@@ -206,32 +169,18 @@ def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dt
     cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dtype).replace("torch.", "")
     if isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_theta": float(ns.rotary_base)}
-    if d != ns.hidden_size // ns.num_attention_heads:
-        cfg["head_dim"] = d
-    else:
-        cfg.pop("head_dim", None)
+    set_head_dim(cfg, ns)
     cfg.setdefault("use_cache", True)
     return cfg
 
 
 # ---- per-layer mapping ---------------------------------------------------------------------------
-def _dims(ns: argparse.Namespace) -> tuple[int, int, int, int, int, int]:
-    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
-    return (ns.hidden_size, ns.num_attention_heads, ns.num_query_groups, d,
-            ns.moe_ffn_hidden_size, ns.num_experts)
-
-
 def hf_layer_entries(i: int, ns: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, shape)`` of layer ``i``'s Hugging Face tensors, in the order they are written."""
-    h, nh, ng, d, f, e = _dims(ns)
+    h, _, _, _, f, e = llama_dims(ns)
     p = f"model.layers.{i}."
-    out = [(p + "input_layernorm.weight", (h,)),
-           (p + "self_attn.q_proj.weight", (nh * d, h)),
-           (p + "self_attn.k_proj.weight", (ng * d, h)),
-           (p + "self_attn.v_proj.weight", (ng * d, h)),
-           (p + "self_attn.o_proj.weight", (h, nh * d)),
-           (p + "post_attention_layernorm.weight", (h,)),
-           (p + "block_sparse_moe.gate.weight", (e, h))]
+    out = llama_attention_entries(p, ns) + [(p + "post_attention_layernorm.weight", (h,)),
+                                            (p + "block_sparse_moe.gate.weight", (e, h))]
     for x in range(e):
         q = f"{p}block_sparse_moe.experts.{x}."
         out += [(q + "w1.weight", (f, h)), (q + "w2.weight", (h, f)), (q + "w3.weight", (f, h))]
@@ -240,13 +189,10 @@ def hf_layer_entries(i: int, ns: argparse.Namespace) -> list[tuple[str, tuple[in
 
 def global_from_hf_layer(i: int, get, ns: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Layer ``i``'s moecore global tensors (grouped experts) from ``get(hf_name)``."""
-    h, nh, ng, d, f, e = _dims(ns)
     p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
-    q, k, v = (get(f"{p}self_attn.{x}_proj.weight") for x in "qkv")
-    qkv = torch.cat([q.reshape(ng, nh // ng * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)],
-                    dim=1).reshape(-1, h)
+    qkv = interleave_qkv(*(get(f"{p}self_attn.{x}_proj.weight") for x in "qkv"), ns)
     w1, w2 = [], []
-    for x in range(e):
+    for x in range(ns.num_experts):
         q_ = f"{p}block_sparse_moe.experts.{x}."
         w1.append(torch.cat([get(q_ + "w1.weight"), get(q_ + "w3.weight")], dim=0).t())
         w2.append(get(q_ + "w2.weight").t())
@@ -261,14 +207,13 @@ def global_from_hf_layer(i: int, get, ns: argparse.Namespace) -> dict[str, torch
 def hf_from_global_layer(i: int, sd: dict[str, torch.Tensor], ns: argparse.Namespace
                          ) -> dict[str, torch.Tensor]:
     """Inverse of :func:`global_from_hf_layer`; ``sd`` holds grouped experts."""
-    h, nh, ng, d, f, e = _dims(ns)
+    f, e = ns.moe_ffn_hidden_size, ns.num_experts
     p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
-    qkv = sd[g + "self_attention.linear_qkv.weight"].reshape(ng, (nh // ng + 2) * d, h)
-    q, k, v = torch.split(qkv, [nh // ng * d, d, d], dim=1)
+    q, k, v = split_qkv(sd[g + "self_attention.linear_qkv.weight"], ns)
     out = {p + "input_layernorm.weight": sd[g + "input_layernorm.weight"],
-           p + "self_attn.q_proj.weight": q.reshape(nh * d, h),
-           p + "self_attn.k_proj.weight": k.reshape(ng * d, h),
-           p + "self_attn.v_proj.weight": v.reshape(ng * d, h),
+           p + "self_attn.q_proj.weight": q,
+           p + "self_attn.k_proj.weight": k,
+           p + "self_attn.v_proj.weight": v,
            p + "self_attn.o_proj.weight": sd[g + "self_attention.linear_proj.weight"],
            p + "post_attention_layernorm.weight": sd[g + "pre_mlp_layernorm.weight"],
            p + "block_sparse_moe.gate.weight": sd[g + "mlp.router.weight"]}

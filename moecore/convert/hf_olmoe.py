@@ -26,13 +26,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
 from moecore.convert import hf_mixtral
-from moecore.convert.hf_base import HFSinkBase, HFSourceBase
-from moecore.convert.model_args import args_from_flags
+from moecore.convert.hf_base import (
+    HFSinkBase,
+    HFSourceBase,
+    args_from_hf_flags,
+    llama_attention_entries,
+    llama_dims,
+    llama_moe_flags,
+    refuse_fields,
+    refuse_flags,
+    refuse_fractional_theta,
+    rope_theta,
+    set_head_dim,
+    unsupported,
+    warn_unknown_fields,
+)
 
 ARCHITECTURE = "OlmoeForCausalLM"
 MODEL_TYPES = ("olmoe",)
@@ -50,16 +62,11 @@ _KNOWN = set(_REQUIRED) | {
     "is_encoder_decoder", "problem_type"}
 
 
-def _unsupported(field: str, value, why: str) -> ValueError:
-    return ValueError(f"config.json field {field}={value!r} cannot be represented in moecore: "
-                      f"{why}")
-
-
 def validate_hf_config(cfg: dict) -> None:
     """Raise ``ValueError`` naming the first field moecore cannot represent."""
     if cfg.get("model_type") not in MODEL_TYPES:
-        raise _unsupported("model_type", cfg.get("model_type"), "this converter reads OLMoE "
-                           f"checkpoints ({ARCHITECTURE}, model_type 'olmoe')")
+        raise unsupported("model_type", cfg.get("model_type"), "this converter reads OLMoE "
+                          f"checkpoints ({ARCHITECTURE}, model_type 'olmoe')")
     for field in _REQUIRED:
         if cfg.get(field) is None:
             raise ValueError(f"config.json lacks the field {field}, which an OLMoE config has")
@@ -76,51 +83,22 @@ def validate_hf_config(cfg: dict) -> None:
         ("quantization_config", cfg.get("quantization_config") is None,
          "quantised weights are not converted; start from the unquantised checkpoint"),
     ]
-    for field, ok, why in checks:
-        if not ok:
-            raise _unsupported(field, cfg.get(field), why)
-    theta = hf_mixtral._rope_theta(cfg)
-    if theta != int(theta):
-        raise _unsupported("rope_theta", theta, "pretrain_gpt.py's --rotary-base takes integers")
+    refuse_fields(cfg, checks)
+    refuse_fractional_theta(rope_theta(cfg))
 
 
 def args_from_hf_config(cfg: dict) -> argparse.Namespace:
     """Validate ``cfg`` and return the moecore model args (parsed from ``pretrain_gpt.py``
     flags), with the original config kept as ``hf_config`` for the way back."""
     validate_hf_config(cfg)
-    unknown = sorted(k for k in cfg if k not in _KNOWN)
-    if unknown:
-        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
-              file=sys.stderr)
-    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    ng = cfg.get("num_key_value_heads") or nh
-    flags = [
-        "--num-layers", cfg["num_hidden_layers"], "--hidden-size", h,
-        "--ffn-hidden-size", cfg["intermediate_size"], "--num-attention-heads", nh,
-        "--max-position-embeddings", cfg.get("max_position_embeddings", 4096),
-        "--position-embedding-type", "rope", "--rotary-base", int(hf_mixtral._rope_theta(cfg)),
-        "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-5),
-        "--qk-layernorm", "--qk-layernorm-hidden-dim", "--swiglu", "--disable-bias-linear",
-        "--init-method-std", cfg.get("initializer_range", 0.02),
-        "--attention-dropout", cfg.get("attention_dropout", 0.0), "--hidden-dropout", 0.0,
-        "--num-experts", cfg["num_experts"], "--moe-ffn-hidden-size", cfg["intermediate_size"],
-        "--moe-router-topk", cfg["num_experts_per_tok"], "--moe-router-score-function",
-        "softmax", "--moe-router-load-balancing-type", "aux_loss",
-        "--moe-aux-loss-coeff", cfg.get("router_aux_loss_coef", 0.01), "--moe-grouped-gemm",
-    ]
+    warn_unknown_fields(cfg, _KNOWN)
+    flags = llama_moe_flags(cfg, num_experts=cfg["num_experts"],
+                            moe_ffn_hidden_size=cfg["intermediate_size"],
+                            max_positions=4096, norm_eps=1e-5, aux_loss_coeff=0.01)
+    flags += ["--qk-layernorm", "--qk-layernorm-hidden-dim"]
     if not cfg.get("norm_topk_prob", False):
         flags += ["--moe-router-pre-softmax"]
-    if ng != nh:
-        flags += ["--group-query-attention", "--num-query-groups", ng]
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim != h // nh:
-        flags += ["--kv-channels", head_dim]
-    if not cfg.get("tie_word_embeddings", False):
-        flags += ["--untie-embeddings-and-output-weights"]
-    ns = args_from_flags([str(f) for f in flags])
-    ns.true_vocab_size = cfg["vocab_size"]
-    ns.hf_config = json.dumps(cfg, sort_keys=True)
-    return ns
+    return args_from_hf_flags(flags, cfg)
 
 
 def _check_representable(ns: argparse.Namespace) -> None:
@@ -151,10 +129,7 @@ def _check_representable(ns: argparse.Namespace) -> None:
          "OLMoE has no expert bias"),
         ("--mtp-num-layers", not ns.mtp_num_layers, "OLMoE has no multi-token prediction"),
     ]
-    for flag, ok, why in checks:
-        if not ok:
-            raise ValueError(f"the moecore model cannot be written as {ARCHITECTURE}: {flag} "
-                             f"({why})")
+    refuse_flags(ARCHITECTURE, checks)
 
 
 def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dtype) -> dict:
@@ -162,7 +137,6 @@ def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dt
     ids and the like) are carried over, every field the model depends on is set here."""
     _check_representable(ns)
     cfg = json.loads(ns.hf_config) if getattr(ns, "hf_config", None) else {}
-    d = ns.kv_channels or ns.hidden_size // ns.num_attention_heads
     cfg.update({
         "architectures": [ARCHITECTURE], "model_type": "olmoe", "vocab_size": vocab_size,
         "hidden_size": ns.hidden_size, "intermediate_size": ns.moe_ffn_hidden_size,
@@ -182,10 +156,7 @@ def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dt
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_theta": float(ns.rotary_base)}
     else:
         cfg["rope_theta"] = float(ns.rotary_base)
-    if d != ns.hidden_size // ns.num_attention_heads:
-        cfg["head_dim"] = d
-    else:
-        cfg.pop("head_dim", None)
+    set_head_dim(cfg, ns)
     cfg.setdefault("use_cache", True)
     return cfg
 
@@ -193,17 +164,12 @@ def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dt
 # ---- per-layer mapping ---------------------------------------------------------------------------
 def hf_layer_entries(i: int, ns: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, shape)`` of layer ``i``'s Hugging Face tensors, in the order they are written."""
-    h, nh, ng, d, f, e = hf_mixtral._dims(ns)
+    h, nh, ng, d, f, e = llama_dims(ns)
     p = f"model.layers.{i}."
-    out = [(p + "input_layernorm.weight", (h,)),
-           (p + "self_attn.q_proj.weight", (nh * d, h)),
-           (p + "self_attn.k_proj.weight", (ng * d, h)),
-           (p + "self_attn.v_proj.weight", (ng * d, h)),
-           (p + "self_attn.o_proj.weight", (h, nh * d)),
-           (p + "self_attn.q_norm.weight", (nh * d,)),
-           (p + "self_attn.k_norm.weight", (ng * d,)),
-           (p + "post_attention_layernorm.weight", (h,)),
-           (p + "mlp.gate.weight", (e, h))]
+    out = llama_attention_entries(p, ns) + [(p + "self_attn.q_norm.weight", (nh * d,)),
+                                            (p + "self_attn.k_norm.weight", (ng * d,)),
+                                            (p + "post_attention_layernorm.weight", (h,)),
+                                            (p + "mlp.gate.weight", (e, h))]
     for x in range(e):
         q = f"{p}mlp.experts.{x}."
         out += [(q + "gate_proj.weight", (f, h)), (q + "up_proj.weight", (f, h)),

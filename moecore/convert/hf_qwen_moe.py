@@ -33,13 +33,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
-from moecore.convert.hf_base import HFSinkBase, HFSourceBase
-from moecore.convert.hf_mixtral import _rope_theta, _unsupported
-from moecore.convert.model_args import args_from_flags
+from moecore.convert.hf_base import (
+    HFSinkBase,
+    HFSourceBase,
+    args_from_hf_flags,
+    interleave_qkv,
+    llama_moe_flags,
+    refuse_fields,
+    refuse_flags,
+    refuse_fractional_theta,
+    rope_theta,
+    split_qkv,
+    unsupported,
+    warn_unknown_fields,
+)
 
 ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 MODEL_TYPES = tuple(ARCHITECTURES)
@@ -80,8 +90,8 @@ def _qkv_bias(cfg: dict) -> bool:
 def validate_hf_config(cfg: dict) -> None:
     """Raise ``ValueError`` naming the first field moecore cannot represent."""
     if cfg.get("model_type") not in MODEL_TYPES:
-        raise _unsupported("model_type", cfg.get("model_type"), "this converter reads Qwen-MoE "
-                           f"checkpoints (model_type {MODEL_TYPES})")
+        raise unsupported("model_type", cfg.get("model_type"), "this converter reads Qwen-MoE "
+                          f"checkpoints (model_type {MODEL_TYPES})")
     for field in _REQUIRED:
         if cfg.get(field) is None:
             raise ValueError(f"config.json lacks the field {field}, which a "
@@ -105,45 +115,19 @@ def validate_hf_config(cfg: dict) -> None:
          or (cfg.get("shared_expert_intermediate_size") or 0) > 0,
          "moecore's gated shared expert needs a width"),
     ]
-    for field, ok, why in checks:
-        if not ok:
-            raise _unsupported(field, cfg.get(field), why)
-    theta = _rope_theta(cfg)
-    if theta != int(theta):
-        raise _unsupported("rope_theta", theta, "pretrain_gpt.py's --rotary-base takes integers")
+    refuse_fields(cfg, checks)
+    refuse_fractional_theta(rope_theta(cfg))
 
 
 def args_from_hf_config(cfg: dict) -> argparse.Namespace:
     """Validate ``cfg`` and return the moecore model args (parsed from ``pretrain_gpt.py``
     flags) of the same model, with the original config kept as ``hf_config`` for the way back."""
     validate_hf_config(cfg)
-    unknown = sorted(k for k in cfg if k not in _KNOWN)
-    if unknown:
-        print(f"[convert] WARNING: config.json fields {unknown} are not used by the converter",
-              file=sys.stderr)
-    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    ng = cfg.get("num_key_value_heads") or nh
-    flags = [
-        "--num-layers", cfg["num_hidden_layers"], "--hidden-size", h,
-        "--ffn-hidden-size", cfg["intermediate_size"], "--num-attention-heads", nh,
-        "--max-position-embeddings", cfg.get("max_position_embeddings", 32768),
-        "--position-embedding-type", "rope", "--rotary-base", int(_rope_theta(cfg)),
-        "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-6),
-        "--swiglu", "--disable-bias-linear",
-        "--init-method-std", cfg.get("initializer_range", 0.02),
-        "--attention-dropout", cfg.get("attention_dropout", 0.0), "--hidden-dropout", 0.0,
-        "--num-experts", num_experts(cfg),
-        "--moe-ffn-hidden-size", cfg["moe_intermediate_size"],
-        "--moe-router-topk", cfg["num_experts_per_tok"],
-        "--moe-layer-freq", "[" + ",".join(map(str, moe_pattern(cfg))) + "]",
-        "--moe-router-score-function", "softmax", "--moe-router-load-balancing-type", "aux_loss",
-        "--moe-aux-loss-coeff", cfg.get("router_aux_loss_coef", 0.001), "--moe-grouped-gemm",
-    ]
-    if ng != nh:
-        flags += ["--group-query-attention", "--num-query-groups", ng]
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim != h // nh:
-        flags += ["--kv-channels", head_dim]
+    warn_unknown_fields(cfg, _KNOWN)
+    flags = llama_moe_flags(cfg, num_experts=num_experts(cfg),
+                            moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+                            max_positions=32768, norm_eps=1e-6, aux_loss_coeff=0.001)
+    flags += ["--moe-layer-freq", "[" + ",".join(map(str, moe_pattern(cfg))) + "]"]
     if not cfg.get("norm_topk_prob", False):
         flags += ["--moe-router-pre-softmax"]
     if cfg["model_type"] == "qwen3_moe":
@@ -153,12 +137,7 @@ def args_from_hf_config(cfg: dict) -> argparse.Namespace:
                   cfg["shared_expert_intermediate_size"], "--moe-shared-expert-gate"]
     if _qkv_bias(cfg):
         flags += ["--add-qkv-bias"]
-    if not cfg.get("tie_word_embeddings", False):
-        flags += ["--untie-embeddings-and-output-weights"]
-    ns = args_from_flags([str(f) for f in flags])
-    ns.true_vocab_size = cfg["vocab_size"]
-    ns.hf_config = json.dumps(cfg, sort_keys=True)
-    return ns
+    return args_from_hf_flags(flags, cfg)
 
 
 # ---- the way out --------------------------------------------------------------------------------
@@ -222,9 +201,7 @@ def _check_representable(ns: argparse.Namespace, family: str) -> None:
     else:
         checks += [("--moe-shared-expert-gate", bool(shared) and ns.moe_shared_expert_gate,
                     "Qwen2-MoE has one shared expert with a sigmoid gate")]
-    for flag, ok, why in checks:
-        if not ok:
-            raise ValueError(f"the moecore model cannot be written as {arch}: {flag} ({why})")
+    refuse_flags(arch, checks)
 
 
 def hf_config_from_args(ns: argparse.Namespace, vocab_size: int, dtype: torch.dtype,
@@ -318,30 +295,13 @@ def _gate_up(get, prefix: str) -> torch.Tensor:
     return torch.cat([get(prefix + "gate_proj.weight"), get(prefix + "up_proj.weight")], dim=0)
 
 
-def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    ns: argparse.Namespace) -> torch.Tensor:
-    """``q [nh*d, ...]``, ``k``/``v [ng*d, ...]`` -> moecore's per-group rows."""
-    ng = ns.num_query_groups
-    rest = q.shape[1:]
-    return torch.cat([q.reshape(ng, -1, *rest), k.reshape(ng, -1, *rest),
-                      v.reshape(ng, -1, *rest)], dim=1).reshape(-1, *rest)
-
-
-def _split_qkv(qkv: torch.Tensor, ns: argparse.Namespace) -> list[torch.Tensor]:
-    nh, ng = ns.num_attention_heads, ns.num_query_groups
-    d = ns.kv_channels or ns.hidden_size // nh
-    rest = qkv.shape[1:]
-    parts = torch.split(qkv.reshape(ng, (nh // ng + 2) * d, *rest), [nh // ng * d, d, d], dim=1)
-    return [t.reshape(-1, *rest) for t in parts]
-
-
 def global_from_hf_layer(i: int, get, ns: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Layer ``i``'s moecore global tensors (grouped experts) from ``get(hf_name)``."""
     p, g = f"model.layers.{i}.", f"decoder.layers.{i}."
     out = {g + m: get(p + n) for n, m, _ in _attention_pairs(ns)}
     kinds = ("weight", "bias") if ns.add_qkv_bias else ("weight",)
     for kind in kinds:
-        out[f"{g}self_attention.linear_qkv.{kind}"] = _interleave_qkv(
+        out[f"{g}self_attention.linear_qkv.{kind}"] = interleave_qkv(
             *(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), ns)
     if not moe_pattern_of(ns)[i]:
         out[g + "mlp.linear_fc1.weight"] = _gate_up(get, p + "mlp.")
@@ -374,7 +334,7 @@ def hf_from_global_layer(i: int, sd: dict[str, torch.Tensor], ns: argparse.Names
     out = {p + n: sd[g + m] for n, m, _ in _attention_pairs(ns)}
     kinds = ("weight", "bias") if ns.add_qkv_bias else ("weight",)
     for kind in kinds:
-        q, k, v = _split_qkv(sd[f"{g}self_attention.linear_qkv.{kind}"], ns)
+        q, k, v = split_qkv(sd[f"{g}self_attention.linear_qkv.{kind}"], ns)
         out.update({f"{p}self_attn.q_proj.{kind}": q, f"{p}self_attn.k_proj.{kind}": k,
                     f"{p}self_attn.v_proj.{kind}": v})
     if not moe_pattern_of(ns)[i]:
