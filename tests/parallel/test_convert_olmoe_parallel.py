@@ -10,19 +10,15 @@
 
 from __future__ import annotations
 
-import io
-
 import torch
-import torch.distributed as dist
 
-from moecore.convert import convert
-from moecore.convert.hf_olmoe import args_from_hf_config, global_from_hf_layer
-from moecore.convert.reshard import shard_tensor
+from moecore.convert import hf_olmoe
 from moecore.parallel_state import destroy_model_parallel, initialize_model_parallel
 from moecore.transformer.projection_norm import ProjectionRMSNorm
+from tests import convert_harness as harness
 from tests.dist_harness import run_distributed
-from tests.unit.test_convert import load_with_pretrain
-from tests.unit.test_convert_olmoe import OLMOE, V, hf_model, ids_and_labels, save_hub
+from tests.unit.test_convert import rel_err
+from tests.unit.test_convert_olmoe import OLMOE, V, hf_model
 
 CHECKED = (  # a parameter of each kind: split over TP (rows, columns, the projection norms),
     # replicated (SP-partial), router, experts
@@ -35,10 +31,6 @@ CHECKED = (  # a parameter of each kind: split over TP (rows, columns, the proje
     "decoder.layers.1.mlp.experts.weight1", "decoder.layers.0.mlp.experts.weight2",
     "decoder.final_layernorm.weight",
 )
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _norm_worker(rank, world_size):
@@ -63,8 +55,8 @@ def _norm_worker(rank, world_size):
         xl = x[:, :, cut].clone().requires_grad_()
         y = norm(xl)
         (y * dy[:, :, cut]).sum().backward()
-        return {"out": _rel(y, y_ref[:, :, cut]), "dx": _rel(xl.grad, xr.grad[:, :, cut]),
-                "dw": _rel(norm.weight.grad, ref.weight.grad.view(heads, d)[cut].reshape(-1))}
+        return {"out": rel_err(y, y_ref[:, :, cut]), "dx": rel_err(xl.grad, xr.grad[:, :, cut]),
+                "dw": rel_err(norm.weight.grad, ref.weight.grad.view(heads, d)[cut].reshape(-1))}
     finally:
         destroy_model_parallel()
 
@@ -76,70 +68,16 @@ def test_projection_norm_tp2_equals_tp1():
     assert not bad, bad
 
 
-def _global_grads(model, cfg: dict) -> dict[str, torch.Tensor]:
-    """transformers' gradients as moecore global tensors (the converter's mapping)."""
-    hub: dict[str, torch.Tensor] = {}
-    f = cfg["intermediate_size"]
-    for name, p in model.named_parameters():
-        if name.endswith("experts.gate_up_proj"):  # fused [E, 2F, H]: gate rows, then up
-            prefix = name[:-len("gate_up_proj")]
-            for e in range(p.shape[0]):
-                hub[f"{prefix}{e}.gate_proj.weight"] = p.grad[e, :f]
-                hub[f"{prefix}{e}.up_proj.weight"] = p.grad[e, f:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name[:-len("down_proj")]
-            for e in range(p.shape[0]):
-                hub[f"{prefix}{e}.down_proj.weight"] = p.grad[e]
-        else:
-            hub[name] = p.grad
-    ns = args_from_hf_config(cfg)
-    out = {"embedding.word_embeddings.weight": hub["model.embed_tokens.weight"],
-           "output_layer.weight": hub["lm_head.weight"],
-           "decoder.final_layernorm.weight": hub["model.norm.weight"]}
-    for i in range(cfg["num_hidden_layers"]):
-        out.update(global_from_hf_layer(i, hub.__getitem__, ns))
-    return {k: out[k] for k in CHECKED}
-
-
-def _worker(rank, world_size, flags, ids, labels, ref, grads):
-    model = load_with_pretrain(flags, V)
-    ps = model.ps
-    logits = model(ids)  # [B, S, V/tp]
-    parts = [torch.empty_like(logits) for _ in range(ps.tp_size)]
-    dist.all_gather(parts, logits.detach().contiguous(), group=ps.tp_group)
-    errors = {"logits": _rel(torch.cat(parts, dim=-1), ref)}
-    model(ids, labels=labels).mean().backward()
-    params = dict(model.named_parameters())
-    for name, global_grad in grads.items():
-        p = params[name]
-        g = p.grad if p.grad is not None else p.main_grad
-        if getattr(p, "sequence_parallel", False):  # partial over TP under SP (trainer sums)
-            g = g.clone()
-            dist.all_reduce(g, group=ps.tp_group)
-        local, expected = shard_tensor(name, global_grad, ps, gated=True,
-                                       num_experts=OLMOE["num_experts"])
-        if ".experts." in name:
-            # Both data-parallel replicas route the same batch to this rank's experts (expert
-            # DP = 1): their gradient holds both replicas' contributions.
-            expected = expected * ps.dp_size
-        errors[name] = _rel(g, expected)
-    return errors
-
-
 def test_olmoe_tp2_ep2_logits_and_grads_on_four_ranks(tmp_path):
     hf = hf_model(OLMOE)
-    save_hub(hf, str(tmp_path / "hf"))
-    ids, labels = ids_and_labels()
-    ref = hf(ids).logits
-    torch.nn.functional.cross_entropy(ref.reshape(-1, V), labels.reshape(-1)).backward()
-    grads = _global_grads(hf, hf.config.to_dict())
-    res = convert("hf", "moecore", str(tmp_path / "hf"), str(tmp_path / "tp2ep2"),
-                  target={"tp": 2, "ep": 2}, log=io.StringIO())
+    ids, labels = harness.ids_and_labels(V)
+    ref = harness.saved_reference(hf, tmp_path, ids, labels, V)
+    cfg = hf.config.to_dict()
+    hub = harness.hub_grads(hf, cfg["intermediate_size"])
+    grads = harness.global_grads(hub, cfg, hf_olmoe, CHECKED)
+    res, per_rank = harness.run_converted_on_four_ranks(
+        tmp_path, {"tp": 2, "ep": 2}, V, ids, labels, ref, grads, OLMOE["num_experts"])
     assert "--sequence-parallel" in res.flags and "--qk-layernorm-hidden-dim" in res.flags
-    flags = res.flags + ["--load", str(tmp_path / "tp2ep2"), "--no-load-optim",
-                         "--no-load-rng"]
-    per_rank = run_distributed(_worker, 4, flags, ids, labels, ref.detach(), grads, timeout=300)
-    bad = [(r, k, e) for r, errs in enumerate(per_rank) for k, e in errs.items()
-           if not e < 1e-4]
+    bad = harness.errors_over(per_rank, 1e-4)
     assert not bad, bad
     assert all(len(errs) == len(CHECKED) + 1 for errs in per_rank)

@@ -18,14 +18,20 @@ import os
 import pytest
 import torch
 
-from moecore.convert import Layout, convert
+from moecore.convert import convert
 from moecore.convert.hf_base import export_base_config
 from moecore.convert.io import INDEX_FILENAME, SafetensorsReader
 from moecore.convert.model_args import args_from_flags, true_vocab_size_of
-from moecore.convert.reshard import fake_parallel_state
+from tests.convert_harness import (
+    convert_saved,
+    ids_and_labels,
+    logits_then_backward,
+    moecore_model,
+    random_hf_model,
+    save_hub,
+)
 from tests.unit.test_convert import (
     assert_same_tensors,
-    load_stage,
     load_with_pretrain,
     read_all,
     rel_err,
@@ -34,7 +40,7 @@ from tests.unit.test_convert import (
 
 transformers = pytest.importorskip("transformers")
 
-B, S, V = 2, 8, 96
+V = 96
 YARN = {"type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
         "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1}
 # V3/R1-shaped: q LoRA, YaRN, 4 groups of which 2 kept (topk = 2 * topk_group), untied.
@@ -54,33 +60,11 @@ MOONLIGHT = dict(V3, q_lora_rank=None, n_group=1, topk_group=1, num_experts_per_
 def hf_model(kwargs: dict, seed: int = 0):
     """A random fp32 DeepseekV3ForCausalLM whose weights are large enough to route and attend
     unevenly (transformers' init is tiny), with a non-zero expert bias."""
-    cfg = transformers.DeepseekV3Config(**kwargs, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed)
+    model, g = random_hf_model("DeepseekV3", kwargs, seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
-    return model
-
-
-def ids_and_labels():
-    g = torch.Generator().manual_seed(3)
-    return torch.randint(0, V, (B, S), generator=g), torch.randint(0, V, (B, S), generator=g)
-
-
-def save_hub(model, directory: str) -> None:
-    model.save_pretrained(directory, max_shard_size="40KB")  # several shards + index
-
-
-def moecore_model(directory: str):
-    (model,) = load_stage(directory, fake_parallel_state(Layout().sizes(), 0))
     return model
 
 
@@ -88,11 +72,7 @@ def moecore_model(directory: str):
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     kwargs = V3 if request.param == "v3" else MOONLIGHT
-    model = hf_model(kwargs)
-    save_hub(model, str(root / "hf"))
-    res = convert("hf", "moecore", str(root / "hf"), str(root / "m"))
-    return {"root": root, "hf": model, "kwargs": kwargs, "res": res,
-            "moecore": moecore_model(str(root / "m"))}
+    return convert_saved(hf_model(kwargs), root) | {"kwargs": kwargs}
 
 
 def test_flags_follow_the_config(converted):
@@ -113,15 +93,10 @@ def test_flags_follow_the_config(converted):
 
 def test_logits_and_grads_match_transformers(converted):
     hf, ours = converted["hf"], converted["moecore"]
-    ids, labels = ids_and_labels()
-    ref = hf(ids).logits
-    logits = ours(ids)
+    ref, logits = logits_then_backward(hf, ours, *ids_and_labels(V), V)
     assert logits.dtype == torch.float32 and logits.shape == ref.shape
     assert rel_err(logits, ref) < 1e-4
-    # One backward of the same loss; gradients of parameters of each kind.
-    loss = lambda x: torch.nn.functional.cross_entropy(x.reshape(-1, V), labels.reshape(-1))  # noqa: E731
-    loss(ref).backward()
-    loss(logits).backward()
+    # Gradients of parameters of each kind (after one backward of the same loss).
     hp = dict(hf.named_parameters())
     mp = dict(ours.named_parameters())
     f = converted["kwargs"]["moe_intermediate_size"]
@@ -175,7 +150,7 @@ def test_back_to_hub_is_byte_identical(converted):
     assert back["architectures"] == ["DeepseekV3ForCausalLM"]
     reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(
         str(root / "back"), attn_implementation="eager").eval()
-    ids, _ = ids_and_labels()
+    ids, _ = ids_and_labels(V)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, converted["hf"](ids).logits)
     a = transformers.DeepseekV3Config.from_dict(orig).to_dict()

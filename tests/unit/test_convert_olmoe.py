@@ -20,11 +20,18 @@ import torch
 from moecore.convert import Layout, convert
 from moecore.convert.io import INDEX_FILENAME, SafetensorsReader
 from moecore.convert.reshard import fake_parallel_state
+from tests.convert_harness import (
+    convert_saved,
+    ids_and_labels,
+    logits_then_backward,
+    random_hf_model,
+    save_hub,
+)
 from tests.unit.test_convert import assert_same_tensors, load_stage, read_all, rel_err
 
 transformers = pytest.importorskip("transformers")
 
-B, S, V = 2, 8, 96
+V = 96
 OLMOE = dict(vocab_size=V, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=4,
              max_position_embeddings=32, norm_topk_prob=False, tie_word_embeddings=False,
@@ -35,42 +42,14 @@ OLMOE = dict(vocab_size=V, hidden_size=32, intermediate_size=16, num_hidden_laye
 def hf_model(kwargs: dict, seed: int = 0):
     """A random fp32 OlmoeForCausalLM whose weights are large enough to route and attend
     unevenly (transformers' init is tiny)."""
-    cfg = transformers.OlmoeConfig(**kwargs, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.OlmoeForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def ids_and_labels():
-    g = torch.Generator().manual_seed(3)
-    return torch.randint(0, V, (B, S), generator=g), torch.randint(0, V, (B, S), generator=g)
-
-
-def save_hub(model, directory: str) -> None:
-    model.save_pretrained(directory, max_shard_size="40KB")  # several shards + index
-
-
-def moecore_model(directory: str):
-    (model,) = load_stage(directory, fake_parallel_state(Layout().sizes(), 0))
-    return model
+    return random_hf_model("Olmoe", kwargs, seed)[0]
 
 
 @pytest.fixture(scope="module", params=["no_renorm", "renorm"])
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     kwargs = dict(OLMOE, norm_topk_prob=request.param == "renorm")
-    model = hf_model(kwargs)
-    save_hub(model, str(root / "hf"))
-    res = convert("hf", "moecore", str(root / "hf"), str(root / "m"))
-    return {"root": root, "hf": model, "kwargs": kwargs, "res": res,
-            "moecore": moecore_model(str(root / "m"))}
+    return convert_saved(hf_model(kwargs), root) | {"kwargs": kwargs}
 
 
 def test_flags_follow_the_config(converted):
@@ -83,14 +62,9 @@ def test_flags_follow_the_config(converted):
 
 def test_logits_and_grads_match_transformers(converted):
     hf, ours = converted["hf"], converted["moecore"]
-    ids, labels = ids_and_labels()
-    ref = hf(ids).logits
-    logits = ours(ids)
+    ref, logits = logits_then_backward(hf, ours, *ids_and_labels(V), V)
     assert logits.dtype == torch.float32 and logits.shape == ref.shape
     assert rel_err(logits, ref) < 1e-4
-    loss = lambda x: torch.nn.functional.cross_entropy(x.reshape(-1, V), labels.reshape(-1))  # noqa: E731
-    loss(ref).backward()
-    loss(logits).backward()
     hp, mp = dict(hf.named_parameters()), dict(ours.named_parameters())
     same = lambda t: t  # noqa: E731
     pairs = [
@@ -139,7 +113,7 @@ def _assert_index_and_reload(converted, back: str) -> None:
     assert {k: (v, b.get(k)) for k, v in a.items() if b.get(k) != v} == {}
     reloaded = transformers.OlmoeForCausalLM.from_pretrained(
         back, attn_implementation="eager").eval()
-    ids, _ = ids_and_labels()
+    ids, _ = ids_and_labels(V)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, converted["hf"](ids).logits)
 

@@ -16,19 +16,21 @@ import os
 import pytest
 import torch
 
-from moecore.convert import Layout, convert
+from moecore.convert import convert, hf_qwen_moe
 from moecore.convert.hf_base import copy_tokenizer_files
-from moecore.convert.hf_qwen_moe import (
-    args_from_hf_config,
-    family_of,
-    global_from_hf_layer,
-    is_qwen_model,
-)
+from moecore.convert.hf_qwen_moe import args_from_hf_config, family_of, is_qwen_model
 from moecore.convert.io import INDEX_FILENAME, SafetensorsReader
-from moecore.convert.reshard import fake_parallel_state
+from tests.convert_harness import (
+    global_grads,
+    hub_grads,
+    ids_and_labels,
+    logits_then_backward,
+    moecore_model,
+    random_hf_model,
+    save_hub,
+)
 from tests.unit.test_convert import (
     assert_same_tensors,
-    load_stage,
     load_with_pretrain,
     read_all,
     rel_err,
@@ -38,7 +40,7 @@ from tools.checkpoint.convert import main as cli_main
 
 transformers = pytest.importorskip("transformers")
 
-B, S, V = 2, 8, 96
+V = 96
 # Qwen3-30B-A3B-shaped (GQA, head_dim 2x H/nh, top-k of many experts), scaled down.
 QWEN3 = dict(vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -60,53 +62,13 @@ def hf_model(case: str, seed: int = 0):
     """A random fp32 ``<family>ForCausalLM`` whose weights are large enough to route and attend
     unevenly (transformers' init is tiny)."""
     family, kwargs = CASES[case]
-    cfg = getattr(transformers, family + "Config")(**kwargs, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = getattr(transformers, family + "ForCausalLM")(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def ids_and_labels():
-    g = torch.Generator().manual_seed(3)
-    return torch.randint(0, V, (B, S), generator=g), torch.randint(0, V, (B, S), generator=g)
-
-
-def save_hub(model, directory: str) -> None:
-    model.save_pretrained(directory, max_shard_size="40KB")  # several shards + index
+    return random_hf_model(family, kwargs, seed)[0]
 
 
 def hf_grads_as_global(model, names) -> dict[str, torch.Tensor]:
     """transformers' gradients as moecore global tensors (the converter's own mapping)."""
     cfg = model.config.to_dict()
-    hub: dict[str, torch.Tensor] = {}
-    f = cfg["moe_intermediate_size"]
-    for name, p in model.named_parameters():
-        if name.endswith("experts.gate_up_proj"):  # fused [E, 2F, H]: gate rows, then up
-            prefix = name[:-len("gate_up_proj")]
-            for e in range(p.shape[0]):
-                hub[f"{prefix}{e}.gate_proj.weight"] = p.grad[e, :f]
-                hub[f"{prefix}{e}.up_proj.weight"] = p.grad[e, f:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name[:-len("down_proj")]
-            for e in range(p.shape[0]):
-                hub[f"{prefix}{e}.down_proj.weight"] = p.grad[e]
-        else:
-            hub[name] = p.grad
-    ns = args_from_hf_config(cfg)
-    out = {"embedding.word_embeddings.weight": hub["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hub["model.norm.weight"]}
-    if "lm_head.weight" in hub and not cfg["tie_word_embeddings"]:
-        out["output_layer.weight"] = hub["lm_head.weight"]
-    for i in range(cfg["num_hidden_layers"]):
-        out.update(global_from_hf_layer(i, hub.__getitem__, ns))
-    return {k: out[k] for k in names}
+    return global_grads(hub_grads(model, cfg["moe_intermediate_size"]), cfg, hf_qwen_moe, names)
 
 
 def checked_names(case: str) -> list[str]:
@@ -138,8 +100,8 @@ def converted(request, tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):  # stand-ins, copied byte for byte
         (root / "hf" / name).write_text(json.dumps({"file": name, "case": request.param}))
     res = convert("hf", "moecore", str(root / "hf"), str(root / "m"))
-    (ours,) = load_stage(str(root / "m"), fake_parallel_state(Layout().sizes(), 0))
-    return {"case": request.param, "root": root, "hf": model, "res": res, "moecore": ours}
+    return {"case": request.param, "root": root, "hf": model, "res": res,
+            "moecore": moecore_model(str(root / "m"))}
 
 
 def test_flags_follow_the_config(converted):
@@ -159,14 +121,9 @@ def test_flags_follow_the_config(converted):
 
 def test_logits_and_grads_match_transformers(converted):
     hf, ours = converted["hf"], converted["moecore"]
-    ids, labels = ids_and_labels()
-    ref = hf(ids).logits
-    logits = ours(ids)
+    ref, logits = logits_then_backward(hf, ours, *ids_and_labels(V), V)
     assert logits.dtype == torch.float32 and logits.shape == ref.shape
     assert rel_err(logits, ref) < 1e-4
-    loss = lambda x: torch.nn.functional.cross_entropy(x.reshape(-1, V), labels.reshape(-1))  # noqa: E731
-    loss(ref).backward()
-    loss(logits).backward()
     names = checked_names(converted["case"])
     expected = hf_grads_as_global(hf, names)
     params = dict(ours.named_parameters())
@@ -202,7 +159,7 @@ def test_back_to_hub_is_byte_identical(converted, tmp_path):
         assert (back / name).read_bytes() == (root / "hf" / name).read_bytes(), name
     cls = getattr(transformers, family + "ForCausalLM")
     reloaded = cls.from_pretrained(str(back), attn_implementation="eager").eval()
-    ids, _ = ids_and_labels()
+    ids, _ = ids_and_labels(V)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, converted["hf"](ids).logits)
 
@@ -251,7 +208,7 @@ def test_export_of_a_checkpoint_pretrain_saved(converted, tmp_path):
     assert (tmp_path / "back" / "tokenizer.json").is_file()
     cls = getattr(transformers, family + "ForCausalLM")
     reloaded = cls.from_pretrained(str(tmp_path / "back"), attn_implementation="eager").eval()
-    ids, _ = ids_and_labels()
+    ids, _ = ids_and_labels(V)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, converted["hf"](ids).logits)
 

@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moecore.config import TransformerConfig
 from moecore.convert import Layout, convert
@@ -23,9 +22,14 @@ from moecore.convert.reshard import fake_parallel_state
 from moecore.kernels.attention import core_attention
 from moecore.transformer.attention import layer_window
 from moecore.transformer.mlp import apply_activation, quick_gelu
+from tests.convert_harness import (
+    convert_saved,
+    ids_and_labels,
+    logits_then_backward,
+    random_hf_model,
+)
 from tests.unit.test_convert import (
     assert_same_tensors,
-    load_stage,
     read_all,
     rel_err,
     write_hf_checkpoint,
@@ -115,29 +119,12 @@ GPT_OSS = dict(vocab_size=V, hidden_size=32, intermediate_size=24, num_hidden_la
 
 def hf_model(seed: int = 0):
     """A random fp32 GptOssForCausalLM with weights large enough to route and clamp."""
-    cfg = transformers.GptOssConfig(**GPT_OSS, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.GptOssForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "experts" in name:
-                p.copy_(1.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+    return random_hf_model("GptOss", GPT_OSS, seed, scale=0.3, expert_scale=1.5)[0]
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt_oss")
-    model = hf_model()
-    model.save_pretrained(str(root / "hf"), max_shard_size="40KB")
-    res = convert("hf", "moecore", str(root / "hf"), str(root / "m"))
-    (ours,) = load_stage(str(root / "m"), fake_parallel_state(Layout().sizes(), 0))
-    return {"root": root, "hf": model, "res": res, "moecore": ours}
+    return convert_saved(hf_model(), tmp_path_factory.mktemp("gpt_oss"))
 
 
 def test_flags_follow_the_config(converted):
@@ -151,15 +138,9 @@ def test_flags_follow_the_config(converted):
 
 def test_logits_and_grads_match_transformers(converted):
     hf, ours = converted["hf"], converted["moecore"]
-    g = torch.Generator().manual_seed(3)
-    ids, labels = torch.randint(0, V, (B, S), generator=g), torch.randint(0, V, (B, S), generator=g)
-    ref = hf(ids).logits
-    logits = ours(ids)
+    ref, logits = logits_then_backward(hf, ours, *ids_and_labels(V, B, S), V)
     assert logits.dtype == torch.float32 and logits.shape == ref.shape
     assert rel_err(logits, ref) < 1e-4
-    loss = lambda x: F.cross_entropy(x.reshape(-1, V), labels.reshape(-1))  # noqa: E731
-    loss(ref).backward()
-    loss(logits).backward()
     hp, mp = dict(hf.named_parameters()), dict(ours.named_parameters())
     deint = lambda t: torch.cat([t[..., ::2], t[..., 1::2]], dim=-1)  # noqa: E731
     same = lambda t: t  # noqa: E731
