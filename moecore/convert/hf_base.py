@@ -2,10 +2,12 @@
 layer by layer (:class:`HFSourceBase`), and streaming a model out as sharded safetensors with
 an index (:class:`HFSinkBase`).
 
-A family (``hf_mixtral``, ``hf_deepseek_v3``) subclasses both and supplies the config mapping
-(``args_from_hf_config`` / ``hf_config_from_args``) and the per-layer tensor mapping
-(``layer_entries``, ``global_from_hf_layer``, ``hf_from_global_layer``). The pieces those
-mappings share live here too: refusals (:func:`unsupported`, :func:`refuse_fields`,
+A family (``hf_mixtral``, ``hf_deepseek_v3``) subclasses both, setting ``family`` to its own
+module, whose module-level functions the hooks call: the config mapping
+(``args_from_hf_config(cfg)`` / ``hf_config_from_args(ns, vocab_size, dtype)``) and the
+per-layer tensor mapping (``hf_layer_entries(i, ns)``, ``global_from_hf_layer(i, get, ns)``,
+``hf_from_global_layer(i, sd, ns)``); a family whose functions take more overrides the hook.
+The pieces those mappings share live here too: refusals (:func:`unsupported`, :func:`refuse_fields`,
 :func:`refuse_flags`), Llama-style config reading (:func:`rope_theta`, :func:`llama_moe_flags`,
 :func:`gqa_flags`) and the q/k/v row order of ``linear_qkv`` (:func:`interleave_qkv`).
 """
@@ -228,6 +230,7 @@ class HFSourceBase:
     """Reads a Hugging Face directory (``config.json`` + safetensors) layer by layer."""
 
     model_name = "model"
+    family = None  # the family's module (see the module docstring)
 
     def __init__(self, directory: str):
         self.hf_config = read_hf_config(directory, self.model_name)
@@ -243,13 +246,13 @@ class HFSourceBase:
     # ---- family hooks ----
     def args_from_hf_config(self, cfg: dict) -> argparse.Namespace:
         """The moecore args of ``cfg`` (``self.reader`` is open)."""
-        raise NotImplementedError
+        return self.family.args_from_hf_config(cfg)
 
     def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        raise NotImplementedError
+        return self.family.hf_layer_entries(i, self.args)
 
     def global_from_hf_layer(self, i: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.family.global_from_hf_layer(i, self.reader.get, self.args)
 
     def ignored(self, name: str) -> bool:
         """Tensors present in the files that the model does not use (rotary caches of old
@@ -304,6 +307,8 @@ class HFSinkBase:
     ``model.safetensors.index.json``), streaming one tensor at a time. Padded vocabulary rows
     are stripped to ``vocab_size``."""
 
+    family = None  # the family's module (see the module docstring)
+
     def __init__(self, directory: str, ns: argparse.Namespace, vocab_size: int,
                  dtype: torch.dtype, max_shard_bytes: int):
         self.config = self.hf_config_from_args(ns, vocab_size, dtype)
@@ -316,14 +321,14 @@ class HFSinkBase:
 
     # ---- family hooks ----
     def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
-        raise NotImplementedError
+        return self.family.hf_config_from_args(ns, vocab_size, dtype)
 
     def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        raise NotImplementedError
+        return self.family.hf_layer_entries(i, self.ns)
 
     def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
                              ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.family.hf_from_global_layer(i, sd, self.ns)
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype tensor ``name`` is written in (the export dtype unless the family keeps

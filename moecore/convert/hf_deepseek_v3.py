@@ -439,6 +439,7 @@ class HFSource(HFSourceBase):
     """Reads a Hugging Face DeepSeek-V3 directory layer by layer (MTP depths too)."""
 
     model_name = "DeepSeek-V3"
+    family = sys.modules[__name__]  # the hooks call this module's functions
 
     def __init__(self, directory: str):
         super().__init__(directory)
@@ -453,12 +454,6 @@ class HFSource(HFSourceBase):
         for k in range(self.args.mtp_num_layers or 0):
             shapes.update(mtp_entries(k, self.args, self.true_vocab_size))
         return shapes
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.args)
-
-    def global_from_hf_layer(self, i: int) -> dict[str, torch.Tensor]:
-        return global_from_hf_layer(i, self.reader.get, self.args)
 
     def read_mtp(self) -> dict[str, torch.Tensor]:
         """``mtp.layers.*`` global tensors; the depths' embedding and head copies must equal the
@@ -483,6 +478,8 @@ class HFSink(HFSinkBase):
     """Writes a DeepSeek-V3's ``config.json`` and safetensors; MTP depths as hub layers
     ``model.layers.{L+k}`` after ``lm_head``, with copies of the embedding and head."""
 
+    family = sys.modules[__name__]  # the hooks call this module's functions
+
     def __init__(self, directory: str, ns: argparse.Namespace, vocab_size: int,
                  dtype: torch.dtype, max_shard_bytes: int, base: dict | None = None):
         self._base = base
@@ -504,13 +501,6 @@ class HFSink(HFSinkBase):
         for k in range(self.ns.mtp_num_layers or 0):
             out += mtp_entries(k, self.ns, self.vocab_size)
         return out
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.ns)
-
-    def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
-        return hf_from_global_layer(i, sd, self.ns)
 
     def write_embedding(self, sd: dict[str, torch.Tensor]) -> None:
         super().write_embedding(sd)

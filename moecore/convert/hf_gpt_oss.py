@@ -33,6 +33,7 @@ softmax over the k selected (moecore's default softmax router). Experts: ``(clam
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -366,15 +367,7 @@ class HFSource(HFSourceBase):
 class HFSink(HFSinkBase):
     """Writes a gpt-oss ``config.json`` and (unquantised) safetensors."""
 
-    def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
-        return hf_config_from_args(ns, vocab_size, dtype)
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.ns)
-
-    def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
-        return hf_from_global_layer(i, sd, self.ns)
+    family = sys.modules[__name__]  # the hooks call this module's functions
 
 
 def is_gpt_oss(ns: argparse.Namespace) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -213,26 +214,10 @@ class HFSource(HFSourceBase):
     """Reads a Hugging Face OLMoE directory (``config.json`` + safetensors) layer by layer."""
 
     model_name = "OLMoE"
-
-    def args_from_hf_config(self, cfg: dict) -> argparse.Namespace:
-        return args_from_hf_config(cfg)
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.args)
-
-    def global_from_hf_layer(self, i: int) -> dict[str, torch.Tensor]:
-        return global_from_hf_layer(i, self.reader.get, self.args)
+    family = sys.modules[__name__]  # the hooks call this module's functions
 
 
 class HFSink(HFSinkBase):
     """Writes an OLMoE's ``config.json`` and safetensors."""
 
-    def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
-        return hf_config_from_args(ns, vocab_size, dtype)
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.ns)
-
-    def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
-        return hf_from_global_layer(i, sd, self.ns)
+    family = sys.modules[__name__]  # the hooks call this module's functions

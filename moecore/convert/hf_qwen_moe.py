@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -358,19 +359,13 @@ class HFSource(HFSourceBase):
     """Reads a Hugging Face Qwen3-MoE or Qwen2-MoE directory layer by layer."""
 
     model_name = "Qwen-MoE"
-
-    def args_from_hf_config(self, cfg: dict) -> argparse.Namespace:
-        return args_from_hf_config(cfg)
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.args)
-
-    def global_from_hf_layer(self, i: int) -> dict[str, torch.Tensor]:
-        return global_from_hf_layer(i, self.reader.get, self.args)
+    family = sys.modules[__name__]  # the hooks call this module's functions
 
 
 class HFSink(HFSinkBase):
     """Writes a Qwen3-MoE or Qwen2-MoE ``config.json`` and safetensors."""
+
+    family = sys.modules[__name__]  # the hooks call this module's functions
 
     def __init__(self, directory: str, ns, vocab_size: int, dtype: torch.dtype,
                  max_shard_bytes: int, base: dict | None = None):
@@ -379,10 +374,3 @@ class HFSink(HFSinkBase):
 
     def hf_config_from_args(self, ns, vocab_size: int, dtype: torch.dtype) -> dict:
         return hf_config_from_args(ns, vocab_size, dtype, self.base)
-
-    def layer_entries(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        return hf_layer_entries(i, self.ns)
-
-    def hf_from_global_layer(self, i: int, sd: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
-        return hf_from_global_layer(i, sd, self.ns)
