@@ -410,6 +410,7 @@ def _add_distributed_args(p):
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"])
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="nccl on CUDA, gloo on CPU when unset.")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)

@@ -94,9 +94,6 @@ def _moe_freq_type(value: str):
 
 # ---- validation --------------------------------------------------------------------------------
 def _not_supported_yet(args) -> None:
-    if args.context_parallel_size != 1:
-        raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not "
-                         "supported yet; use 1")
     if args.moe_token_dispatcher_type == "flex":
         raise ValueError("--moe-token-dispatcher-type flex (DeepEP) is not supported; use "
                          "alltoall, allgather or ipc")
@@ -169,6 +166,35 @@ def _validate_parallel(args, world_size: int) -> None:
     args.data_parallel_size = world_size // (tp * pp * cp)
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
+
+
+def _validate_context_parallel(args) -> None:
+    """What context parallelism (:mod:`moecore.transformer.context_parallel`) can split."""
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    if args.seq_length % (2 * cp):
+        raise ValueError(f"--seq-length {args.seq_length} must be divisible by 2 x "
+                         f"--context-parallel-size = {2 * cp} (the load-balanced split)")
+    comm = args.cp_comm_type
+    windowed = args.window_size is not None or args.softmax_type != "vanilla"
+    if windowed and comm != "a2a":
+        raise ValueError(f"--cp-comm-type {comm} does not support sliding windows or attention "
+                         "sinks (--window-size, --softmax-type); use --cp-comm-type a2a")
+    if comm == "p2p" and args.attention_dropout > 0:
+        raise ValueError("--cp-comm-type p2p does not support --attention-dropout > 0; use "
+                         "--attention-dropout 0 or --cp-comm-type all_gather / a2a")
+    heads_per_tp = args.num_attention_heads // args.tensor_model_parallel_size
+    if comm == "a2a" and heads_per_tp % cp:
+        raise ValueError(f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank "
+                         f"({heads_per_tp}) divisible by --context-parallel-size {cp}; use "
+                         "--cp-comm-type p2p or all_gather")
+    if args.mtp_num_layers:
+        raise ValueError("--mtp-num-layers with --context-parallel-size > 1 is not supported "
+                         "(multi-token prediction shifts the whole sequence); use one of them")
+    if args.cuda_graph_impl != "none":
+        raise ValueError("--cuda-graph-impl with --context-parallel-size > 1 is not supported "
+                         "(the ring's exchanges are not captured); drop one of them")
 
 
 def _validate_pipeline_and_ddp(args) -> None:
@@ -471,6 +497,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_model_shape(args)
     _validate_precision_and_data(args)
     _validate_parallel(args, world_size)
+    _validate_context_parallel(args)
     _validate_pipeline_and_ddp(args)
     _validate_batch_and_schedule(args)
     _validate_cuda_graph(args)

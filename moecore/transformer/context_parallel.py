@@ -257,3 +257,20 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, comm_
     ctx = core_attention(qs, ks, vs, None, dropout_p, backend, softmax_scale, window, sinks)
     ctx = ctx.view(seq, b, h // n, -1).index_select(0, torch.argsort(to_natural))
     return _AllToAll.apply(ctx, group, 0, 2).reshape(s_local, b, -1)
+
+
+def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout_p: float, backend: str, *,
+                      cp_group=None, cp_comm_type: str = "p2p",
+                      softmax_scale: float | None = None, window: int | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`~moecore.kernels.attention.core_attention` of the local sequence, or with a CP
+    group of more than one rank, :func:`cp_attention` over the whole sequence (causal only)."""
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return core_attention(q, k, v, attention_mask, dropout_p, backend, softmax_scale,
+                              window, sinks)
+    if attention_mask is not None:
+        raise ValueError("context parallelism computes causal attention only; an explicit "
+                         "attention mask needs --context-parallel-size 1")
+    return cp_attention(q, k, v, cp_group, cp_comm_type, dropout_p=dropout_p, backend=backend,
+                        softmax_scale=softmax_scale, window=window, sinks=sinks)
