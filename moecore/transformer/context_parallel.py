@@ -135,6 +135,42 @@ def _wait(reqs) -> None:
         req.wait()
 
 
+def ring_step_forward(fwd, q, kv, src: int, rank: int, out, lse, scale: float):
+    """Merge the attention of ``q`` (this rank's chunks) to ``kv`` = rank ``src``'s ``[k, v]``
+    into ``(out, lse)`` (``None`` before the first step, which must be ``src == rank``)."""
+    c = q.shape[2] // 2
+    if src == rank:  # our own chunks: plain causal over the local layout
+        return merge_partial(None, None, *fwd(q, kv[0], kv[1], True, scale))
+    if src < rank:  # its first chunk precedes both of ours, its second follows both
+        return merge_partial(out, lse, *fwd(q, kv[0][:, :, :c], kv[1][:, :, :c], False, scale))
+    # both of its chunks precede our second chunk and follow our first
+    o2, l2 = merge_partial(out[:, :, c:], lse[:, :, c:],
+                           *fwd(q[:, :, c:], kv[0], kv[1], False, scale))
+    return torch.cat([out[:, :, :c], o2], 2), torch.cat([lse[:, :, :c], l2], 2)
+
+
+def ring_step_backward(bwd, dout, q, kv, out, lse, src: int, rank: int, grads, scale: float):
+    """Add the gradients of :func:`ring_step_forward`'s step with rank ``src``'s ``kv`` to
+    ``grads = [dq, dk, dv]`` (``dk``/``dv`` of that block; ``None`` at the first step, which
+    must be ``src == rank``); returns the list."""
+    c = q.shape[2] // 2
+    if src == rank:
+        return list(bwd(dout, q, kv[0], kv[1], out, lse, True, scale))
+    dq, dk, dv = grads
+    if src < rank:
+        gq, gk, gv = bwd(dout, q, kv[0][:, :, :c], kv[1][:, :, :c], out, lse, False, scale)
+        dq = dq + gq
+        dk[:, :, :c] += gk
+        dv[:, :, :c] += gv
+    else:
+        gq, gk, gv = bwd(dout[:, :, c:], q[:, :, c:], kv[0], kv[1], out[:, :, c:],
+                         lse[:, :, c:], False, scale)
+        dq[:, :, c:] += gq
+        dk += gk
+        dv += gv
+    return [dq, dk, dv]
+
+
 class RingAttention(torch.autograd.Function):
     """Causal ring attention over the zig-zag layout: ``q [B, h, 2C, d]``, ``k [B, hk, 2C, d]``,
     ``v [B, hk, 2C, dv]`` (this rank's chunks ``r`` and ``2N-1-r``) -> ``[B, h, 2C, dv]``."""
@@ -143,21 +179,12 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group, scale):
         fwd, bwd = select_block_attention(q, v)
         n, r = dist.get_world_size(group), dist.get_rank(group)
-        c = q.shape[2] // 2
-        out, lse, kv = None, None, [k, v]
+        out = lse = None
+        kv = [k, v]
         for step in range(n):
             if step < n - 1:  # the next block travels while this one is attended
                 nxt, reqs = _ring_exchange(kv, group)
-            src = (r - step) % n
-            if step == 0:  # our own chunks: plain causal over the local layout
-                out, lse = merge_partial(None, None, *fwd(q, k, v, True, scale))
-            elif src < r:  # its first chunk precedes both of ours, its second follows both
-                o, l_ = fwd(q, kv[0][:, :, :c], kv[1][:, :, :c], False, scale)
-                out, lse = merge_partial(out, lse, o, l_)
-            else:  # both of its chunks precede our second chunk and follow our first
-                o, l_ = fwd(q[:, :, c:], kv[0], kv[1], False, scale)
-                o2, l2 = merge_partial(out[:, :, c:], lse[:, :, c:], o, l_)
-                out, lse = torch.cat([out[:, :, :c], o2], 2), torch.cat([lse[:, :, :c], l2], 2)
+            out, lse = ring_step_forward(fwd, q, kv, (r - step) % n, r, out, lse, scale)
             if step < n - 1:
                 _wait(reqs)
                 kv = nxt
@@ -171,35 +198,21 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         group, scale, bwd = ctx.group, ctx.scale, ctx.bwd
         n, r = dist.get_world_size(group), dist.get_rank(group)
-        c = q.shape[2] // 2
-        dq = dk = dv = None
+        grads = None
         kv = [k, v]
         for step in range(n):
             if step < n - 1:  # the next block travels while this one's gradients are computed
                 nxt, reqs = _ring_exchange(kv, group)
-            src = (r - step) % n
-            if step == 0:
-                dq, dk, dv = bwd(dout, q, k, v, out, lse, True, scale)
-            elif src < r:
-                gq, gk, gv = bwd(dout, q, kv[0][:, :, :c], kv[1][:, :, :c], out, lse, False,
-                                 scale)
-                dq = dq + gq
-                dk[:, :, :c] += gk
-                dv[:, :, :c] += gv
-            else:
-                gq, gk, gv = bwd(dout[:, :, c:], q[:, :, c:], kv[0], kv[1], out[:, :, c:],
-                                 lse[:, :, c:], False, scale)
-                dq[:, :, c:] += gq
-                dk += gk
-                dv += gv
+            grads = ring_step_backward(bwd, dout, q, kv, out, lse, (r - step) % n, r, grads,
+                                       scale)
             if n > 1:  # the block's gradients go where the block goes (home after the last)
-                (dk, dv), dreqs = _ring_exchange([dk, dv], group)
+                grads[1:], dreqs = _ring_exchange(grads[1:], group)
                 _wait(dreqs)
             if step < n - 1:
                 _wait(reqs)
                 kv = nxt
-        dkv = [dk, dv]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        dq, dk, dv = grads
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 # ---------------------------------------------------------------- the three comm types
