@@ -413,7 +413,10 @@ def _add_distributed_args(p):
     g.add_argument("--cp-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"])
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="nccl on CUDA, gloo on CPU when unset.")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="Timeout of every process group (world, TP, DP, EP, PP, ...): a "
+                        "collective a rank waits on longer fails the job. Fractions allowed "
+                        "(Megatron takes an integer).")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="Layers per virtual pipeline stage (interleaved 1F1B schedule).")
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,

@@ -160,6 +160,9 @@ def _validate_parallel(args, world_size: int) -> None:
                          f"{etp * ep * pp}; change --expert-model-parallel-size or the ranks")
     if ep > 1 and args.num_experts is None:
         raise ValueError(f"--expert-model-parallel-size {ep} needs --num-experts")
+    if not args.distributed_timeout_minutes > 0:
+        raise ValueError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} "
+                         "must be > 0 (fractions such as 0.5 are allowed)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron does the same: SP is a no-op at TP=1
     args.world_size = world_size

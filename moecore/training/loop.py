@@ -22,7 +22,7 @@ from moecore.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from moecore.collectives import all_reduce_inplace, group_size
+from moecore.collectives import all_reduce_inplace, collective_failure, group_size
 from moecore.moe.losses import MoELossTracker
 from moecore.moe.router import TopKRouter, update_expert_bias
 from moecore.optimizer import (
@@ -415,6 +415,11 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         if not exited:  # --exit-interval/--exit-duration-in-mins stop right after the save
             _final_evals(run, model, valid_it, test_ds, args, ps, graphs)
         return run.summary()
+    except RuntimeError as exc:  # name the group/op of a collective that timed out or lost a peer
+        failure = collective_failure(exc, args.distributed_timeout_minutes)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         if run is not None:
             run.close()
