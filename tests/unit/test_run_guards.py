@@ -29,6 +29,7 @@ from moecore.checkpointing.run_lock import (
 )
 from moecore.convert import convert
 from moecore.training import pretrain
+from tests.dist_harness import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -106,6 +107,29 @@ def test_live_owner_whose_flock_is_not_enforced_is_refused(tmp_path):
          "started": "t"}))
     with pytest.raises(RunLockError, match="does not enforce flock"):
         acquire_run_lock(str(save))
+
+
+def _two_rank_guards(rank, world_size, save):
+    def refuse():
+        raise CheckpointError("refused on rank 0 only")
+
+    outcomes = []
+    for fn, args in ((refuse, ()), (acquire_run_lock, (save,)), (acquire_run_lock, (save,))):
+        try:
+            lock = guards_lib.on_rank0(fn, *args)
+            outcomes.append(lock is not None)
+        except CheckpointError as e:
+            outcomes.append((type(e).__name__, str(e).split(" (")[0], e.agreed))
+    return outcomes
+
+
+def test_rank0_outcome_reaches_every_rank(tmp_path):
+    """gloo, 2 ranks: rank 0 decides, both raise the same error (no rank left waiting)."""
+    save = str(tmp_path / "ckpt")
+    out = run_distributed(_two_rank_guards, 2, save, timeout=120)
+    busy = ("RunLockError", f"--save {save} is in use by another run", True)
+    assert out == [[("CheckpointError", "refused on rank 0 only", True), True, busy],
+                   [("CheckpointError", "refused on rank 0 only", True), False, busy]]
 
 
 # ---- resume args -----------------------------------------------------------------------------
