@@ -365,6 +365,11 @@ def _add_checkpointing_args(p):
     g.add_argument("--finetune", action="store_true",
                    help="Load the model only (no optimizer/RNG) and restart at iteration 0.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="(moecore) Let this run replace the checkpoints in --save after its "
+                        "start iteration (and move the tracker back); without it such a run "
+                        "(e.g. nothing loaded, over existing iter_* directories) is refused at "
+                        "start-up.")
     g.add_argument("--ckpt-format", default="torch", choices=["torch"],
                    help="Per-rank torch files (Megatron's 'torch' layout).")
     _noop(g, "--no-initialization", "initialisation is cheap at the sizes run here",

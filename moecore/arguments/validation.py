@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
+import re
 
 import torch
 
@@ -100,6 +102,97 @@ def _not_supported_yet(args) -> None:
     if args.tokenizer_type is not None and args.tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported; choose one "
                          f"of {list(TOKENIZER_TYPES)}")
+
+
+# ---- value ranges ------------------------------------------------------------------------------
+# Numeric flags where zero or negative values mean nothing (and crash later, or silently train
+# something else: --num-layers 0 builds a model without layers); checked when set.
+_AT_LEAST_1 = (
+    "num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size",
+    "kv_channels", "num_query_groups", "max_position_embeddings", "vocab_size",
+    "make_vocab_size_divisible_by", "micro_batch_size", "global_batch_size", "train_iters",
+    "train_samples", "log_interval", "save_interval", "eval_interval", "exit_interval",
+    "exit_duration_in_mins", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
+    "lr_wsd_decay_samples", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "distributed_timeout_minutes",
+    "num_virtual_stages_per_pipeline_rank", "recompute_num_layers", "q_lora_rank",
+    "kv_lora_rank", "qk_head_dim", "v_head_dim", "original_max_position_embeddings",
+    "tensorboard_queue_size", "hysteresis",
+)
+_AT_LEAST_0 = (
+    "eval_iters", "seed", "num_workers", "lr", "min_lr", "lr_warmup_init", "lr_warmup_iters",
+    "lr_warmup_samples", "weight_decay", "start_weight_decay", "end_weight_decay", "clip_grad",
+    "tensorboard_log_interval", "qk_pos_emb_head_dim", "mscale_all_dim",
+    "tiktoken_num_special_tokens", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+    "moe_input_jitter_eps", "moe_router_bias_update_rate", "profile_ranks",
+)
+_ABOVE_0 = (
+    "norm_epsilon", "adam_eps", "init_method_std", "embedding_init_method_std", "rotary_base",
+    "rotary_scaling_factor", "mscale", "loss_scale", "initial_loss_scale", "min_loss_scale",
+    "loss_scale_window", "moe_expert_capacity_factor", "moe_router_topk_scaling_factor",
+    "moe_ipc_buffer_max_mb", "peak_tflops", "activation_func_clamp_value",
+)
+# dest -> (low, high, low included, high included)
+_INTERVALS = {"attention_dropout": (0, 1, True, False), "hidden_dropout": (0, 1, True, False),
+              "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False),
+              "rotary_percent": (0, 1, False, True), "lr_warmup_fraction": (0, 1, True, True)}
+
+
+def _interval_text(low, high, low_in, high_in) -> str:
+    return f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _range_problem(dest: str, value) -> str | None:
+    """Why ``value`` is out of ``dest``'s range (None when it is fine)."""
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if dest in _AT_LEAST_1 and value < 1:
+        return "must be >= 1"
+    if dest in _AT_LEAST_0 and value < 0:
+        return "must be >= 0"
+    if dest in _ABOVE_0 and value <= 0:
+        return "must be > 0"
+    if dest in _INTERVALS:
+        low, high, low_in, high_in = _INTERVALS[dest]
+        if value < low or value > high or (value == low and not low_in) or \
+                (value == high and not high_in):
+            return f"must be in {_interval_text(*_INTERVALS[dest])}"
+    return None
+
+
+def _validate_ranges(args) -> None:
+    """One-line errors for the numeric flags of the tables above (before anything divides by
+    them)."""
+    for dest in (*_AT_LEAST_1, *_AT_LEAST_0, *_ABOVE_0, *_INTERVALS):
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is None or isinstance(v, bool):
+                continue
+            problem = _range_problem(dest, v)
+            if problem:
+                raise ValueError(f"--{dest.replace('_', '-')} {v} {problem}")
+
+
+def _validate_split(args) -> None:
+    """``--split`` as 1 to 3 non-negative numbers (signs kept), and a validation share when
+    ``--eval-iters`` asks for evaluation on ``--data-path`` data."""
+    text = args.split
+    try:
+        values = [float(part) for part in re.split(r"[,/]", text)]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values) \
+            or sum(values) <= 0:
+        raise ValueError(f"--split {text!r} must be 1 to 3 non-negative numbers "
+                         "(train,valid,test) with a positive sum, e.g. 969,30,1")
+    valid = values[1] if len(values) > 1 else 0.0
+    if args.data_path and not args.mock_data and args.eval_iters > 0 and valid == 0:
+        raise ValueError(f"--split {text!r} leaves the validation set empty but --eval-iters "
+                         f"{args.eval_iters} asks for evaluation; give validation a share "
+                         "(e.g. 969,30,1) or pass --eval-iters 0")
 
 
 def _validate_model_shape(args) -> None:
@@ -496,9 +589,11 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         world_size = int(os.getenv("WORLD_SIZE", "1"))
     if args.use_checkpoint_args:
         apply_checkpoint_args(args)
+    _validate_ranges(args)
     _not_supported_yet(args)
     _validate_model_shape(args)
     _validate_precision_and_data(args)
+    _validate_split(args)
     _validate_parallel(args, world_size)
     _validate_context_parallel(args)
     _validate_pipeline_and_ddp(args)

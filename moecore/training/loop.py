@@ -15,6 +15,7 @@ from torch import nn
 
 from moecore import parallel_state as mpu
 from moecore.arguments import parse_args
+from moecore.arguments.checkpoint_args import check_checkpoint_args
 from moecore.batch_rampup import batch_sizes_from_args
 from moecore.checkpointing import (
     CheckpointConfig,
@@ -22,6 +23,13 @@ from moecore.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
+from moecore.checkpointing.guards import (
+    check_no_overwrite,
+    check_save_writable,
+    on_rank0,
+    saved_run_args,
+)
+from moecore.checkpointing.run_lock import RunLock, acquire_run_lock
 from moecore.collectives import all_reduce_inplace, collective_failure, group_size
 from moecore.moe.losses import MoELossTracker
 from moecore.moe.router import TopKRouter, update_expert_bias
@@ -144,6 +152,20 @@ def _context_parallel_grad_scale(cp_size: int, scale_loss: Callable):
 
 class DataRanOut(RuntimeError):
     """The data iterator stopped before the run needed it to."""
+
+
+class StartupError(ValueError):
+    """A user mistake found while building the run (tokenizer, datasets); ``pretrain_gpt.py``
+    prints it as one line."""
+
+
+def _user_step(what: str, build: Callable, *args):
+    """``build(*args)``, its input errors (bad paths, names, files) as :class:`StartupError`."""
+    try:
+        return build(*args)
+    except (ValueError, OSError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StartupError(f"{what}: {first}") from e
 
 
 def _next_batches(data_iterator, n: int, device: torch.device, what: str) -> list[dict]:
@@ -359,7 +381,7 @@ def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | Non
 
 
 def _build(args, ps, model_provider):
-    tokenizer = builders.build_tokenizer_from_args(args)
+    tokenizer = _user_step("tokenizer", builders.build_tokenizer_from_args, args)
     model = builders.build_model(args, ps, model_provider)
     optimizer = get_megatron_optimizer(model, OptimizerConfig.from_args(args), ps)
     scheduler = build_scheduler(optimizer, args)
@@ -388,18 +410,23 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         logging.getLogger().setLevel(args.logging_level)
     created_pg = initialize.initialize_distributed(args)
     ps = initialize.initialize_parallel_state_from_args(args)
-    run = None
+    run = lock = None
     try:
+        lock = on_rank0(_lock_save_dir, args.save, log) if args.save else None
         initialize.set_seeds(args, ps)
         tokenizer, model, optimizer, scheduler = _build(args, ps, model_provider)
         run = RunState(args, ps, model, optimizer, log)
         checkpoints = CheckpointConfig.from_args(args)
+        loaded = None
         if args.load:
+            on_rank0(lambda: check_checkpoint_args(args, saved_run_args(args.load), args.load))
             loaded = load_checkpoint(model, optimizer, scheduler, checkpoints, ps)
             if loaded is not None:
                 run.restore(loaded)
+        if not args.skip_train:
+            on_rank0(check_no_overwrite, checkpoints, run.start_iteration, loaded is not None)
         run.log_startup(tokenizer)
-        train_ds, valid_ds, test_ds = builders.build_datasets(args, tokenizer)
+        train_ds, valid_ds, test_ds = _user_step("data", builders.build_datasets, args, tokenizer)
         train_it = builders.make_iterator(train_ds, args, run.consumed_train_samples, ps)
         valid_it = builders.make_iterator(valid_ds, args, run.consumed_valid_samples, ps)
         exited = False
@@ -426,6 +453,14 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         mpu.destroy_model_parallel()
         if created_pg:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_dir(save: str, log: Callable[[str], None]) -> RunLock:
+    """``--save`` checked writable and locked for this run (rank 0; see ``run_lock``)."""
+    check_save_writable(save)
+    return acquire_run_lock(save, warn=log)
 
 
 def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,
