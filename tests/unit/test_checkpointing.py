@@ -304,10 +304,13 @@ def test_corrupt_missing_and_mismatched_checkpoints_fail_clearly(tmp_path):
     f = tmp_path / "iter_0000004" / "mp_rank_00_000" / "model_optim_rng.pt"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt: it has "
+                                              f"{len(data) // 3} bytes but was saved with"):
         load_checkpoint(*make(), args_for(tmp_path))
+    crc = f.with_name(f.name + ".crc32")
+    crc.unlink()  # as saved before checksums: unpickling finds the damage
     f.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt or unreadable"):
         load_checkpoint(*make(), args_for(tmp_path))
     f.unlink()
     with pytest.raises(CheckpointError, match=f"checkpoint file {f} is missing for rank 0"):
