@@ -4,9 +4,11 @@ injected by monkeypatching, and a per-iteration record for the chaos tests.
     python -m tests.chaos.launcher FAULT RECORD -- PRETRAIN_ARGS...
 
 ``FAULT``: ``none``; ``kill-step:R:I`` (rank R SIGKILLs itself in iteration I, after the
-forward-backward and before the gradient sync and optimizer step); ``kill-save:R:I`` (rank R
-SIGKILLs itself halfway through writing its shard file of iteration I). Rank 0 appends one JSON
-line per finished iteration to ``RECORD``: ``{"it", "loss", "consumed"}``.
+forward-backward and before the gradient sync and optimizer step); ``kill-save:R:I`` (rank R's
+disk stalls while writing its shard file of iteration I until iteration I + 2 starts, so every
+other rank's write is long done and the per-iteration publish checks ran; then it SIGKILLs
+itself halfway through the file). Rank 0 appends one JSON line per finished iteration to
+``RECORD``: ``{"it", "loss", "consumed"}``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import torch
 
@@ -35,20 +38,23 @@ def _inject(fault: str, rank: int) -> None:
     if int(at_rank) != rank:
         return
     at_it = int(at_it)
-    if kind == "kill-step":
-        real_start, real_grads = RunState.iteration_start, loop.finalize_model_grads
-        current = {}
+    real_start, current, later = RunState.iteration_start, {}, threading.Event()
 
-        def iteration_start(self):
-            current["it"] = self.iteration + 1
-            real_start(self)
+    def iteration_start(self):
+        current["it"] = self.iteration + 1
+        if current["it"] >= at_it + 2:
+            later.set()
+        real_start(self)
+
+    RunState.iteration_start = iteration_start
+    if kind == "kill-step":
+        real_grads = loop.finalize_model_grads
 
         def finalize_model_grads(*args, **kwargs):
             if current["it"] == at_it:
                 _die()
             return real_grads(*args, **kwargs)
 
-        RunState.iteration_start = iteration_start
         loop.finalize_model_grads = finalize_model_grads
     elif kind == "kill-save":
         real_write = checkpointing._write_file
@@ -56,6 +62,7 @@ def _inject(fault: str, rank: int) -> None:
         def write(obj, path):
             if f"iter_{at_it:07d}" not in path:
                 return real_write(obj, path)
+            later.wait(60)
             buf = io.BytesIO()
             torch.save(obj, buf)
             with open(path, "wb") as f:

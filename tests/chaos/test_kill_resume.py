@@ -49,7 +49,7 @@ def test_sigkill_mid_step_and_mid_save_resume_bit_identically(tmp_path):
     assert codes[1] == -9, codes
     trackers.append(read_tracker(run))
     records.append(rec)
-    assert trackers[-1] == 4  # rank 1 died writing iteration 6: never published
+    assert trackers[-1] == 4  # rank 1 died writing iteration 6 (after 2 more steps): unpublished
     assert os.path.isdir(os.path.join(run, "iter_0000006.tmp"))
 
     _, rec = launch(tmp_path, "resume", "none", resume)
