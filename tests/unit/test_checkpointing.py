@@ -1,6 +1,7 @@
 """Checkpoints: exact resume (model, fp32 main params, optimizer, scheduler, every RNG), atomic
-saves under a simulated crash, clear errors for corrupt/missing files and shape mismatches, and
-the per-shard layout on 4 ranks (DP x EP)."""
+saves under a simulated crash, clear errors for corrupt/missing files and shape mismatches,
+CRC32 checksums and the fallback to the newest intact checkpoint, prompt and abort-path
+``--async-save`` publishing, and the per-shard layout on 4 ranks (DP x EP)."""
 
 from __future__ import annotations
 
