@@ -355,8 +355,8 @@ def _add_checkpointing_args(p):
                         "and tokenizer only where not given.")
     g.add_argument("--async-save", action="store_true",
                    help="Copy the state to host memory and write checkpoint files in the "
-                        "background while training goes on; a save becomes the latest at the "
-                        "next save or at the end of training.")
+                        "background while training goes on; a save becomes the latest as soon "
+                        "as every rank's write has finished (checked each iteration).")
     g.add_argument("--no-save-optim", action="store_true", default=None)
     g.add_argument("--no-save-rng", action="store_true", default=None)
     g.add_argument("--load", default=None)
@@ -370,6 +370,10 @@ def _add_checkpointing_args(p):
                         "start iteration (and move the tracker back); without it such a run "
                         "(e.g. nothing loaded, over existing iter_* directories) is refused at "
                         "start-up.")
+    g.add_argument("--ckpt-fallback-to-previous", action="store_true",
+                   help="When --load's newest checkpoint is corrupt on any rank (fails its "
+                        "checksum or does not unpickle), load the newest earlier intact one "
+                        "instead of stopping with an error naming the file.")
     g.add_argument("--ckpt-format", default="torch", choices=["torch"],
                    help="Per-rank torch files (Megatron's 'torch' layout).")
     _noop(g, "--no-initialization", "initialisation is cheap at the sizes run here",

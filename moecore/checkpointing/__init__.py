@@ -20,10 +20,16 @@ Atomicity: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 
 ``iter_XXXXXXX/`` and only then replaces the tracker file (write to a temp file + rename). A
 crash at any point leaves the previous checkpoint and tracker untouched.
 
+Integrity: each file gets a CRC32 sidecar ``model_optim_rng.pt.crc32``
+(:mod:`~moecore.checkpointing.checksum`), verified at load; a mismatch names the file. Files
+saved before checksums load with a one-line note. With ``--ckpt-fallback-to-previous`` a
+corrupt newest checkpoint (on any rank) makes every rank load the newest earlier intact one.
+
 ``--async-save``: the state is copied to host memory (training may then change the model) and
-each writer writes its file in a background thread while training goes on; the barrier, the
-rename and the tracker follow in :func:`finalize_async_save`, which the next save and the end
-of training call on every rank. Until then the previous checkpoint stays the latest one.
+each writer writes its file in a background thread while training goes on; the checkpoint is
+published as soon as every rank's write has finished (:mod:`~moecore.checkpointing.async_save`:
+a per-iteration non-blocking check, the next save, the end of training, or an abort). Until
+then the previous checkpoint stays the latest one.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import argparse
 import errno
 import os
 import random
+import re
 import shutil
-import threading
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -42,17 +48,24 @@ import torch.distributed as dist
 from torch import nn
 
 from moecore import backends
+from moecore.checkpointing import checksum
+from moecore.checkpointing.async_save import (
+    AsyncSave,
+    finalize_async_save,
+    maybe_finalize_async_save,
+    publish_completed_async_save,
+    submit,
+)
+from moecore.checkpointing.errors import CheckpointError, CorruptCheckpointError
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel.random import get_rng_tracker
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not fit the model."""
-
+__all__ = ["CheckpointConfig", "CheckpointError", "CorruptCheckpointError", "finalize_async_save",
+           "load_checkpoint", "maybe_finalize_async_save", "publish_completed_async_save",
+           "read_tracker", "save_checkpoint"]
 
 def args_to_dict(args: argparse.Namespace) -> dict:
     """Plain-Python view of ``args`` (str/int/float/bool/None/lists) for checkpoints and logs."""
@@ -95,6 +108,9 @@ class CheckpointConfig:
     overwrite_checkpoints: bool = False
     """Let a run replace checkpoints in ``save`` beyond its start iteration (otherwise refused
     at start-up, :func:`moecore.checkpointing.guards.check_no_overwrite`)."""
+    ckpt_fallback_to_previous: bool = False
+    """When the newest checkpoint is corrupt (checksum or unpickling fails on some rank), load
+    the newest earlier intact one instead of raising."""
     run_args: dict = field(default_factory=dict)
     """The run's args (:func:`args_to_dict`), saved with every checkpoint as ``args``."""
 
@@ -213,14 +229,22 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_file(obj: dict, path: str) -> None:
-    """Write one shard file (durably: flushed and fsynced before the directory is renamed).
-    A full disk raises :class:`CheckpointError` naming the file (the ``.tmp`` directory is left
-    for cleanup; the published checkpoints and the tracker are untouched)."""
+    """Write one shard file, then its CRC32 sidecar, each durably (flushed and fsynced; the
+    sidecar by temp file + rename, so its presence means the shard is complete). A full disk
+    raises :class:`CheckpointError` naming the file (the ``.tmp`` directory is left for cleanup;
+    the published checkpoints and the tracker are untouched)."""
     try:
         with open(path, "wb") as f:
-            torch.save(obj, f)
+            out = checksum.ChecksumWriter(f)
+            torch.save(obj, out)
             f.flush()
             os.fsync(f.fileno())
+        tmp = checksum.sidecar(path) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(out.record())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, checksum.sidecar(path))
     except (OSError, RuntimeError) as e:
         raise _write_error(path, e) from e
 
@@ -250,31 +274,6 @@ def _replace_tracker(root: str, iteration: int) -> None:
 
 
 # ---- save ------------------------------------------------------------------------------------
-class _AsyncSave:
-    """A save whose file is being written by a background thread (``--async-save``)."""
-
-    def __init__(self, root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: bool,
-                 state, path):
-        self.root, self.iteration, self.tmp_dir, self.final_dir = root, iteration, tmp_dir, \
-            final_dir
-        self.is_root = is_root
-        self.error: BaseException | None = None
-        self.thread = None
-        if state is not None:
-            self.thread = threading.Thread(target=self._write, args=(state, path),
-                                           name=f"moecore-save-{iteration}", daemon=True)
-            self.thread.start()
-
-    def _write(self, state, path) -> None:
-        try:
-            _write_file(state, path)
-        except BaseException as e:  # noqa: BLE001 - re-raised by finalize_async_save
-            self.error = e
-
-
-_PENDING: _AsyncSave | None = None
-
-
 def _to_host(obj):
     """A copy of ``obj`` with every tensor in host memory (device tensors copied, host tensors
     cloned), so training can go on changing the originals."""
@@ -287,40 +286,25 @@ def _to_host(obj):
     return obj
 
 
-def finalize_async_save() -> None:
-    """Complete a pending ``--async-save`` (collective: every rank calls it at the same point):
-    wait for this rank's file, then make the checkpoint the latest as a synchronous save does.
-    A write that failed raises here, and the previous checkpoint stays the latest."""
-    global _PENDING
-    pending, _PENDING = _PENDING, None
-    if pending is None:
-        return
-    if pending.thread is not None:
-        pending.thread.join()
-    failed = _all_gather(pending.error is not None)
-    if any(failed):
-        raise CheckpointError(
-            f"--async-save of iteration {pending.iteration} to {pending.root} failed on ranks "
-            f"{[r for r, f in enumerate(failed) if f]} (this rank: {pending.error!r}); the "
-            "latest complete checkpoint is still the previous one") from pending.error
-    _publish(pending.root, pending.iteration, pending.tmp_dir, pending.final_dir,
-             pending.is_root)
-
-
 def _publish(root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: bool) -> None:
     """After every shard is written: rank 0 (``is_root``) renames the iteration directory into
     place, then the tracker (collective)."""
     _barrier()
     if is_root:
-        old = final_dir + ".old"
-        if os.path.exists(final_dir):  # saving an iteration again (e.g. after a resume)
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final_dir, old)  # until the next rename, readers use .old
-        os.rename(tmp_dir, final_dir)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-        _replace_tracker(root, iteration)
+        _rename_into_place(root, iteration, tmp_dir, final_dir)
     _barrier()
+
+
+def _rename_into_place(root: str, iteration: int, tmp_dir: str, final_dir: str) -> None:
+    """Rank 0's part of :func:`_publish` (no collectives): the directory, then the tracker."""
+    old = final_dir + ".old"
+    if os.path.exists(final_dir):  # saving an iteration again (e.g. after a resume)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final_dir, old)  # until the next rename, readers use .old
+    os.rename(tmp_dir, final_dir)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    _replace_tracker(root, iteration)
 
 
 def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimizer, scheduler,
@@ -331,9 +315,9 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
     ``data_state``: ``{"consumed_train_samples": int, "consumed_valid_samples": int}``.
     ``config.no_save_optim`` / ``no_save_rng`` leave those parts out. With ``async_save`` the
     file is written in the background and the save completes at the next
-    :func:`finalize_async_save` (the next save calls it first). Returns the iteration directory.
+    :func:`finalize_async_save` or earlier (see :mod:`~moecore.checkpointing.async_save`; the
+    next save finalizes it first). Returns the iteration directory.
     """
-    global _PENDING
     finalize_async_save()
     async_save = config.async_save
     ps = parallel_state or get_parallel_state()
@@ -342,8 +326,9 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     key = shard_key(ps)
-    gathered = _all_gather((ps.rank, key, None if config.no_save_rng else get_rng_state()))
-    sharers = sorted((r, rng) for r, k, rng in gathered if k == key)
+    gathered = _all_gather((ps.rank, key, shard_dirname(ps),
+                            None if config.no_save_rng else get_rng_state()))
+    sharers = sorted((r, rng) for r, k, _, rng in gathered if k == key)
     is_writer = sharers[0][0] == ps.rank
     if hasattr(optimizer, "sync_params"):
         optimizer.sync_params()  # background parameter all-gathers must have landed
@@ -381,8 +366,13 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
         else:
             _write_file(state, path)
     if async_save:
-        _PENDING = _AsyncSave(root, iteration, tmp_dir, final_dir, ps.rank == 0,
-                              state if is_writer else None, path if is_writer else None)
+        files = [os.path.join(tmp_dir, d, CHECKPOINT_FILENAME)
+                 for d in sorted({d for _, _, d, _ in gathered})]
+        submit(AsyncSave(
+            iteration, root, files, ps.rank == 0,
+            publish=lambda: _publish(root, iteration, tmp_dir, final_dir, ps.rank == 0),
+            publish_here=lambda: _rename_into_place(root, iteration, tmp_dir, final_dir),
+            write=(lambda: _write_file(state, path)) if is_writer else None))
         return final_dir
     _publish(root, iteration, tmp_dir, final_dir, ps.rank == 0)
     return final_dir
@@ -419,15 +409,33 @@ def _read_shard(path: str, ps: ParallelState) -> dict:
     return _load_file(path)
 
 
+_CORRUPT_FIX = ("; restore it, point --load at another checkpoint, or pass "
+                "--ckpt-fallback-to-previous to load the newest intact earlier one")
+
+
+def _verify_checksum(path: str) -> None:
+    """:class:`CorruptCheckpointError` when ``path`` does not match its CRC32 sidecar; a
+    one-line note (rank 0) for a file saved before checksums."""
+    if not os.path.isfile(checksum.sidecar(path)):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"NOTE: {path} has no checksum file (saved before moecore wrote them); "
+                  "loading it unverified", flush=True)
+        return
+    why = checksum.mismatch(path)
+    if why is not None:
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {why}{_CORRUPT_FIX}")
+
+
 def _load_file(path: str) -> dict:
-    """One shard file's state (CPU tensors); :class:`CheckpointError` when it is unreadable or
-    not a moecore checkpoint."""
+    """One shard file's state (CPU tensors), checksum verified; :class:`CheckpointError` when
+    it is corrupt (:class:`CorruptCheckpointError`), unreadable or not a moecore checkpoint."""
+    _verify_checksum(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips, bad pickles, I/O errors
-        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                              "; restore it or point --load at another checkpoint") from e
+        raise CorruptCheckpointError(
+            f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}){_CORRUPT_FIX}") from e
     if not isinstance(state, dict) or not ("model" in state or "model0" in state):
         raise CheckpointError(f"checkpoint file {path} has no model state; it is not a moecore "
                               "checkpoint")
@@ -485,6 +493,48 @@ def _check_layout(state: dict, ps: ParallelState, path: str, num_chunks: int = 1
                               "reshards the others)")
 
 
+_ITER_DIR = re.compile(r"iter_(\d{7})(\.old)?$")
+
+
+def _earlier_iterations(root: str, iteration: int) -> list[int]:
+    """The published iterations in ``root`` below ``iteration``, newest first (rank 0's
+    listing, so every rank tries the same ones)."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    found = {int(m.group(1)) for m in map(_ITER_DIR.match, names) if m}
+    return _all_gather(sorted((i for i in found if i < iteration), reverse=True))[0]
+
+
+def _read_agreed(root: str, iteration: int, ps: ParallelState,
+                 fallback: bool) -> tuple[int, str, dict]:
+    """``(iteration, path, state)`` of this rank's shard of ``iteration``, or with
+    ``fallback`` of the newest earlier iteration that no rank finds corrupt (collective: all
+    ranks load the same iteration, and a read error on one rank raises on every rank)."""
+    candidates = [iteration] + (_earlier_iterations(root, iteration) if fallback else [])
+    for it in candidates:
+        path = checkpoint_file(root, it, ps)
+        try:
+            state, error = _read_shard(path, ps), None
+        except CheckpointError as e:
+            state, error = None, e
+        report = None if error is None else (isinstance(error, CorruptCheckpointError), str(error))
+        bad = [(r, e) for r, e in enumerate(_all_gather(report)) if e is not None]
+        if not bad:
+            if it != iteration and ps.rank == 0:
+                print(f"WARNING: --ckpt-fallback-to-previous: loaded iteration {it} instead of "
+                      f"the newest, {iteration}", flush=True)
+            return it, path, state
+        if not (fallback and all(corrupt for _, (corrupt, _) in bad)):
+            if error is not None:
+                raise error
+            rank, (corrupt, msg) = bad[0]
+            raise (CorruptCheckpointError if corrupt else CheckpointError)(f"rank {rank}: {msg}")
+        if ps.rank == 0:
+            print(f"WARNING: iteration {it} is corrupt (rank {bad[0][0]}: "
+                  f"{bad[0][1][1].split(';')[0]})", flush=True)
+    raise CorruptCheckpointError(f"--ckpt-fallback-to-previous: every checkpoint in --load "
+                                 f"{root} (iterations {candidates}) is corrupt")
+
+
 def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
                     config: CheckpointConfig,
                     parallel_state: ParallelState | None = None) -> dict | None:
@@ -506,8 +556,7 @@ def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
         if ps.rank == 0:
             print(f"WARNING: {msg}; training from scratch", flush=True)
         return None
-    path = checkpoint_file(root, iteration, ps)
-    state = _read_shard(path, ps)
+    iteration, path, state = _read_agreed(root, iteration, ps, config.ckpt_fallback_to_previous)
     _check_layout(state, ps, path, len(chunks))
     keys = _model_keys(len(chunks))
     missing = [k for k in keys if k not in state]

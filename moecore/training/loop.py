@@ -21,6 +21,8 @@ from moecore.checkpointing import (
     CheckpointConfig,
     finalize_async_save,
     load_checkpoint,
+    maybe_finalize_async_save,
+    publish_completed_async_save,
     save_checkpoint,
 )
 from moecore.checkpointing.guards import (
@@ -470,6 +472,11 @@ def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args,
     try:
         exited = _train_iterations(run, model, optimizer, scheduler, train_it, valid_it, args,
                                    ps, graphs, profiler, checkpoints)
+    except BaseException:  # NaN check, errors, interrupts: publish an --async-save if complete
+        published = publish_completed_async_save()  # no collectives: a rank may be gone
+        if published is not None:
+            run.log(f"published the --async-save checkpoint of iteration {published} on abort")
+        raise
     finally:
         if profiler is not None:
             profiler.close()
@@ -502,6 +509,9 @@ def _train_iterations(run: RunState, model, optimizer, scheduler, train_it, vali
         # Book the iteration; read its values now only when something else will wait anyway.
         run.iteration_end(out, flush=do_eval or save or exit_now or it == args.train_iters
                           or bool(args.exit_duration_in_mins))
+        published = maybe_finalize_async_save()  # cheap check: every rank's write done?
+        if published is not None:
+            run.log(f"published the --async-save checkpoint of iteration {published}")
         if do_eval:
             losses, used = evaluate(model, valid_it, args, ps, graphs=graphs,
                                     **run.batch_kwargs())

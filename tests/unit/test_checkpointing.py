@@ -1,6 +1,7 @@
 """Checkpoints: exact resume (model, fp32 main params, optimizer, scheduler, every RNG), atomic
-saves under a simulated crash, clear errors for corrupt/missing files and shape mismatches, and
-the per-shard layout on 4 ranks (DP x EP)."""
+saves under a simulated crash, clear errors for corrupt/missing files and shape mismatches,
+CRC32 checksums and the fallback to the newest intact checkpoint, prompt and abort-path
+``--async-save`` publishing, and the per-shard layout on 4 ranks (DP x EP)."""
 
 from __future__ import annotations
 
@@ -304,10 +305,13 @@ def test_corrupt_missing_and_mismatched_checkpoints_fail_clearly(tmp_path):
     f = tmp_path / "iter_0000004" / "mp_rank_00_000" / "model_optim_rng.pt"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt: it has "
+                                              f"{len(data) // 3} bytes but was saved with"):
         load_checkpoint(*make(), args_for(tmp_path))
+    crc = f.with_name(f.name + ".crc32")
+    crc.unlink()  # as saved before checksums: unpickling finds the damage
     f.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt or unreadable"):
         load_checkpoint(*make(), args_for(tmp_path))
     f.unlink()
     with pytest.raises(CheckpointError, match=f"checkpoint file {f} is missing for rank 0"):
@@ -320,6 +324,113 @@ def test_corrupt_missing_and_mismatched_checkpoints_fail_clearly(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage")
     with pytest.raises(CheckpointError, match="should hold an iteration number"):
         load_checkpoint(*make(), args_for(tmp_path))
+
+
+def _flip_byte_of(path, name: str) -> None:
+    """Flip one bit inside the bytes of parameter ``name`` as stored in ``path`` (its payload,
+    not metadata)."""
+    tensor = torch.load(path, weights_only=True)["model"][name]
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes())
+    assert at >= 0
+    data[at + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_tensor_fail_the_checksum_naming_the_file(tmp_path, capsys):
+    model_parallel_seed(5)
+    model, opt, sched = make()
+    save_checkpoint(2, model, opt, sched, args_for(tmp_path))
+    f = tmp_path / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"
+    assert (tmp_path / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt.crc32").is_file()
+    good = f.read_bytes()
+    _flip_byte_of(f, "lin.weight")
+    with pytest.raises(ckpt.CorruptCheckpointError,
+                       match=f"^checkpoint file {f} is corrupt: its CRC32 is [0-9a-f]{{8}} but was "
+                             "saved as [0-9a-f]{8}; .*--ckpt-fallback-to-previous[^\n]*$"):
+        load_checkpoint(*make(seed=1), args_for(tmp_path))
+    with pytest.raises(CheckpointError, match=f"checkpoint file {f} is corrupt"):
+        ckpt.read_checkpoint_args(str(tmp_path))  # --use-checkpoint-args reads verified too
+    f.write_bytes(good)
+    f.with_name(f.name + ".crc32").unlink()  # a checkpoint saved before checksums
+    model2, opt2, sched2 = make(seed=1)
+    capsys.readouterr()
+    assert load_checkpoint(model2, opt2, sched2, args_for(tmp_path))["iteration"] == 2
+    notes = [line for line in capsys.readouterr().out.splitlines() if "checksum" in line]
+    assert notes == [f"NOTE: {f} has no checksum file (saved before moecore wrote them); "
+                     "loading it unverified"]
+    assert torch.equal(model2.lin.weight, model.lin.weight)
+
+
+def test_fallback_to_previous_loads_the_newest_intact_checkpoint(tmp_path, capsys):
+    model_parallel_seed(6)
+    model, opt, sched = make()
+    save_checkpoint(2, model, opt, sched, args_for(tmp_path))
+    at2 = params(model)
+    for it in (4, 6):
+        step(model, opt, sched)
+        save_checkpoint(it, model, opt, sched, args_for(tmp_path))
+    for it in (4, 6):
+        _flip_byte_of(tmp_path / f"iter_{it:07d}" / "mp_rank_00_000" / "model_optim_rng.pt",
+                      "out.weight")
+    os.makedirs(tmp_path / "iter_0000005.tmp")  # an unpublished save is never a candidate
+    with pytest.raises(ckpt.CorruptCheckpointError, match="iter_0000006/.* is corrupt"):
+        load_checkpoint(*make(seed=1), args_for(tmp_path))
+    model2, opt2, sched2 = make(seed=1)
+    out = load_checkpoint(model2, opt2, sched2, args_for(tmp_path, ckpt_fallback_to_previous=True))
+    assert out["iteration"] == 2 and all(torch.equal(v, at2[k]) for k, v in params(model2).items())
+    log = capsys.readouterr().out
+    assert "iteration 6 is corrupt" in log and "iteration 4 is corrupt" in log
+    assert "loaded iteration 2 instead of the newest, 6" in log
+    _flip_byte_of(tmp_path / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt",
+                  "out.weight")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"iterations \[6, 4, 2\]\) is corrupt"):
+        load_checkpoint(*make(seed=1), args_for(tmp_path, ckpt_fallback_to_previous=True))
+
+
+def _blocked_writer(monkeypatch, release):
+    """Make every shard write wait for ``release`` (a stalled disk), then write."""
+    real = ckpt._write_file
+
+    def slow(obj, path):
+        assert release.wait(30), "the test never released the writer"
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt, "_write_file", slow)
+
+
+def test_async_save_is_published_as_soon_as_written_and_on_abort(tmp_path, monkeypatch):
+    """The per-iteration check publishes a finished --async-save without waiting for one still
+    being written; the abort path publishes one that completes and leaves an incomplete one."""
+    import threading
+
+    from moecore.checkpointing import async_save
+
+    model_parallel_seed(7)
+    model, opt, sched = make()
+    release = threading.Event()
+    _blocked_writer(monkeypatch, release)
+    save_checkpoint(2, model, opt, sched, args_for(tmp_path, async_save=True))
+    step(model, opt, sched)  # training goes on while the disk stalls
+    assert ckpt.maybe_finalize_async_save() is None and read_tracker(str(tmp_path)) is None
+    release.set()
+    async_save.pending().wait()
+    assert ckpt.maybe_finalize_async_save() == 2 and read_tracker(str(tmp_path)) == 2
+    assert ckpt.maybe_finalize_async_save() is None  # nothing pending
+    release.clear()
+    save_checkpoint(3, model, opt, sched, args_for(tmp_path, async_save=True))
+    assert ckpt.publish_completed_async_save(wait_s=0.2) is None  # still writing: not published
+    assert read_tracker(str(tmp_path)) == 2 and not (tmp_path / "iter_0000003").exists()
+    release.set()
+    save_checkpoint(4, model, opt, sched, args_for(tmp_path, async_save=True))
+    async_save.pending().shard_files.append(str(tmp_path / "other_rank_shard.pt"))
+    assert ckpt.publish_completed_async_save(wait_s=0.2) is None  # another shard never came
+    assert read_tracker(str(tmp_path)) == 2
+    save_checkpoint(5, model, opt, sched, args_for(tmp_path, async_save=True))
+    assert ckpt.publish_completed_async_save() == 5 and read_tracker(str(tmp_path)) == 5
+    model2, opt2, sched2 = make(seed=1)
+    assert load_checkpoint(model2, opt2, sched2, args_for(tmp_path))["iteration"] == 5
+    assert all(torch.equal(v, params(model)[k]) for k, v in params(model2).items())
 
 
 def test_missing_checkpoint_starts_fresh_or_exits(tmp_path, capsys):
@@ -365,9 +476,24 @@ def _dist_save_load(rank, world_size, path, async_save=False):
     same = all(torch.equal(v, expected[1][k]) for k, v in params(model).items())
     files = sorted(os.listdir(os.path.join(path, "iter_0000007")))
     shard = torch.load(ckpt.checkpoint_file(path, 7, ps), weights_only=True)
+    # A newer save corrupt on one EP rank's shard only: every rank raises, or falls back to 7.
+    save_checkpoint(9, model, opt, sched, args, {"consumed_train_samples": 90}, ps)
+    ckpt.finalize_async_save()
+    if rank == 1:
+        from pathlib import Path
+
+        _flip_byte_of(Path(ckpt.checkpoint_file(path, 9, ps)), "expert")
+    torch.distributed.barrier()
+    try:
+        load_checkpoint(model, opt, sched, args, ps)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    fell_back = load_checkpoint(model, opt, sched, CheckpointConfig(
+        load=path, ckpt_fallback_to_previous=True), ps)["iteration"]
     return {"same_params": same, "rng_ok": torch.equal(got_rand, expected[0]), "files": files,
             "iteration": out["iteration"], "rng_ranks": shard["rng_ranks"],
-            "samples": out["consumed_train_samples"]}
+            "samples": out["consumed_train_samples"], "error": error, "fell_back": fell_back}
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
@@ -378,6 +504,9 @@ def test_four_rank_shards_and_per_rank_rng(tmp_path, async_save):
         assert out["files"] == ["mp_rank_00_000", "mp_rank_00_001"]
         assert out["iteration"] == 7 and out["samples"] == 70
         assert out["rng_ranks"] == ([0, 2] if r % 2 == 0 else [1, 3])
+        assert "mp_rank_00_001/model_optim_rng.pt is corrupt" in out["error"], (r, out["error"])
+        assert out["error"].startswith("checkpoint file" if r in (1, 3) else "rank 1: "), r
+        assert out["fell_back"] == 7, r
 
 
 def test_pretrain_async_saves_resume_like_sync_saves(tmp_path):
