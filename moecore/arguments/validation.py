@@ -15,6 +15,7 @@ from moecore.arguments.config_flags import ConfigFieldError, transformer_config_
 from moecore.batch_rampup import rampup_from_args
 from moecore.config import DEFAULT_RECOMPUTE_MODULES, check_recompute_modules
 from moecore.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_args
+from moecore.kernels.fp8_gemm import select_fp8_gemm
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
 from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
 
@@ -456,6 +457,18 @@ def _validate_cuda_graph(args) -> None:
                          "(Triton kernels compile and self-check eagerly before a capture)")
 
 
+def _validate_fp8(args) -> None:
+    """Refuse at start-up an FP8 recipe this machine cannot run, naming the flag and why."""
+    if args.fp8 is None:
+        return
+    grouped = args.num_experts is not None and args.moe_grouped_gemm
+    try:
+        select_fp8_gemm(args.fp8_gemm_backend, args.device, args.fp8_recipe, grouped, log=False)
+    except ValueError as e:  # BackendUnavailableError is one
+        raise ValueError(f"--fp8-format {args.fp8} --fp8-recipe {args.fp8_recipe} cannot run "
+                         f"on --device {args.device}: {e}") from None
+
+
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Check cross-flag consistency and fill derived values, as Megatron's ``validate_args``.
 
@@ -474,6 +487,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_pipeline_and_ddp(args)
     _validate_batch_and_schedule(args)
     _validate_cuda_graph(args)
+    _validate_fp8(args)
     if args.num_experts is not None:
         if args.add_bias_linear and not args.moe_grouped_gemm:
             raise ValueError("expert biases (MoE without --disable-bias-linear) need "
