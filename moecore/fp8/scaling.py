@@ -28,6 +28,7 @@ from moecore.kernels.fp8_quant import (
     quantize_tiles,
     scale_from_amax,
 )
+from moecore.kernels.fp8_quant import amax as tensor_amax
 
 ROLES = ("input", "weight", "grad")
 
@@ -77,8 +78,7 @@ class Fp8Meta(nn.Module):
             return quantize_blocks(x, dtype, margin) if role == "weight" else \
                 quantize_tiles(x, dtype, margin)
         per_expert = role == "weight" and x.dim() == 3
-        amax = x.detach().abs().amax(dim=(1, 2)) if per_expert else x.detach().abs().amax()
-        amax = reduce_amax(amax.float(), self.group)
+        amax = reduce_amax(tensor_amax(x, (1, 2) if per_expert else None), self.group)
         if self.recipe.recipe == "delayed":
             amax = self._delayed_amax(role, amax)
         return quantize_tensor(x, scale_from_amax(amax, dtype, margin), dtype)

@@ -81,15 +81,20 @@ EMULATED = Fp8Gemm(_emulated_mm, _emulated_grouped_mm, _emulated_grouped_wgrad)
 # --------------------------------------------------------------------------------------------
 # torch._scaled_mm / torch._scaled_grouped_mm
 # --------------------------------------------------------------------------------------------
+def _outer_major(t: torch.Tensor) -> torch.Tensor:
+    """``t [R, C]`` laid out column by column (stride ``(1, R)``), as cuBLAS reads block
+    scales."""
+    return t.t().contiguous().t()
+
+
 def _mm_scales(a: Fp8Tensor, b: Fp8Tensor):
-    """Scales in ``torch._scaled_mm``'s forms: scalars; ``[M, K/128]`` with ``[K/128, N/128]``
-    (1x128 x 128x128) or ``[K/128, N]`` (1x128 x 1x128), the K-block index outer (stride 1
-    along M / N, as cuBLAS reads them)."""
+    """Scales in ``torch._scaled_mm``'s forms: scalars; ``scale_a [M, K/128]`` with
+    ``scale_b [K/128, N/128]`` (1x128 x 128x128) or ``[K/128, N]`` (1x128 x 1x128)."""
     if a.layout == "tensor" and b.layout == "tensor":
         return a.scale_inv.reshape(()), b.scale_inv.reshape(())
     if a.layout != "tile" or b.layout not in ("tile", "block"):
         raise ValueError(f"fp8 mm: unsupported scale layouts {a.layout} x {b.layout}")
-    return a.scale_inv.t().contiguous().t(), b.scale_inv.t().contiguous().t()
+    return _outer_major(a.scale_inv), b.scale_inv.t().contiguous()
 
 
 def _torch_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype, fast_accum=False):

@@ -49,8 +49,15 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> 
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * scale`` in fp32, saturated, rounded to ``dtype``; contiguous (the GEMMs need the
+    contraction dim dense; transposing after the cast moves 1 byte per element)."""
     bound = FP8_MAX[dtype]
-    return (x.float() * scale).clamp_(-bound, bound).to(dtype)
+    return (x.float() * scale).clamp_(-bound, bound).to(dtype).contiguous()
+
+
+def amax(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """``max |x|`` (over ``dim``, all by default) in fp32, without an ``abs`` temporary."""
+    return torch.linalg.vector_norm(x.detach(), float("inf"), dim=dim).float()
 
 
 def quantize_tensor(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Fp8Tensor:
@@ -72,7 +79,7 @@ def quantize_tiles(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8T
     """``x [..., M, K]`` -> ``tile`` layout: one scale per 1x128 tile along K (current amax)."""
     _check_multiple(x, (-1,), "1x128 tiles")
     tiles = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
-    scale = scale_from_amax(tiles.abs().amax(-1), dtype, margin)
+    scale = scale_from_amax(amax(tiles, -1), dtype, margin)
     data = _cast(tiles, scale.unsqueeze(-1), dtype).reshape(x.shape)
     return Fp8Tensor(data, 1.0 / scale, "tile")
 
@@ -82,7 +89,7 @@ def quantize_blocks(w: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8
     _check_multiple(w, (-2, -1), "128x128 blocks")
     *lead, n, k = w.shape
     blocks = w.reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
-    scale = scale_from_amax(blocks.abs().amax((-3, -1)), dtype, margin)
+    scale = scale_from_amax(amax(blocks, (-3, -1)), dtype, margin)
     data = _cast(blocks, scale[..., :, None, :, None], dtype).reshape(w.shape)
     return Fp8Tensor(data, 1.0 / scale, "block")
 
