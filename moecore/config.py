@@ -510,6 +510,7 @@ FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("tensorwise", "delayed", "blockwise")
 FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 FP8_GEMM_BACKENDS = ("auto", "torch", "emulated")
+FP8_CAST_BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -536,9 +537,13 @@ class Fp8Config:
     fp8_gemm_backend: str = "auto"
     """FP8 GEMM implementation (moecore.kernels.fp8_gemm): ``torch`` (torch._scaled_mm,
     sm89+), ``emulated`` (dequantise + fp32 matmul, the CPU reference), ``auto``: torch."""
+    fp8_cast_backend: str = "auto"
+    """FP8 casts (moecore.kernels.fp8_quant): ``triton`` (one fused pass, CUDA), ``torch``
+    (the reference); ``auto``: triton where it runs."""
 
     def _validate_fp8(self) -> None:
         _check_choice("fp8_gemm_backend", self.fp8_gemm_backend, FP8_GEMM_BACKENDS)
+        _check_choice("fp8_cast_backend", self.fp8_cast_backend, FP8_CAST_BACKENDS)
         if self.fp8 is None:
             return
         _check_choice("fp8", self.fp8, FP8_FORMATS)

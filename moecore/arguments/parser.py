@@ -22,6 +22,7 @@ from moecore.config import (
     ATTENTION_BACKENDS,
     DISPATCHER_TYPES,
     FP8_AMAX_COMPUTE_ALGOS,
+    FP8_CAST_BACKENDS,
     FP8_FORMATS,
     FP8_GEMM_BACKENDS,
     FP8_RECIPES,
@@ -656,6 +657,9 @@ def _add_fp8_args(p):
     g.add_argument("--fp8-gemm-backend", default="auto", choices=list(FP8_GEMM_BACKENDS),
                    help="(moecore) FP8 GEMMs: torch (torch._scaled_mm / _scaled_grouped_mm), "
                    "emulated (dequantise + fp32 matmul: the slow CPU reference); auto: torch.")
+    g.add_argument("--fp8-cast-backend", default="auto", choices=list(FP8_CAST_BACKENDS),
+                   help="(moecore) FP8 casts: triton (one fused pass, CUDA), torch (reference); "
+                   "auto: triton where it runs.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import torch
 
 from moecore.fp8.linear import pad_rows
 from moecore.fp8.scaling import Fp8Meta
-from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, quantize_tiles, transpose
+from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, transpose
 
 
 def _rows(t: Fp8Tensor, start: int, end: int) -> Fp8Tensor:
@@ -44,10 +44,8 @@ def _blockwise_wgrad(gemm, x, dy, counts: list[int], meta: Fp8Meta, out_dtype):
     start = 0
     for e, n in enumerate(counts):
         if n:
-            xt = quantize_tiles(pad_rows(x[start:start + n], BLOCK).t(), meta.dtype("input"),
-                                meta.recipe.margin)
-            dyt = quantize_tiles(pad_rows(dy[start:start + n], BLOCK).t(), meta.dtype("grad"),
-                                 meta.recipe.margin)
+            xt = meta.tiles("input", pad_rows(x[start:start + n], BLOCK).t())
+            dyt = meta.tiles("grad", pad_rows(dy[start:start + n], BLOCK).t())
             dw[e] = gemm.mm(xt, dyt, out_dtype)
         start += n
     return dw

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moecore.fp8.scaling import Fp8Meta
-from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, quantize_tiles, transpose
+from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, transpose
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ class _Fp8Linear(torch.autograd.Function):
         xq, wq = meta.quantize("input", x2), meta.quantize("weight", weight)
         out = gemm.mm(xq, wq, x.dtype, fast_accum=True)
         if meta.recipe.recipe == "blockwise":
-            xq = quantize_tiles(pad_rows(x2, BLOCK).t(), meta.dtype("input"), meta.recipe.margin)
+            xq = meta.tiles("input", pad_rows(x2, BLOCK).t())
         ctx.meta, ctx.layouts = meta, (xq.layout, wq.layout)
         ctx.x_shape, ctx.wdtype = x.shape, weight.dtype
         ctx.save_for_backward(*_pack(xq), *_pack(wq))
@@ -55,8 +55,7 @@ class _Fp8Linear(torch.autograd.Function):
             dx = gemm.mm(dyq, transpose(wq), dy.dtype).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             if meta.recipe.recipe == "blockwise":
-                dy_t = quantize_tiles(pad_rows(dy2, BLOCK).t(), meta.dtype("grad"),
-                                      meta.recipe.margin)
+                dy_t = meta.tiles("grad", pad_rows(dy2, BLOCK).t())
                 dw = gemm.mm(dy_t, xq, ctx.wdtype)
             else:
                 dw = gemm.mm(_pad_t(transpose(dyq)), _pad_t(transpose(xq)), ctx.wdtype)

@@ -24,13 +24,15 @@ class Fp8Recipe:
     amax_history_len: int = 1
     amax_compute_algo: str = "most_recent"
     gemm_backend: str = "auto"
+    cast_backend: str = "auto"
 
     @classmethod
     def from_config(cls, config) -> Fp8Recipe | None:
         if not config.fp8:
             return None
         return cls(config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len,
-                   config.fp8_amax_compute_algo, config.fp8_gemm_backend)
+                   config.fp8_amax_compute_algo, config.fp8_gemm_backend,
+                   config.fp8_cast_backend)
 
     @property
     def fwd_dtype(self) -> torch.dtype:

@@ -21,13 +21,7 @@ from torch import nn
 
 from moecore.fp8.recipe import Fp8Recipe
 from moecore.kernels.fp8_gemm import select_fp8_gemm
-from moecore.kernels.fp8_quant import (
-    Fp8Tensor,
-    quantize_blocks,
-    quantize_tensor,
-    quantize_tiles,
-    scale_from_amax,
-)
+from moecore.kernels.fp8_quant import FP8_CAST, Fp8Tensor, quantize_blocks, scale_from_amax
 from moecore.kernels.fp8_quant import amax as tensor_amax
 
 ROLES = ("input", "weight", "grad")
@@ -58,7 +52,7 @@ class Fp8Meta(nn.Module):
                 n = num_weights if role == "weight" else 1
                 self.register_buffer(f"amax_history_{role}",
                                      torch.zeros(recipe.amax_history_len, n), persistent=False)
-        self._gemm = {}
+        self._gemm, self._casts = {}, {}
 
     def gemm(self, device: torch.device):
         """The :class:`~moecore.kernels.fp8_gemm.Fp8Gemm` of the requested backend on
@@ -68,6 +62,16 @@ class Fp8Meta(nn.Module):
                                                  self.recipe.recipe, self.grouped).fn
         return self._gemm[device]
 
+    def casts(self, device: torch.device):
+        """``(quantize_tensor, quantize_tiles)`` of the requested cast backend on ``device``."""
+        if device not in self._casts:
+            self._casts[device] = FP8_CAST.select(self.recipe.cast_backend, device=device).fn
+        return self._casts[device]
+
+    def tiles(self, role: str, x: torch.Tensor) -> Fp8Tensor:
+        """``x [..., K]`` in 1x128 tiles along K, in ``role``'s FP8 dtype (current amax)."""
+        return self.casts(x.device)[1](x, self.dtype(role), self.recipe.margin)
+
     def dtype(self, role: str) -> torch.dtype:
         return self.recipe.bwd_dtype if role == "grad" else self.recipe.fwd_dtype
 
@@ -76,12 +80,12 @@ class Fp8Meta(nn.Module):
         dtype, margin = self.dtype(role), self.recipe.margin
         if self.recipe.recipe == "blockwise":
             return quantize_blocks(x, dtype, margin) if role == "weight" else \
-                quantize_tiles(x, dtype, margin)
+                self.tiles(role, x)
         per_expert = role == "weight" and x.dim() == 3
         amax = reduce_amax(tensor_amax(x, (1, 2) if per_expert else None), self.group)
         if self.recipe.recipe == "delayed":
             amax = self._delayed_amax(role, amax)
-        return quantize_tensor(x, scale_from_amax(amax, dtype, margin), dtype)
+        return self.casts(x.device)[0](x, scale_from_amax(amax, dtype, margin), dtype)
 
     @torch.no_grad()
     def _delayed_amax(self, role: str, amax_now: torch.Tensor) -> torch.Tensor:

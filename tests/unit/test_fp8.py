@@ -23,6 +23,7 @@ from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from moecore.transformer.layer import TransformerLayer
 from tests.cli import BASE, parse_error
+from tests.triton_interpret import assert_checks_pass
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 SINGLE = ParallelState.single()
@@ -278,3 +279,7 @@ def test_fp8_flags(capsys):
         "hybrid", "blockwise", 1, 16)
     assert cfg.first_last_layers_bf16 and cfg.num_layers_at_end_in_bf16 == 0
     assert "invalid choice" in parse_error(BASE + ["--fp8-recipe", "mxfp8"], capsys)
+
+
+def test_triton_casts_bit_identical_under_interpreter():
+    assert_checks_pass("tests.unit.fp8_cast_checks", ("self_check", "shapes_and_groups"))
