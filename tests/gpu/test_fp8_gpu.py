@@ -102,3 +102,19 @@ def test_fp8_moe_layer_close_to_bf16(recipe):
         outs.append((out, xr.grad))
     for got, ref in zip(*outs):
         assert _rel(got, ref) < 0.1
+
+
+def test_triton_casts_bit_identical_on_gpu():
+    from moecore.kernels import fp8_quant as Q  # noqa: PLC0415
+
+    ok, why = Q.FP8_CAST.get("triton").is_available(device=torch.device("cuda"))
+    assert ok, why
+    x = (torch.randn(4096, 1024, device="cuda") * 7).bfloat16()
+    w = torch.randn(8, 256, 512, device="cuda").bfloat16()
+    for dtype in Q.FP8_MAX:
+        a, b = Q.quantize_tiles_triton(x, dtype), Q.quantize_tiles(x, dtype)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+        assert torch.equal(a.scale_inv, b.scale_inv)
+        s = 448.0 / w.float().abs().amax((1, 2))
+        a, b = Q.quantize_tensor_triton(w, s, dtype), Q.quantize_tensor(w, s, dtype)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
