@@ -117,13 +117,31 @@ def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
                                     out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
+def _pad_groups(data: torch.Tensor, tokens_per_expert: torch.Tensor):
+    """Rows of ``data [T, C]`` (grouped by expert) moved so that every group starts at a row
+    that is a multiple of 16, with zero rows between: ``(padded [T + 15 E, C], offs [E])``.
+    FP8 GEMMs need the contraction dim (here each group's rows) in multiples of 16 bytes; zeros
+    add nothing. The bound ``T + 15 E`` needs no host sync."""
+    counts = tokens_per_expert.to(data.device, torch.int64)
+    e, t = counts.shape[0], data.shape[0]
+    padded_counts = (counts + 15) // 16 * 16
+    ends = torch.cumsum(padded_counts, 0)
+    shift = (ends - padded_counts) - (torch.cumsum(counts, 0) - counts)  # per group
+    expert = torch.repeat_interleave(torch.arange(e, device=data.device), counts, output_size=t)
+    rows = torch.arange(t, device=data.device) + shift[expert]
+    out = data.new_zeros(t + 15 * e, data.shape[1], dtype=torch.uint8)
+    out[rows] = data.view(torch.uint8)
+    return out.view(data.dtype), ends.to(torch.int32)
+
+
 def _torch_grouped_wgrad(dy: Fp8Tensor, x: Fp8Tensor, tokens_per_expert, out_dtype):
     n, k, e = dy.shape[1], x.shape[1], tokens_per_expert.shape[0]
     sa = dy.scale_inv.float().reshape(1).expand(e * n).contiguous()
     sb = x.scale_inv.float().reshape(1).expand(e * k).contiguous()
-    out = torch._scaled_grouped_mm(dy.data.t().contiguous(), x.data.t().contiguous().t(), sa, sb,
-                                   offs=_offsets(tokens_per_expert, dy.data.device),
-                                   out_dtype=out_dtype)
+    dy_p, offs = _pad_groups(dy.data, tokens_per_expert)
+    x_p, _ = _pad_groups(x.data, tokens_per_expert)
+    out = torch._scaled_grouped_mm(dy_p.t().contiguous(), x_p.t().contiguous().t(), sa, sb,
+                                   offs=offs, out_dtype=out_dtype)
     # Experts without rows: the kernel may leave their block unwritten (as for bf16, see
     # moecore.kernels.grouped_gemm); zero them.
     empty = (tokens_per_expert == 0).to(out.device)
@@ -148,7 +166,7 @@ def _probe(device: torch.device, what: str) -> str:
         else:
             q = quantize_tensor(x, scale_from_amax(x.abs().amax(), dt), dt)
             w = quantize_tensor(x.expand(2, -1, -1), torch.ones(2, device=device), dt)
-            counts = torch.tensor([64, 64], device=device)
+            counts = torch.tensor([50, 78], device=device)  # groups not multiples of 16
             _torch_grouped_mm(q, w, counts, torch.bfloat16)
             _torch_grouped_wgrad(q, q, counts, torch.bfloat16)
         torch.cuda.synchronize(device)

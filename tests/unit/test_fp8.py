@@ -283,3 +283,14 @@ def test_fp8_flags(capsys):
 
 def test_triton_casts_bit_identical_under_interpreter():
     assert_checks_pass("tests.unit.fp8_cast_checks", ("self_check", "shapes_and_groups"))
+
+
+def test_wgrad_groups_padded_to_16_rows():
+    from moecore.kernels.fp8_gemm import _pad_groups  # noqa: PLC0415 - the torch path's helper
+
+    x = (torch.randn(20, 4) * 10).to(E4)
+    padded, offs = _pad_groups(x, torch.tensor([3, 0, 17]))
+    assert offs.tolist() == [16, 16, 48] and padded.shape == (20 + 3 * 15, 4)
+    rows = padded.float()
+    assert torch.equal(rows[:3], x[:3].float()) and torch.equal(rows[16:33], x[3:].float())
+    assert rows[3:16].abs().sum() == 0 and rows[33:].abs().sum() == 0
