@@ -448,6 +448,11 @@ def _validate_cuda_graph(args) -> None:
                 not args.bf16 or args.moe_grouped_gemm_backend not in ("auto", "torch")),
             "the other grouped-GEMM backends size their GEMMs on the host; pass --bf16 and "
             "--moe-grouped-gemm-backend auto or torch"),
+        "--fp8-recipe blockwise and MoE": (
+            args.fp8 is not None and args.fp8_recipe == "blockwise"
+            and args.num_experts is not None,
+            "blockwise FP8 experts run one GEMM per expert sized on the host; use "
+            "--fp8-recipe tensorwise or delayed"),
     }
     for what, (bad, why) in problems.items():
         if bad:
