@@ -57,12 +57,15 @@ class _Fp8GroupedMM(torch.autograd.Function):
         gemm = meta.gemm(x.device)
         blockwise = meta.recipe.recipe == "blockwise"
         counts = [int(c) for c in tokens_per_expert.tolist()] if blockwise else None
-        xq, wq = meta.quantize("input", x), meta.quantize("weight", w.transpose(1, 2))
+        # Quantised as stored, [E, K, M] (what dgrad contracts over M); the forward's [E, M, K]
+        # is its FP8 transpose (1 byte per element moved, not 2).
+        wq = meta.quantize("weight", w)
+        xq, wq_fwd = meta.quantize("input", x), transpose(wq)
         if blockwise:
-            out = _blockwise_mm(gemm, xq, wq, counts, x.dtype)
+            out = _blockwise_mm(gemm, xq, wq_fwd, counts, x.dtype)
             ctx.save_for_backward(x, wq.data, wq.scale_inv, tokens_per_expert)
         else:
-            out = gemm.grouped_mm(xq, wq, tokens_per_expert, x.dtype, fast_accum=True)
+            out = gemm.grouped_mm(xq, wq_fwd, tokens_per_expert, x.dtype, fast_accum=True)
             ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv,
                                   tokens_per_expert)
         ctx.meta, ctx.counts, ctx.layout, ctx.wdtype = meta, counts, wq.layout, w.dtype
@@ -76,12 +79,12 @@ class _Fp8GroupedMM(torch.autograd.Function):
         dyq = meta.quantize("grad", dy)
         if counts is not None:
             x, w_data, w_scale, tpe = ctx.saved_tensors
-            wq_t = transpose(Fp8Tensor(w_data, w_scale, ctx.layout))  # [E, K, M]
+            wq_t = Fp8Tensor(w_data, w_scale, ctx.layout)  # [E, K, M]
             dx = _blockwise_mm(gemm, dyq, wq_t, counts, dy.dtype)
             dw = _blockwise_wgrad(gemm, x, dy, counts, meta, ctx.wdtype)
         else:
             x_data, x_scale, w_data, w_scale, tpe = ctx.saved_tensors
-            wq_t = transpose(Fp8Tensor(w_data, w_scale, ctx.layout))
+            wq_t = Fp8Tensor(w_data, w_scale, ctx.layout)
             dx = gemm.grouped_mm(dyq, wq_t, tpe, dy.dtype)
             dw = gemm.grouped_wgrad(Fp8Tensor(x_data, x_scale, "tensor"), dyq, tpe, ctx.wdtype)
         return dx, dw, None, None
