@@ -9,6 +9,11 @@ optimizer, other; CUDA events, no extra syncs) and the peak GPU memory allocated
     python benchmarks/e2e.py --model deepseek-v2-lite --max-memory-gib 79   # MLA + shared
     python benchmarks/e2e.py --model deepseek-v2-lite --tiny --device cpu    # its smoke run
     python benchmarks/e2e.py --cuda-graph-impl local # any pretrain_gpt.py flag passes through
+    python benchmarks/e2e.py --fp8-format hybrid --fp8-recipe tensorwise   # FP8 (docs/fp8.md)
+    python benchmarks/e2e.py --compare-fp8 tensorwise,blockwise
+                                                     # bf16 and each FP8 recipe, one run each
+                                                     # (subprocesses), tokens/s ratio printed
+    python benchmarks/e2e.py --smoke --compare-fp8 tensorwise,blockwise   # CPU smoke of it
     python benchmarks/e2e.py --micro-batch-size 32 --global-batch-size 256 \
         --cuda-graph-impl local --cuda-graph-warmup-steps 2 --iters 6 --log-interval 2
                                                      # fastest on one H200 (109 GiB peak)
@@ -31,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -93,6 +100,33 @@ def _model_argv(args) -> list[str]:
     return (DSV2_TINY if args.tiny else DSV2_LITE) + pattern + COMMON + DSV2_COMMON
 
 
+# --smoke: sizes that are multiples of 128 (FP8 blockwise) and the emulated FP8 GEMMs on CPU.
+SMOKE = ["--hidden-size", "128", "--ffn-hidden-size", "256", "--moe-ffn-hidden-size", "128"]
+FP8_TARGET = 1.3  # issue #21: FP8 tokens/s over bf16 in the same run
+
+
+def compare_fp8(recipes: list[str], argv: list[str], smoke: bool) -> list[dict]:
+    """Run this script once in bf16 and once per FP8 ``recipe`` (hybrid format), each in its own
+    process with the same other flags; print tokens/s and the ratio to bf16."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in [None, *recipes]:
+            extra = [] if recipe is None else ["--fp8-format", "hybrid", "--fp8-recipe", recipe]
+            if recipe is not None and smoke:
+                extra += ["--fp8-gemm-backend", "emulated"]
+            out = Path(tmp) / f"{recipe or 'bf16'}.json"
+            subprocess.run([sys.executable, __file__, *argv, *extra, "--json", str(out)],
+                           check=True)
+            rows.append({"recipe": recipe or "bf16", **json.loads(out.read_text())})
+    base = rows[0]["tokens_per_sec"]
+    print(f"\n{'run':<12}{'tokens/s':>12}{'x bf16':>8}{'peak GiB':>10}  (target >= {FP8_TARGET}x)")
+    for r in rows:
+        r["speedup"] = r["tokens_per_sec"] / base
+        print(f"{r['recipe']:<12}{r['tokens_per_sec']:>12.0f}{r['speedup']:>8.2f}"
+              f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-':>10}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=30)
@@ -111,10 +145,25 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None,
                    help="deepseek-v2-lite's layers, the first dense (default 5; 3 with --tiny)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compare-fp8", default=None, type=lambda s: [c for c in s.split(",") if c],
+                   help="comma-separated FP8 recipes: run bf16 and each of them (hybrid) and "
+                        "print the tokens/s ratios")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU smoke run: --tiny --device cpu, 6 iterations, sizes of 128")
     p.add_argument("--max-memory-gib", type=float, default=None,
                    help="cap this process's CUDA allocations (e.g. 79 to check that a "
                         "configuration fits an 80 GB H100 on a larger GPU)")
     args, extra = p.parse_known_args()
+    if args.compare_fp8:
+        rest = [a for a in sys.argv[1:] if a not in ("--compare-fp8", ",".join(args.compare_fp8))]
+        rows = compare_fp8(args.compare_fp8, [a for a in rest if a != "--json" and
+                                              a != str(args.json)], args.smoke)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
+    if args.smoke:
+        args.tiny, args.device, args.iters, args.log_interval, args.skip = True, "cpu", 6, 2, 0
+        extra = SMOKE + extra
     if args.max_memory_gib is not None:
         import torch
 

@@ -512,8 +512,65 @@ class KernelConfig:
 # ---- end of kernel choices -----------------------------------------------------------------
 
 
+# ---- FP8 training (moecore.fp8, docs/fp8.md) -------------------------------------------------
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise")
+FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+FP8_GEMM_BACKENDS = ("auto", "torch", "emulated")
+FP8_CAST_BACKENDS = ("auto", "triton", "torch")
+
+
 @dataclass
-class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig, KernelConfig):
+class Fp8Config:
+    fp8: str | None = None
+    """FP8 GEMMs in the transformer layers' projections and experts (--fp8-format):
+    ``e4m3`` everywhere, or ``hybrid`` (e4m3 forward, e5m2 gradients); None: off."""
+    fp8_recipe: str = "delayed"
+    """Scaling recipe: ``tensorwise`` (current amax per tensor), ``delayed`` (amax
+    history) or ``blockwise`` (1x128 activation tiles, 128x128 weight blocks)."""
+    fp8_margin: int = 0
+    """Scales are divided by ``2**fp8_margin`` (headroom below the FP8 maximum)."""
+    fp8_amax_history_len: int = 1
+    """Delayed scaling: amaxes of this many previous calls are kept per tensor."""
+    fp8_amax_compute_algo: str = "most_recent"
+    """Delayed scaling: the scale uses the ``max`` of the history or its ``most_recent``."""
+    first_last_layers_bf16: bool = False
+    """Keep the first ``num_layers_at_start_in_bf16`` and last
+    ``num_layers_at_end_in_bf16`` transformer layers out of FP8."""
+    num_layers_at_start_in_bf16: int = 1
+    """Leading layers kept in bf16 under ``first_last_layers_bf16``."""
+    num_layers_at_end_in_bf16: int = 1
+    """Trailing layers kept in bf16 under ``first_last_layers_bf16``."""
+    fp8_gemm_backend: str = "auto"
+    """FP8 GEMM implementation (moecore.kernels.fp8_gemm): ``torch`` (torch._scaled_mm,
+    sm89+), ``emulated`` (dequantise + fp32 matmul, the CPU reference), ``auto``: torch."""
+    fp8_cast_backend: str = "auto"
+    """FP8 casts (moecore.kernels.fp8_quant): ``triton`` (one fused pass, CUDA), ``torch``
+    (the reference); ``auto``: triton where it runs."""
+
+    def _validate_fp8(self) -> None:
+        _check_choice("fp8_gemm_backend", self.fp8_gemm_backend, FP8_GEMM_BACKENDS)
+        _check_choice("fp8_cast_backend", self.fp8_cast_backend, FP8_CAST_BACKENDS)
+        if self.fp8 is None:
+            return
+        _check_choice("fp8", self.fp8, FP8_FORMATS)
+        _check_choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        _check_choice("fp8_amax_compute_algo", self.fp8_amax_compute_algo,
+                      FP8_AMAX_COMPUTE_ALGOS)
+        if self.fp8_margin < 0 or self.fp8_amax_history_len < 1:
+            raise ValueError(f"fp8_margin={self.fp8_margin} must be >= 0 and "
+                             f"fp8_amax_history_len={self.fp8_amax_history_len} >= 1")
+        if self.num_layers_at_start_in_bf16 < 0 or self.num_layers_at_end_in_bf16 < 0:
+            raise ValueError("num_layers_at_start_in_bf16 and num_layers_at_end_in_bf16 must "
+                             "be >= 0")
+        if self.num_moe_experts is not None and not self.moe_grouped_gemm:
+            raise ValueError("fp8 runs the experts as FP8 grouped GEMMs: add moe_grouped_gemm "
+                             "(sequential experts have no FP8 path)")
+# ---- end of FP8 training ---------------------------------------------------------------------
+
+
+@dataclass
+class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig, KernelConfig, Fp8Config):
     """All model, MoE and parallel settings, validated at construction."""
 
     def __post_init__(self):
@@ -521,6 +578,7 @@ class TransformerConfig(ModelConfig, MoEConfig, ParallelConfig, KernelConfig):
         self._validate_parallel()
         self._validate_moe()
         self._validate_kernels()
+        self._validate_fp8()
         self._validate_divisibility()
 
     def _validate_divisibility(self) -> None:

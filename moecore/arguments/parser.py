@@ -21,6 +21,11 @@ from moecore.arguments.validation import _moe_freq_type, validate_args
 from moecore.config import (
     ATTENTION_BACKENDS,
     DISPATCHER_TYPES,
+    FP8_AMAX_COMPUTE_ALGOS,
+    FP8_CAST_BACKENDS,
+    FP8_FORMATS,
+    FP8_GEMM_BACKENDS,
+    FP8_RECIPES,
     GROUPED_GEMM_BACKENDS,
     KERNEL_BACKENDS,
     NORM_BACKENDS,
@@ -28,12 +33,13 @@ from moecore.config import (
 from moecore.kernels.optim import ADAMW_BACKENDS
 
 UNSUPPORTED_FLAGS: dict[str, str] = {
-    "--fp8-format": "FP8 training", "--fp8-recipe": "FP8 training",
-    "--fp8-param-gather": "FP8 training", "--fp4-format": "FP4 training",
+    "--fp8-param-gather": "FP8 parameters in the all-gather (moecore keeps bf16 weights and "
+                          "casts them per GEMM)", "--fp4-format": "FP4 training",
     "--tp-comm-overlap": "TP communication/GEMM overlap (Transformer Engine userbuffers)",
     "--moe-extended-tp": "deprecated in Megatron; use --expert-tensor-parallel-size",
     "--moe-enable-deepep": "DeepEP dispatch", "--moe-use-upcycling": "dense-to-MoE upcycling",
-    "--moe-router-padding-for-fp8": "FP8 training",
+    "--moe-router-padding-for-fp8": "padding the routing map for FP8 (moecore's FP8 grouped "
+                                    "GEMMs take any token counts)",
     "--overlap-moe-expert-parallel-comm": "batch-level EP overlap",
     "--delay-wgrad-compute": "delayed wgrad",
     "--use-torch-fsdp2": "FSDP", "--use-megatron-fsdp": "FSDP",
@@ -641,6 +647,34 @@ def _add_kernel_args(p):
                    "auto: the first that runs for CUDA parameters, torch on CPU.")
 
 
+def _add_fp8_args(p):
+    """Megatron's FP8 flags (moecore.config.Fp8Config, docs/fp8.md)."""
+    g = p.add_argument_group(title="fp8")
+    g.add_argument("--fp8-format", dest="fp8", default=None, choices=list(FP8_FORMATS),
+                   help="FP8 GEMMs in the transformer layers: e4m3, or hybrid (e4m3 forward, "
+                   "e5m2 gradients). Needs a GPU of compute capability >= 8.9.")
+    g.add_argument("--fp8-recipe", default="delayed", choices=list(FP8_RECIPES),
+                   help="Scaling: tensorwise (current amax), delayed (amax history) or "
+                   "blockwise (1x128 activation tiles, 128x128 weight blocks).")
+    g.add_argument("--fp8-margin", type=int, default=0,
+                   help="Scales are divided by 2**margin.")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1,
+                   help="Delayed scaling: amaxes kept per tensor.")
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent",
+                   choices=list(FP8_AMAX_COMPUTE_ALGOS),
+                   help="Delayed scaling: use the max of the history or its most recent.")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="Keep the first/last layers (counts below) out of FP8.")
+    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1)
+    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
+    g.add_argument("--fp8-gemm-backend", default="auto", choices=list(FP8_GEMM_BACKENDS),
+                   help="(moecore) FP8 GEMMs: torch (torch._scaled_mm / _scaled_grouped_mm), "
+                   "emulated (dequantise + fp32 matmul: the slow CPU reference); auto: torch.")
+    g.add_argument("--fp8-cast-backend", default="auto", choices=list(FP8_CAST_BACKENDS),
+                   help="(moecore) FP8 casts: triton (one fused pass, CUDA), torch (reference); "
+                   "auto: triton where it runs.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser, grouped as Megatron-LM's (``--help`` shows the groups)."""
     refused = ", ".join(UNSUPPORTED_FLAGS)
@@ -652,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
                 _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
                 _add_data_args, _add_tokenizer_args, _add_moe_args, _add_kernel_args,
+                _add_fp8_args,
                 _add_logging_args):
         add(p)
     for flag in UNSUPPORTED_FLAGS:

@@ -17,6 +17,7 @@ from moecore.arguments.config_flags import ConfigFieldError, transformer_config_
 from moecore.batch_rampup import rampup_from_args
 from moecore.config import DEFAULT_RECOMPUTE_MODULES, check_recompute_modules
 from moecore.data.tokenizers import TOKENIZER_TYPES, check_tokenizer_args
+from moecore.kernels.fp8_gemm import select_fp8_gemm
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
 from moecore.transformer.recompute import DISCARD_RECOMPUTE_MODULES
 
@@ -569,6 +570,11 @@ def _validate_cuda_graph(args) -> None:
                 not args.bf16 or args.moe_grouped_gemm_backend not in ("auto", "torch")),
             "the other grouped-GEMM backends size their GEMMs on the host; pass --bf16 and "
             "--moe-grouped-gemm-backend auto or torch"),
+        "--fp8-recipe blockwise and MoE": (
+            args.fp8 is not None and args.fp8_recipe == "blockwise"
+            and args.num_experts is not None,
+            "blockwise FP8 experts run one GEMM per expert sized on the host; use "
+            "--fp8-recipe tensorwise or delayed"),
     }
     for what, (bad, why) in problems.items():
         if bad:
@@ -576,6 +582,18 @@ def _validate_cuda_graph(args) -> None:
     if args.cuda_graph_warmup_steps < 1:
         raise ValueError(f"--cuda-graph-warmup-steps {args.cuda_graph_warmup_steps} must be >= 1 "
                          "(Triton kernels compile and self-check eagerly before a capture)")
+
+
+def _validate_fp8(args) -> None:
+    """Refuse at start-up an FP8 recipe this machine cannot run, naming the flag and why."""
+    if args.fp8 is None:
+        return
+    grouped = args.num_experts is not None and args.moe_grouped_gemm
+    try:
+        select_fp8_gemm(args.fp8_gemm_backend, args.device, args.fp8_recipe, grouped, log=False)
+    except ValueError as e:  # BackendUnavailableError is one
+        raise ValueError(f"--fp8-format {args.fp8} --fp8-recipe {args.fp8_recipe} cannot run "
+                         f"on --device {args.device}: {e}") from None
 
 
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
@@ -599,6 +617,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _validate_pipeline_and_ddp(args)
     _validate_batch_and_schedule(args)
     _validate_cuda_graph(args)
+    _validate_fp8(args)
     if args.num_experts is not None:
         if args.add_bias_linear and not args.moe_grouped_gemm:
             raise ValueError("expert biases (MoE without --disable-bias-linear) need "

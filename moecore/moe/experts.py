@@ -20,6 +20,7 @@ from torch import nn
 
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
+from moecore.fp8 import Fp8Meta, check_fp8_sizes, fp8_grouped_mm
 from moecore.kernels.grouped_gemm import (
     default_compute_device,
     grouped_mm,
@@ -119,10 +120,24 @@ class GroupedMLP(nn.Module):
             _mark_expert_param(self.bias1, 1, 2 if config.gated_linear_unit else 1)
             _mark_expert_param(self.bias2, 0)
             self.bias2.tensor_model_parallel = False  # whole on each rank (ETP is refused)
+        self.etp_group = ps.etp_group
+        self.fp8_fc1: Fp8Meta | None = None
+        self.fp8_fc2: Fp8Meta | None = None
         self.backend_name = config.moe_grouped_gemm_backend
         self._backends: dict = {}
         self.backend = self._resolve_at_construction(
             torch.bfloat16 if config.bf16 else config.params_dtype)
+
+    def enable_fp8(self, recipe) -> None:
+        """Run both grouped GEMMs in FP8 (``moecore.fp8.apply_fp8``); amaxes reduce over ETP."""
+        for name, w in (("fc1", self.weight1), ("fc2", self.weight2)):
+            check_fp8_sizes(f"GroupedMLP {name}", w.shape, recipe)
+            setattr(self, f"fp8_{name}", Fp8Meta(recipe, self.etp_group, w.shape[0], True))
+
+    def _mm(self, x, w, tokens_per_expert, backend, fp8: Fp8Meta | None):
+        if fp8 is not None:
+            return fp8_grouped_mm(x, w, tokens_per_expert, fp8)
+        return grouped_mm(x, w, tokens_per_expert, backend)
 
     def _resolve(self, device: torch.device, dtype: torch.dtype):
         key = (device.type, dtype)
@@ -151,17 +166,18 @@ class GroupedMLP(nn.Module):
         (host or device) -> ``(out [N, H], None)``; under ETP ``out`` is a partial sum."""
         _check_counts(tokens_per_expert, self.num_local_experts)
         backend = self._resolve(permuted.device, permuted.dtype)
-        h = self._add_bias(grouped_mm(permuted, self.weight1, tokens_per_expert, backend),
-                           self.bias1, tokens_per_expert)
+        h = self._add_bias(self._mm(permuted, self.weight1, tokens_per_expert, backend,
+                                    self.fp8_fc1), self.bias1, tokens_per_expert)
         recompute = self.config.recomputes("moe_act")
         out = None
         if (recompute and fused_swiglu(self.config) and torch.is_grad_enabled()
-                and self.bias2 is None):
+                and self.bias2 is None and self.fp8_fc2 is None):
             out = swiglu_grouped_mm(h, self.weight2, tokens_per_expert, backend)
         if out is None:
             out = activation_then(
                 self.config, h, lambda act: self._add_bias(
-                    grouped_mm(act, self.weight2, tokens_per_expert, backend), self.bias2,
+                    self._mm(act, self.weight2, tokens_per_expert, backend, self.fp8_fc2),
+                    self.bias2,
                     tokens_per_expert), recompute)
         return out, None
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecore.fp8 import Fp8Meta, check_fp8_sizes, fp8_linear
 from moecore.kernels.embedding import embedding
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel.mappings import (
@@ -69,6 +70,18 @@ def param_is_not_tensor_parallel_duplicate(param: torch.Tensor, tp_rank: int | N
     if tp_rank is None:
         tp_rank = get_parallel_state().tp_rank
     return tp_rank == 0
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            fp8: Fp8Meta | None) -> torch.Tensor:
+    """``F.linear``, or its FP8 version once ``enable_fp8`` ran (see moecore.fp8)."""
+    return F.linear(x, weight, bias) if fp8 is None else fp8_linear(x, weight, bias, fp8)
+
+
+def _enable_fp8(layer: nn.Module, recipe) -> None:
+    """Give ``layer`` (Column/RowParallelLinear) an FP8 GEMM whose amaxes reduce over TP."""
+    check_fp8_sizes(type(layer).__name__, layer.weight.shape, recipe)
+    layer.fp8 = Fp8Meta(recipe, group=layer.tp_group)
 
 
 def _default_init(config) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -137,6 +150,11 @@ class ColumnParallelLinear(nn.Module):
             self.bias.allreduce = True
         else:
             self.register_parameter("bias", None)
+        self.fp8: Fp8Meta | None = None
+
+    def enable_fp8(self, recipe) -> None:
+        """Run this layer's GEMMs in FP8 (called by ``moecore.fp8.apply_fp8``)."""
+        _enable_fp8(self, recipe)
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None):
         if weight is None:
@@ -152,7 +170,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(input_, True, group=self.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        out = F.linear(x, weight, None if self.skip_bias_add else self.bias)
+        out = _linear(x, weight, None if self.skip_bias_add else self.bias, self.fp8)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out, group=self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
@@ -199,13 +217,18 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = self.sequence_parallel
         else:
             self.register_parameter("bias", None)
+        self.fp8: Fp8Meta | None = None
+
+    def enable_fp8(self, recipe) -> None:
+        """Run this layer's GEMMs in FP8 (called by ``moecore.fp8.apply_fp8``)."""
+        _enable_fp8(self, recipe)
 
     def forward(self, input_: torch.Tensor):
         if self.input_is_parallel:
             x = input_
         else:
             x = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        partial = F.linear(x, self.weight)
+        partial = _linear(x, self.weight, None, self.fp8)
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
         else:

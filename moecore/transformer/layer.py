@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecore.fp8 import apply_fp8
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.transformer.attention import SelfAttention
@@ -71,6 +72,7 @@ class TransformerLayer(nn.Module):
             self.mlp = moe_layer(config, layer_number=layer_number, parallel_state=ps)
         else:
             self.mlp = MLP(config, parallel_state=ps)
+        self.fp8 = apply_fp8(self, config, layer_number)  # its projections' GEMMs in FP8
 
     def _bias_dropout_add(self, out, bias, residual):
         if bias is not None:

@@ -150,7 +150,7 @@ def test_help_shows_megatron_groups_and_noop_markers(capsys):
                   "validation:", "data and dataloader:", "tokenizer:", "moe:", "logging:"):
         assert title in out
     assert "[no effect in moecore]" in out and "--use-mcore-models" in out
-    assert "Megatron-LM flags refused with an error: --fp8-format" in out
+    assert "Megatron-LM flags refused with an error: --fp8-param-gather" in out
 
 
 def test_every_unsupported_flag_fails_naming_it(capsys):

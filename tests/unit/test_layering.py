@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "collectives": 0,
     "config": 0,
     "data": 0,
+    "fp8": 0,  # FP8 recipes, scaling state and autograd ops: built on kernels, used by all GEMMs
     "kernels": 0,
     "memory": 0,
     "parallel_state": 0,

@@ -1,0 +1,103 @@
+"""Scaling state of one FP8 GEMM: how its input, weight and gradient are quantised.
+
+:class:`Fp8Meta` is a child module of the layer that owns the GEMM. Under ``tensorwise`` each
+tensor's scale comes from its current amax; under ``delayed`` from the amax history of earlier
+calls (Transformer Engine's delayed scaling: ``max`` or ``most_recent`` of the last
+``amax_history_len`` amaxes; the very first call, with an empty history, uses the current amax);
+under ``blockwise`` from each tile's / block's own amax.
+
+Amaxes of whole tensors are all-reduced (MAX) over ``group`` (the layer's tensor-parallel group,
+the expert-tensor-parallel group for experts), as TE does, so every rank of the group picks the
+same scale and TP=N quantises exactly as TP=1. The histories are non-persistent buffers:
+checkpoints hold no FP8 state and stay precision-independent; a resumed FP8 run starts its
+histories afresh.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moecore.fp8.recipe import Fp8Recipe
+from moecore.kernels.fp8_gemm import select_fp8_gemm
+from moecore.kernels.fp8_quant import FP8_CAST, Fp8Tensor, quantize_blocks, scale_from_amax
+from moecore.kernels.fp8_quant import amax as tensor_amax
+
+ROLES = ("input", "weight", "grad")
+
+
+def reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce ``amax`` (MAX) over ``group`` when it has more than one rank."""
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
+class Fp8Meta(nn.Module):
+    """Recipe, amax histories and GEMM backend of one FP8 GEMM.
+
+    ``num_weights``: 1 for a linear, ``E_local`` for grouped expert weights ``[E, N, K]`` (one
+    scale per expert). Histories: ``amax_history_<role> [amax_history_len, n]`` (``n`` = 1, or
+    ``num_weights`` for the weight), row 0 the most recent.
+    """
+
+    def __init__(self, recipe: Fp8Recipe, group=None, num_weights: int = 1,
+                 grouped: bool = False):
+        super().__init__()
+        self.recipe, self.group, self.grouped = recipe, group, grouped
+        self.num_weights = num_weights
+        if recipe.recipe == "delayed":
+            for role in ROLES:
+                n = num_weights if role == "weight" else 1
+                self.register_buffer(f"amax_history_{role}",
+                                     torch.zeros(recipe.amax_history_len, n), persistent=False)
+        self._gemm, self._casts = {}, {}
+
+    def gemm(self, device: torch.device):
+        """The :class:`~moecore.kernels.fp8_gemm.Fp8Gemm` of the requested backend on
+        ``device`` (resolved once per device)."""
+        if device not in self._gemm:
+            self._gemm[device] = select_fp8_gemm(self.recipe.gemm_backend, device,
+                                                 self.recipe.recipe, self.grouped).fn
+        return self._gemm[device]
+
+    def casts(self, device: torch.device):
+        """``(quantize_tensor, quantize_tiles)`` of the requested cast backend on ``device``."""
+        if device not in self._casts:
+            self._casts[device] = FP8_CAST.select(self.recipe.cast_backend, device=device).fn
+        return self._casts[device]
+
+    def tiles(self, role: str, x: torch.Tensor) -> Fp8Tensor:
+        """``x [..., K]`` in 1x128 tiles along K, in ``role``'s FP8 dtype (current amax)."""
+        return self.casts(x.device)[1](x, self.dtype(role), self.recipe.margin)
+
+    def dtype(self, role: str) -> torch.dtype:
+        return self.recipe.bwd_dtype if role == "grad" else self.recipe.fwd_dtype
+
+    def quantize(self, role: str, x: torch.Tensor) -> Fp8Tensor:
+        """``x`` (contraction dim last; ``[E, N, K]`` for grouped weights) in FP8 for ``role``."""
+        dtype, margin = self.dtype(role), self.recipe.margin
+        if self.recipe.recipe == "blockwise":
+            return quantize_blocks(x, dtype, margin) if role == "weight" else \
+                self.tiles(role, x)
+        per_expert = role == "weight" and x.dim() == 3
+        amax = reduce_amax(tensor_amax(x, (1, 2) if per_expert else None), self.group)
+        if self.recipe.recipe == "delayed":
+            amax = self._delayed_amax(role, amax)
+        return self.casts(x.device)[0](x, scale_from_amax(amax, dtype, margin), dtype)
+
+    @torch.no_grad()
+    def _delayed_amax(self, role: str, amax_now: torch.Tensor) -> torch.Tensor:
+        """The amax the scale uses (from the history before this call), then record
+        ``amax_now``. An empty history (first call) yields ``amax_now``."""
+        history = getattr(self, f"amax_history_{role}")
+        flat = amax_now.reshape(-1).to(history)
+        if self.recipe.amax_compute_algo == "max":
+            past = history.amax(0)
+        else:
+            past = history[0]
+        used = torch.where(history.amax(0) > 0, past, flat)
+        history.copy_(torch.roll(history, 1, 0))
+        history[0] = flat
+        return used.reshape(amax_now.shape)

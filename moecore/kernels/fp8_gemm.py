@@ -1,0 +1,215 @@
+"""FP8 GEMMs on :class:`~moecore.kernels.fp8_quant.Fp8Tensor` operands, contraction dim last.
+
+Each backend of :data:`FP8_GEMM` is an :class:`Fp8Gemm` with
+
+- ``mm(a [M, K], b [N, K], out_dtype) -> a @ b^T [M, N]``;
+- ``grouped_mm(a [T, K], b [E, N, K], tokens_per_expert [E], out_dtype) -> [T, N]`` (row block
+  ``e`` times ``b[e]^T``; ``tensor`` layout, one scale for ``a``, one per expert for ``b``);
+- ``grouped_wgrad(dy [T, N], x [T, K], tokens_per_expert, out_dtype) -> [E, N, K]``
+  (``dy_e^T @ x_e``; ``tensor`` layout, one scale each).
+
+Backends:
+
+- ``torch``: ``torch._scaled_mm`` (tensorwise; 1x128 x 128x128 and 1x128 x 1x128 blockwise
+  scales, cuBLAS on sm90) and ``torch._scaled_grouped_mm`` (CUTLASS, sm90; per-row scales
+  carry our per-tensor/per-expert ones). Needs CUDA compute capability >= 8.9.
+- ``emulated``: dequantise to fp32 and matmul. The documented CPU reference: the same FP8
+  rounding of every operand as on the GPU, exact fp32 products, so the recipes' logic runs in CI.
+
+``auto`` picks ``torch`` where it runs, never ``emulated`` (that one must be asked for, with
+``--fp8-gemm-backend emulated``, since it is slower than bf16). The request is the config's
+``fp8_gemm_backend``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.kernels.fp8_quant import (
+    BLOCK,
+    Fp8Tensor,
+    dequantize,
+    quantize_blocks,
+    quantize_tensor,
+    quantize_tiles,
+    scale_from_amax,
+)
+
+FP8_GEMM = BackendRegistry("fp8_gemm", flag="--fp8-gemm-backend")
+FP8_GEMM_BACKENDS = ("auto", "torch", "emulated")
+
+
+@dataclass(frozen=True)
+class Fp8Gemm:
+    mm: callable
+    grouped_mm: callable
+    grouped_wgrad: callable
+
+
+# --------------------------------------------------------------------------------------------
+# emulated (reference)
+# --------------------------------------------------------------------------------------------
+def _emulated_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype, fast_accum=False):
+    return (dequantize(a) @ dequantize(b).t()).to(out_dtype)
+
+
+def _splits(tokens_per_expert) -> list[int]:
+    return [int(c) for c in tokens_per_expert.tolist()]
+
+
+def _emulated_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
+                         fast_accum=False):
+    x, w = dequantize(a), dequantize(b)
+    rows = torch.split(x, _splits(tokens_per_expert))
+    out = [r @ w[e].t() for e, r in enumerate(rows)]
+    return torch.cat(out).to(out_dtype) if out else x.new_zeros(0, w.shape[1], dtype=out_dtype)
+
+
+def _emulated_grouped_wgrad(dy: Fp8Tensor, x: Fp8Tensor, tokens_per_expert, out_dtype):
+    splits = _splits(tokens_per_expert)
+    dys, xs = torch.split(dequantize(dy), splits), torch.split(dequantize(x), splits)
+    return torch.stack([g.t() @ r for g, r in zip(dys, xs)]).to(out_dtype)
+
+
+EMULATED = Fp8Gemm(_emulated_mm, _emulated_grouped_mm, _emulated_grouped_wgrad)
+
+
+# --------------------------------------------------------------------------------------------
+# torch._scaled_mm / torch._scaled_grouped_mm
+# --------------------------------------------------------------------------------------------
+def _outer_major(t: torch.Tensor) -> torch.Tensor:
+    """``t [R, C]`` laid out column by column (stride ``(1, R)``), as cuBLAS reads block
+    scales."""
+    return t.t().contiguous().t()
+
+
+def _mm_scales(a: Fp8Tensor, b: Fp8Tensor):
+    """Scales in ``torch._scaled_mm``'s forms: scalars; ``scale_a [M, K/128]`` with
+    ``scale_b [K/128, N/128]`` (1x128 x 128x128) or ``[K/128, N]`` (1x128 x 1x128)."""
+    if a.layout == "tensor" and b.layout == "tensor":
+        return a.scale_inv.reshape(()), b.scale_inv.reshape(())
+    if a.layout != "tile" or b.layout not in ("tile", "block"):
+        raise ValueError(f"fp8 mm: unsupported scale layouts {a.layout} x {b.layout}")
+    return _outer_major(a.scale_inv), b.scale_inv.t().contiguous()
+
+
+def _torch_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype, fast_accum=False):
+    sa, sb = _mm_scales(a, b)
+    return torch._scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum and a.layout == "tensor")
+
+
+def _offsets(tokens_per_expert, device) -> torch.Tensor:
+    return torch.cumsum(tokens_per_expert.to(torch.int64), 0).to(device, torch.int32)
+
+
+def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
+                      fast_accum=False):
+    t, (e, n, _) = a.shape[0], b.shape
+    sa = a.scale_inv.float().reshape(1).expand(t).contiguous()
+    sb = b.scale_inv.float().reshape(e, 1).expand(e, n).contiguous()
+    return torch._scaled_grouped_mm(a.data, b.data.transpose(-2, -1), sa, sb,
+                                    offs=_offsets(tokens_per_expert, a.data.device),
+                                    out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+def _pad_groups(data: torch.Tensor, tokens_per_expert: torch.Tensor):
+    """Rows of ``data [T, C]`` (grouped by expert) moved so that every group starts at a row
+    that is a multiple of 16, with zero rows between: ``(padded [T + 15 E, C], offs [E])``.
+    FP8 GEMMs need the contraction dim (here each group's rows) in multiples of 16 bytes; zeros
+    add nothing. The bound ``T + 15 E`` needs no host sync."""
+    counts = tokens_per_expert.to(data.device, torch.int64)
+    e, t = counts.shape[0], data.shape[0]
+    padded_counts = (counts + 15) // 16 * 16
+    ends = torch.cumsum(padded_counts, 0)
+    shift = (ends - padded_counts) - (torch.cumsum(counts, 0) - counts)  # per group
+    expert = torch.repeat_interleave(torch.arange(e, device=data.device), counts, output_size=t)
+    rows = torch.arange(t, device=data.device) + shift[expert]
+    out = data.new_zeros(t + 15 * e, data.shape[1], dtype=torch.uint8)
+    out[rows] = data.view(torch.uint8)
+    return out.view(data.dtype), ends.to(torch.int32)
+
+
+def _torch_grouped_wgrad(dy: Fp8Tensor, x: Fp8Tensor, tokens_per_expert, out_dtype):
+    n, k, e = dy.shape[1], x.shape[1], tokens_per_expert.shape[0]
+    sa = dy.scale_inv.float().reshape(1).expand(e * n).contiguous()
+    sb = x.scale_inv.float().reshape(1).expand(e * k).contiguous()
+    dy_p, offs = _pad_groups(dy.data, tokens_per_expert)
+    x_p, _ = _pad_groups(x.data, tokens_per_expert)
+    out = torch._scaled_grouped_mm(dy_p.t().contiguous(), x_p.t().contiguous().t(), sa, sb,
+                                   offs=offs, out_dtype=out_dtype)
+    # Experts without rows: the kernel may leave their block unwritten (as for bf16, see
+    # moecore.kernels.grouped_gemm); zero them.
+    empty = (tokens_per_expert == 0).to(out.device)
+    return out.masked_fill_(empty[:, None, None], 0)
+
+
+TORCH = Fp8Gemm(_torch_mm, _torch_grouped_mm, _torch_grouped_wgrad)
+
+
+@functools.cache
+def _probe(device: torch.device, what: str) -> str:
+    """Run a tiny FP8 GEMM of kind ``what`` on ``device``; the error text, empty when it works."""
+    try:
+        x = torch.randn(BLOCK, 2 * BLOCK, device=device)
+        dt = torch.float8_e4m3fn
+        if what == "tensorwise":
+            q = quantize_tensor(x, scale_from_amax(x.abs().amax(), dt), dt)
+            _torch_mm(q, q, torch.bfloat16)
+        elif what == "blockwise":
+            _torch_mm(quantize_tiles(x, dt), quantize_blocks(x, dt), torch.bfloat16)
+            _torch_mm(quantize_tiles(x, dt), quantize_tiles(x, dt), torch.bfloat16)
+        else:
+            q = quantize_tensor(x, scale_from_amax(x.abs().amax(), dt), dt)
+            w = quantize_tensor(x.expand(2, -1, -1), torch.ones(2, device=device), dt)
+            counts = torch.tensor([50, 78], device=device)  # groups not multiples of 16
+            _torch_grouped_mm(q, w, counts, torch.bfloat16)
+            _torch_grouped_wgrad(q, q, counts, torch.bfloat16)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot run here"
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return ""
+
+
+def _torch_available(device=None, recipe: str = "tensorwise", grouped: bool = False,
+                     **_) -> tuple[bool, str]:
+    device = torch.device(device or "cpu")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, ("FP8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada/Hopper); "
+                       "on CPU only --fp8-gemm-backend emulated (a slow reference) runs")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return False, f"FP8 GEMMs need compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
+    if not hasattr(torch, "_scaled_mm"):
+        return False, f"PyTorch {torch.__version__} has no torch._scaled_mm"
+    kinds = ["blockwise" if recipe == "blockwise" else "tensorwise"]
+    if grouped and recipe != "blockwise":
+        if not hasattr(torch, "_scaled_grouped_mm"):
+            return False, f"PyTorch {torch.__version__} has no torch._scaled_grouped_mm"
+        kinds.append("grouped")
+    for kind in kinds:
+        err = _probe(device, kind)
+        if err:
+            return False, (f"torch's {kind} FP8 GEMM fails on this GPU (compute capability "
+                           f"{cap[0]}.{cap[1]}, PyTorch {torch.__version__}): {err}")
+    return True, ""
+
+
+FP8_GEMM.register(Backend("torch", _torch_available, TORCH,
+                          description="torch._scaled_mm / torch._scaled_grouped_mm"))
+FP8_GEMM.register(Backend("emulated", always_available, EMULATED,
+                          auto_ok=lambda **_: False,
+                          description="dequantise + fp32 matmul (CPU reference)"))
+
+
+def select_fp8_gemm(requested: str = AUTO, device=None, recipe: str = "tensorwise",
+                    grouped: bool = False, log: bool = True) -> Backend:
+    """Resolve an ``fp8_gemm_backend`` request for ``device`` and ``recipe``; raises
+    ``BackendUnavailableError`` with the reason (no CUDA, compute capability < 8.9, ...)."""
+    return FP8_GEMM.select(requested, log=log, device=torch.device(device or "cpu"),
+                           recipe=recipe, grouped=grouped)

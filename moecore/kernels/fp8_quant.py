@@ -1,0 +1,248 @@
+"""FP8 casts: a high-precision tensor -> (float8 data, fp32 dequantisation scale).
+
+An :class:`Fp8Tensor` holds ``data`` (``float8_e4m3fn`` or ``float8_e5m2``) and ``scale_inv``
+(fp32, the factor that turns ``data`` back into values: ``x ~= data * scale_inv``) in one of
+three layouts, always with the GEMM's contraction dimension last (``K``):
+
+- ``tensor``: ``data [..., M, K]``, ``scale_inv []`` or one per leading index (``[E]`` for
+  expert weights ``[E, N, K]``);
+- ``tile`` (DeepSeek-V3's activations): one scale per 1x128 tile along K,
+  ``scale_inv [..., M, K/128]``;
+- ``block`` (DeepSeek-V3's weights): one scale per 128x128 block,
+  ``scale_inv [..., M/128, K/128]``.
+
+``quantize_tensor`` / ``quantize_tiles`` have two backends (:data:`FP8_CAST`, request
+``fp8_cast_backend`` / ``--fp8-cast-backend``): ``torch`` (the reference, any device) and
+``triton`` (CUDA: one pass that reads ``x`` once and writes FP8, and for tiles the scales too;
+the rounding to FP8 is done in fp32 arithmetic, round-to-nearest-even, so results are
+bit-identical to the reference and checkable under the Triton interpreter). The scale math
+follows Transformer Engine:
+``scale = fp8_max / amax / 2**margin`` (1 where ``amax`` is 0 or not finite), values are clamped
+to ``[-fp8_max, fp8_max]`` before the cast (PyTorch's float8 casts do not saturate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moecore.backends import Backend, BackendRegistry, always_available
+from moecore.kernels import HAVE_TRITON, checked_triton_available
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+BLOCK = 128
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+LAYOUTS = ("tensor", "tile", "block")
+
+
+@dataclass(frozen=True)
+class Fp8Tensor:
+    """FP8 ``data`` and its fp32 dequantisation ``scale_inv`` in ``layout`` (module docstring)."""
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    layout: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+
+def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> torch.Tensor:
+    """fp32 quantisation scale ``fp8_max / amax / 2**margin``; 1 where ``amax`` is 0 or inf."""
+    amax = amax.float()
+    # tensor / tensor: correctly rounded (``float / tensor`` multiplies by a reciprocal), as the
+    # Triton kernels' div_rn.
+    scale = torch.full_like(amax, FP8_MAX[dtype]) / amax / (2.0 ** margin)
+    ok = (amax > 0) & torch.isfinite(amax) & torch.isfinite(scale)
+    return torch.where(ok, scale, torch.ones_like(scale))
+
+
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale`` correctly rounded (the dequantisation factor)."""
+    scale = scale.float()
+    return torch.ones_like(scale) / scale
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * scale`` in fp32, saturated, rounded to ``dtype``; contiguous (the GEMMs need the
+    contraction dim dense; transposing after the cast moves 1 byte per element)."""
+    bound = FP8_MAX[dtype]
+    return (x.float() * scale).clamp_(-bound, bound).to(dtype).contiguous()
+
+
+def amax(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """``max |x|`` (over ``dim``, all by default) in fp32, without an ``abs`` temporary."""
+    return torch.linalg.vector_norm(x.detach(), float("inf"), dim=dim).float()
+
+
+def quantize_tensor(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Fp8Tensor:
+    """``x [..., M, K]`` with ``scale`` ``[]`` or one per leading index (``[E]`` for
+    ``[E, M, K]``) -> ``tensor`` layout."""
+    expand = scale.reshape(scale.shape + (1,) * (x.dim() - scale.dim()))
+    return Fp8Tensor(_cast(x, expand, dtype), reciprocal(scale), "tensor")
+
+
+def _check_multiple(x: torch.Tensor, dims: tuple[int, ...], what: str) -> None:
+    for d in dims:
+        if x.shape[d] % BLOCK:
+            raise ValueError(f"blockwise FP8 ({what}) needs dimension {d} of shape "
+                             f"{tuple(x.shape)} to be a multiple of {BLOCK}; --fp8-recipe "
+                             "blockwise needs hidden and FFN sizes that are multiples of 128")
+
+
+def quantize_tiles(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8Tensor:
+    """``x [..., M, K]`` -> ``tile`` layout: one scale per 1x128 tile along K (current amax)."""
+    _check_multiple(x, (-1,), "1x128 tiles")
+    tiles = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    scale = scale_from_amax(amax(tiles, -1), dtype, margin)
+    data = _cast(tiles, scale.unsqueeze(-1), dtype).reshape(x.shape)
+    return Fp8Tensor(data, reciprocal(scale), "tile")
+
+
+def quantize_blocks(w: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8Tensor:
+    """``w [..., N, K]`` -> ``block`` layout: one scale per 128x128 block (current amax)."""
+    _check_multiple(w, (-2, -1), "128x128 blocks")
+    *lead, n, k = w.shape
+    blocks = w.reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    scale = scale_from_amax(amax(blocks, (-3, -1)), dtype, margin)
+    data = _cast(blocks, scale[..., :, None, :, None], dtype).reshape(w.shape)
+    return Fp8Tensor(data, reciprocal(scale), "block")
+
+
+def expanded_scale_inv(t: Fp8Tensor) -> torch.Tensor:
+    """``t.scale_inv`` broadcast to ``t.shape`` (fp32)."""
+    s, shape = t.scale_inv, t.shape
+    if t.layout == "tensor":
+        return s.reshape(s.shape + (1,) * (len(shape) - s.dim())).expand(shape)
+    if t.layout == "tile":
+        return s.repeat_interleave(BLOCK, dim=-1)
+    return s.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+
+
+def dequantize(t: Fp8Tensor) -> torch.Tensor:
+    """fp32 values of ``t``: ``data * scale_inv`` (broadcast per layout)."""
+    return t.data.float() * expanded_scale_inv(t)
+
+
+def transpose(t: Fp8Tensor) -> Fp8Tensor:
+    """Swap the last two dims (contiguous copy of the data): valid for ``tensor`` and ``block``
+    layouts, whose scales do not depend on which dim is contracted."""
+    if t.layout == "tile":
+        raise ValueError("a 1x128-tiled FP8 tensor cannot be transposed; requantise the source")
+    scale = t.scale_inv.transpose(-2, -1) if t.layout == "block" else t.scale_inv
+    return Fp8Tensor(t.data.transpose(-2, -1).contiguous(), scale.contiguous(), t.layout)
+
+
+# ---- Triton -----------------------------------------------------------------------------------
+# e4m3fn: 3 mantissa bits, smallest normal exponent -6; e5m2: 2 bits, -14.
+_FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _round_fp8(y, FP8_MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr):
+        """``y`` (fp32) saturated to ``±FP8_MAX`` and rounded to the nearest FP8 value (ties to
+        even), still as fp32: the final cast is then exact on every backend."""
+        a = tl.minimum(tl.abs(y), FP8_MAX)
+        exp = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        exp = tl.maximum(exp, MIN_EXP)
+        ulp = ((exp - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+        inv_ulp = ((127 - exp + MBITS) << 23).to(tl.float32, bitcast=True)
+        q = a * inv_ulp  # exact (a power of two), < 2**(MBITS + 1)
+        q = (q + 8388608.0) - 8388608.0  # fp32 add rounds to an integer, ties to even
+        r = (q * ulp).to(tl.int32, bitcast=True)
+        sign = y.to(tl.int32, bitcast=True) & -2147483648  # keeps -0.0 as the reference does
+        return (r | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _cast_kernel(x_ptr, scale_ptr, out_ptr, n, group_numel, BLOCK: tl.constexpr,
+                     FP8_MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + offs // group_numel, mask=mask, other=1.0)
+        r = _round_fp8(x * scale, FP8_MAX, MBITS, MIN_EXP)
+        tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _tile_kernel(x_ptr, out_ptr, scale_inv_ptr, rows, k, inv_margin, BLOCK_R: tl.constexpr,
+                     TILE: tl.constexpr, FP8_MAX: tl.constexpr, MBITS: tl.constexpr,
+                     MIN_EXP: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        t = tl.program_id(1)
+        c = t * TILE + tl.arange(0, TILE)
+        mask = (r < rows)[:, None]
+        offs = r[:, None] * k + c[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        top = tl.full(amax.shape, FP8_MAX, tl.float32)
+        scale = tl.math.div_rn(top, amax) * inv_margin  # IEEE division, as torch's
+        ok = (amax > 0) & (amax < float("inf")) & (scale < float("inf"))
+        scale = tl.where(ok, scale, 1.0)
+        q = _round_fp8(x * scale[:, None], FP8_MAX, MBITS, MIN_EXP)
+        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        one = tl.full(scale.shape, 1.0, tl.float32)
+        tl.store(scale_inv_ptr + r * (k // TILE) + t, tl.math.div_rn(one, scale), mask=r < rows)
+
+
+def quantize_tensor_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Fp8Tensor:
+    """:func:`quantize_tensor` in one Triton pass (the output is contiguous)."""
+    xc = x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    scale = scale.float().contiguous()
+    n = xc.numel()
+    if n:
+        mbits, min_exp = _FORMAT[dtype]
+        _cast_kernel[(triton.cdiv(n, 1024),)](xc, scale, out, n, max(n // scale.numel(), 1),
+                                              BLOCK=1024, FP8_MAX=FP8_MAX[dtype], MBITS=mbits,
+                                              MIN_EXP=min_exp)
+    return Fp8Tensor(out, reciprocal(scale), "tensor")
+
+
+def quantize_tiles_triton(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8Tensor:
+    """:func:`quantize_tiles` in one Triton pass (amax, scale and cast per 1x128 tile)."""
+    _check_multiple(x, (-1,), "1x128 tiles")
+    xc = x.contiguous()
+    k = x.shape[-1]
+    rows = xc.numel() // k if k else 0
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    scale_inv = torch.empty(*x.shape[:-1], k // BLOCK, device=x.device, dtype=torch.float32)
+    if rows and k:
+        mbits, min_exp = _FORMAT[dtype]
+        _tile_kernel[(triton.cdiv(rows, 16), k // BLOCK)](
+            xc, out, scale_inv, rows, k, 2.0 ** -margin, BLOCK_R=16, TILE=BLOCK,
+            FP8_MAX=FP8_MAX[dtype], MBITS=mbits, MIN_EXP=min_exp)
+    return Fp8Tensor(out, scale_inv, "tile")
+
+
+def _check_triton(device: torch.device) -> None:
+    """Bit-identical to the torch reference on values that cover subnormals, ties and
+    saturation (raises ``AssertionError`` otherwise)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(33, 256, device=device, generator=gen) * torch.logspace(
+        -6, 3, 256, device=device)
+    for dtype in FP8_MAX:
+        scale = torch.tensor(3.0, device=device)
+        a, b = quantize_tensor_triton(x, scale, dtype), quantize_tensor(x, scale, dtype)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), f"cast {dtype}"
+        a, b = quantize_tiles_triton(x, dtype, 1), quantize_tiles(x, dtype, 1)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), f"tiles {dtype}"
+        assert torch.equal(a.scale_inv, b.scale_inv), f"tile scales {dtype}"
+
+
+def _triton_available(device=None, **_) -> tuple[bool, str]:
+    return checked_triton_available("fp8_cast", _check_triton, device, torch.bfloat16)
+
+
+FP8_CAST = BackendRegistry("fp8_cast", flag="--fp8-cast-backend")
+# Each backend's fn: (quantize_tensor, quantize_tiles).
+FP8_CAST.register(Backend("triton", _triton_available,
+                          (quantize_tensor_triton, quantize_tiles_triton),
+                          description="one fused pass per cast (CUDA)"))
+FP8_CAST.register(Backend("torch", always_available, (quantize_tensor, quantize_tiles),
+                          description="torch ops (the reference)"))

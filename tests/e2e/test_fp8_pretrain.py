@@ -1,0 +1,34 @@
+"""``pretrain`` on CPU with FP8 (emulated GEMMs): checkpoints are precision-independent, a run
+saved under FP8 resumes under full precision and the reverse, continuing the iteration count
+with the saved weights (its first resumed loss is near the saving run's last one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moecore.training import pretrain
+from tests.e2e.test_pretrain import TINY
+
+FP8 = "--fp8-format hybrid --fp8-recipe delayed --fp8-amax-history-len 4 " \
+      "--fp8-gemm-backend emulated".split()
+COMMON = TINY + ("--moe-grouped-gemm --train-iters 4 --log-interval 1 --eval-interval 100 "
+                 "--eval-iters 0").split()
+
+
+def _run(argv):
+    summary = pretrain(argv, log=lambda _: None)
+    return summary["iterations"], summary["lm_loss"]
+
+
+@pytest.mark.parametrize("first,second", [("fp8", "full"), ("full", "fp8")])
+def test_checkpoint_resumes_across_precisions(tmp_path, first, second):
+    flags = {"fp8": FP8, "full": []}
+    ckpt = str(tmp_path / "ckpt")
+    its, losses = _run(COMMON + flags[first] + ["--save", ckpt, "--save-interval", "100",
+                                                "--exit-interval", "2"])
+    assert its == [1, 2]
+    its2, losses2 = _run(COMMON + flags[second] + ["--load", ckpt])
+    assert its2 == [3, 4] and all(math.isfinite(x) for x in losses2)
+    assert abs(losses2[0] - losses[-1]) < 0.5  # the saved weights, not a fresh init
