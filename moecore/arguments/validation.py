@@ -115,9 +115,10 @@ _AT_LEAST_1 = (
     "train_samples", "log_interval", "save_interval", "eval_interval", "exit_interval",
     "exit_duration_in_mins", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
     "lr_wsd_decay_samples", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "fp8_amax_history_len",
     "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "expert_model_parallel_size", "expert_tensor_parallel_size", "distributed_timeout_minutes",
+    "expert_model_parallel_size", "expert_tensor_parallel_size",
     "num_virtual_stages_per_pipeline_rank", "recompute_num_layers", "q_lora_rank",
     "kv_lora_rank", "qk_head_dim", "v_head_dim", "original_max_position_embeddings",
     "tensorboard_queue_size", "hysteresis",
@@ -127,13 +128,15 @@ _AT_LEAST_0 = (
     "lr_warmup_samples", "weight_decay", "start_weight_decay", "end_weight_decay", "clip_grad",
     "tensorboard_log_interval", "qk_pos_emb_head_dim", "mscale_all_dim",
     "tiktoken_num_special_tokens", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-    "moe_input_jitter_eps", "moe_router_bias_update_rate", "profile_ranks",
+    "moe_input_jitter_eps", "moe_router_bias_update_rate", "profile_ranks", "fp8_margin",
+    "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
 )
 _ABOVE_0 = (
     "norm_epsilon", "adam_eps", "init_method_std", "embedding_init_method_std", "rotary_base",
     "rotary_scaling_factor", "mscale", "loss_scale", "initial_loss_scale", "min_loss_scale",
     "loss_scale_window", "moe_expert_capacity_factor", "moe_router_topk_scaling_factor",
     "moe_ipc_buffer_max_mb", "peak_tflops", "activation_func_clamp_value",
+    "distributed_timeout_minutes",
 )
 # dest -> (low, high, low included, high included)
 _INTERVALS = {"attention_dropout": (0, 1, True, False), "hidden_dropout": (0, 1, True, False),
@@ -254,9 +257,6 @@ def _validate_parallel(args, world_size: int) -> None:
                          f"{etp * ep * pp}; change --expert-model-parallel-size or the ranks")
     if ep > 1 and args.num_experts is None:
         raise ValueError(f"--expert-model-parallel-size {ep} needs --num-experts")
-    if not args.distributed_timeout_minutes > 0:
-        raise ValueError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} "
-                         "must be > 0 (fractions such as 0.5 are allowed)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron does the same: SP is a no-op at TP=1
     args.world_size = world_size
