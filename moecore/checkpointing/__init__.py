@@ -504,6 +504,23 @@ def _earlier_iterations(root: str, iteration: int) -> list[int]:
     return _all_gather(sorted((i for i in found if i < iteration), reverse=True))[0]
 
 
+def _quarantine(root: str, corrupt: list[int], loaded: int) -> None:
+    """Rename the corrupt checkpoints skipped by a fallback to ``iter_N.corrupt`` (kept, out of
+    the way of later saves) and point the tracker at the loaded ``loaded`` (rank 0); a
+    read-only ``--load`` is left as it is, with a warning."""
+    try:
+        for it in corrupt:
+            src = published_iteration_dir(root, it)
+            if os.path.isdir(src):
+                os.replace(src, iteration_dir(root, it) + ".corrupt")
+                print(f"WARNING: moved corrupt checkpoint {src} to {iteration_dir(root, it)}"
+                      ".corrupt", flush=True)
+        _replace_tracker(root, loaded)
+    except OSError as e:
+        print(f"WARNING: could not set the corrupt checkpoints in {root} aside ({e}); a run "
+              "saving there will be asked for --overwrite-checkpoints", flush=True)
+
+
 def _read_agreed(root: str, iteration: int, ps: ParallelState,
                  fallback: bool) -> tuple[int, str, dict]:
     """``(iteration, path, state)`` of this rank's shard of ``iteration``, or with
@@ -522,6 +539,7 @@ def _read_agreed(root: str, iteration: int, ps: ParallelState,
             if it != iteration and ps.rank == 0:
                 print(f"WARNING: --ckpt-fallback-to-previous: loaded iteration {it} instead of "
                       f"the newest, {iteration}", flush=True)
+                _quarantine(root, [c for c in candidates if c > it], it)
             return it, path, state
         if not (fallback and all(corrupt for _, (corrupt, _) in bad)):
             if error is not None:

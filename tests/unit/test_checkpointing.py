@@ -382,9 +382,13 @@ def test_fallback_to_previous_loads_the_newest_intact_checkpoint(tmp_path, capsy
     log = capsys.readouterr().out
     assert "iteration 6 is corrupt" in log and "iteration 4 is corrupt" in log
     assert "loaded iteration 2 instead of the newest, 6" in log
+    # The corrupt ones are kept, set aside, and the tracker names the loaded one: a run saving
+    # there again is not refused for replacing them.
+    assert (tmp_path / "iter_0000006.corrupt").is_dir() and (tmp_path / "iter_0000004.corrupt")\
+        .is_dir() and not (tmp_path / "iter_0000006").exists() and read_tracker(str(tmp_path)) == 2
     _flip_byte_of(tmp_path / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt",
                   "out.weight")
-    with pytest.raises(ckpt.CorruptCheckpointError, match=r"iterations \[6, 4, 2\]\) is corrupt"):
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"iterations \[2\]\) is corrupt"):
         load_checkpoint(*make(seed=1), args_for(tmp_path, ckpt_fallback_to_previous=True))
 
 
