@@ -365,11 +365,15 @@ def _add_checkpointing_args(p):
     g.add_argument("--finetune", action="store_true",
                    help="Load the model only (no optimizer/RNG) and restart at iteration 0.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
-    g.add_argument("--ckpt-format", default="torch", choices=["torch"],
-                   help="Per-rank torch files (Megatron's 'torch' layout).")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                   help="torch: per-rank files (Megatron's 'torch' layout), resumable at the "
+                        "same TP/PP/EP (any DP). torch_dist: torch.distributed.checkpoint, one "
+                        "checkpoint that loads under any TP/PP/EP/DP layout (see "
+                        "docs/checkpoints.md).")
+    g.add_argument("--auto-detect-ckpt-format", action="store_true",
+                   help="Load whichever format --load holds (saves still use --ckpt-format).")
     _noop(g, "--no-initialization", "initialisation is cheap at the sizes run here",
           dest="perform_initialization", action="store_false")
-    _noop(g, "--auto-detect-ckpt-format", "there is one checkpoint format")
 
 
 def _add_mixed_precision_args(p):

@@ -30,27 +30,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import threading
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moecore import backends
+from moecore.checkpointing import dist_format
+from moecore.checkpointing.common import (  # noqa: F401 - re-exported
+    TRACKER_FILENAME,
+    CheckpointError,
+    _fsync_dir,
+    _replace_tracker,
+    get_rng_state,
+    iteration_dir,
+    published_iteration_dir,
+    read_tracker,
+    set_rng_state,
+)
 from moecore.parallel_state import ParallelState, get_parallel_state
-from moecore.tensor_parallel.random import get_rng_tracker
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not fit the model."""
 
 
 def args_to_dict(args: argparse.Namespace) -> dict:
@@ -91,6 +95,11 @@ class CheckpointConfig:
     """Load the model only and restart at iteration 0."""
     exit_on_missing_checkpoint: bool = False
     """Raise instead of training from scratch when ``load`` holds no checkpoint."""
+    ckpt_format: str = "torch"
+    """Format saves are written in: ``torch`` (per-rank files, this module) or ``torch_dist``
+    (DCP, any layout on load: :mod:`moecore.checkpointing.dist_format`)."""
+    auto_detect_ckpt_format: bool = False
+    """Load whichever format ``load`` holds instead of requiring ``ckpt_format``."""
     run_args: dict = field(default_factory=dict)
     """The run's args (:func:`args_to_dict`), saved with every checkpoint as ``args``."""
 
@@ -121,60 +130,10 @@ def shard_dirname(ps: ParallelState) -> str:
     return name
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def published_iteration_dir(root: str, iteration: int) -> str:
-    """The directory to read iteration ``iteration`` from: ``iter_N``, or ``iter_N.old`` when a
-    crash fell between the two renames that replace an iteration saved again (see
-    :func:`_publish`): the tracker then names N, and the earlier save of N is complete there."""
-    final = iteration_dir(root, iteration)
-    old = final + ".old"
-    return old if not os.path.isdir(final) and os.path.isdir(old) else final
-
-
 def checkpoint_file(root: str, iteration: int, ps: ParallelState | None = None) -> str:
     ps = ps or get_parallel_state()
     return os.path.join(published_iteration_dir(root, iteration), shard_dirname(ps),
                         CHECKPOINT_FILENAME)
-
-
-def read_tracker(root: str) -> int | None:
-    """The iteration in ``root``'s tracker file; None when there is none."""
-    path = os.path.join(root, TRACKER_FILENAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path} should hold an iteration number but contains "
-                              f"{text[:40]!r}; fix or delete it") from None
-
-
-# ---- RNG -------------------------------------------------------------------------------------
-def get_rng_state() -> dict:
-    """This process's RNG states (plain Python types and tensors, loadable weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"random_rng_state": random.getstate(),
-            "np_rng_state": (kind, [int(k) for k in keys], int(pos), int(has_gauss),
-                             float(cached)),
-            "torch_rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "rng_tracker_states": get_rng_tracker().get_states()}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["random_rng_state"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["np_rng_state"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch_rng_state"])
-    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    get_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 # ---- collectives -----------------------------------------------------------------------------
@@ -195,35 +154,12 @@ def _all_gather(obj) -> list:
     return out
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_file(obj: dict, path: str) -> None:
     """Write one shard file (durably: flushed and fsynced before the directory is renamed)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_tracker(root: str, iteration: int) -> None:
-    tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER_FILENAME))
-    _fsync_dir(root)
 
 
 # ---- save ------------------------------------------------------------------------------------
@@ -269,6 +205,7 @@ def finalize_async_save() -> None:
     wait for this rank's file, then make the checkpoint the latest as a synchronous save does.
     A write that failed raises here, and the previous checkpoint stays the latest."""
     global _PENDING
+    dist_format.finalize_async_save()
     pending, _PENDING = _PENDING, None
     if pending is None:
         return
@@ -312,8 +249,11 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
     """
     global _PENDING
     finalize_async_save()
-    async_save = config.async_save
     ps = parallel_state or get_parallel_state()
+    if config.ckpt_format == dist_format.FORMAT:
+        return dist_format.save(iteration, _chunks(model), optimizer, scheduler, config,
+                                data_state, ps)
+    async_save = config.async_save
     chunks = _chunks(model)
     root = config.save
     final_dir = iteration_dir(root, iteration)
@@ -419,6 +359,8 @@ def read_checkpoint_args(root: str) -> dict:
         raise CheckpointError(f"--use-checkpoint-args: no checkpoint in --load {root} (no "
                               f"{TRACKER_FILENAME}); drop the flag or point --load at a save")
     directory = published_iteration_dir(root, iteration)
+    if dist_format.checkpoint_format(directory) == dist_format.FORMAT:
+        return dist_format.read_common(directory).get("args") or {}
     shards = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     if not shards:
         raise CheckpointError(f"--use-checkpoint-args: {directory} holds no shard")
@@ -462,6 +404,20 @@ def _check_layout(state: dict, ps: ParallelState, path: str, num_chunks: int = 1
                               "reshards the others)")
 
 
+def _load_format(config: CheckpointConfig, root: str, iteration: int) -> str:
+    """The format to read ``root``'s iteration in: ``config.ckpt_format``, or with
+    ``auto_detect_ckpt_format`` the one on disk; a mismatch is a one-line error."""
+    directory = published_iteration_dir(root, iteration)
+    found = dist_format.checkpoint_format(directory)
+    if found is None:  # the configured format's reader says what is missing
+        return config.ckpt_format
+    if found != config.ckpt_format and not config.auto_detect_ckpt_format:
+        raise CheckpointError(f"--load {root} holds a '{found}' checkpoint but --ckpt-format is "
+                              f"'{config.ckpt_format}'; pass --ckpt-format {found} or "
+                              "--auto-detect-ckpt-format")
+    return found
+
+
 def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
                     config: CheckpointConfig,
                     parallel_state: ParallelState | None = None) -> dict | None:
@@ -483,6 +439,8 @@ def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
         if ps.rank == 0:
             print(f"WARNING: {msg}; training from scratch", flush=True)
         return None
+    if _load_format(config, root, iteration) == dist_format.FORMAT:
+        return dist_format.load(chunks, optimizer, scheduler, config, ps, root, iteration)
     path = checkpoint_file(root, iteration, ps)
     state = _read_shard(path, ps)
     _check_layout(state, ps, path, len(chunks))
