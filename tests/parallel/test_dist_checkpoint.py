@@ -74,8 +74,8 @@ def runs(tmp_path_factory):
     ckpt_a, ckpt_b = str(tmp / "a"), str(tmp / "b")
     straight = _run([])
     four = run_distributed(_four_rank_runs, 4, ckpt_a, ckpt_b, timeout=240)[0]
-    # One process, TP=1/EP=1/PP=1, for 0 more iterations: the loaded model itself.
-    _run(["--load", ckpt_a, "--train-iters", "3"], record=True)
+    # One process, TP=1/EP=1/PP=1, model only and no training: the loaded model itself.
+    _run(["--load", ckpt_a, "--finetune", "--skip-train"], record=True)
     chunks, ps = [m for m, _ in _MODELS], _MODELS[0][1]
     loaded = {k: s.local.clone() for k, s in model_slices(chunks, ps).items()}
     return {"straight": straight, "four": four, "tmp": str(tmp),
