@@ -455,7 +455,14 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP): the layers are split into this many stages."""
     context_parallel_size: int = 1
-    """Context-parallel size (CP); only 1 so far."""
+    """Context-parallel size (CP): each sequence is split over it in ``2 CP`` chunks, rank
+    ``r`` holding chunks ``r`` and ``2 CP - 1 - r`` (load-balanced causal work);
+    ``seq_length`` must be divisible by ``2 CP``."""
+    cp_comm_type: str = "p2p"
+    """How attention crosses the CP group: ``p2p`` (ring attention, K/V blocks passed
+    around and merged by log-sum-exp), ``all_gather`` (K/V gathered per layer) or ``a2a``
+    (heads exchanged for sequence, DeepSpeed-Ulysses; the only one with sliding windows
+    and sinks; needs heads per TP rank divisible by CP)."""
     expert_model_parallel_size: int = 1
     """Expert-parallel size (EP): the routed experts are split over it."""
     expert_tensor_parallel_size: int | None = None

@@ -13,6 +13,7 @@ All groups live on one :class:`ParallelState`; the module-level getters read the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -277,21 +278,40 @@ class ParallelState:
                                                           all_rank_groups(sizes).items()})
 
     @classmethod
-    def build(cls, sizes: ParallelSizes, backend: str | None = None) -> ParallelState:
-        """Create every group with ``torch.distributed.new_group`` (collective over the world)."""
+    def build(cls, sizes: ParallelSizes, backend: str | None = None,
+              timeout: timedelta | None = None) -> ParallelState:
+        """Create every group with ``torch.distributed.new_group`` (collective over the world).
+
+        Each group is named after its kind (``group_desc``, shown in NCCL's watchdog errors)
+        and gets ``timeout``; None means the world group's own timeout (what
+        ``init_process_group`` was given), not torch's 30-minute default for new groups.
+        """
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != sizes.world_size:
             raise ValueError(f"sizes describe {sizes.world_size} ranks but the world has {world}")
         rank = dist.get_rank() if dist.is_initialized() else 0
         state = cls(sizes=sizes, rank=rank)
+        if world > 1 and timeout is None:
+            timeout = world_timeout()
         for kind, rank_lists in all_rank_groups(sizes).items():
             for ranks in rank_lists:
                 # new_group is collective: every rank must call it for every group, in order.
-                pg = dist.new_group(ranks, backend=backend) if world > 1 else None
+                pg = dist.new_group(ranks, backend=backend, timeout=timeout,
+                                    group_desc=kind) if world > 1 else None
                 if rank in ranks:
                     state.groups[kind] = pg
                     state.ranks[kind] = ranks
         return state
+
+
+def world_timeout() -> timedelta | None:
+    """Timeout of the default (world) process group; None where torch does not expose it."""
+    world = dist.group.WORLD
+    device = torch.device("cuda" if dist.get_backend(world) == "nccl" else "cpu")
+    try:  # torch keeps it on the backend's options only (no public getter as of 2.13)
+        return world._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 _GLOBAL_STATE: ParallelState | None = None
@@ -306,10 +326,13 @@ def initialize_model_parallel(
     context_parallel_size: int = 1,
     order: str = DEFAULT_ORDER,
     backend: str | None = None,
+    distributed_timeout_minutes: float | None = None,
 ) -> ParallelState:
     """Build all process groups for the current world and make them the global state.
 
-    ``torch.distributed`` must be initialised when the world has more than one rank.
+    ``torch.distributed`` must be initialised when the world has more than one rank. Every
+    group gets ``distributed_timeout_minutes`` (fractions allowed; None: the world group's
+    timeout), so a stalled or dead rank fails the collectives of the others within it.
     """
     global _GLOBAL_STATE
     if _GLOBAL_STATE is not None:
@@ -324,7 +347,13 @@ def initialize_model_parallel(
         etp=expert_tensor_parallel_size, order=order,
     )
     all_rank_groups(sizes)  # validate before creating any communicator
-    _GLOBAL_STATE = ParallelState.build(sizes, backend=backend)
+    timeout = None
+    if distributed_timeout_minutes is not None:
+        if not distributed_timeout_minutes > 0:
+            raise ValueError(f"distributed_timeout_minutes={distributed_timeout_minutes} must "
+                             "be > 0 (minutes; fractions such as 0.5 are allowed)")
+        timeout = timedelta(minutes=distributed_timeout_minutes)
+    _GLOBAL_STATE = ParallelState.build(sizes, backend=backend, timeout=timeout)
     return _GLOBAL_STATE
 
 

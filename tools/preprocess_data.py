@@ -26,6 +26,7 @@ CharacterTokenizer a missing ``--vocab-file`` is created from the corpus's chara
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ except ImportError:  # run from a checkout without pip install -e .
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moecore.data.indexed_dataset import (  # noqa: E402
+    DataFileError,
     IndexedDatasetBuilder,
     get_bin_path,
     get_idx_path,
@@ -119,25 +121,38 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_documents(args: argparse.Namespace) -> Iterator[bytes]:
-    """Raw documents as bytes: jsonl lines, or text documents."""
+def documents_with_lines(args: argparse.Namespace) -> Iterator[tuple[int, bytes]]:
+    """(1-based first line, raw bytes) of each document: jsonl lines, or text documents."""
     with open(args.input, "rb") as f:
         if args.input_format == "jsonl":
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
-                    yield line
+                    yield number, line
         elif not args.split_docs_on_blank_line:
-            yield f.read()
+            yield 1, f.read()
         else:
             block: list[bytes] = []
-            for line in f:
+            first = 1
+            for number, line in enumerate(f, 1):
                 if line.strip():
+                    if not block:
+                        first = number
                     block.append(line)
                 elif block:
-                    yield b"".join(block)
+                    yield first, b"".join(block)
                     block = []
             if block:
-                yield b"".join(block)
+                yield first, b"".join(block)
+
+
+def read_documents(args: argparse.Namespace) -> Iterator[bytes]:
+    """Raw documents as bytes: jsonl lines, or text documents."""
+    return (raw for _, raw in documents_with_lines(args))
+
+
+def document_line(args: argparse.Namespace, index: int) -> int:
+    """First input line of document ``index`` (0-based); re-reads the input (error path only)."""
+    return next(itertools.islice(documents_with_lines(args), index, None))[0]
 
 
 def document_texts(args: argparse.Namespace, raw: bytes) -> dict[str, str]:
@@ -247,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
-    builders = {k: IndexedDatasetBuilder(get_bin_path(p), dtype) for k, p in prefixes.items()}
+    vocab = Encoder.tokenizer.vocab_size
+    builders = {k: IndexedDatasetBuilder(get_bin_path(p), dtype, vocab)
+                for k, p in prefixes.items()}
     progress = Progress(os.path.getsize(args.input), enabled=not args.quiet)
     pool = None
     if args.workers > 1:
@@ -256,9 +273,15 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     else:
         encoded = map(encoder.encode, read_documents(args))
     try:
-        for docs, nbytes in encoded:
+        for index, (docs, nbytes) in enumerate(encoded):
             for key, (ids, lengths) in docs.items():
-                builders[key].add_document(ids, lengths)
+                try:
+                    builders[key].add_document(ids, lengths)
+                except DataFileError as err:
+                    raise DataFileError(
+                        f"{args.input}: document {index} (line {document_line(args, index)}, "
+                        f"key {key!r}): {err}; check --tokenizer-type/--tokenizer-model/"
+                        "--vocab-size") from None
             progress.update(nbytes, sum(len(ids) for ids, _ in docs.values()))
     except BaseException:
         if pool is not None:
@@ -275,4 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataFileError as err:
+        sys.exit(f"error: {err}")

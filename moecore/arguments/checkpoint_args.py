@@ -1,12 +1,13 @@
 """``--use-checkpoint-args``: the flags that describe a model and its layout
 (:data:`MODEL_DESTS`, :data:`PARALLEL_DESTS`, also the flags ``tools/checkpoint`` prints for a
-converted model) taken from the args saved with ``--load``'s latest checkpoint."""
+converted model) taken from the args saved with ``--load``'s latest checkpoint; and the resume
+check (:func:`check_checkpoint_args`, Megatron's) that the model flags match that checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 
-from moecore.checkpointing import read_checkpoint_args
+from moecore.checkpointing import CheckpointError, args_to_dict, read_checkpoint_args
 
 # Flags printed for a converted model, in this order: the model, then its layout and precision.
 MODEL_DESTS = (
@@ -60,3 +61,49 @@ def apply_checkpoint_args(args: argparse.Namespace) -> dict:
         taken[dest] = saved[dest]
     args.checkpoint_args_taken = taken
     return taken
+
+
+# Model flags that may change on resume: training hyperparameters, not the model's structure.
+_RESUME_MAY_CHANGE = ("init_method_std", "attention_dropout", "hidden_dropout",
+                      "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                      "moe_input_jitter_eps")
+# ... and, under --finetune, the context-extension ones (longer positions, rescaled RoPE).
+_FINETUNE_MAY_CHANGE = ("max_position_embeddings", "rotary_base", "rotary_scaling_factor",
+                        "mscale", "mscale_all_dim", "original_max_position_embeddings")
+RESUME_CHECKED_DESTS = tuple(d for d in MODEL_DESTS if d not in _RESUME_MAY_CHANGE) + (
+    "padded_vocab_size",)
+_FLAG_OF = {"add_position_embedding": "--no-position-embedding (add_position_embedding)",
+            "add_bias_linear": "--disable-bias-linear (add_bias_linear)",
+            "yarn_correction_range_round_to_int":
+                "--no-yarn-correction-range-round-to-int (yarn_correction_range_round_to_int)",
+            "padded_vocab_size": "the padded vocabulary (--vocab-size / tokenizer and "
+                                 "--make-vocab-size-divisible-by)"}
+
+
+def _flag(dest: str) -> str:
+    return _FLAG_OF.get(dest, "--" + dest.replace("_", "-"))
+
+
+def checkpoint_args_mismatch(args: argparse.Namespace, saved: dict) -> list[str]:
+    """``"--flag this-run (checkpoint: saved)"`` for each :data:`RESUME_CHECKED_DESTS` value of
+    ``args`` that differs from the checkpoint's ``saved`` args (dests the checkpoint does not
+    record are skipped; ``--finetune`` may change the context-extension flags)."""
+    skip = _FINETUNE_MAY_CHANGE if getattr(args, "finetune", False) else ()
+    dests = [d for d in RESUME_CHECKED_DESTS if d in saved and d not in skip and hasattr(args, d)]
+    ours = args_to_dict(argparse.Namespace(**{d: getattr(args, d) for d in dests}))
+    return [f"{_flag(d)} {ours[d]} (checkpoint: {saved[d]})" for d in dests
+            if ours[d] != saved[d]]
+
+
+def check_checkpoint_args(args: argparse.Namespace, saved: dict | None, load: str) -> None:
+    """Megatron's ``check_checkpoint_args``: raise ``CheckpointError`` when the model flags
+    differ from those saved with ``--load``'s checkpoint (``saved``: its args, None to skip),
+    naming each flag with both values. A changed head count or expert count keeps parameter
+    shapes but changes the model, so loading would silently give another network."""
+    if not saved:
+        return
+    diffs = checkpoint_args_mismatch(args, saved)
+    if diffs:
+        raise CheckpointError(f"the model flags differ from the checkpoint in --load {load}: "
+                              f"{'; '.join(diffs)}; pass --use-checkpoint-args to take the "
+                              "checkpoint's, or the checkpoint's values")

@@ -365,6 +365,11 @@ def _add_checkpointing_args(p):
     g.add_argument("--finetune", action="store_true",
                    help="Load the model only (no optimizer/RNG) and restart at iteration 0.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="(moecore) Let this run replace the checkpoints in --save after its "
+                        "start iteration (and move the tracker back); without it such a run "
+                        "(e.g. nothing loaded, over existing iter_* directories) is refused at "
+                        "start-up.")
     g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
                    help="torch: per-rank files (Megatron's 'torch' layout), resumable at the "
                         "same TP/PP/EP (any DP). torch_dist: torch.distributed.checkpoint, one "
@@ -414,9 +419,13 @@ def _add_distributed_args(p):
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"])
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="nccl on CUDA, gloo on CPU when unset.")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="Timeout of every process group (world, TP, DP, EP, PP, ...): a "
+                        "collective a rank waits on longer fails the job. Fractions allowed "
+                        "(Megatron takes an integer).")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="Layers per virtual pipeline stage (interleaved 1F1B schedule).")
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
+import re
 
 import torch
 
@@ -94,15 +96,103 @@ def _moe_freq_type(value: str):
 
 # ---- validation --------------------------------------------------------------------------------
 def _not_supported_yet(args) -> None:
-    if args.context_parallel_size != 1:
-        raise ValueError(f"--context-parallel-size {args.context_parallel_size} is not "
-                         "supported yet; use 1")
     if args.moe_token_dispatcher_type == "flex":
         raise ValueError("--moe-token-dispatcher-type flex (DeepEP) is not supported; use "
                          "alltoall, allgather or ipc")
     if args.tokenizer_type is not None and args.tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported; choose one "
                          f"of {list(TOKENIZER_TYPES)}")
+
+
+# ---- value ranges ------------------------------------------------------------------------------
+# Numeric flags where zero or negative values mean nothing (and crash later, or silently train
+# something else: --num-layers 0 builds a model without layers); checked when set.
+_AT_LEAST_1 = (
+    "num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size",
+    "kv_channels", "num_query_groups", "max_position_embeddings", "vocab_size",
+    "make_vocab_size_divisible_by", "micro_batch_size", "global_batch_size", "train_iters",
+    "train_samples", "log_interval", "save_interval", "eval_interval", "exit_interval",
+    "exit_duration_in_mins", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
+    "lr_wsd_decay_samples", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "distributed_timeout_minutes",
+    "num_virtual_stages_per_pipeline_rank", "recompute_num_layers", "q_lora_rank",
+    "kv_lora_rank", "qk_head_dim", "v_head_dim", "original_max_position_embeddings",
+    "tensorboard_queue_size", "hysteresis",
+)
+_AT_LEAST_0 = (
+    "eval_iters", "seed", "num_workers", "lr", "min_lr", "lr_warmup_init", "lr_warmup_iters",
+    "lr_warmup_samples", "weight_decay", "start_weight_decay", "end_weight_decay", "clip_grad",
+    "tensorboard_log_interval", "qk_pos_emb_head_dim", "mscale_all_dim",
+    "tiktoken_num_special_tokens", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+    "moe_input_jitter_eps", "moe_router_bias_update_rate", "profile_ranks",
+)
+_ABOVE_0 = (
+    "norm_epsilon", "adam_eps", "init_method_std", "embedding_init_method_std", "rotary_base",
+    "rotary_scaling_factor", "mscale", "loss_scale", "initial_loss_scale", "min_loss_scale",
+    "loss_scale_window", "moe_expert_capacity_factor", "moe_router_topk_scaling_factor",
+    "moe_ipc_buffer_max_mb", "peak_tflops", "activation_func_clamp_value",
+)
+# dest -> (low, high, low included, high included)
+_INTERVALS = {"attention_dropout": (0, 1, True, False), "hidden_dropout": (0, 1, True, False),
+              "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False),
+              "rotary_percent": (0, 1, False, True), "lr_warmup_fraction": (0, 1, True, True)}
+
+
+def _interval_text(low, high, low_in, high_in) -> str:
+    return f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _range_problem(dest: str, value) -> str | None:
+    """Why ``value`` is out of ``dest``'s range (None when it is fine)."""
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if dest in _AT_LEAST_1 and value < 1:
+        return "must be >= 1"
+    if dest in _AT_LEAST_0 and value < 0:
+        return "must be >= 0"
+    if dest in _ABOVE_0 and value <= 0:
+        return "must be > 0"
+    if dest in _INTERVALS:
+        low, high, low_in, high_in = _INTERVALS[dest]
+        if value < low or value > high or (value == low and not low_in) or \
+                (value == high and not high_in):
+            return f"must be in {_interval_text(*_INTERVALS[dest])}"
+    return None
+
+
+def _validate_ranges(args) -> None:
+    """One-line errors for the numeric flags of the tables above (before anything divides by
+    them)."""
+    for dest in (*_AT_LEAST_1, *_AT_LEAST_0, *_ABOVE_0, *_INTERVALS):
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is None or isinstance(v, bool):
+                continue
+            problem = _range_problem(dest, v)
+            if problem:
+                raise ValueError(f"--{dest.replace('_', '-')} {v} {problem}")
+
+
+def _validate_split(args) -> None:
+    """``--split`` as 1 to 3 non-negative numbers (signs kept), and a validation share when
+    ``--eval-iters`` asks for evaluation on ``--data-path`` data."""
+    text = args.split
+    try:
+        values = [float(part) for part in re.split(r"[,/]", text)]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values) \
+            or sum(values) <= 0:
+        raise ValueError(f"--split {text!r} must be 1 to 3 non-negative numbers "
+                         "(train,valid,test) with a positive sum, e.g. 969,30,1")
+    valid = values[1] if len(values) > 1 else 0.0
+    if args.data_path and not args.mock_data and args.eval_iters > 0 and valid == 0:
+        raise ValueError(f"--split {text!r} leaves the validation set empty but --eval-iters "
+                         f"{args.eval_iters} asks for evaluation; give validation a share "
+                         "(e.g. 969,30,1) or pass --eval-iters 0")
 
 
 def _validate_model_shape(args) -> None:
@@ -163,12 +253,44 @@ def _validate_parallel(args, world_size: int) -> None:
                          f"{etp * ep * pp}; change --expert-model-parallel-size or the ranks")
     if ep > 1 and args.num_experts is None:
         raise ValueError(f"--expert-model-parallel-size {ep} needs --num-experts")
+    if not args.distributed_timeout_minutes > 0:
+        raise ValueError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} "
+                         "must be > 0 (fractions such as 0.5 are allowed)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron does the same: SP is a no-op at TP=1
     args.world_size = world_size
     args.data_parallel_size = world_size // (tp * pp * cp)
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
+
+
+def _validate_context_parallel(args) -> None:
+    """What context parallelism (:mod:`moecore.transformer.context_parallel`) can split."""
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    if args.seq_length % (2 * cp):
+        raise ValueError(f"--seq-length {args.seq_length} must be divisible by 2 x "
+                         f"--context-parallel-size = {2 * cp} (the load-balanced split)")
+    comm = args.cp_comm_type
+    windowed = args.window_size is not None or args.softmax_type != "vanilla"
+    if windowed and comm != "a2a":
+        raise ValueError(f"--cp-comm-type {comm} does not support sliding windows or attention "
+                         "sinks (--window-size, --softmax-type); use --cp-comm-type a2a")
+    if comm == "p2p" and args.attention_dropout > 0:
+        raise ValueError("--cp-comm-type p2p does not support --attention-dropout > 0; use "
+                         "--attention-dropout 0 or --cp-comm-type all_gather / a2a")
+    heads_per_tp = args.num_attention_heads // args.tensor_model_parallel_size
+    if comm == "a2a" and heads_per_tp % cp:
+        raise ValueError(f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank "
+                         f"({heads_per_tp}) divisible by --context-parallel-size {cp}; use "
+                         "--cp-comm-type p2p or all_gather")
+    if args.mtp_num_layers:
+        raise ValueError("--mtp-num-layers with --context-parallel-size > 1 is not supported "
+                         "(multi-token prediction shifts the whole sequence); use one of them")
+    if args.cuda_graph_impl != "none":
+        raise ValueError("--cuda-graph-impl with --context-parallel-size > 1 is not supported "
+                         "(the ring's exchanges are not captured); drop one of them")
 
 
 def _validate_pipeline_and_ddp(args) -> None:
@@ -467,10 +589,13 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         world_size = int(os.getenv("WORLD_SIZE", "1"))
     if args.use_checkpoint_args:
         apply_checkpoint_args(args)
+    _validate_ranges(args)
     _not_supported_yet(args)
     _validate_model_shape(args)
     _validate_precision_and_data(args)
+    _validate_split(args)
     _validate_parallel(args, world_size)
+    _validate_context_parallel(args)
     _validate_pipeline_and_ddp(args)
     _validate_batch_and_schedule(args)
     _validate_cuda_graph(args)

@@ -29,6 +29,7 @@ of training call on every rank. Until then the previous checkpoint stays the lat
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import threading
@@ -95,6 +96,9 @@ class CheckpointConfig:
     """Load the model only and restart at iteration 0."""
     exit_on_missing_checkpoint: bool = False
     """Raise instead of training from scratch when ``load`` holds no checkpoint."""
+    overwrite_checkpoints: bool = False
+    """Let a run replace checkpoints in ``save`` beyond its start iteration (otherwise refused
+    at start-up, :func:`moecore.checkpointing.guards.check_no_overwrite`)."""
     ckpt_format: str = "torch"
     """Format saves are written in: ``torch`` (per-rank files, this module) or ``torch_dist``
     (DCP, any layout on load: :mod:`moecore.checkpointing.dist_format`)."""
@@ -155,11 +159,30 @@ def _all_gather(obj) -> list:
 
 
 def _write_file(obj: dict, path: str) -> None:
-    """Write one shard file (durably: flushed and fsynced before the directory is renamed)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write one shard file (durably: flushed and fsynced before the directory is renamed).
+    A full disk raises :class:`CheckpointError` naming the file (the ``.tmp`` directory is left
+    for cleanup; the published checkpoints and the tracker are untouched)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        raise _write_error(path, e) from e
+
+
+def _write_error(path: str, e: BaseException) -> BaseException:
+    """``e`` of a failed write as a one-line :class:`CheckpointError` when the disk is full
+    (torch.save reports ENOSPC as "enforce fail ... unexpected pos") or another I/O error; any
+    other error unchanged."""
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "unexpected pos" in str(e) or "No space left" in str(e)
+    if not full and not isinstance(e, OSError):
+        return e
+    why = "disk full (or quota exceeded)" if full else f"{type(e).__name__}: {e}"
+    return CheckpointError(f"writing checkpoint file {path} failed: {why}; the previous "
+                           "checkpoint is intact; free space (the partial "
+                           f"{os.path.dirname(os.path.dirname(path))} may be deleted)")
 
 
 # ---- save ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from moecore.checkpointing import (
     published_iteration_dir,
     read_tracker,
 )
+from moecore.checkpointing.guards import existing_iterations
 from moecore.convert.io import load_torch_mmap
 from moecore.convert.model_args import (
     args_from_dict,
@@ -159,9 +160,19 @@ class MoecoreSource:
 class MoecoreSink:
     """Writes a moecore checkpoint of ``ns``'s model at ``layout`` (``ns`` from
     :func:`moecore.convert.model_args.target_args`), checking every shard against the model
-    chunks built for its rank."""
+    chunks built for its rank. A ``directory`` that already holds moecore checkpoints (e.g. a
+    training run's) is refused unless ``overwrite``: the result would replace one of them and
+    point the tracker at it."""
 
-    def __init__(self, directory: str, ns: argparse.Namespace, layout: Layout, iteration: int):
+    def __init__(self, directory: str, ns: argparse.Namespace, layout: Layout, iteration: int,
+                 overwrite: bool = False):
+        held = existing_iterations(directory)
+        tracker = read_tracker(directory) if os.path.isdir(directory) else None
+        if (held or tracker is not None) and not overwrite:
+            raise ValueError(f"--save-dir {directory} already holds moecore checkpoints "
+                             f"(iterations {held}, tracker {tracker}); writing iteration "
+                             f"{iteration} there would replace or hide them: pick an empty "
+                             "--save-dir, or pass --overwrite")
         self.directory, self.ns, self.layout, self.iteration = directory, ns, layout, iteration
         self.states = shard_states(layout)
         self.chunks = layout.chunks(ns.num_layers)

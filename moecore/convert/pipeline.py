@@ -98,7 +98,8 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
             target: Layout | dict | None = None, dtype: str | None = None,
             max_shard_size: str | int = "5GB", grouped_gemm: bool | None = None,
             make_vocab_size_divisible_by: int | None = None,
-            true_vocab_size: int | None = None, log=None) -> ConversionResult:
+            true_vocab_size: int | None = None, log=None,
+            overwrite: bool = False) -> ConversionResult:
     """Convert ``load_dir`` (format ``loader``) into ``save_dir`` (format ``saver``).
 
     ``target``: the moecore layout to write, or a dict of some of its fields (``tp``, ``pp``,
@@ -108,7 +109,8 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
     choice; HF sources use grouped). ``true_vocab_size``: the tokenizer's vocabulary when a
     moecore source's args do not record it (padding rows beyond it are dropped). The tokenizer
     files of ``load_dir`` (else of a moecore source's ``--tokenizer-model`` directory) are
-    copied beside the result. Progress lines go to ``log`` (default: stderr).
+    copied beside the result. Progress lines go to ``log`` (default: stderr). A moecore
+    ``save_dir`` that already holds checkpoints is refused unless ``overwrite``.
     """
     log = log or sys.stderr
     for what, value in (("--loader", loader), ("--saver", saver)):
@@ -127,7 +129,7 @@ def convert(loader: str, saver: str, load_dir: str, save_dir: str, *,
         layout = _target_layout(target, getattr(source, "layout", None) or Layout())
         ns = target_args(source.args, layout, source.true_vocab_size, out_dtype,
                          grouped_gemm=grouped_gemm, divisible_by=make_vocab_size_divisible_by)
-        sink = MoecoreSink(save_dir, ns, layout, source.iteration)
+        sink = MoecoreSink(save_dir, ns, layout, source.iteration, overwrite=overwrite)
         result.layout, result.padded_vocab_size = layout, ns.padded_vocab_size
         result.flags = pretrain_flags(ns)
     else:

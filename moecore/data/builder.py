@@ -80,6 +80,7 @@ def _gpt_splits(
     seed: int,
     eod_token: int,
     eod_mask_loss: bool,
+    vocab_size: int | None,
 ) -> list[GPTDataset]:
     indexed = IndexedDataset(prefix)
     bounds = split_indices(split, len(indexed))
@@ -93,6 +94,7 @@ def _gpt_splits(
             eod_token,
             eod_mask_loss,
             name=f"{prefix}:{SPLIT_NAMES[s]}",
+            vocab_size=vocab_size,
         )
         for s in range(3)
     ]
@@ -114,7 +116,8 @@ def build_train_valid_test_datasets(
     With ``mock`` the data comes from ``MockGPTDataset`` (``vocab_size`` ids; the three splits
     use different seeds). Otherwise ``data_path`` is ``[prefix]`` (one ``.bin/.idx``) or
     ``[w1, prefix1, ...]`` (a ``BlendedDataset`` of exactly the requested size per split; each
-    component is built with ``ceil(n * w * 1.005)`` samples, as Megatron does).
+    component is built with ``ceil(n * w * 1.005)`` samples, as Megatron does). Real data is
+    checked to hold only ids below ``vocab_size``, per sample as it is read (``GPTDataset``).
     """
     if len(train_valid_test_num_samples) != 3:
         raise ValueError(
@@ -133,13 +136,15 @@ def build_train_valid_test_datasets(
     prefixes, weights = parse_data_path(data_path)
     if weights is None:
         return tuple(
-            _gpt_splits(prefixes[0], split, seq_length, counts, seed, eod_token, eod_mask_loss)
+            _gpt_splits(prefixes[0], split, seq_length, counts, seed, eod_token, eod_mask_loss,
+                        vocab_size)
         )
     per_prefix = []
     for prefix, weight in zip(prefixes, weights):
         sizes = [int(math.ceil(n * weight * (1 + _BLEND_SURPLUS))) for n in counts]
         per_prefix.append(
-            _gpt_splits(prefix, split, seq_length, sizes, seed, eod_token, eod_mask_loss)
+            _gpt_splits(prefix, split, seq_length, sizes, seed, eod_token, eod_mask_loss,
+                        vocab_size)
         )
     blended = []
     for s in range(3):
@@ -163,10 +168,12 @@ def build_per_split_datasets(
     seed: int,
     eod_token: int,
     eod_mask_loss: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """Megatron's ``--train-data-path`` / ``--valid-data-path`` / ``--test-data-path``: each
     split from its own prefix or weight/prefix list, using every document of it (no
-    ``--split``); a split without a path (or asked for 0 samples) is None."""
+    ``--split``); a split without a path (or asked for 0 samples) is None. Ids are checked
+    against ``vocab_size`` as in :func:`build_train_valid_test_datasets`."""
     if len(paths) != 3:
         raise ValueError(f"paths needs (train, valid, test) entries, got {len(paths)}")
     out = []
@@ -179,5 +186,5 @@ def build_per_split_datasets(
         only[s] = count
         whole = ",".join("1" if i == s else "0" for i in range(3))  # every document to split s
         out.append(build_train_valid_test_datasets(
-            path, whole, seq_length, only, seed, False, None, eod_token, eod_mask_loss)[s])
+            path, whole, seq_length, only, seed, False, vocab_size, eod_token, eod_mask_loss)[s])
     return tuple(out)

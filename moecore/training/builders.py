@@ -147,7 +147,8 @@ def build_datasets(args, tokenizer):
     if args.train_data_path:
         return build_per_split_datasets(
             [args.train_data_path, args.valid_data_path, args.test_data_path], args.seq_length,
-            train_valid_test_num_samples(args), args.seed, tokenizer.eod, args.eod_mask_loss)
+            train_valid_test_num_samples(args), args.seed, tokenizer.eod, args.eod_mask_loss,
+            vocab_size=tokenizer.vocab_size)
     return build_train_valid_test_datasets(
         args.data_path, args.split, args.seq_length, train_valid_test_num_samples(args),
         args.seed, args.mock_data, tokenizer.vocab_size, tokenizer.eod, args.eod_mask_loss)

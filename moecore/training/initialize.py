@@ -11,6 +11,7 @@ import torch.distributed as dist
 from moecore import parallel_state
 from moecore.parallel_state import ParallelState
 from moecore.tensor_parallel.random import model_parallel_seed
+from moecore.training.logger import print_rank_0
 
 
 def initialize_distributed(args) -> bool:
@@ -18,7 +19,9 @@ def initialize_distributed(args) -> bool:
 
     Uses ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (torchrun). Returns True when
     this call created the process group (the caller destroys it at the end). A group that
-    already exists (tests, notebooks) is reused.
+    already exists (tests, notebooks) is reused. The world group gets
+    ``--distributed-timeout-minutes``; so do the model-parallel groups
+    (:func:`initialize_parallel_state_from_args`).
     """
     if args.device == "cuda":
         local_rank = int(os.getenv("LOCAL_RANK", str(args.local_rank)))
@@ -30,13 +33,26 @@ def initialize_distributed(args) -> bool:
         world = int(os.getenv("WORLD_SIZE", "1"))
         created = world > 1
         if created:
+            nccl = args.distributed_backend == "nccl"
+            fail_fast = enable_nccl_async_error_handling() if nccl else True
             dist.init_process_group(
                 backend=args.distributed_backend,
                 timeout=timedelta(minutes=args.distributed_timeout_minutes))
+            if not fail_fast:
+                print_rank_0("WARNING: TORCH_NCCL_ASYNC_ERROR_HANDLING=0: a stalled or dead "
+                             "rank hangs the job past --distributed-timeout-minutes; unset it "
+                             "to fail fast")
     if world != args.world_size:
         raise ValueError(f"the arguments were validated for world size {args.world_size} but "
                          f"torch.distributed has {world} ranks; set WORLD_SIZE consistently")
     return created
+
+
+def enable_nccl_async_error_handling() -> bool:
+    """Make NCCL's watchdog end the process when a collective exceeds its group's timeout
+    (torch's own variable, read when an NCCL group is created; 3 is torch's default). False
+    when the user turned it off (0): then a stalled rank blocks the others forever."""
+    return os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3").strip() != "0"
 
 
 def initialize_parallel_state_from_args(args) -> ParallelState:
@@ -50,7 +66,8 @@ def initialize_parallel_state_from_args(args) -> ParallelState:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        context_parallel_size=args.context_parallel_size, order=order)
+        context_parallel_size=args.context_parallel_size, order=order,
+        distributed_timeout_minutes=args.distributed_timeout_minutes)
 
 
 def set_seeds(args, ps: ParallelState) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 
 from moecore import parallel_state as mpu
 from moecore.arguments import parse_args
+from moecore.arguments.checkpoint_args import check_checkpoint_args
 from moecore.batch_rampup import batch_sizes_from_args
 from moecore.checkpointing import (
     CheckpointConfig,
@@ -22,7 +23,14 @@ from moecore.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from moecore.collectives import all_reduce_inplace, group_size
+from moecore.checkpointing.guards import (
+    check_no_overwrite,
+    check_save_writable,
+    on_rank0,
+    saved_run_args,
+)
+from moecore.checkpointing.run_lock import RunLock, acquire_run_lock
+from moecore.collectives import all_reduce_inplace, collective_failure, group_size
 from moecore.moe.losses import MoELossTracker
 from moecore.moe.router import TopKRouter, update_expert_bias
 from moecore.optimizer import (
@@ -39,6 +47,7 @@ from moecore.training.cuda_graph import MicroBatchGraphs
 from moecore.training.logger import print_rank_0
 from moecore.training.profiling import TrainingProfiler
 from moecore.training.state import RunState
+from moecore.transformer.context_parallel import zigzag_split
 
 
 def _chunks(model) -> list[nn.Module]:
@@ -62,15 +71,47 @@ def model_output(model: nn.Module, batch: dict) -> torch.Tensor:
                  labels=batch["labels"], **extra)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    loss = masked_mean_loss(output, loss_mask)
-    return loss, {"lm loss": loss.detach()}
+def context_parallel_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
+                          cp_group) -> torch.Tensor:
+    """This CP rank's share of the micro-batch's masked mean loss, ``sum_local(loss * mask) /
+    sum_CP(mask)``: the shares of the CP group add up to the whole sequence's loss. Gradients
+    are averaged over ``data_parallel_with_cp``, so the trainer scales every backward by CP
+    (:func:`_context_parallel_grad_scale`)."""
+    mask = loss_mask.float()
+    tokens = all_reduce_inplace(mask.sum(), cp_group)
+    return (per_token_loss.float() * mask).sum() / tokens.clamp(min=1.0)
 
 
-def forward_step_func(data_iterator, model: nn.Module):
-    """Megatron-style step for the schedules: ``(output, loss_func)`` of the next micro-batch."""
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, cp_group=None):
+    if cp_group is None:
+        loss = masked_mean_loss(output, loss_mask)
+        return loss, {"lm loss": loss.detach()}
+    loss = context_parallel_loss(output, loss_mask, cp_group)
+    # Logged as share x CP: the data_parallel_with_cp mean of the log is the sequence's loss.
+    return loss, {"lm loss": loss.detach() * group_size(cp_group)}
+
+
+def forward_step_func(data_iterator, model: nn.Module, cp_group=None):
+    """Megatron-style step for the schedules: ``(output, loss_func)`` of the next micro-batch
+    (``cp_group``: the context-parallel group when it has more than one rank)."""
     batch = next(data_iterator)
-    return model_output(model, batch), partial(_loss_func, batch["loss_mask"])
+    return model_output(model, batch), partial(_loss_func, batch["loss_mask"],
+                                               cp_group=cp_group)
+
+
+def context_parallel_batch(batch: dict, ps: ParallelState) -> dict:
+    """This CP rank's tokens of a micro-batch of ``[B, S]`` tensors (chunks ``r`` and
+    ``2 CP - 1 - r`` of ``2 CP``, :func:`~moecore.transformer.context_parallel.zigzag_split`),
+    with their global ``position_ids`` (for RoPE)."""
+    if ps.cp_size == 1:
+        return batch
+    cp, r = ps.cp_size, ps.rank_in("context_parallel")
+    batch = dict(batch)
+    if batch.get("position_ids") is None:
+        B, S = batch["tokens"].shape
+        batch["position_ids"] = torch.arange(S, device=batch["tokens"].device).expand(B, S)
+    return {k: zigzag_split(v, cp, r, dim=1) if isinstance(v, torch.Tensor) and v.dim() == 2
+            else v for k, v in batch.items()}
 
 
 def _token_sum_loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -103,8 +144,28 @@ def _per_token_grad_scale(batches: list[dict], ps: ParallelState, scale_loss: Ca
     return lambda t: scale_loss(t) * factor.to(t.device)
 
 
+def _context_parallel_grad_scale(cp_size: int, scale_loss: Callable):
+    """The loss-scale function times CP: each CP rank's loss (LM and MoE aux losses) is its
+    share of the micro-batch's, and gradients are averaged over the CP ranks too."""
+    return lambda t: scale_loss(t) * cp_size
+
+
 class DataRanOut(RuntimeError):
     """The data iterator stopped before the run needed it to."""
+
+
+class StartupError(ValueError):
+    """A user mistake found while building the run (tokenizer, datasets); ``pretrain_gpt.py``
+    prints it as one line."""
+
+
+def _user_step(what: str, build: Callable, *args):
+    """``build(*args)``, its input errors (bad paths, names, files) as :class:`StartupError`."""
+    try:
+        return build(*args)
+    except (ValueError, OSError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StartupError(f"{what}: {first}") from e
 
 
 def _next_batches(data_iterator, n: int, device: torch.device, what: str) -> list[dict]:
@@ -186,12 +247,17 @@ def _reported_loss(store: list[dict], ps: ParallelState, device,
 def _run_schedule(chunks, batches, args, ps, forward_only, optimizer=None) -> list[dict]:
     schedule = get_forward_backward_func(args.virtual_pipeline_model_parallel_size, ps)
     per_token = args.calculate_per_token_loss
+    batches = [context_parallel_batch(b, ps) for b in batches]
+    step_func = per_token_forward_step_func if per_token else forward_step_func
+    if ps.cp_size > 1 and not per_token:
+        step_func = partial(forward_step_func, cp_group=ps.cp_group)
     grad_scale_func = None if optimizer is None else optimizer.scale_loss
     if per_token and grad_scale_func is not None:
         grad_scale_func = _per_token_grad_scale(batches, ps, grad_scale_func)
+    elif ps.cp_size > 1 and grad_scale_func is not None:
+        grad_scale_func = _context_parallel_grad_scale(ps.cp_size, grad_scale_func)
     return schedule(
-        forward_step_func=per_token_forward_step_func if per_token else forward_step_func,
-        data_iterator=make_data_iterators(batches, len(chunks)),
+        forward_step_func=step_func, data_iterator=make_data_iterators(batches, len(chunks)),
         model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
         forward_only=forward_only, parallel_state=ps, grad_scale_func=grad_scale_func,
@@ -315,7 +381,7 @@ def evaluate(model, data_iterator, args, ps: ParallelState, num_iters: int | Non
 
 
 def _build(args, ps, model_provider):
-    tokenizer = builders.build_tokenizer_from_args(args)
+    tokenizer = _user_step("tokenizer", builders.build_tokenizer_from_args, args)
     model = builders.build_model(args, ps, model_provider)
     optimizer = get_megatron_optimizer(model, OptimizerConfig.from_args(args), ps)
     scheduler = build_scheduler(optimizer, args)
@@ -344,18 +410,23 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         logging.getLogger().setLevel(args.logging_level)
     created_pg = initialize.initialize_distributed(args)
     ps = initialize.initialize_parallel_state_from_args(args)
-    run = None
+    run = lock = None
     try:
+        lock = on_rank0(_lock_save_dir, args.save, log) if args.save else None
         initialize.set_seeds(args, ps)
         tokenizer, model, optimizer, scheduler = _build(args, ps, model_provider)
         run = RunState(args, ps, model, optimizer, log)
         checkpoints = CheckpointConfig.from_args(args)
+        loaded = None
         if args.load:
+            on_rank0(lambda: check_checkpoint_args(args, saved_run_args(args.load), args.load))
             loaded = load_checkpoint(model, optimizer, scheduler, checkpoints, ps)
             if loaded is not None:
                 run.restore(loaded)
+        if not args.skip_train:
+            on_rank0(check_no_overwrite, checkpoints, run.start_iteration, loaded is not None)
         run.log_startup(tokenizer)
-        train_ds, valid_ds, test_ds = builders.build_datasets(args, tokenizer)
+        train_ds, valid_ds, test_ds = _user_step("data", builders.build_datasets, args, tokenizer)
         train_it = builders.make_iterator(train_ds, args, run.consumed_train_samples, ps)
         valid_it = builders.make_iterator(valid_ds, args, run.consumed_valid_samples, ps)
         exited = False
@@ -371,12 +442,25 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
         if not exited:  # --exit-interval/--exit-duration-in-mins stop right after the save
             _final_evals(run, model, valid_it, test_ds, args, ps, graphs)
         return run.summary()
+    except RuntimeError as exc:  # name the group/op of a collective that timed out or lost a peer
+        failure = collective_failure(exc, args.distributed_timeout_minutes)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         if run is not None:
             run.close()
         mpu.destroy_model_parallel()
         if created_pg:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_dir(save: str, log: Callable[[str], None]) -> RunLock:
+    """``--save`` checked writable and locked for this run (rank 0; see ``run_lock``)."""
+    check_save_writable(save)
+    return acquire_run_lock(save, warn=log)
 
 
 def _train(run: RunState, model, optimizer, scheduler, train_it, valid_it, args, ps,

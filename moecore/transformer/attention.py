@@ -29,11 +29,11 @@ import contextlib
 import torch
 from torch import nn
 
-from moecore.kernels.attention import core_attention
 from moecore.kernels.rope import fused_qkv_rope, rope_cos_sin, select_rope
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from moecore.transformer.context_parallel import context_attention
 from moecore.transformer.norms import build_norm
 from moecore.transformer.projection_norm import ProjectionRMSNorm
 from moecore.transformer.rope import apply_rotary_pos_emb, rope_request, yarn_attention_mscale
@@ -60,6 +60,7 @@ class SelfAttention(nn.Module):
         self.config = config
         self.layer_number = layer_number
         self.tp_group = ps.tp_group
+        self.cp_group = ps.cp_group
         tp = ps.tp_size
         nh, ng, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
         for name, v in (("num_attention_heads", nh), ("num_query_groups", ng)):
@@ -152,9 +153,10 @@ class SelfAttention(nn.Module):
             # Heads differ across TP ranks, so their dropout masks come from the TP-rank RNG.
             rng = tp_random.get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
             with rng:
-                return core_attention(q_, k_, v_, attention_mask, dropout_p,
-                                      self.config.attention_backend, window=self.window,
-                                      sinks=self.sinks)
+                return context_attention(q_, k_, v_, attention_mask, dropout_p,
+                                         self.config.attention_backend, cp_group=self.cp_group,
+                                         cp_comm_type=self.config.cp_comm_type,
+                                         window=self.window, sinks=self.sinks)
 
         if self.config.recomputes("core_attn") and torch.is_grad_enabled():
             context = tp_random.checkpoint(attend, False, q, k, v, group=self.tp_group)

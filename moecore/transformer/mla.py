@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecore.kernels.attention import core_attention
 from moecore.parallel_state import ParallelState, get_parallel_state
 from moecore.tensor_parallel import random as tp_random
 from moecore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -51,6 +50,7 @@ from moecore.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from moecore.transformer.context_parallel import context_attention
 from moecore.transformer.norms import build_norm
 from moecore.transformer.recompute import discard_until_backward
 from moecore.transformer.rope import apply_rotary_pos_emb, yarn_get_mscale
@@ -138,6 +138,7 @@ class MultiLatentAttention(nn.Module):
         ps = parallel_state or get_parallel_state()
         check_attention_layout(config, ps)
         self.config, self.layer_number, self.tp_group = config, layer_number, ps.tp_group
+        self.cp_group = ps.cp_group
         tp, nh, H = ps.tp_size, config.num_attention_heads, config.hidden_size
         if nh % tp:
             raise ValueError(f"num_attention_heads={nh} is not divisible by the tensor parallel "
@@ -242,8 +243,10 @@ class MultiLatentAttention(nn.Module):
             # Heads differ across TP ranks, so their dropout masks come from the TP-rank RNG.
             rng = tp_random.get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
             with rng:
-                return core_attention(q_, k_, v_, attention_mask, dropout_p,
-                                      self.config.attention_backend, self.softmax_scale)
+                return context_attention(q_, k_, v_, attention_mask, dropout_p,
+                                         self.config.attention_backend, cp_group=self.cp_group,
+                                         cp_comm_type=self.config.cp_comm_type,
+                                         softmax_scale=self.softmax_scale)
 
         if self.config.recomputes("core_attn") and torch.is_grad_enabled():
             return tp_random.checkpoint(attend, False, q, k, v, group=self.tp_group)

@@ -36,9 +36,10 @@ def check_tp_size(config, ps) -> None:
 
 
 def check_attention_layout(config, ps) -> None:
-    """:func:`check_tp_size`, and no context parallelism (no attention variant splits the
-    sequence across ranks yet)."""
+    """:func:`check_tp_size`, and the config's context-parallel size is the state's."""
     check_tp_size(config, ps)
-    if ps.cp_size > 1:
-        raise ValueError(f"context_parallel_size={ps.cp_size}: context-parallel attention is "
-                         "not implemented; use context_parallel_size=1")
+    if config.context_parallel_size != ps.cp_size:
+        raise ValueError(
+            f"config.context_parallel_size={config.context_parallel_size} but the parallel "
+            f"state has cp={ps.cp_size}; pass the same size to initialize_model_parallel and "
+            "the config")

@@ -18,6 +18,7 @@ from moecore.arguments import (
     parse_moe_layer_freq,
     transformer_config_from_args,
     validate_args,
+    validation,
 )
 from tests.cli import BASE, parse_error
 
@@ -384,3 +385,71 @@ def test_config_errors_name_flags(extra, message, capsys):
     """TransformerConfig's checks name fields; parse_args shows command-line users the flags."""
     err = parse_error(BASE + MOE + extra, capsys).strip().splitlines()[-1]
     assert err.endswith("error: " + message), err
+
+
+# ---- value ranges (issue #24): zero/negative values where they mean nothing ------------------
+_DATA = ["--data-path", "corpus", "--tokenizer-type", "NullTokenizer"]
+
+
+def _without_mock(argv):
+    return [a for a in argv if a != "--mock-data"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (BASE + ["--micro-batch-size", "0"], "--micro-batch-size 0 must be >= 1"),
+    (BASE + ["--log-interval", "0"], "--log-interval 0 must be >= 1"),
+    (BASE + MOE + ["--moe-ffn-hidden-size", "0"], "--moe-ffn-hidden-size 0 must be >= 1"),
+    (BASE + ["--eval-iters=-1"], "--eval-iters -1 must be >= 0"),
+    (BASE + ["--num-layers", "0"], "--num-layers 0 must be >= 1"),
+    (BASE + ["--split=-10,60,50"], "--split '-10,60,50' must be 1 to 3 non-negative numbers"),
+    (BASE + ["--split", "1,2,3,4"], "--split '1,2,3,4' must be 1 to 3 non-negative numbers"),
+    (_without_mock(BASE) + _DATA + ["--split", "100,0,0"],
+     "--split '100,0,0' leaves the validation set empty but --eval-iters 100 asks for "
+     "evaluation; give validation a share (e.g. 969,30,1) or pass --eval-iters 0"),
+    (BASE + ["--num-attention-heads", "0"], "--num-attention-heads 0 must be >= 1"),
+    (BASE + ["--global-batch-size", "0"], "--global-batch-size 0 must be >= 1"),
+    (BASE + ["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size 0 must be >= 1"),
+    (BASE + ["--save", "x", "--save-interval", "0"], "--save-interval 0 must be >= 1"),
+    (BASE + MOE + ["--moe-router-topk", "0"], "--moe-router-topk 0 must be >= 1"),
+    (BASE + MOE + ["--moe-aux-loss-coeff=-0.1"], "--moe-aux-loss-coeff -0.1 must be >= 0"),
+    (BASE + ["--num-experts", "0"], "--num-experts 0 must be >= 1"),
+    (BASE + ["--seed=-1"], "--seed -1 must be >= 0"),
+    (BASE + ["--num-workers=-1"], "--num-workers -1 must be >= 0"),
+    (BASE + ["--lr=-1e-3"], "--lr -0.001 must be >= 0"),
+    (BASE + ["--adam-eps", "0"], "--adam-eps 0.0 must be > 0"),
+    (BASE + ["--norm-epsilon", "0"], "--norm-epsilon 0.0 must be > 0"),
+    (BASE + ["--init-method-std=-0.02"], "--init-method-std -0.02 must be > 0"),
+    (BASE + ["--hidden-dropout", "1.0"], "--hidden-dropout 1.0 must be in [0, 1)"),
+    (BASE + ["--adam-beta2", "1.5"], "--adam-beta2 1.5 must be in [0, 1)"),
+    (BASE + ["--rotary-percent", "0"], "--rotary-percent 0.0 must be in (0, 1]"),
+    (BASE + ["--clip-grad", "nan"], "--clip-grad nan must be a finite number"),
+    (BASE + ["--profile-ranks", "0", "-1"], "--profile-ranks -1 must be >= 0"),
+])
+def test_meaningless_numbers_fail_in_one_line_naming_the_flag(argv, message, capsys):
+    err = parse_error(argv, capsys).strip().splitlines()[-1]
+    assert "error: " + message in err, err
+
+
+# Numeric flags without a range check, each with the reason (a new int/float flag must be
+# checked in validation._AT_LEAST_1 / _AT_LEAST_0 / _ABOVE_0 / _INTERVALS or listed here).
+_UNRANGED = {
+    "glu_linear_offset": "any real offset is meaningful",
+    "mtp_num_layers": "checked in _validate_model_shape", "mtp_loss_scaling_factor": "idem",
+    "rampup_batch_size": "checked by batch_rampup", "cuda_graph_warmup_steps": "checked with "
+    "--cuda-graph-impl", "decoupled_lr": "checked in _validate_decoupled_lr",
+    "decoupled_min_lr": "idem", "num_layers_per_virtual_pipeline_stage": "checked with the "
+    "pipeline", "decoder_first_pipeline_num_layers": "checked by pipeline_layer_layout",
+    "decoder_last_pipeline_num_layers": "idem", "ddp_bucket_size": "checked with the DDP flags",
+    "profile_step_start": "checked with --profile", "profile_step_end": "idem",
+    "empty_unused_memory_level": "choices", "local_rank": "set by the launcher",
+    "logging_level": "Python logging levels", "train_sync_interval": "no effect",
+    "manual_gc_interval": "no effect", "timing_log_level": "no effect",
+}
+
+
+def test_every_numeric_flag_has_a_range_or_a_reason():
+    ranged = {*validation._AT_LEAST_1, *validation._AT_LEAST_0, *validation._ABOVE_0,
+              *validation._INTERVALS}
+    numeric = {a.dest for a in build_parser()._actions if a.type in (int, float)}
+    assert numeric - ranged - set(_UNRANGED) == set()
+    assert ranged <= numeric and not ranged & set(_UNRANGED)

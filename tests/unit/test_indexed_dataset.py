@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from moecore.data import GPTDataset, build_per_split_datasets, build_train_valid_test_datasets
 from moecore.data.indexed_dataset import (
     DTYPE_CODES,
+    DataFileError,
     IndexedDataset,
     IndexedDatasetBuilder,
     code_from_dtype,
@@ -137,3 +139,105 @@ def test_empty_dataset(tmp_path):
     ds = IndexedDataset(prefix)
     assert len(ds) == 0
     np.testing.assert_array_equal(ds.document_indices, [0])
+
+
+def _rewrite(path, edit):
+    raw = bytearray(open(path, "rb").read())
+    open(path, "wb").write(bytes(edit(raw)))
+
+
+def test_reader_checks_bin_against_idx(tmp_path):
+    """A truncated .bin, an .idx of another corpus, a truncated/corrupt .idx: refused at open
+    with the files and the mismatch named (before: a crash many samples in, or silently
+    misaligned documents)."""
+    docs = [[[1, 2, 3], [4]], [[5, 6]], [[7, 8, 9, 10]]]
+    prefix = _build(tmp_path, docs, np.uint16)
+    other = _build(tmp_path, [[[1, 2]], [[3, 4, 5, 6, 7]]], np.uint16, name="other")
+    good_bin, good_idx = open(prefix + ".bin", "rb").read(), open(prefix + ".idx", "rb").read()
+
+    def restore():
+        open(prefix + ".bin", "wb").write(good_bin)
+        open(prefix + ".idx", "wb").write(good_idx)
+
+    _rewrite(prefix + ".bin", lambda raw: raw[:-2])
+    with pytest.raises(ValueError, match=r"ds\.bin and .*ds\.idx do not match: the \.idx counts "
+                                         r"10 tokens x 2 bytes \(uint16\) = 20 bytes but the "
+                                         r"\.bin has 18"):
+        IndexedDataset(prefix)
+    restore()
+    open(prefix + ".idx", "wb").write(open(other + ".idx", "rb").read())
+    with pytest.raises(ValueError, match="counts 7 tokens .* the .bin has 20"):
+        IndexedDataset(prefix)
+    restore()
+    _rewrite(prefix + ".idx", lambda raw: raw[:-8])
+    with pytest.raises(ValueError, match=r"ds\.idx has 106 bytes but its header .* needs 114"):
+        IndexedDataset(prefix)
+    restore()
+    _rewrite(prefix + ".idx", lambda raw: raw[:9] + struct.pack("<Q", 2) + raw[17:])
+    with pytest.raises(ValueError, match="index version 2"):
+        IndexedDataset(prefix)
+    restore()
+    _rewrite(prefix + ".idx", lambda raw: raw[:17] + b"\x09" + raw[18:])
+    with pytest.raises(ValueError, match="ds.idx: unknown .idx dtype code 9"):
+        IndexedDataset(prefix)
+    restore()
+    _rewrite(prefix + ".idx", lambda raw: raw[:17] + b"\x04" + raw[18:])  # int32: half the tokens
+    with pytest.raises(ValueError, match=r"x 4 bytes \(int32\) = 40 bytes but the .bin has 20"):
+        IndexedDataset(prefix)
+    restore()
+    # Lengths that still sum right but do not tile the .bin: [3, 1, 2, 4] -> [4, 0, 2, 4].
+    _rewrite(prefix + ".idx", lambda raw: raw[:34] + struct.pack("<4i", 4, 0, 2, 4) + raw[50:])
+    with pytest.raises(ValueError, match="pointers/lengths do not tile the .bin"):
+        IndexedDataset(prefix)
+    restore()
+    _rewrite(prefix + ".idx", lambda raw: raw[:-8] + struct.pack("<q", 5))  # a 5th sequence
+    with pytest.raises(ValueError, match="document indices must rise from 0 to at most .* 4"):
+        IndexedDataset(prefix)
+    restore()
+    ds = IndexedDataset(prefix)
+    assert ds[3].tolist() == [7, 8, 9, 10]
+    assert [ds.document_of(i) for i in range(4)] == [0, 0, 1, 2]
+
+
+def _gpt_prefix(tmp_path, bad_doc, bad_id):
+    """40 documents of ids < 100; document ``bad_doc``'s third token is ``bad_id``."""
+    rng = np.random.default_rng(1)
+    docs = [[list(rng.integers(0, 100, size=int(rng.integers(3, 9))))] for _ in range(40)]
+    docs[bad_doc][0][2] = bad_id
+    return _build(tmp_path, docs, np.int32, name="gpt")
+
+
+@pytest.mark.parametrize("bad_id", [256, -1])
+def test_out_of_vocab_ids_refused_at_load(tmp_path, bad_id):
+    """An id outside [0, vocab) is refused in the sample that reads it, naming the .bin and the
+    document; every other sample still loads (before: a bare IndexError in the embedding)."""
+    prefix = _gpt_prefix(tmp_path, 17, bad_id)
+    train, _, _ = build_train_valid_test_datasets([prefix], "1", 8, [30, 0, 0], 0, False, 256, 0)
+    per_split = build_per_split_datasets([[prefix], None, None], 8, [30, 0, 0], 0, 0,
+                                         vocab_size=256)[0]
+    # The same samples without a vocabulary (library use): nothing is checked, as before.
+    plain = GPTDataset(IndexedDataset(prefix), np.arange(40), 30, 8, seed=0, eod_token=0)
+    holding = {i for i in range(len(plain)) if bad_id in plain.get_text(i)}
+    assert holding
+    for ds in (train, per_split):
+        failed = {}
+        for i in range(len(ds)):
+            try:
+                assert int(ds[i]["tokens"].max()) < 256 and int(ds[i]["labels"].min()) >= 0
+            except DataFileError as err:
+                failed[i] = str(err)
+        assert set(failed) == holding  # exactly the samples whose text covers that token
+        for i, msg in failed.items():
+            assert msg.startswith(f"{prefix}.bin: document 17 (sequence 17, read for sample {i})")
+            assert f"holds token id {bad_id}, outside the tokenizer's vocabulary [0, 256)" in msg
+
+
+def test_builder_refuses_out_of_vocab_ids(tmp_path):
+    builder = IndexedDatasetBuilder(str(tmp_path / "v.bin"), dtype=np.uint16, vocab_size=50)
+    builder.add_item(np.array([0, 49]))
+    with pytest.raises(DataFileError, match=r"token id 50 is outside the vocabulary \[0, 50\)"):
+        builder.add_document([1, 50, 2], [3])
+    with pytest.raises(DataFileError, match="token id -3 is outside"):
+        builder.add_item(np.array([1, -3]))
+    builder.finalize(str(tmp_path / "v.idx"))
+    assert IndexedDataset(str(tmp_path / "v"))[0].tolist() == [0, 49]

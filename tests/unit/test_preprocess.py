@@ -164,3 +164,31 @@ def test_cli_rejects_bad_arguments(tmp_path, preprocess, capsys):
     with pytest.raises(SystemExit):
         preprocess.main(base + ["--tokenizer-type", "NullTokenizer", "--workers", "0"])
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split_blank", [False, True])
+def test_out_of_vocab_ids_refused(tmp_path, preprocess, split_blank):
+    """An id >= the tokenizer's vocabulary is refused, naming the document and its input line
+    (before: written to the .bin, to crash training with a bare IndexError)."""
+    texts = ["1 2 3", "4 5", "6 300 7", "8"]
+    if split_blank:
+        src = tmp_path / "ids.txt"
+        src.write_text("1 2\n3\n\n4 5\n\n\n6\n300 7\n\n8\n", encoding="utf-8")
+        fmt, line = ["--input-format", "text", "--split-docs-on-blank-line"], 7
+    else:
+        src = tmp_path / "ids.jsonl"
+        src.write_text("\n".join(json.dumps({"text": t}) for t in texts[:2]) + "\n\n"
+                       + "\n".join(json.dumps({"text": t}) for t in texts[2:]) + "\n")
+        fmt, line = [], 4
+    argv = ["--input", str(src), "--output-prefix", str(tmp_path / "ids"), "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "256", "--append-eod", "--quiet"] + fmt
+    for workers in ("1", "2"):
+        with pytest.raises(ValueError) as info:
+            preprocess.main(argv + ["--workers", workers, "--chunk-size", "1"])
+        assert str(info.value) == (
+            f"{src}: document 2 (line {line}, key 'text'): token id 300 is outside the "
+            "vocabulary [0, 257); the tokenizer produced an id the model cannot embed; check "
+            "--tokenizer-type/--tokenizer-model/--vocab-size")
+    src.write_text(src.read_text().replace("300", "255"))
+    prefix = preprocess.main(argv)["text"]
+    assert IndexedDataset(prefix)[2].tolist() == [6, 255, 7, 256]

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None, metavar="N",
                    help="Vocabulary padding of the moecore checkpoint (default: the largest "
                    "power of two <= 128 that pads no more than the TP size requires).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="moecore saver: write into a --save-dir that already holds moecore "
+                   "checkpoints (replacing the converted iteration and moving the tracker to "
+                   "it); refused otherwise.")
     p.add_argument("--true-vocab-size", type=int, default=None, metavar="N",
                    help="moecore loader: the tokenizer's vocabulary when the checkpoint's args "
                    "do not record it (padding rows beyond it are dropped).")
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                          dtype=a.dtype, max_shard_size=a.max_shard_size,
                          grouped_gemm=a.grouped_gemm,
                          make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
-                         true_vocab_size=a.true_vocab_size)
+                         true_vocab_size=a.true_vocab_size, overwrite=a.overwrite)
     except ValueError as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,155 @@
+"""Context parallelism's ring attention (``--cp-comm-type p2p``) at CP=4's block shapes against
+one full-sequence fused attention call of the same total work, forward + backward, one GPU.
+
+    python benchmarks/cp_attention.py                 # seq 32768 at CP=4, 16 heads, d 128, bf16
+    python benchmarks/cp_attention.py --json cp_attention.json
+    python benchmarks/cp_attention.py --smoke         # tiny, on CPU (the torch reference)
+
+The ring's compute of all ``CP`` ranks runs on one GPU, one rank after the other, with the very
+functions the ring runs (:func:`~moecore.transformer.context_parallel.ring_step_forward` /
+``ring_step_backward``: the block kernels of the ``block_attention`` registry and the
+log-sum-exp merges); only the K/V exchanges are left out (they overlap the compute on real
+ranks and belong to the multi-GPU runs). Its total is compared with ``F.scaled_dot_product_attention
+(is_causal=True)`` over the whole sequence, forward + backward. Causal work: the full call
+computes ``S^2 / 2`` query-key pairs, the ranks together the same. TFLOP/s counts
+``4 * B * h * d * S^2 / 2`` for the forward and 2.5x that for the backward (FlashAttention's
+convention). Acceptance: ring / full >= 0.9. Outputs are checked against the full call first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import median_ms  # noqa: E402
+
+from moecore.kernels.block_attention import BLOCK_ATTENTION  # noqa: E402
+from moecore.transformer.context_parallel import (  # noqa: E402
+    ring_step_backward,
+    ring_step_forward,
+    zigzag_index,
+)
+
+
+def _full(q, k, v, dout):
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def _ring(q_full, k_full, v_full, dout_full, cp: int, fns, scale: float):
+    """Every rank's ring forward + backward on its zig-zag slices; returns the zig-zag indices,
+    each rank's ``(out, dq)`` and each rank's block gradients ``{rank: (dk, dv)}``."""
+    fwd, bwd = fns
+    seq = q_full.shape[2]
+    idx = [zigzag_index(seq, cp, r, q_full.device) for r in range(cp)]
+    local = [[t.index_select(2, i) for t in (q_full, k_full, v_full, dout_full)] for i in idx]
+    acc = {r: [torch.zeros_like(local[r][1], dtype=torch.float32),
+               torch.zeros_like(local[r][2], dtype=torch.float32)] for r in range(cp)}
+    results = []
+    for r in range(cp):
+        q, _, _, dout = local[r]
+        out = lse = None
+        for step in range(cp):
+            src = (r - step) % cp
+            out, lse = ring_step_forward(fwd, q, local[src][1:3], src, r, out, lse, scale)
+        out = out.to(q.dtype)
+        grads = None
+        for step in range(cp):
+            src = (r - step) % cp
+            if step == 0:
+                grads = ring_step_backward(bwd, dout, q, local[src][1:3], out, lse, src, r,
+                                           None, scale)
+                acc[r][0] += grads[1]
+                acc[r][1] += grads[2]
+            else:
+                grads = ring_step_backward(bwd, dout, q, local[src][1:3], out, lse, src, r,
+                                           [grads[0], *acc[src]], scale)
+        results.append((out, grads[0]))
+    return idx, results, acc
+
+
+def _check(args, device, dtype, fns, scale) -> float:
+    """max |ring - full| over outputs and gradients at a short sequence (fp32 compare)."""
+    s = 2 * args.cp * 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(1, args.heads, s, args.head_dim, generator=g).to(device, dtype)
+                     for _ in range(4))
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    ref = [ref_out, *torch.autograd.grad(ref_out, (qs, ks, vs), dout)]
+    idx, results, acc = _ring(q, k, v, dout, args.cp, fns, scale)
+    got = [torch.zeros_like(t, dtype=torch.float32) for t in ref]
+    for r, (out, dq) in enumerate(results):
+        got[0][:, :, idx[r]] = out.float()
+        got[1][:, :, idx[r]] = dq.float()
+        got[2][:, :, idx[r]] = acc[r][0]
+        got[3][:, :, idx[r]] = acc[r][1]
+    return max((a - b.float()).abs().max().item() for a, b in zip(got, ref))
+
+
+def run(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    fns = BLOCK_ATTENTION.select("auto", device=device, dtype=dtype,
+                                 head_dims=(args.head_dim, args.head_dim)).fn
+    backend = BLOCK_ATTENTION.select("auto", device=device, dtype=dtype,
+                                     head_dims=(args.head_dim, args.head_dim), log=False).name
+    scale = 1.0 / math.sqrt(args.head_dim)
+    max_diff = _check(args, device, dtype, fns, scale)
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, args.seq, args.head_dim)
+    q, k, v, dout = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    full_ms = median_ms(lambda: _full(*leaves, dout), device, args.warmup, args.repeats)
+    ring_ms = median_ms(lambda: _ring(q, k, v, dout, args.cp, fns, scale), device,
+                        args.warmup, args.repeats)
+    flops = 4 * args.batch * args.heads * args.head_dim * args.seq ** 2 / 2 * 3.5
+    rows = {"full sequence SDPA (causal)": full_ms, f"ring, {args.cp} ranks' blocks": ring_ms}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    print(f"device: {name or 'cpu'}, block backend: {backend}, seq {args.seq}, CP {args.cp}, "
+          f"heads {args.heads}, d {args.head_dim}, {args.dtype}; max |ring - full| at seq "
+          f"{2 * args.cp * 64}: {max_diff:.3g}")
+    print(f"{'':34s} {'ms':>9s} {'TFLOP/s':>9s}")
+    for name, ms in rows.items():
+        print(f"{name:34s} {ms:9.2f} {flops / ms / 1e9:9.1f}")
+    ratio = full_ms / ring_ms
+    print(f"ring / full TFLOP/s: {ratio:.3f} (target >= 0.9)")
+    return {"device": str(device), "backend": backend, "seq": args.seq, "cp": args.cp,
+            "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
+            "full_ms": full_ms, "ring_ms": ring_ms, "ratio": ratio, "max_diff": max_diff}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--cp", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seq, args.heads, args.head_dim, args.device, args.dtype = 256, 2, 16, "cpu", "float32"
+        args.warmup, args.repeats = 0, 1
+    result = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
