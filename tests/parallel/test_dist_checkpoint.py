@@ -1,11 +1,13 @@
-"""``--ckpt-format torch_dist``: one checkpoint, any layout on load (gloo, spawned ranks).
+"""``--ckpt-format torch_dist``: one checkpoint, any layout on load (gloo, spawned ranks), and
+``--auto-detect-ckpt-format``.
 
-A tiny MoE GPT trains 3 iterations and saves under TP=2 x EP=2 (plain optimizer) and under
-PP=2 x EP=2 x DP=2 (distributed optimizer), then resumes for 3 more under other layouts:
-TP=1/EP=1/PP=1 in one process, and PP=2 x TP=2 on 4 ranks. The resumed losses equal the
-uninterrupted single-process run's (fp32; only float summation order differs between layouts),
-and a model loaded in one process holds bitwise the tensors in the checkpoint. A torch-format
-checkpoint loads with --auto-detect-ckpt-format and is refused without it.
+A tiny MoE GPT trains 3 iterations and saves under TP=2 x EP=2 with the distributed optimizer
+(4 ranks, DP=2), then resumes for 3 more under PP=2 x EP=2 (plain optimizer, 4 ranks) and under
+TP=1/EP=1/PP=1 in one process. The resumed losses equal the uninterrupted single-process run's
+(fp32; only float summation order differs between layouts), and a model loaded in one process
+holds bitwise the tensors in the checkpoint. The single-process run saves in the ``torch``
+format: each format loads under the other's --ckpt-format with --auto-detect-ckpt-format and
+is refused in one line without it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from moecore.checkpointing import CheckpointError
 from moecore.checkpointing.dist_slices import model_slices
 from moecore.training import builders, pretrain
 from tests.dist_harness import run_distributed
@@ -33,10 +36,10 @@ TINY = (
     "--attention-dropout 0 --moe-token-dispatcher-type alltoall --ckpt-format torch_dist"
 ).split()
 # vocab 100 pads to 128 rows at TP=1 and TP=2 alike (the padded vocabulary must not change).
-TP2_EP2 = "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel"
-PP2_EP2 = ("--pipeline-model-parallel-size 2 --expert-model-parallel-size 2 "
-           "--use-distributed-optimizer")
-PP2_TP2 = "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel"
+TP2_EP2_DISTOPT = ("--tensor-model-parallel-size 2 --expert-model-parallel-size 2 "
+                   "--sequence-parallel --use-distributed-optimizer")
+PP2_EP2 = "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2"
+MODEL_ONLY = ["--finetune", "--skip-train"]  # load the model, train nothing
 
 _MODELS: list = []
 
@@ -47,60 +50,69 @@ def _recording_provider(config, args, ps, **stage):
     return model
 
 
-def _run(argv: list[str], record: bool = False) -> list[float]:
+def _run(argv: list[str]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The run's losses and its model's tensors at the end, by global key (one process: each
+    slice is its whole global tensor)."""
     _MODELS.clear()
-    s = pretrain(TINY + argv, model_provider=_recording_provider if record else None,
-                 log=lambda _: None)
-    return s["lm_loss"]
+    s = pretrain(TINY + argv, model_provider=_recording_provider, log=lambda _: None)
+    chunks, ps = [m for m, _ in _MODELS], _MODELS[0][1]
+    return s["lm_loss"], {k: v.local.clone() for k, v in model_slices(chunks, ps).items()}
 
 
-def _four_rank_runs(rank, world_size, ckpt_a, ckpt_b):
+def _four_rank_runs(rank, world_size, ckpt):
     first = "--exit-interval 3 --save-interval 3".split()
-    return {"saved_a": _run(TP2_EP2.split() + first + ["--save", ckpt_a]),
-            "saved_b": _run(PP2_EP2.split() + first + ["--save", ckpt_b]),
-            "resumed_a": _run(PP2_TP2.split() + ["--load", ckpt_a]),
-            "resumed_b": _run(TP2_EP2.split() + ["--load", ckpt_b])}
-
-
-def _global_tensors(ckpt: str, tmp: str) -> dict[str, torch.Tensor]:
-    out = os.path.join(tmp, "global.pt")
-    dcp_to_torch_save(os.path.join(ckpt, "iter_0000003"), out)
-    return torch.load(out, weights_only=True)
+    saved = pretrain(TINY + TP2_EP2_DISTOPT.split() + first + ["--save", ckpt], log=lambda _: None)
+    resumed = pretrain(TINY + PP2_EP2.split() + ["--load", ckpt], log=lambda _: None)
+    return {"saved": saved["lm_loss"], "resumed": resumed["lm_loss"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_ckpt")
-    ckpt_a, ckpt_b = str(tmp / "a"), str(tmp / "b")
-    straight = _run([])
-    four = run_distributed(_four_rank_runs, 4, ckpt_a, ckpt_b, timeout=240)[0]
-    # One process, TP=1/EP=1/PP=1, model only and no training: the loaded model itself.
-    _run(["--load", ckpt_a, "--finetune", "--skip-train"], record=True)
-    chunks, ps = [m for m, _ in _MODELS], _MODELS[0][1]
-    loaded = {k: s.local.clone() for k, s in model_slices(chunks, ps).items()}
-    return {"straight": straight, "four": four, "tmp": str(tmp),
-            "a": ckpt_a, "b": ckpt_b, "loaded": loaded}
-
-
-def test_one_process_load_holds_the_saved_tensors_bitwise(runs):
-    saved = _global_tensors(runs["a"], runs["tmp"])
-    loaded = runs["loaded"]
-    assert loaded and set(loaded) <= set(saved)
-    for key, t in loaded.items():  # at TP=EP=PP=1 every slice is its whole global tensor
-        assert torch.equal(t, saved[key]), key
-    # every saved model tensor was loaded ([gate; up] halves and all)
-    assert {k for k in saved if k.startswith("model.")} == set(loaded)
+    dist_ckpt, torch_ckpt = str(tmp / "dist"), str(tmp / "torch")
+    straight, final = _run(["--ckpt-format", "torch", "--save", torch_ckpt,
+                            "--save-interval", "6"])
+    four = run_distributed(_four_rank_runs, 4, dist_ckpt, timeout=240)[0]
+    dcp_to_torch_save(os.path.join(dist_ckpt, "iter_0000003"), str(tmp / "global.pt"))
+    saved = torch.load(str(tmp / "global.pt"), weights_only=True)
+    return {"straight": straight, "final": final, "four": four, "dist": dist_ckpt,
+            "torch": torch_ckpt, "saved": {k: v for k, v in saved.items()
+                                           if k.startswith("model.")}}
 
 
 def test_resumes_under_other_layouts_continue_the_single_process_curve(runs):
     ref = runs["straight"]
-    four = runs["four"]
-    assert four["saved_a"] == pytest.approx(ref[:3], rel=1e-5)
-    assert four["saved_b"] == pytest.approx(ref[:3], rel=1e-5)
-    assert four["resumed_a"] == pytest.approx(ref[3:], rel=1e-5)  # TP2xEP2 -> PP2xTP2
-    assert four["resumed_b"] == pytest.approx(ref[3:], rel=1e-5)  # PP2xEP2 -> TP2xEP2
-    one_a = _run(["--load", runs["a"]])  # TP2xEP2 -> one process
-    one_b = _run(["--load", runs["b"]])  # PP2xEP2 (distributed optimizer) -> one process
-    assert one_a == pytest.approx(ref[3:], rel=1e-5)
-    assert one_b == pytest.approx(ref[3:], rel=1e-5)
     assert ref[-1] < ref[0]
+    four = runs["four"]
+    assert four["saved"] == pytest.approx(ref[:3], rel=1e-5)
+    assert four["resumed"] == pytest.approx(ref[3:], rel=1e-5)  # TP2xEP2+dist-opt -> PP2xEP2
+    one, _ = _run(["--load", runs["dist"]])  # -> TP=1/EP=1/PP=1, plain optimizer
+    assert one == pytest.approx(ref[3:], rel=1e-5)
+
+
+def test_one_process_load_holds_the_saved_tensors_bitwise(runs):
+    _, loaded = _run(["--load", runs["dist"], *MODEL_ONLY])
+    assert runs["saved"] and set(loaded) == set(runs["saved"])  # every tensor, [gate; up] too
+    for key, t in loaded.items():
+        assert torch.equal(t, runs["saved"][key]), key
+
+
+def test_auto_detect_loads_either_format(runs):
+    _, from_torch = _run(["--load", runs["torch"], "--auto-detect-ckpt-format", *MODEL_ONLY])
+    assert from_torch.keys() == runs["final"].keys()
+    for key, t in from_torch.items():
+        assert torch.equal(t, runs["final"][key]), key
+    _, from_dist = _run(["--ckpt-format", "torch", "--load", runs["dist"],
+                         "--auto-detect-ckpt-format", *MODEL_ONLY])
+    for key, t in from_dist.items():
+        assert torch.equal(t, runs["saved"][key]), key
+
+
+@pytest.mark.parametrize("fmt, found, ckpt", [("torch_dist", "torch", "torch"),
+                                              ("torch", "torch_dist", "dist")])
+def test_other_format_without_auto_detect_is_refused_in_one_line(runs, fmt, found, ckpt):
+    with pytest.raises(CheckpointError) as e:
+        _run(["--ckpt-format", fmt, "--load", runs[ckpt], *MODEL_ONLY])
+    msg = str(e.value)
+    assert "\n" not in msg and f"holds a '{found}' checkpoint" in msg
+    assert f"--ckpt-format {found}" in msg and "--auto-detect-ckpt-format" in msg
