@@ -116,3 +116,9 @@ def test_other_format_without_auto_detect_is_refused_in_one_line(runs, fmt, foun
     msg = str(e.value)
     assert "\n" not in msg and f"holds a '{found}' checkpoint" in msg
     assert f"--ckpt-format {found}" in msg and "--auto-detect-ckpt-format" in msg
+
+
+def test_resume_with_another_model_flag_is_refused(runs):
+    # top-k keeps every parameter's shape: only the saved args can tell
+    with pytest.raises(CheckpointError, match=r"--moe-router-topk 1 \(checkpoint: 2\)"):
+        _run(["--load", runs["dist"], "--moe-router-topk", "1", *MODEL_ONLY])
