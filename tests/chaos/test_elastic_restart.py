@@ -4,6 +4,9 @@ restarts by itself, resumes from the newest published ``torch_dist`` checkpoint 
 
 Rank 1 kills itself (SIGKILL) at the first micro-batch of iteration 4 of the first attempt
 (tests/chaos/elastic_worker.py); the last checkpoint is iteration 2 (``--save-interval 2``).
+The restarted workers rendezvous through torchrun's store, which still holds the dead
+attempt's keys (:func:`moecore.training.initialize.torchelastic_attempt_store`), and rank 0
+takes the ``--save`` run lock its killed predecessor held.
 """
 
 from __future__ import annotations
