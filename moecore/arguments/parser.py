@@ -380,11 +380,15 @@ def _add_checkpointing_args(p):
                    help="When --load's newest checkpoint is corrupt on any rank (fails its "
                         "checksum or does not unpickle), load the newest earlier intact one "
                         "instead of stopping with an error naming the file.")
-    g.add_argument("--ckpt-format", default="torch", choices=["torch"],
-                   help="Per-rank torch files (Megatron's 'torch' layout).")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                   help="torch: per-rank files (Megatron's 'torch' layout), resumable at the "
+                        "same TP/PP/EP (any DP). torch_dist: torch.distributed.checkpoint, one "
+                        "checkpoint that loads under any TP/PP/EP/DP layout (see "
+                        "docs/checkpoints.md).")
+    g.add_argument("--auto-detect-ckpt-format", action="store_true",
+                   help="Load whichever format --load holds (saves still use --ckpt-format).")
     _noop(g, "--no-initialization", "initialisation is cheap at the sizes run here",
           dest="perform_initialization", action="store_false")
-    _noop(g, "--auto-detect-ckpt-format", "there is one checkpoint format")
 
 
 def _add_mixed_precision_args(p):

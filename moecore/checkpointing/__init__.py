@@ -37,30 +37,36 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moecore import backends
-from moecore.checkpointing import checksum
+from moecore.checkpointing import async_save as async_saves
+from moecore.checkpointing import checksum, dist_format
 from moecore.checkpointing.async_save import (
     AsyncSave,
-    finalize_async_save,
     maybe_finalize_async_save,
     publish_completed_async_save,
     submit,
 )
+from moecore.checkpointing.common import (  # noqa: F401 - re-exported
+    TRACKER_FILENAME,
+    _fsync_dir,
+    _replace_tracker,
+    get_rng_state,
+    iteration_dir,
+    published_iteration_dir,
+    read_tracker,
+    set_rng_state,
+)
 from moecore.checkpointing.errors import CheckpointError, CorruptCheckpointError
 from moecore.parallel_state import ParallelState, get_parallel_state
-from moecore.tensor_parallel.random import get_rng_tracker
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 1
 __all__ = ["CheckpointConfig", "CheckpointError", "CorruptCheckpointError", "finalize_async_save",
@@ -111,6 +117,11 @@ class CheckpointConfig:
     ckpt_fallback_to_previous: bool = False
     """When the newest checkpoint is corrupt (checksum or unpickling fails on some rank), load
     the newest earlier intact one instead of raising."""
+    ckpt_format: str = "torch"
+    """Format saves are written in: ``torch`` (per-rank files, this module) or ``torch_dist``
+    (DCP, any layout on load: :mod:`moecore.checkpointing.dist_format`)."""
+    auto_detect_ckpt_format: bool = False
+    """Load whichever format ``load`` holds instead of requiring ``ckpt_format``."""
     run_args: dict = field(default_factory=dict)
     """The run's args (:func:`args_to_dict`), saved with every checkpoint as ``args``."""
 
@@ -141,60 +152,10 @@ def shard_dirname(ps: ParallelState) -> str:
     return name
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def published_iteration_dir(root: str, iteration: int) -> str:
-    """The directory to read iteration ``iteration`` from: ``iter_N``, or ``iter_N.old`` when a
-    crash fell between the two renames that replace an iteration saved again (see
-    :func:`_publish`): the tracker then names N, and the earlier save of N is complete there."""
-    final = iteration_dir(root, iteration)
-    old = final + ".old"
-    return old if not os.path.isdir(final) and os.path.isdir(old) else final
-
-
 def checkpoint_file(root: str, iteration: int, ps: ParallelState | None = None) -> str:
     ps = ps or get_parallel_state()
     return os.path.join(published_iteration_dir(root, iteration), shard_dirname(ps),
                         CHECKPOINT_FILENAME)
-
-
-def read_tracker(root: str) -> int | None:
-    """The iteration in ``root``'s tracker file; None when there is none."""
-    path = os.path.join(root, TRACKER_FILENAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path} should hold an iteration number but contains "
-                              f"{text[:40]!r}; fix or delete it") from None
-
-
-# ---- RNG -------------------------------------------------------------------------------------
-def get_rng_state() -> dict:
-    """This process's RNG states (plain Python types and tensors, loadable weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"random_rng_state": random.getstate(),
-            "np_rng_state": (kind, [int(k) for k in keys], int(pos), int(has_gauss),
-                             float(cached)),
-            "torch_rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "rng_tracker_states": get_rng_tracker().get_states()}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["random_rng_state"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["np_rng_state"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch_rng_state"])
-    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    get_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 # ---- collectives -----------------------------------------------------------------------------
@@ -213,19 +174,6 @@ def _all_gather(obj) -> list:
     out = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(obj: dict, path: str) -> None:
@@ -263,16 +211,6 @@ def _write_error(path: str, e: BaseException) -> BaseException:
                            f"{os.path.dirname(os.path.dirname(path))} may be deleted)")
 
 
-def _replace_tracker(root: str, iteration: int) -> None:
-    tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER_FILENAME))
-    _fsync_dir(root)
-
-
 # ---- save ------------------------------------------------------------------------------------
 def _to_host(obj):
     """A copy of ``obj`` with every tensor in host memory (device tensors copied, host tensors
@@ -284,6 +222,14 @@ def _to_host(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_host(v) for v in obj)
     return obj
+
+
+def finalize_async_save() -> None:
+    """Complete a pending ``--async-save`` of either format (collective: every rank calls it at
+    the same point): wait for the writes, then publish; a failed write raises here and the
+    previous checkpoint stays the latest."""
+    dist_format.finalize_async_save()
+    async_saves.finalize_async_save()
 
 
 def _publish(root: str, iteration: int, tmp_dir: str, final_dir: str, is_root: bool) -> None:
@@ -319,8 +265,11 @@ def save_checkpoint(iteration: int, model: nn.Module | list[nn.Module], optimize
     next save finalizes it first). Returns the iteration directory.
     """
     finalize_async_save()
-    async_save = config.async_save
     ps = parallel_state or get_parallel_state()
+    if config.ckpt_format == dist_format.FORMAT:
+        return dist_format.save(iteration, _chunks(model), optimizer, scheduler, config,
+                                data_state, ps)
+    async_save = config.async_save
     chunks = _chunks(model)
     root = config.save
     final_dir = iteration_dir(root, iteration)
@@ -450,6 +399,8 @@ def read_checkpoint_args(root: str) -> dict:
         raise CheckpointError(f"--use-checkpoint-args: no checkpoint in --load {root} (no "
                               f"{TRACKER_FILENAME}); drop the flag or point --load at a save")
     directory = published_iteration_dir(root, iteration)
+    if dist_format.checkpoint_format(directory) == dist_format.FORMAT:
+        return dist_format.read_common(directory).get("args") or {}
     shards = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     if not shards:
         raise CheckpointError(f"--use-checkpoint-args: {directory} holds no shard")
@@ -553,6 +504,20 @@ def _read_agreed(root: str, iteration: int, ps: ParallelState,
                                  f"{root} (iterations {candidates}) is corrupt")
 
 
+def _load_format(config: CheckpointConfig, root: str, iteration: int) -> str:
+    """The format to read ``root``'s iteration in: ``config.ckpt_format``, or with
+    ``auto_detect_ckpt_format`` the one on disk; a mismatch is a one-line error."""
+    directory = published_iteration_dir(root, iteration)
+    found = dist_format.checkpoint_format(directory)
+    if found is None:  # the configured format's reader says what is missing
+        return config.ckpt_format
+    if found != config.ckpt_format and not config.auto_detect_ckpt_format:
+        raise CheckpointError(f"--load {root} holds a '{found}' checkpoint but --ckpt-format is "
+                              f"'{config.ckpt_format}'; pass --ckpt-format {found} or "
+                              "--auto-detect-ckpt-format")
+    return found
+
+
 def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
                     config: CheckpointConfig,
                     parallel_state: ParallelState | None = None) -> dict | None:
@@ -574,6 +539,8 @@ def load_checkpoint(model: nn.Module | list[nn.Module], optimizer, scheduler,
         if ps.rank == 0:
             print(f"WARNING: {msg}; training from scratch", flush=True)
         return None
+    if _load_format(config, root, iteration) == dist_format.FORMAT:
+        return dist_format.load(chunks, optimizer, scheduler, config, ps, root, iteration)
     iteration, path, state = _read_agreed(root, iteration, ps, config.ckpt_fallback_to_previous)
     _check_layout(state, ps, path, len(chunks))
     keys = _model_keys(len(chunks))

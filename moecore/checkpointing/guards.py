@@ -25,6 +25,7 @@ from moecore.checkpointing import (
     TRACKER_FILENAME,
     CheckpointConfig,
     CheckpointError,
+    dist_format,
     published_iteration_dir,
     read_tracker,
 )
@@ -116,6 +117,12 @@ def saved_run_args(root: str) -> dict | None:
     if iteration is None:
         return None
     directory = published_iteration_dir(root, iteration)
+    if dist_format.checkpoint_format(directory) == dist_format.FORMAT:
+        try:
+            args = dist_format.read_common(directory).get("args")
+        except CheckpointError:  # load_checkpoint names the damaged file
+            return None
+        return args if isinstance(args, dict) else None
     shards = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     for shard in shards:
         path = os.path.join(directory, shard, CHECKPOINT_FILENAME)

@@ -2,16 +2,9 @@
 
 *Global* tensors are those of the single-rank model (TP = PP = EP = 1): the names of
 ``GPTModel(...).state_dict()`` with global layer numbers ``decoder.layers.{i}``. One table,
-:data:`SHARDING_RULES`, says for every parameter name how it is split; :func:`shard_tensor` and
+:data:`~moecore.checkpointing.sharding.SHARDING_RULES` (shared with the ``torch_dist``
+checkpoint format), says for every parameter name how it is split; :func:`shard_tensor` and
 :func:`merge_tensors` are its two directions, so sharding and merging cannot disagree.
-
-* ``tp_dim``: split over tensor parallelism along that dim (dense weights, vocab rows).
-* ``etp_dim``: split over *expert* tensor parallelism (expert FFN dimension).
-* ``ep``: ``"dim0"`` = grouped experts ``[E, ...]`` split by expert over EP; ``"index"`` = one
-  parameter per expert (``local_experts.{e}``), renamed to the owning rank's local index.
-* ``glu``: the ``[gate; up]`` halves of a SwiGLU projection are split separately, so rank ``r``
-  holds ``[gate_r; up_r]`` (Megatron's ``partition_stride=2``); only when the model is gated.
-* ``vocab``: rows are the (padded) vocabulary.
 
 Pipeline stages hold whole layers, renumbered from 0 in each model chunk (``layer_offset``); a
 pipeline rank holds one chunk, or ``vp`` chunks (``model0``, ``model1``, ...) with the
@@ -28,83 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from moecore.checkpointing import _model_keys, shard_dirname, shard_key
+from moecore.checkpointing.sharding import (  # noqa: F401 - SHARDING_RULES re-exported
+    _E,
+    _L,
+    SHARDING_RULES,
+    Rule,
+    layer_of,
+    rename_numbers,
+    rule_for,
+)
 from moecore.parallel_state import DEFAULT_ORDER, ParallelSizes, ParallelState, all_rank_groups
 from moecore.pipeline_parallel.layout import pipeline_layer_layout
-
-
-@dataclass(frozen=True)
-class Rule:
-    tp_dim: int | None = None
-    etp_dim: int | None = None
-    ep: str | None = None
-    glu: bool = False
-    vocab: bool = False
-
-
-# A decoder layer, or the transformer layer of an MTP depth (same parameters; never renumbered:
-# the MTP block lives whole on the last pipeline stage).
-_L = r"(?:decoder\.layers\.(?P<layer>\d+)|mtp\.layers\.\d+\.transformer_layer)\."
-_MTP = r"mtp\.layers\.\d+\."
-_E = r"mlp\.experts\.local_experts\.(?P<expert>\d+)\."
-_SHARED = r"mlp\.(?:shared_experts\.mlp\.)?"
-SHARDING_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple(
-    (re.compile(pattern), rule) for pattern, rule in [
-        (r"embedding\.word_embeddings\.weight", Rule(tp_dim=0, vocab=True)),
-        (r"embedding\.position_embeddings\.weight", Rule()),
-        (r"output_layer\.weight", Rule(tp_dim=0, vocab=True)),
-        (r"decoder\.final_layernorm\.(?:weight|bias)", Rule()),
-        (_L + r"(?:input_layernorm|pre_mlp_layernorm)\.(?:weight|bias)", Rule()),
-        (_L + r"self_attention\.(?:q_layernorm|k_layernorm)\.(?:weight|bias)", Rule()),
-        (_L + r"self_attention\.(?:q_proj_layernorm|k_proj_layernorm)\.weight", Rule(tp_dim=0)),
-        (_L + r"self_attention\.linear_qkv\.(?:weight|bias)", Rule(tp_dim=0)),
-        (_L + r"self_attention\.linear_proj\.weight", Rule(tp_dim=1)),
-        (_L + r"self_attention\.linear_proj\.bias", Rule()),
-        (_L + r"self_attention\.sinks", Rule(tp_dim=0)),
-        # Multi-latent attention: up-projections split by heads, down-projections replicated.
-        (_L + r"self_attention\.(?:linear_q_proj|linear_q_up_proj|linear_kv_up_proj)\.weight",
-         Rule(tp_dim=0)),
-        (_L + r"self_attention\.(?:linear_q_down_proj|linear_kv_down_proj)\.weight", Rule()),
-        (_L + r"self_attention\.kv_layernorm\.(?:weight|bias)", Rule()),
-        (_L + _SHARED + r"linear_fc1\.(?:weight|bias)", Rule(tp_dim=0, glu=True)),
-        (_L + _SHARED + r"linear_fc2\.weight", Rule(tp_dim=1)),
-        (_L + _SHARED + r"linear_fc2\.bias", Rule()),
-        (_L + r"mlp\.shared_experts\.gate_weight", Rule()),
-        (_L + r"mlp\.router\.(?:weight|bias|expert_bias|local_tokens_per_expert)", Rule()),
-        (_MTP + r"(?:enorm|hnorm|final_layernorm)\.weight", Rule()),
-        (_MTP + r"eh_proj\.weight", Rule(tp_dim=0)),
-        (_L + r"mlp\.experts\.weight1", Rule(etp_dim=2, ep="dim0", glu=True)),
-        (_L + r"mlp\.experts\.weight2", Rule(etp_dim=1, ep="dim0")),
-        (_L + r"mlp\.experts\.bias1", Rule(etp_dim=1, ep="dim0", glu=True)),
-        (_L + r"mlp\.experts\.bias2", Rule(ep="dim0")),
-        (_L + _E + r"linear_fc1\.weight", Rule(etp_dim=0, ep="index", glu=True)),
-        (_L + _E + r"linear_fc2\.weight", Rule(etp_dim=1, ep="index")),
-    ])
-
-
-def rule_for(name: str) -> tuple[Rule, re.Match]:
-    """The sharding rule of parameter ``name`` (global or local; both have the same form)."""
-    for pattern, rule in SHARDING_RULES:
-        m = pattern.fullmatch(name)
-        if m:
-            return rule, m
-    raise ValueError(f"parameter {name!r} is not in the converter's sharding table "
-                     "(moecore.convert.reshard.SHARDING_RULES); add a rule for it")
-
-
-def layer_of(name: str) -> int | None:
-    """The decoder layer of ``name``; None outside the decoder layers (MTP included)."""
-    m = re.match(_L, name)
-    return int(m.group("layer")) if m and m.group("layer") is not None else None
-
-
-def _rename(name: str, m: re.Match, layer: int | None, expert: int | None) -> str:
-    """``name`` with its layer (and expert) number replaced."""
-    out, last = [], 0
-    for group, value in (("layer", layer), ("expert", expert)):
-        if group in m.re.groupindex and m.group(group) is not None and value is not None:
-            out += [name[last:m.start(group)], str(value)]
-            last = m.end(group)
-    return "".join(out) + name[last:]
 
 
 # ---- layouts -------------------------------------------------------------------------------------
@@ -238,7 +165,7 @@ def shard_tensor(name: str, tensor: torch.Tensor, ps: ParallelState, *, gated: b
     dim, n, r = _split_axis(rule, ps)
     if dim is not None:
         tensor = _split(tensor, dim, n, r, rule.glu and gated)
-    local = _rename(name, m, None if layer is None else layer - layer_offset, expert)
+    local = rename_numbers(name, m, None if layer is None else layer - layer_offset, expert)
     return local, tensor.clone(memory_format=torch.contiguous_format)
 
 
@@ -257,7 +184,7 @@ def merge_tensors(shards: list[tuple[ParallelState, dict[str, torch.Tensor]]], *
             expert = None
             if rule.ep == "index":
                 expert = ps.ep_rank * (num_experts // ps.ep_size) + int(m.group("expert"))
-            name = _rename(local, m, None if layer is None else layer + layer_offset, expert)
+            name = rename_numbers(local, m, None if layer is None else layer + layer_offset, expert)
             _, _, r = _split_axis(rule, ps)
             coord = (ps.ep_rank if rule.ep == "dim0" else 0, r)
             pieces.setdefault(name, {}).setdefault(coord, t)

@@ -35,9 +35,12 @@ def initialize_distributed(args) -> bool:
         if created:
             nccl = args.distributed_backend == "nccl"
             fail_fast = enable_nccl_async_error_handling() if nccl else True
+            timeout = timedelta(minutes=args.distributed_timeout_minutes)
+            store = torchelastic_attempt_store(world, timeout)
             dist.init_process_group(
-                backend=args.distributed_backend,
-                timeout=timedelta(minutes=args.distributed_timeout_minutes))
+                backend=args.distributed_backend, timeout=timeout, store=store,
+                rank=int(os.environ["RANK"]) if store is not None else -1,
+                world_size=world if store is not None else -1)
             if not fail_fast:
                 print_rank_0("WARNING: TORCH_NCCL_ASYNC_ERROR_HANDLING=0: a stalled or dead "
                              "rank hangs the job past --distributed-timeout-minutes; unset it "
@@ -46,6 +49,20 @@ def initialize_distributed(args) -> bool:
         raise ValueError(f"the arguments were validated for world size {args.world_size} but "
                          f"torch.distributed has {world} ranks; set WORLD_SIZE consistently")
     return created
+
+
+def torchelastic_attempt_store(world: int, timeout: timedelta) -> dist.Store | None:
+    """The world group's store under torchrun: the agent's TCPStore, with this attempt's
+    keys under ``moecore/attempt_<TORCHELASTIC_RESTART_COUNT>``. torchrun (c10d rendezvous,
+    store sharing on, its default) keeps one store for all restarts and torch adds no
+    per-attempt prefix, so a restarted job would read the dead attempt's gloo/NCCL addresses
+    (connection refused, or a hang). None outside torchrun's agent store (env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moecore/attempt_{attempt}", store)
 
 
 def enable_nccl_async_error_handling() -> bool:
