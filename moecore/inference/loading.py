@@ -45,9 +45,13 @@ def parse_generation_args(argv: list[str]) -> argparse.Namespace:
             argv += [flag, value]
     if not any(f in argv for f in _DATA_FLAGS):
         argv += ["--mock-data"]
-    if "--seq-length" not in argv and "--use-checkpoint-args" in argv and "--load" in argv:
-        saved = read_checkpoint_args(argv[argv.index("--load") + 1])
-        length = saved.get("seq_length") or saved.get("max_position_embeddings")
+    if "--seq-length" not in argv:  # generation's length limit is the position table's
+        length = None
+        if "--max-position-embeddings" in argv:
+            length = argv[argv.index("--max-position-embeddings") + 1]
+        elif "--use-checkpoint-args" in argv and "--load" in argv:
+            saved = read_checkpoint_args(argv[argv.index("--load") + 1])
+            length = saved.get("seq_length") or saved.get("max_position_embeddings")
         if length:
             argv += ["--seq-length", str(length)]
     return parse_args(argv)
