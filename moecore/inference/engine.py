@@ -187,17 +187,17 @@ class InferenceEngine:
         generator = torch.Generator(self.device).manual_seed(params.seed)
         stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
         pos = last + 1  # [rows]: the next token's position
-        out_tokens, out_logprobs = [], []
-        for i in range(params.max_new_tokens):
-            if i > 0:
-                logits = step(token[:, None], pos[:, None], longest + i)
-                pos = pos + 1
+        token, logprob = select_tokens(self._full_logits(logits), params, generator)
+        out_tokens, out_logprobs = [token], [logprob]
+        for i in range(1, params.max_new_tokens):
+            if len(stops) and i % STOP_CHECK_INTERVAL == 0 and \
+                    bool(torch.isin(torch.stack(out_tokens, 1)[:B], stops).any(1).all()):
+                break
+            logits = step(token[:, None], pos[:, None], longest + i)
+            pos = pos + 1
             token, logprob = select_tokens(self._full_logits(logits), params, generator)
             out_tokens.append(token)
             out_logprobs.append(logprob)
-            if len(stops) and (i + 1) % STOP_CHECK_INTERVAL == 0 and \
-                    bool(torch.isin(torch.stack(out_tokens, 1)[:B], stops).any(1).all()):
-                break
         return torch.stack(out_tokens, 1)[:B], torch.stack(out_logprobs, 1)[:B]
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,3 +55,17 @@ def test_samples_stay_in_the_nucleus_and_logprobs_are_the_models():
 def test_params_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_generate_benchmark_smoke_runs(tmp_path):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--smoke", "--json", str(tmp_path / "r.json")])
+    assert [r["batch"] for r in rows] == [1, 4]
+    assert all(r["moecore_tok_s"] > 0 and r["transformers_tok_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
