@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moecore.inference import InferenceEngine, SamplingParams
+from moecore.inference.moe import dropless, moe_layers, static_moe_forward
 
 BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "32", "--max-position-embeddings", "32", "--ffn-hidden-size", "64",
@@ -49,5 +50,20 @@ def test_cache_equals_full_recompute(variant):
                     assert int(logp.argmax()) == t
                     assert float(logp[t]) == pytest.approx(lp, abs=1e-4)
                     seq.append(t)
+    finally:
+        engine.close()
+
+
+def test_fixed_shape_moe_equals_the_moe_layer():
+    """The graph-capturable MoE forward (run eagerly here) computes the MoE layer's function,
+    shared experts included."""
+    engine = InferenceEngine.from_args(BASE + ["--moe-shared-expert-intermediate-size", "32"])
+    try:
+        layer = moe_layers(engine.model)[0]
+        hidden = torch.randn(5, 3, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), dropless(layer.config):
+            want, _ = layer(hidden)
+            got, _ = static_moe_forward(layer, hidden)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
         engine.close()
