@@ -96,6 +96,8 @@ class GPTModel(nn.Module):
     given, else logits ``[B, S, V/tp]`` (vocab split over TP). On a stage without
     ``post_process`` it returns the hidden states ``[S(/tp), B, H]`` for the next stage.
     ``attention_mask`` is ``None`` (causal) or a bool mask ``[B, 1, S, S]``, ``True`` = masked.
+    ``inference_context`` (generation, :mod:`moecore.inference`): the KV cache the attention
+    layers read and extend; ``position_ids`` then give each token's position.
 
     ``share_embeddings_and_output_weights`` and ``position_embedding_type`` (``rope``,
     ``learned_absolute`` or ``none``) default to the config's fields of those names.
@@ -228,10 +230,11 @@ class GPTModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+                loss_mask: torch.Tensor | None = None,
+                inference_context=None) -> torch.Tensor:
         hidden = self.embedding(input_ids, position_ids) if self.pre_process else None
         rotary = self._rotary(input_ids, position_ids)
-        hidden = self.decoder(hidden, attention_mask, rotary)
+        hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
         if labels is None:

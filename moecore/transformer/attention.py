@@ -51,6 +51,10 @@ class SelfAttention(nn.Module):
     the sequence over the TP group, ``linear_proj`` reduce-scatters it back); ``bias`` is the
     output projection's bias (``None`` without ``add_bias_linear``), left for the caller to add.
     Heads and query groups are split across the TP group.
+
+    ``inference_context`` (generation, see :mod:`moecore.inference`): an object whose
+    ``attend(layer_number, q, k, v, window=, sinks=, softmax_scale=) -> [S, B, nh_l * d]``
+    stores this step's rotated ``k``/``v`` in its cache and attends over the cached keys.
     """
 
     def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
@@ -127,7 +131,7 @@ class SelfAttention(nn.Module):
         return select_rope(probe, freqs, rope_request(True)).name == "triton"
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: torch.Tensor | None = None):
+                rotary_pos_emb: torch.Tensor | None = None, inference_context=None):
         mixed, _ = self.linear_qkv(hidden)
         if self._fuse_split_and_rope(mixed, rotary_pos_emb):
             S, B = mixed.shape[:2]
@@ -147,6 +151,10 @@ class SelfAttention(nn.Module):
                 k = apply_rotary_pos_emb(k, rotary_pos_emb, fused=fused)
         if self.mscale != 1.0:  # YaRN's cos/sin magnitude, on both q and k
             q, k = q * self.mscale, k * self.mscale
+        if inference_context is not None:
+            context = inference_context.attend(self.layer_number, q, k, v, window=self.window,
+                                               sinks=self.sinks, softmax_scale=None)
+            return self.linear_proj(context)
         dropout_p = self.config.attention_dropout if self.training else 0.0
 
         def attend(q_, k_, v_):

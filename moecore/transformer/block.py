@@ -72,13 +72,14 @@ class TransformerBlock(nn.Module):
         """Pipeline parallel: the activation received from the previous stage ``[S, B, H]``."""
         self.input_tensor = input_tensor
 
-    def _layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb):
+    def _layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb,
+                inference_context=None):
         """Layers ``start .. end - 1`` -> ``(residual, pending)``: their output is
         ``residual + pending`` (``pending`` None when the last add was not deferred)."""
         pending = None
         for layer in self.layers[start:end]:
             hidden, pending = layer(hidden, attention_mask, rotary_pos_emb, pending=pending,
-                                    defer_residual=True)
+                                    defer_residual=True, inference_context=inference_context)
         return hidden, pending
 
     def _run_layers(self, hidden, attention_mask, rotary_pos_emb):
@@ -105,12 +106,19 @@ class TransformerBlock(nn.Module):
         return hidden, None
 
     def forward(self, hidden: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+                rotary_pos_emb: torch.Tensor | None = None,
+                inference_context=None) -> torch.Tensor:
+        """``inference_context``: generation's KV cache (:mod:`moecore.inference`); the layers
+        then run plainly (no recompute, no dropout RNG fork)."""
         if not self.pre_process:
             if self.input_tensor is None:
                 raise ValueError("this block has pre_process=False: call set_input_tensor() with "
                                  "the previous pipeline stage's output before forward")
             hidden = self.input_tensor
+        if inference_context is not None:
+            hidden, pending = self._layers(0, len(self.layers), hidden, attention_mask,
+                                           rotary_pos_emb, inference_context)
+            return self._final_norm(hidden, pending)
         # Under sequence parallel each TP rank holds different tokens, so their dropout masks
         # must differ: draw them from the TP-rank RNG. Without it the tokens are replicated and
         # the default (TP-identical) RNG keeps the replicas equal.
@@ -119,6 +127,9 @@ class TransformerBlock(nn.Module):
                else contextlib.nullcontext())
         with rng:
             hidden, pending = self._run_layers(hidden, attention_mask, rotary_pos_emb)
+        return self._final_norm(hidden, pending)
+
+    def _final_norm(self, hidden: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         if self.final_layernorm is not None:
             if pending is None:
                 return self.final_layernorm(hidden)

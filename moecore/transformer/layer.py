@@ -103,20 +103,22 @@ class TransformerLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None, pending: torch.Tensor | None = None,
-                defer_residual: bool = False):
+                defer_residual: bool = False, inference_context=None):
         """``hidden [S, B, H]`` -> ``[S, B, H]``.
 
         ``pending`` ``[S, B, H]``: the previous layer's deferred MLP output; this layer's input
         is ``hidden + pending``, added inside ``input_layernorm``. With ``defer_residual`` the
         result is ``(residual, mlp_out)``, whose sum is the layer output, when the final add is
         plain (else ``(output, None)``), for the next layer's ``pending``.
+        ``inference_context``: the KV cache of generation, handed to the attention.
         """
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
         if pending is None:
             x = self.input_layernorm(hidden)
         else:
             hidden, x = self.input_layernorm.add_and_norm(hidden, pending)
-        attn_out, attn_bias = self.self_attention(x, attention_mask, rotary_pos_emb)
+        attn_out, attn_bias = self.self_attention(x, attention_mask, rotary_pos_emb,
+                                                  inference_context=inference_context)
         attn_in, attn_norm_in = x, hidden
         if self._plain_residual_add(attn_bias):
             hidden, x = self.pre_mlp_layernorm.add_and_norm(hidden, attn_out)

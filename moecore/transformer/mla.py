@@ -131,7 +131,9 @@ class MultiLatentAttention(nn.Module):
     """``forward(hidden [S, B, H], attention_mask=None, rotary_pos_emb) -> (out, bias)``, as
     :class:`~moecore.transformer.attention.SelfAttention` (``[S/tp, B, H]`` in and out under
     sequence parallel). ``rotary_pos_emb``: ``[S, B or 1, 1, dr]`` angles of the model's
-    :func:`~moecore.transformer.rope.build_rotary_embedding`."""
+    :func:`~moecore.transformer.rope.build_rotary_embedding`. ``inference_context``: as
+    :class:`~moecore.transformer.attention.SelfAttention`'s (the cache holds the up-projected
+    ``k [S, B, nh_l, dn+dr]`` and ``v [S, B, nh_l, dv]``)."""
 
     def __init__(self, config, layer_number: int, parallel_state: ParallelState | None = None):
         super().__init__()
@@ -219,11 +221,16 @@ class MultiLatentAttention(nn.Module):
         return q, k, v.contiguous()
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: torch.Tensor | None = None):
+                rotary_pos_emb: torch.Tensor | None = None, inference_context=None):
         if rotary_pos_emb is None:
             raise ValueError("multi-latent attention needs rotary angles: build the model with "
                              "--position-embedding-type rope")
         q_in, kv_latent, k_pe = self.down_proj(hidden)
+        if inference_context is not None:
+            q, k, v = self.up_proj_and_rope(rotary_pos_emb, q_in, kv_latent, k_pe)
+            return self.linear_proj(inference_context.attend(
+                self.layer_number, q, k, v, window=None, sinks=None,
+                softmax_scale=self.softmax_scale))
         recompute_up = self.config.recomputes("mla_up_proj") and torch.is_grad_enabled()
         state: dict = {}
         if recompute_up:

@@ -160,6 +160,8 @@ def test_shakespeare_example_trains(tmp_path):
                 "--eval-interval", "40", "--log-interval", "10"])
     losses = _losses(log)
     assert len(losses) == 4 and losses[-1] < losses[0]
+    sample = log.split("----- sample", 1)[-1]  # tools/generate.py on the saved checkpoint
+    assert re.search(r"----- prompt: .* \((length|stop)\)\n\S", sample), log[-2000:]
 
 
 def test_minimal_trainer_learns():
