@@ -303,7 +303,8 @@ def test_preprocess_hf_then_train(preprocess, tmp_path, hf_dirs):
     lines = []
     out = pretrain(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
                     "--seq-length", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-                    "--train-iters", "2", "--device", "cpu", "--split", "100,0,0", "--eval-iters", "0",
+                    "--train-iters", "2", "--device", "cpu", "--split", "100,0,0",
+                    "--eval-iters", "0",
                     "--data-path", str(tmp_path / "out_text_document"), *flags],
                    log=lines.append)
     assert out["iterations"] == [1, 2] and all(math.isfinite(x) for x in out["lm_loss"])
