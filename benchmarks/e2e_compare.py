@@ -145,6 +145,9 @@ def run_contender(name: str, args, micro_batch: int, timeout: float) -> dict:
             except subprocess.TimeoutExpired:
                 return {"name": name, "status": f"timeout after {timeout:.0f} s",
                         "micro_batch": micro_batch}
+            if args.log_dir:
+                Path(args.log_dir, f"{name}-mbs{micro_batch}.log").write_text(
+                    proc.stdout + proc.stderr)
             if out.exists():
                 rec = json.loads(out.read_text())
             else:
@@ -194,6 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--max-memory-gib", type=float, default=79.0,
                    help="cap each contender's CUDA allocations (79: an 80 GB H100)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, 4 steps")
+    p.add_argument("--log-dir", default=None, help="write each contender's output here")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

@@ -24,9 +24,8 @@ try:
 except ImportError:  # run from a checkout without pip install -e .
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-from moecore.arguments import parse_args  # noqa: E402
 
 try:
     from moecore.inference.server import create_app, serve
@@ -34,6 +33,7 @@ except ImportError as _err:  # Flask missing: say so before a checkpoint is load
     sys.exit(f"error: {_err}")
 
 from moecore.inference import InferenceEngine, SamplingParams  # noqa: E402
+from moecore.inference.loading import parse_generation_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     server_args, rest = parser.parse_known_args(argv)
     if server_args.server_max_batch_size < 1:
         parser.error("--server-max-batch-size must be >= 1")
-    args = parse_args(rest)
+    if "--device" not in rest:
+        rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    args = parse_generation_args(rest)  # the model's flags; no data flags needed to serve
     engine = InferenceEngine.from_args(args)
     if dist.is_initialized() and dist.get_rank() != 0:
         # The one call site for the other ranks: they join rank 0's generate calls until the

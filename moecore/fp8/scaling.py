@@ -73,7 +73,12 @@ class Fp8Meta(nn.Module):
         return self.casts(x.device)[1](x, self.dtype(role), self.recipe.margin)
 
     def dtype(self, role: str) -> torch.dtype:
-        return self.recipe.bwd_dtype if role == "grad" else self.recipe.fwd_dtype
+        """FP8 dtype of ``role``. The experts' grouped GEMMs (tensorwise/delayed) take E4M3 for
+        every operand, the gradients too (PyTorch's grouped FP8 GEMM has no E5M2 form), under
+        either ``--fp8-format``; on every backend, so numerics do not depend on it."""
+        if role != "grad" or (self.grouped and self.recipe.recipe != "blockwise"):
+            return self.recipe.fwd_dtype
+        return self.recipe.bwd_dtype
 
     def quantize(self, role: str, x: torch.Tensor) -> Fp8Tensor:
         """``x`` (contraction dim last; ``[E, N, K]`` for grouped weights) in FP8 for ``role``."""

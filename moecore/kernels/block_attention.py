@@ -107,11 +107,12 @@ def block_attention_backward_flash(dout, q, k, v, out, lse, causal: bool,
     the merged ``out``/``lse``; kv-head gradients summed per group, all fp32."""
     h, hk = q.shape[1], k.shape[1]
     Sq, Sk = q.shape[2], k.shape[2]
+    # No cumulative sequence lengths (None: dense batch; a defined tensor selects the varlen
+    # kernel); the philox seed/offset are unread without dropout.
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
-    empty = torch.empty(0, dtype=torch.int32, device=q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout.to(q.dtype).contiguous(), q, _expand_kv(k, h), _expand_kv(v, h),
-        out.to(q.dtype).contiguous(), lse.float().contiguous(), empty, empty, Sq, Sk, 0.0,
+        out.to(q.dtype).contiguous(), lse.float().contiguous(), None, None, Sq, Sk, 0.0,
         causal, zero, zero, scale=scale)
     return dq.float(), _fold_kv_grad(dk.float(), hk), _fold_kv_grad(dv.float(), hk)
 

@@ -11,8 +11,9 @@ Each backend of :data:`FP8_GEMM` is an :class:`Fp8Gemm` with
 Backends:
 
 - ``torch``: ``torch._scaled_mm`` (tensorwise; 1x128 x 128x128 and 1x128 x 1x128 blockwise
-  scales, cuBLAS on sm90) and ``torch._scaled_grouped_mm`` (CUTLASS, sm90; per-row scales
-  carry our per-tensor/per-expert ones). Needs CUDA compute capability >= 8.9.
+  scales, cuBLAS on sm90) and ``torch._scaled_grouped_mm`` (CUTLASS, sm90; E4M3 operands, bf16
+  output; per-row scales carry our per-tensor/per-expert ones). Needs CUDA compute capability
+  >= 8.9; the probe runs each kind once per device at shapes with no degenerate dims.
 - ``emulated``: dequantise to fp32 and matmul. The documented CPU reference: the same FP8
   rounding of every operand as on the GPU, exact fp32 products, so the recipes' logic runs in CI.
 
@@ -30,7 +31,6 @@ import torch
 
 from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels.fp8_quant import (
-    BLOCK,
     Fp8Tensor,
     dequantize,
     quantize_blocks,
@@ -82,29 +82,66 @@ EMULATED = Fp8Gemm(_emulated_mm, _emulated_grouped_mm, _emulated_grouped_wgrad)
 # torch._scaled_mm / torch._scaled_grouped_mm
 # --------------------------------------------------------------------------------------------
 def _outer_major(t: torch.Tensor) -> torch.Tensor:
-    """``t [R, C]`` laid out column by column (stride ``(1, R)``), as cuBLAS reads block
-    scales."""
+    """``t [R, C]`` laid out column by column (stride ``(1, R)``), as cuBLAS reads 1x128 tile
+    scales of the left operand."""
     return t.t().contiguous().t()
 
 
+# Stride of the 128x128 block scales of the right operand: PyTorch releases differ on whether
+# the ``K/128`` dim is padded to a multiple of 4. The probe finds which one this build takes.
+_BLOCK_SCALE_PAD = {"pad": False}
+
+
+def _block_scales_rhs(scale_inv: torch.Tensor) -> torch.Tensor:
+    """128x128 block scales ``[N/128, K/128]`` of ``b [N, K]`` as ``torch._scaled_mm`` wants
+    them for ``mat2 = b^T``: ``[K/128, N/128]`` with stride ``(1, K/128)`` (or ``(1, round_up(K/128,
+    4))`` where this PyTorch pads)."""
+    n, k = scale_inv.shape
+    if not _BLOCK_SCALE_PAD["pad"] or k % 4 == 0:
+        return scale_inv.contiguous().t()
+    padded = scale_inv.new_ones(n, -(-k // 4) * 4)
+    padded[:, :k] = scale_inv
+    return padded[:, :k].t()
+
+
 def _mm_scales(a: Fp8Tensor, b: Fp8Tensor):
-    """Scales in ``torch._scaled_mm``'s forms: scalars; ``scale_a [M, K/128]`` with
-    ``scale_b [K/128, N/128]`` (1x128 x 128x128) or ``[K/128, N]`` (1x128 x 1x128)."""
+    """Scales in ``torch._scaled_mm``'s forms: scalars; ``scale_a [M, K/128]`` outer-dim-major
+    with ``scale_b [K/128, N/128]`` (1x128 x 128x128) or ``[K/128, N]`` (1x128 x 1x128)."""
     if a.layout == "tensor" and b.layout == "tensor":
-        return a.scale_inv.reshape(()), b.scale_inv.reshape(())
+        return a.scale_inv.float().reshape(()), b.scale_inv.float().reshape(())
     if a.layout != "tile" or b.layout not in ("tile", "block"):
         raise ValueError(f"fp8 mm: unsupported scale layouts {a.layout} x {b.layout}")
-    return _outer_major(a.scale_inv), b.scale_inv.t().contiguous()
+    sb = _block_scales_rhs(b.scale_inv) if b.layout == "block" else b.scale_inv.t().contiguous()
+    return _outer_major(a.scale_inv), sb
+
+
+def _pad_tile_rows(a: Fp8Tensor, multiple: int = 16) -> Fp8Tensor:
+    """A tiled ``a [M, K]`` with zero rows (scale 1) appended up to a multiple of ``multiple``
+    rows, as the blockwise cuBLAS kernels want."""
+    pad = -a.data.shape[0] % multiple
+    if not pad:
+        return a
+    data = torch.nn.functional.pad(a.data.view(torch.uint8), (0, 0, 0, pad)).view(a.data.dtype)
+    scale = torch.nn.functional.pad(a.scale_inv, (0, 0, 0, pad), value=1.0)
+    return Fp8Tensor(data, scale, a.layout)
 
 
 def _torch_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype, fast_accum=False):
+    m = a.data.shape[0]
+    if a.layout == "tile":
+        a = _pad_tile_rows(a)
     sa, sb = _mm_scales(a, b)
-    return torch._scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out_dtype,
-                            use_fast_accum=fast_accum and a.layout == "tensor")
+    out = torch._scaled_mm(a.data, b.data.t(), sa, sb, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum and a.layout == "tensor")
+    return out[:m]
 
 
 def _offsets(tokens_per_expert, device) -> torch.Tensor:
     return torch.cumsum(tokens_per_expert.to(torch.int64), 0).to(device, torch.int32)
+
+
+# torch._scaled_grouped_mm (CUTLASS, sm90) takes E4M3 operands and writes bf16 only.
+GROUPED_DTYPE = torch.float8_e4m3fn
 
 
 def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
@@ -112,16 +149,17 @@ def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
     t, (e, n, _) = a.shape[0], b.shape
     sa = a.scale_inv.float().reshape(1).expand(t).contiguous()
     sb = b.scale_inv.float().reshape(e, 1).expand(e, n).contiguous()
-    return torch._scaled_grouped_mm(a.data, b.data.transpose(-2, -1), sa, sb,
-                                    offs=_offsets(tokens_per_expert, a.data.device),
-                                    out_dtype=out_dtype, use_fast_accum=fast_accum)
+    out = torch._scaled_grouped_mm(a.data, b.data.transpose(-2, -1), sa, sb,
+                                   offs=_offsets(tokens_per_expert, a.data.device),
+                                   out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+    return out.to(out_dtype)
 
 
 def _pad_groups(data: torch.Tensor, tokens_per_expert: torch.Tensor):
     """Rows of ``data [T, C]`` (grouped by expert) moved so that every group starts at a row
-    that is a multiple of 16, with zero rows between: ``(padded [T + 15 E, C], offs [E])``.
-    FP8 GEMMs need the contraction dim (here each group's rows) in multiples of 16 bytes; zeros
-    add nothing. The bound ``T + 15 E`` needs no host sync."""
+    that is a multiple of 16, with zero rows between: ``(padded [P, C], offs [E])`` with ``P =
+    round_up(T + 15 E, 16)``. FP8 GEMMs need the contraction dim (here each group's rows) and
+    the row stride in multiples of 16 bytes; zeros add nothing. ``P`` needs no host sync."""
     counts = tokens_per_expert.to(data.device, torch.int64)
     e, t = counts.shape[0], data.shape[0]
     padded_counts = (counts + 15) // 16 * 16
@@ -129,7 +167,7 @@ def _pad_groups(data: torch.Tensor, tokens_per_expert: torch.Tensor):
     shift = (ends - padded_counts) - (torch.cumsum(counts, 0) - counts)  # per group
     expert = torch.repeat_interleave(torch.arange(e, device=data.device), counts, output_size=t)
     rows = torch.arange(t, device=data.device) + shift[expert]
-    out = data.new_zeros(t + 15 * e, data.shape[1], dtype=torch.uint8)
+    out = data.new_zeros(-(-(t + 15 * e) // 16) * 16, data.shape[1], dtype=torch.uint8)
     out[rows] = data.view(torch.uint8)
     return out.view(data.dtype), ends.to(torch.int32)
 
@@ -141,34 +179,56 @@ def _torch_grouped_wgrad(dy: Fp8Tensor, x: Fp8Tensor, tokens_per_expert, out_dty
     dy_p, offs = _pad_groups(dy.data, tokens_per_expert)
     x_p, _ = _pad_groups(x.data, tokens_per_expert)
     out = torch._scaled_grouped_mm(dy_p.t().contiguous(), x_p.t().contiguous().t(), sa, sb,
-                                   offs=offs, out_dtype=out_dtype)
+                                   offs=offs, out_dtype=torch.bfloat16)
     # Experts without rows: the kernel may leave their block unwritten (as for bf16, see
     # moecore.kernels.grouped_gemm); zero them.
     empty = (tokens_per_expert == 0).to(out.device)
-    return out.masked_fill_(empty[:, None, None], 0)
+    return out.masked_fill_(empty[:, None, None], 0).to(out_dtype)
 
 
 TORCH = Fp8Gemm(_torch_mm, _torch_grouped_mm, _torch_grouped_wgrad)
+
+
+def _probe_blockwise(device) -> None:
+    """Blockwise GEMMs at shapes with no size-1 scale dims (K/128 = 3, rows not a multiple of
+    16), trying the unpadded block-scale stride first, then the padded one."""
+    dt = torch.float8_e4m3fn
+    x, w = torch.randn(200, 384, device=device), torch.randn(256, 384, device=device)
+    errors = []
+    for pad in (False, True):
+        _BLOCK_SCALE_PAD["pad"] = pad
+        try:
+            _torch_mm(quantize_tiles(x, dt), quantize_blocks(w, dt), torch.bfloat16)
+            _torch_mm(quantize_tiles(x, dt), quantize_tiles(w, dt), torch.bfloat16)
+            return
+        except Exception as exc:  # noqa: BLE001 - try the other layout, then report
+            errors.append(exc)
+    _BLOCK_SCALE_PAD["pad"] = False
+    raise errors[0]
 
 
 @functools.cache
 def _probe(device: torch.device, what: str) -> str:
     """Run a tiny FP8 GEMM of kind ``what`` on ``device``; the error text, empty when it works."""
     try:
-        x = torch.randn(BLOCK, 2 * BLOCK, device=device)
         dt = torch.float8_e4m3fn
+        x = torch.randn(200, 256, device=device)
         if what == "tensorwise":
             q = quantize_tensor(x, scale_from_amax(x.abs().amax(), dt), dt)
-            _torch_mm(q, q, torch.bfloat16)
+            w = torch.randn(384, 256, device=device)
+            _torch_mm(q, quantize_tensor(w, scale_from_amax(w.abs().amax(), dt), dt),
+                      torch.bfloat16)
         elif what == "blockwise":
-            _torch_mm(quantize_tiles(x, dt), quantize_blocks(x, dt), torch.bfloat16)
-            _torch_mm(quantize_tiles(x, dt), quantize_tiles(x, dt), torch.bfloat16)
+            _probe_blockwise(device)
         else:
             q = quantize_tensor(x, scale_from_amax(x.abs().amax(), dt), dt)
-            w = quantize_tensor(x.expand(2, -1, -1), torch.ones(2, device=device), dt)
-            counts = torch.tensor([50, 78], device=device)  # groups not multiples of 16
+            w = quantize_tensor(torch.randn(3, 128, 256, device=device),
+                                torch.ones(3, device=device), dt)
+            counts = torch.tensor([50, 0, 150], device=device)  # groups not multiples of 16
             _torch_grouped_mm(q, w, counts, torch.bfloat16)
-            _torch_grouped_wgrad(q, q, counts, torch.bfloat16)
+            dy = quantize_tensor(torch.randn(200, 128, device=device),
+                                 torch.ones((), device=device), dt)
+            _torch_grouped_wgrad(dy, q, counts, torch.bfloat16)
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot run here"
         text = str(exc).strip()

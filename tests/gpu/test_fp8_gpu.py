@@ -30,32 +30,49 @@ def _q(x, dtype=E4):
     return quantize_tensor(x, 448.0 / x.abs().amax().float(), dtype)
 
 
-@pytest.mark.parametrize("m,k,n", [(256, 512, 384), (48, 128, 16)])
+@pytest.mark.parametrize("m,k,n", [(256, 512, 384), (48, 128, 16), (200, 384, 256)])
 def test_scaled_mm_matches_emulated(m, k, n):
+    # Hopper's FP8 tensor cores accumulate with ~14-bit products sums between promotions
+    # (DeepSeek-V3, sec. 3.3.2): 1e-3 of the norm, far below a wrong scale or layout.
     g = _torch_gemm()
     a, b = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda")
     for qa, qb in [(_q(a), _q(b)), (_q(a, E5), _q(b))]:
-        assert _rel(g.mm(qa, qb, torch.float32), EMULATED.mm(qa, qb, torch.float32)) < 1e-5
+        err = _rel(g.mm(qa, qb, torch.float32), EMULATED.mm(qa, qb, torch.float32))
+        assert err < 1e-3, err
     if k % 128 == 0 and n % 128 == 0:
         g = _torch_gemm("blockwise")
         for qb in (quantize_blocks(b, E4), quantize_tiles(b, E4)):
             qa = quantize_tiles(a * torch.logspace(-2, 2, k, device="cuda"), E5)
-            assert _rel(g.mm(qa, qb, torch.float32), EMULATED.mm(qa, qb, torch.float32)) < 1e-4
+            err = _rel(g.mm(qa, qb, torch.bfloat16), EMULATED.mm(qa, qb, torch.float32))
+            assert err < 1e-2, err
 
 
 def test_scaled_grouped_mm_matches_emulated():
     g = _torch_gemm(grouped=True)
-    counts = torch.tensor([64, 0, 160, 32], device="cuda")
+    counts = torch.tensor([64, 0, 150, 42], device="cuda")
     x, dy = torch.randn(256, 256, device="cuda"), torch.randn(256, 384, device="cuda")
     w = torch.randn(4, 384, 256, device="cuda") * torch.tensor([1, 2, 3, 4], device="cuda")[
         :, None, None]
     qw = quantize_tensor(w, 448.0 / w.abs().amax((1, 2)), E4)
-    qx, qdy = _q(x), _q(dy, E5)
-    assert _rel(g.grouped_mm(qx, qw, counts, torch.float32),
-                EMULATED.grouped_mm(qx, qw, counts.cpu(), torch.float32)) < 1e-5
+    qx, qdy = _q(x), _q(dy)  # the grouped GEMMs take E4M3 only
+    err = _rel(g.grouped_mm(qx, qw, counts, torch.float32),
+               EMULATED.grouped_mm(qx, qw, counts.cpu(), torch.float32))
+    assert err < 1e-2, err  # bf16 output
     got = g.grouped_wgrad(qdy, qx, counts, torch.float32)
     ref = EMULATED.grouped_wgrad(qdy, qx, counts.cpu(), torch.float32)
-    assert _rel(got, ref) < 1e-5 and got[1].abs().sum() == 0
+    assert _rel(got, ref) < 1e-2 and got[1].abs().sum() == 0
+
+
+def _fp8_and_refs(rec, run):
+    """``run(fn)`` -> tensors, for the torch FP8 backend, the emulated one and bf16."""
+    emulated = Fp8Recipe(rec.format, rec.recipe, gemm_backend="emulated")
+    return run(rec), run(emulated), run(None)
+
+
+def _check(got, emulated, bf16, what):
+    for name, a, e, b in zip(("out", "dx", "dw"), got, emulated, bf16):
+        assert _rel(a, e) < 2e-2, (what, name, "vs emulated", _rel(a, e))  # same rounding
+        assert _rel(a, b) < 0.15, (what, name, "vs bf16", _rel(a, b))  # e5m2 grads: ~0.08
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "blockwise"])
@@ -65,26 +82,29 @@ def test_fp8_linear_and_grouped_close_to_bf16(recipe):
     x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(1024, 512, device="cuda") * 0.02).bfloat16().requires_grad_()
     dy = torch.randn(4, 256, 1024, device="cuda", dtype=torch.bfloat16)
-    grads = []
-    for fn in (lambda: fp8_linear(x, w, None, Fp8Meta(rec)), lambda: x @ w.t()):
+
+    def linear(r):
         x.grad = w.grad = None
-        out = fn()
+        out = fp8_linear(x, w, None, Fp8Meta(r)) if r else x @ w.t()
         out.backward(dy)
-        grads.append((out, x.grad, w.grad))
-    for got, ref in zip(*grads):
-        assert _rel(got, ref) < 0.08
+        return out.detach(), x.grad.clone(), w.grad.clone()
+
+    _check(*_fp8_and_refs(rec, linear), "linear")
     counts = torch.tensor([300, 0, 500, 224], device="cuda")
     xe = x.detach().reshape(-1, 512)[:1024].clone().requires_grad_()
     we = (torch.randn(4, 512, 256, device="cuda") * 0.02).bfloat16().requires_grad_()
     dye = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
-    out = fp8_grouped_mm(xe, we, counts, Fp8Meta(rec, num_weights=4, grouped=True))
-    out.backward(dye)
-    got = (out, xe.grad, we.grad)
-    xe.grad = we.grad = None
-    ref_out = torch.cat([r @ we[e] for e, r in enumerate(xe.split(counts.tolist()))])
-    ref_out.backward(dye)
-    for a, b in zip(got, (ref_out, xe.grad, we.grad)):
-        assert _rel(a, b) < 0.08
+
+    def grouped(r):
+        xe.grad = we.grad = None
+        if r:
+            out = fp8_grouped_mm(xe, we, counts, Fp8Meta(r, num_weights=4, grouped=True))
+        else:
+            out = torch.cat([t @ we[e] for e, t in enumerate(xe.split(counts.tolist()))])
+        out.backward(dye)
+        return out.detach(), xe.grad.clone(), we.grad.clone()
+
+    _check(*_fp8_and_refs(rec, grouped), "grouped")
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
@@ -94,14 +114,15 @@ def test_fp8_moe_layer_close_to_bf16(recipe):
     shape = dict(hidden=1024, ffn=512, experts=8, topk=2, tokens=2048)
     x = torch.randn(2048, 1, 1024, device="cuda", dtype=torch.bfloat16)
     outs = []
-    for r in (recipe, None):
-        layer = build(shape, torch.device("cuda"), torch.bfloat16, r, "torch")
+    for r, backend in ((recipe, "torch"), (recipe, "emulated"), (None, "torch")):
+        layer = build(shape, torch.device("cuda"), torch.bfloat16, r, backend)
         xr = x.clone().requires_grad_()
         out = layer(xr)[0]
         out.float().square().mean().backward()
-        outs.append((out, xr.grad))
-    for got, ref in zip(*outs):
-        assert _rel(got, ref) < 0.1
+        outs.append((out.detach(), xr.grad))
+    for name, got, emulated, bf16 in zip(("out", "dx"), *outs):
+        assert _rel(got, emulated) < 2e-2, (name, _rel(got, emulated))
+        assert _rel(got, bf16) < 0.15, (name, _rel(got, bf16))
 
 
 def test_triton_casts_bit_identical_on_gpu():
