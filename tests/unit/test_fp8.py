@@ -291,8 +291,8 @@ def test_wgrad_groups_padded_to_16_rows():
 
     x = (torch.randn(20, 4) * 10).to(E4)
     padded, offs = _pad_groups(x, torch.tensor([3, 0, 17]))
-    assert offs.tolist() == [16, 16, 48] and padded.shape == (80, 4)  # 20 + 3 * 15 rounded up to 16:
-    # the row stride of the transposed operand must be a multiple of 16 bytes
+    # 20 + 3 * 15 rows rounded up to 16: the transposed operand's row stride is 16-byte aligned
+    assert offs.tolist() == [16, 16, 48] and padded.shape == (80, 4)
     rows = padded.float()
     assert torch.equal(rows[:3], x[:3].float()) and torch.equal(rows[16:33], x[3:].float())
     assert rows[3:16].abs().sum() == 0 and rows[33:].abs().sum() == 0
