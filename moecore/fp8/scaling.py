@@ -97,6 +97,9 @@ class Fp8Meta(nn.Module):
         """The amax the scale uses (from the history before this call), then record
         ``amax_now``. An empty history (first call) yields ``amax_now``."""
         history = getattr(self, f"amax_history_{role}")
+        if history.device != amax_now.device:  # a meta not moved with its layer
+            history = history.to(amax_now.device)
+            setattr(self, f"amax_history_{role}", history)
         flat = amax_now.reshape(-1).to(history)
         if self.recipe.amax_compute_algo == "max":
             past = history.amax(0)

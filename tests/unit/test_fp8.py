@@ -296,3 +296,14 @@ def test_wgrad_groups_padded_to_16_rows():
     rows = padded.float()
     assert torch.equal(rows[:3], x[:3].float()) and torch.equal(rows[16:33], x[3:].float())
     assert rows[3:16].abs().sum() == 0 and rows[33:].abs().sum() == 0
+
+
+def test_k_padding_for_block_scales_adds_nothing():
+    from moecore.kernels.fp8_gemm import EMULATED, _pad_k  # noqa: PLC0415 - the torch path's helper
+
+    g = torch.Generator().manual_seed(5)
+    a = quantize_tiles(torch.randn(40, 384, generator=g), E4)
+    b = quantize_blocks(torch.randn(256, 384, generator=g), E4)
+    pa, pb = _pad_k(a, 4), _pad_k(b, 4)
+    assert pa.data.shape == (40, 512) and pb.scale_inv.shape == (2, 4)
+    assert torch.equal(EMULATED.mm(pa, pb, torch.float32), EMULATED.mm(a, b, torch.float32))
