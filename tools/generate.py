@@ -16,8 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from moecore.inference import InferenceEngine, SamplingParams  # noqa: E402
 
 
@@ -40,8 +38,6 @@ def generation_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list:
     gen, rest = generation_parser().parse_known_args(argv)
-    if "--device" not in rest:
-        rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
     try:
         params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                                 top_k=gen.top_k, top_p=gen.top_p,

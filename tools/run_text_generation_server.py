@@ -24,7 +24,6 @@ try:
 except ImportError:  # run from a checkout without pip install -e .
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 try:
@@ -65,8 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     server_args, rest = parser.parse_known_args(argv)
     if server_args.server_max_batch_size < 1:
         parser.error("--server-max-batch-size must be >= 1")
-    if "--device" not in rest:
-        rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
     args = parse_generation_args(rest)  # the model's flags; no data flags needed to serve
     engine = InferenceEngine.from_args(args)
     if dist.is_initialized() and dist.get_rank() != 0:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moecore.fp8.scaling import Fp8Meta
-from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, transpose
+from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, pad_fp8, transpose
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def _pad_t(t: Fp8Tensor) -> Fp8Tensor:
     pad = -t.data.shape[-1] % 16
     if not pad:
         return t
-    data = F.pad(t.data.view(torch.uint8), (0, pad)).view(t.data.dtype)  # bits 0 = 0.0
+    data = pad_fp8(t.data, (0, pad))
     return Fp8Tensor(data, t.scale_inv, t.layout)
 
 

@@ -33,6 +33,7 @@ from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels.fp8_quant import (
     Fp8Tensor,
     dequantize,
+    pad_fp8,
     quantize_blocks,
     quantize_tensor,
     quantize_tiles,
@@ -97,7 +98,7 @@ def _pad_k(t: Fp8Tensor, k_blocks: int) -> Fp8Tensor:
     """``t`` (``tile`` or ``block`` layout, ``[R, K]``) with zeros appended along K up to
     ``k_blocks`` 128-wide blocks (scale 1 there): zeros add nothing to the product."""
     pad = k_blocks * 128 - t.data.shape[-1]
-    data = torch.nn.functional.pad(t.data.view(torch.uint8), (0, pad)).view(t.data.dtype)
+    data = pad_fp8(t.data, (0, pad))
     scale = torch.nn.functional.pad(t.scale_inv, (0, k_blocks - t.scale_inv.shape[-1]),
                                     value=1.0)
     return Fp8Tensor(data, scale, t.layout)
@@ -120,7 +121,7 @@ def _pad_tile_rows(a: Fp8Tensor, multiple: int = 16) -> Fp8Tensor:
     pad = -a.data.shape[0] % multiple
     if not pad:
         return a
-    data = torch.nn.functional.pad(a.data.view(torch.uint8), (0, 0, 0, pad)).view(a.data.dtype)
+    data = pad_fp8(a.data, (0, 0, 0, pad))
     scale = torch.nn.functional.pad(a.scale_inv, (0, 0, 0, pad), value=1.0)
     return Fp8Tensor(data, scale, a.layout)
 
@@ -142,10 +143,6 @@ def _torch_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype, fast_accum=False):
 
 def _offsets(tokens_per_expert, device) -> torch.Tensor:
     return torch.cumsum(tokens_per_expert.to(torch.int64), 0).to(device, torch.int32)
-
-
-# torch._scaled_grouped_mm (CUTLASS, sm90) takes E4M3 operands and writes bf16 only.
-GROUPED_DTYPE = torch.float8_e4m3fn
 
 
 def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,

@@ -75,6 +75,12 @@ def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (x.float() * scale).clamp_(-bound, bound).to(dtype).contiguous()
 
 
+def pad_fp8(data: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
+    """``F.pad`` of FP8 ``data`` with zeros (PyTorch has no pad kernel for float8; bits 0 are
+    0.0)."""
+    return torch.nn.functional.pad(data.view(torch.uint8), pad).view(data.dtype)
+
+
 def amax(x: torch.Tensor, dim=None) -> torch.Tensor:
     """``max |x|`` (over ``dim``, all by default) in fp32, without an ``abs`` temporary."""
     return torch.linalg.vector_norm(x.detach(), float("inf"), dim=dim).float()
