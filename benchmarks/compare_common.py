@@ -115,8 +115,9 @@ def cap_memory(device: torch.device, max_memory_gib: float | None) -> None:
     """Cap this process's CUDA allocations (``--max-memory-gib``, e.g. 79 for an 80 GB H100)."""
     if max_memory_gib is None or device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), index)
 
 
 class IntervalTimer:
@@ -181,4 +182,6 @@ def init_single_process_group(device: torch.device) -> None:
         port = s.getsockname()[1]
     torch.distributed.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-        rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+        rank=0, world_size=1,
+        device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda"
+        else None)

@@ -19,6 +19,7 @@ convention). Acceptance: ring / full >= 0.9. Outputs are checked against the ful
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -46,36 +47,35 @@ def _full(q, k, v, dout):
     return torch.autograd.grad(out, (q, k, v), dout)
 
 
-def _ring(q_full, k_full, v_full, dout_full, cp: int, fns, scale: float):
-    """Every rank's ring forward + backward on its zig-zag slices; returns the zig-zag indices,
-    each rank's ``(out, dq)`` and each rank's block gradients ``{rank: (dk, dv)}``."""
+def _local(q_full, k_full, v_full, dout_full, cp: int):
+    """Each rank's zig-zag slices ``[q, k, v, dout]`` and positions (the data loader's split)."""
+    idx = [zigzag_index(q_full.shape[2], cp, r, q_full.device) for r in range(cp)]
+    return idx, [[t.index_select(2, i) for t in (q_full, k_full, v_full, dout_full)] for i in idx]
+
+
+def _ring(local, cp: int, fns, scale: float):
+    """Every rank's ring forward + backward on its slices ``local``, in the order the ranks run
+    them (all ranks' step ``i`` before step ``i + 1``), with the very accumulators the ring
+    keeps: each block's ``(dk, dv)`` made at its home step and added to wherever it goes.
+    Returns each rank's ``(out, dq)`` and each rank's block gradients ``{rank: [dk, dv]}``."""
     fwd, bwd = fns
-    seq = q_full.shape[2]
-    idx = [zigzag_index(seq, cp, r, q_full.device) for r in range(cp)]
-    local = [[t.index_select(2, i) for t in (q_full, k_full, v_full, dout_full)] for i in idx]
-    acc = {r: [torch.zeros_like(local[r][1], dtype=torch.float32),
-               torch.zeros_like(local[r][2], dtype=torch.float32)] for r in range(cp)}
-    results = []
-    for r in range(cp):
-        q, _, _, dout = local[r]
-        out = lse = None
-        for step in range(cp):
+    state = [[None, None] for _ in range(cp)]  # (out, lse) per rank
+    for step in range(cp):
+        for r in range(cp):
             src = (r - step) % cp
-            out, lse = ring_step_forward(fwd, q, local[src][1:3], src, r, out, lse, scale)
-        out = out.to(q.dtype)
-        grads = None
-        for step in range(cp):
+            state[r] = ring_step_forward(fwd, local[r][0], local[src][1:3], src, r, *state[r],
+                                         scale)
+    outs = [out.to(local[r][0].dtype) for r, (out, _) in enumerate(state)]
+    dq, acc = {}, {}
+    for step in range(cp):
+        for r in range(cp):
+            q, _, _, dout = local[r]
             src = (r - step) % cp
-            if step == 0:
-                grads = ring_step_backward(bwd, dout, q, local[src][1:3], out, lse, src, r,
-                                           None, scale)
-                acc[r][0] += grads[1]
-                acc[r][1] += grads[2]
-            else:
-                grads = ring_step_backward(bwd, dout, q, local[src][1:3], out, lse, src, r,
-                                           [grads[0], *acc[src]], scale)
-        results.append((out, grads[0]))
-    return idx, results, acc
+            grads = None if step == 0 else [dq[r], *acc[src]]
+            grads = ring_step_backward(bwd, dout, q, local[src][1:3], outs[r], state[r][1], src,
+                                       r, grads, scale)
+            dq[r], acc[src] = grads[0], grads[1:]
+    return [(outs[r], dq[r]) for r in range(cp)], acc
 
 
 def _check(args, device, dtype, fns, scale) -> float:
@@ -87,7 +87,8 @@ def _check(args, device, dtype, fns, scale) -> float:
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     ref_out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
     ref = [ref_out, *torch.autograd.grad(ref_out, (qs, ks, vs), dout)]
-    idx, results, acc = _ring(q, k, v, dout, args.cp, fns, scale)
+    idx, local = _local(q, k, v, dout, args.cp)
+    results, acc = _ring(local, args.cp, fns, scale)
     got = [torch.zeros_like(t, dtype=torch.float32) for t in ref]
     for r, (out, dq) in enumerate(results):
         got[0][:, :, idx[r]] = out.float()
@@ -97,35 +98,55 @@ def _check(args, device, dtype, fns, scale) -> float:
     return max((a - b.float()).abs().max().item() for a, b in zip(got, ref))
 
 
+def _profile(fn, rows: int) -> None:
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                    max_name_column_width=60))
+
+
 def run(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    fns = BLOCK_ATTENTION.select("auto", device=device, dtype=dtype,
-                                 head_dims=(args.head_dim, args.head_dim)).fn
-    backend = BLOCK_ATTENTION.select("auto", device=device, dtype=dtype,
-                                     head_dims=(args.head_dim, args.head_dim), log=False).name
+    head_dims = (args.head_dim, args.head_dim)
+    names = BLOCK_ATTENTION.available(device=device, dtype=dtype, head_dims=head_dims)
+    if args.backends:
+        names = [n for n in names if n in args.backends]
+    names = [n for n in names if n != "torch"] or names[-1:]  # the reference only if alone
     scale = 1.0 / math.sqrt(args.head_dim)
-    max_diff = _check(args, device, dtype, fns, scale)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     q, k, v, dout = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     full_ms = median_ms(lambda: _full(*leaves, dout), device, args.warmup, args.repeats)
-    ring_ms = median_ms(lambda: _ring(q, k, v, dout, args.cp, fns, scale), device,
-                        args.warmup, args.repeats)
+    _, local = _local(q, k, v, dout, args.cp)
     flops = 4 * args.batch * args.heads * args.head_dim * args.seq ** 2 / 2 * 3.5
-    rows = {"full sequence SDPA (causal)": full_ms, f"ring, {args.cp} ranks' blocks": ring_ms}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-    print(f"device: {name or 'cpu'}, block backend: {backend}, seq {args.seq}, CP {args.cp}, "
-          f"heads {args.heads}, d {args.head_dim}, {args.dtype}; max |ring - full| at seq "
-          f"{2 * args.cp * 64}: {max_diff:.3g}")
-    print(f"{'':34s} {'ms':>9s} {'TFLOP/s':>9s}")
+    rows, diffs = {"full sequence SDPA (causal)": full_ms}, {}
+    for name in names:
+        fns = BLOCK_ATTENTION.get(name).fn
+        diffs[name] = _check(args, device, dtype, fns, scale)
+        ring = functools.partial(_ring, local, args.cp, fns, scale)
+        rows[f"ring, {args.cp} ranks' blocks, {name}"] = median_ms(ring, device, args.warmup,
+                                                                   args.repeats)
+        if args.profile and device.type == "cuda":
+            _profile(ring, args.profile)
+    if args.profile and device.type == "cuda":
+        _profile(lambda: _full(*leaves, dout), args.profile)
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    print(f"device: {dev or 'cpu'}, seq {args.seq}, CP {args.cp}, heads {args.heads}, "
+          f"d {args.head_dim}, {args.dtype}; max |ring - full| at seq {2 * args.cp * 64}: "
+          + ", ".join(f"{n} {d:.3g}" for n, d in diffs.items()))
+    print(f"{'':40s} {'ms':>9s} {'TFLOP/s':>9s}")
     for name, ms in rows.items():
-        print(f"{name:34s} {ms:9.2f} {flops / ms / 1e9:9.1f}")
-    ratio = full_ms / ring_ms
-    print(f"ring / full TFLOP/s: {ratio:.3f} (target >= 0.9)")
-    return {"device": str(device), "backend": backend, "seq": args.seq, "cp": args.cp,
+        print(f"{name:40s} {ms:9.2f} {flops / ms / 1e9:9.1f}")
+    ring_ms = {n: rows[f"ring, {args.cp} ranks' blocks, {n}"] for n in names}
+    best = min(ring_ms, key=ring_ms.get)
+    ratio = full_ms / ring_ms[best]
+    print(f"ring ({best}) / full TFLOP/s: {ratio:.3f} (target >= 0.9)")
+    return {"device": str(device), "backend": best, "seq": args.seq, "cp": args.cp,
             "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
-            "full_ms": full_ms, "ring_ms": ring_ms, "ratio": ratio, "max_diff": max_diff}
+            "full_ms": full_ms, "ring_ms": ring_ms, "ratio": ratio, "max_diff": diffs}
 
 
 def main(argv=None) -> dict:
@@ -139,6 +160,10 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backends", nargs="*", default=None,
+                   help="block-attention backends to time (default: every available one)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="print the top ROWS kernels of one ring and one full call (CUDA)")
     p.add_argument("--json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     args = p.parse_args(argv)

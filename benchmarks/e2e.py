@@ -111,7 +111,10 @@ def compare_fp8(recipes: list[str], argv: list[str], smoke: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in [None, *recipes]:
-            extra = [] if recipe is None else ["--fp8-format", "hybrid", "--fp8-recipe", recipe]
+            extra = [] if recipe is None else ["--fp8-format", "hybrid", "--fp8-recipe",
+                                               recipe.split("+")[0]]
+            if recipe is not None and recipe.endswith("+bf16wgrad"):
+                extra.append("--no-fp8-wgrad")
             if recipe is not None and smoke:
                 extra += ["--fp8-gemm-backend", "emulated"]
             out = Path(tmp) / f"{recipe or 'bf16'}.json"
@@ -146,8 +149,8 @@ def main() -> None:
                    help="deepseek-v2-lite's layers, the first dense (default 5; 3 with --tiny)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--compare-fp8", default=None, type=lambda s: [c for c in s.split(",") if c],
-                   help="comma-separated FP8 recipes: run bf16 and each of them (hybrid) and "
-                        "print the tokens/s ratios")
+                   help="comma-separated FP8 recipes (a recipe+bf16wgrad adds --no-fp8-wgrad): "
+                        "run bf16 and each of them (hybrid) and print the tokens/s ratios")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke run: --tiny --device cpu, 6 iterations, sizes of 128")
     p.add_argument("--max-memory-gib", type=float, default=None,

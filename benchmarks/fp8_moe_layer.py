@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_layer import CONFIGS, make_config  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
 from moecore.fp8 import apply_fp8  # noqa: E402
+from moecore.fp8.scaling import WeightCache  # noqa: E402
 from moecore.moe.layer import MoELayer  # noqa: E402
 
 SMOKE = {"smoke": dict(hidden=128, ffn=128, experts=4, topk=2, tokens=256)}
@@ -32,11 +33,23 @@ TARGETS = {"tensorwise": {"mixtral": 1.4, "deepseek": 1.2, "olmoe": 1.2},
            "blockwise": {"mixtral": 1.25, "deepseek": 1.1, "olmoe": 1.1}}
 
 
-def build(shape: dict, device, dtype, recipe: str | None, gemm_backend: str):
-    """The MoE layer (seed 0, random router), its experts in FP8 under ``recipe``."""
+def parse_variant(name: str) -> dict:
+    """``recipe[+cache][+bf16wgrad]`` -> build options: ``cache`` = weights quantised once per
+    optimizer step and reused (the training loop's steady state over micro-batches; without it
+    every call quantises its weights, as with one micro-batch per step), ``bf16wgrad`` =
+    ``--no-fp8-wgrad``."""
+    recipe, *opts = name.split("+")
+    if recipe not in ("tensorwise", "delayed", "blockwise") or set(opts) - {"cache", "bf16wgrad"}:
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: recipe[+cache][+bf16wgrad]")
+    return {"recipe": recipe, "cache": "cache" in opts, "wgrad": "bf16wgrad" not in opts}
+
+
+def build(shape: dict, device, dtype, variant: dict | None, gemm_backend: str):
+    """The MoE layer (seed 0, random router), its experts in FP8 under ``variant``."""
     config = make_config(shape, dtype, "auto")
-    if recipe is not None:
-        config = config.replace(fp8="hybrid", fp8_recipe=recipe, fp8_gemm_backend=gemm_backend)
+    if variant is not None:
+        config = config.replace(fp8="hybrid", fp8_recipe=variant["recipe"],
+                                fp8_gemm_backend=gemm_backend, fp8_wgrad=variant["wgrad"])
     torch.manual_seed(0)
     with torch.device(device):
         layer = MoELayer(config)
@@ -46,8 +59,8 @@ def build(shape: dict, device, dtype, recipe: str | None, gemm_backend: str):
     return layer
 
 
-def time_variant(shape, device, dtype, recipe, args, probe) -> dict:
-    layer = build(shape, device, dtype, recipe, args.fp8_gemm_backend)
+def time_variant(shape, device, dtype, variant, args, probe) -> dict:
+    layer = build(shape, device, dtype, variant, args.fp8_gemm_backend)
     tokens, h = shape["tokens"], shape["hidden"]
 
     def setup():
@@ -58,9 +71,13 @@ def time_variant(shape, device, dtype, recipe, args, probe) -> dict:
     def step(x, dy):
         layer(x)[0].backward(dy)
 
-    ms = median_ms(step, device, args.warmup, args.repeats, setup)
-    with torch.no_grad():
-        out = layer(probe)[0].float()
+    WeightCache.enable(bool(variant and variant["cache"]))
+    try:
+        ms = median_ms(step, device, args.warmup, args.repeats, setup)
+        with torch.no_grad():
+            out = layer(probe)[0].float()
+    finally:
+        WeightCache.enable(False)
     return {"ms": ms, "out": out}
 
 
@@ -72,26 +89,27 @@ def run(args, device, dtype) -> list[dict]:
                             generator=torch.Generator(device).manual_seed(1))
         base = time_variant(shape, device, dtype, None, args, probe)
         row = {"config": name, **shape, "bf16_ms": base["ms"]}
-        for recipe in args.recipes:
-            got = time_variant(shape, device, dtype, recipe, args, probe)
+        for variant in args.variants:
+            got = time_variant(shape, device, dtype, parse_variant(variant), args, probe)
             err = ((got["out"] - base["out"]).norm() / base["out"].norm()).item()
-            row.update({f"{recipe}_ms": got["ms"], f"{recipe}_speedup": base["ms"] / got["ms"],
-                        f"{recipe}_rel_err": err,
-                        f"{recipe}_target": TARGETS.get(recipe, {}).get(name)})
+            recipe = parse_variant(variant)["recipe"]
+            row.update({f"{variant}_ms": got["ms"], f"{variant}_speedup": base["ms"] / got["ms"],
+                        f"{variant}_rel_err": err,
+                        f"{variant}_target": TARGETS.get(recipe, {}).get(name)})
         rows.append(row)
         print(f"{name}: {json.dumps(row)}", flush=True)
     return rows
 
 
-def print_table(rows: list[dict], recipes: list[str]) -> None:
-    print(f"\n{'config':<10}{'bf16 ms':>9}" + "".join(f"{r + ' ms':>15}{'x bf16':>8}{'target':>8}"
-                                                     f"{'rel err':>9}" for r in recipes))
+def print_table(rows: list[dict], variants: list[str]) -> None:
+    print(f"\n{'config':<10}{'bf16 ms':>9}  " + "  ".join(f"{v} ms / x bf16 (target)"
+                                                       for v in variants))
     for row in rows:
         line = f"{row['config']:<10}{row['bf16_ms']:>9.2f}"
-        for r in recipes:
-            target = row[f"{r}_target"]
-            line += (f"{row[f'{r}_ms']:>15.2f}{row[f'{r}_speedup']:>8.2f}"
-                     f"{target if target else '-':>8}{row[f'{r}_rel_err']:>9.4f}")
+        for v in variants:
+            target = row[f"{v}_target"]
+            line += (f"  {row[f'{v}_ms']:>8.2f} / {row[f'{v}_speedup']:.2f}"
+                     f" ({target if target else '-'}) err {row[f'{v}_rel_err']:.4f}")
         print(line)
 
 
@@ -99,9 +117,12 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS),
                    type=lambda s: [c for c in s.split(",") if c])
-    p.add_argument("--recipes", default="tensorwise,blockwise",
-                   type=lambda s: [c for c in s.split(",") if c],
-                   help="FP8 recipes to time (tensorwise, delayed, blockwise)")
+    p.add_argument("--variants", default="tensorwise,tensorwise+cache,"
+                   "tensorwise+cache+bf16wgrad,blockwise,blockwise+cache+bf16wgrad",
+                   type=lambda s: [c for c in s.split(",") if c and parse_variant(c)],
+                   help="FP8 variants to time: recipe (tensorwise, delayed, blockwise), then "
+                   "+cache (weights quantised once per step) and/or +bf16wgrad "
+                   "(--no-fp8-wgrad)")
     p.add_argument("--fp8-gemm-backend", default="auto")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, one tiny shape, emulated FP8 GEMMs, 1 repeat")
@@ -117,7 +138,7 @@ def main(argv=None) -> dict:
             p.error("CUDA is not available; use --smoke on CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
     rows = run(args, device, dtype)
-    print_table(rows, args.recipes)
+    print_table(rows, args.variants)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows}
     if args.json:

@@ -1,6 +1,6 @@
 """Profile one MoELayer forward+backward on CUDA and print the top kernels by GPU time.
 
-    python benchmarks/profile_moe_layer.py --config olmoe [--no-fusion]
+    python benchmarks/profile_moe_layer.py --config olmoe [--no-fusion] [--fp8-recipe tensorwise]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.moe_layer import CONFIGS, make_config  # noqa: E402
+from moecore.fp8 import apply_fp8  # noqa: E402
 from moecore.moe.layer import MoELayer  # noqa: E402
 
 
@@ -23,14 +24,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--no-fusion", action="store_true",
                    help="without the router/permute/SwiGLU kernels (moecore.kernels)")
+    p.add_argument("--fp8-recipe", default=None, choices=["tensorwise", "delayed", "blockwise"],
+                   help="the experts' GEMMs in FP8 (hybrid format) under this recipe")
     args = p.parse_args()
     shape = CONFIGS[args.config]
     cfg = make_config(shape, torch.bfloat16, "auto", fused=not args.no_fusion)
+    if args.fp8_recipe:
+        cfg = cfg.replace(fp8="hybrid", fp8_recipe=args.fp8_recipe)
     torch.manual_seed(0)
     with torch.device("cuda"):
         layer = MoELayer(cfg)
         with torch.no_grad():
             layer.router.weight.normal_(0.0, shape["hidden"] ** -0.5)
+    apply_fp8(layer, cfg, 1)
     x = torch.randn(shape["tokens"], 1, shape["hidden"], device="cuda", dtype=torch.bfloat16,
                     requires_grad=True)
     dy = torch.randn_like(x)

@@ -547,6 +547,9 @@ class Fp8Config:
     fp8_cast_backend: str = "auto"
     """FP8 casts (moecore.kernels.fp8_quant): ``triton`` (one fused pass, CUDA), ``torch``
     (the reference); ``auto``: triton where it runs."""
+    fp8_wgrad: bool = True
+    """Weight gradients in FP8 too; False (--no-fp8-wgrad): they run in the activations'
+    precision (bf16), from the unquantised input and output gradient."""
 
     def _validate_fp8(self) -> None:
         _check_choice("fp8_gemm_backend", self.fp8_gemm_backend, FP8_GEMM_BACKENDS)

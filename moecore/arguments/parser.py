@@ -671,6 +671,8 @@ def _add_fp8_args(p):
                    help="Keep the first/last layers (counts below) out of FP8.")
     g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1)
     g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
+    g.add_argument("--no-fp8-wgrad", dest="fp8_wgrad", action="store_false",
+                   help="Run the weight gradients in higher precision (bf16) even in FP8 runs.")
     g.add_argument("--fp8-gemm-backend", default="auto", choices=list(FP8_GEMM_BACKENDS),
                    help="(moecore) FP8 GEMMs: torch (torch._scaled_mm / _scaled_grouped_mm), "
                    "emulated (dequantise + fp32 matmul: the slow CPU reference); auto: torch.")

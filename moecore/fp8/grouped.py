@@ -7,6 +7,9 @@ are saved for backward. Blockwise: PyTorch has no blockwise grouped GEMM for sm9
 expert runs the blockwise ``_scaled_mm`` (1x128 tiles of ``x`` / ``dy``, 128x128 blocks of
 ``w``; each expert's tokens zero-padded to a multiple of 128 for the wgrad). That needs the
 counts on the host and keeps ``x`` in its own dtype for the wgrad's token-wise tiles.
+Under ``--no-fp8-wgrad`` the wgrad runs in ``x``'s precision (bf16 grouped GEMM) and ``x`` is
+saved as it is. Weights come from :meth:`Fp8Meta.weight` (cached per optimizer step where
+allowed).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from moecore.fp8.linear import pad_rows
 from moecore.fp8.scaling import Fp8Meta
-from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, transpose
+from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, group_row_map
+from moecore.kernels.grouped_gemm import grouped_wgrad
 
 
 def _rows(t: Fp8Tensor, start: int, end: int) -> Fp8Tensor:
@@ -59,13 +63,17 @@ class _Fp8GroupedMM(torch.autograd.Function):
         counts = [int(c) for c in tokens_per_expert.tolist()] if blockwise else None
         # Quantised as stored, [E, K, M] (what dgrad contracts over M); the forward's [E, M, K]
         # is its FP8 transpose (1 byte per element moved, not 2).
-        wq = meta.quantize("weight", w)
-        xq, wq_fwd = meta.quantize("input", x), transpose(wq)
+        wq, wq_fwd = meta.weight(w)
+        xq = meta.quantize("input", x)
         if blockwise:
             out = _blockwise_mm(gemm, xq, wq_fwd, counts, x.dtype)
-            ctx.save_for_backward(x, wq.data, wq.scale_inv, tokens_per_expert)
         else:
             out = gemm.grouped_mm(xq, wq_fwd, tokens_per_expert, x.dtype, fast_accum=True)
+        # The wgrad's operand: x itself (blockwise tiles it along the tokens; without FP8
+        # wgrad it stays in x's precision), else the FP8 x.
+        if blockwise or not meta.recipe.wgrad:
+            ctx.save_for_backward(x, x.new_empty(0), wq.data, wq.scale_inv, tokens_per_expert)
+        else:
             ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv,
                                   tokens_per_expert)
         ctx.meta, ctx.counts, ctx.layout, ctx.wdtype = meta, counts, wq.layout, w.dtype
@@ -77,16 +85,21 @@ class _Fp8GroupedMM(torch.autograd.Function):
         gemm = meta.gemm(dy.device)
         dy = dy.contiguous()
         dyq = meta.quantize("grad", dy)
+        x_data, x_scale, w_data, w_scale, tpe = ctx.saved_tensors
+        wq_t = Fp8Tensor(w_data, w_scale, ctx.layout)  # [E, K, M]
         if counts is not None:
-            x, w_data, w_scale, tpe = ctx.saved_tensors
-            wq_t = Fp8Tensor(w_data, w_scale, ctx.layout)  # [E, K, M]
             dx = _blockwise_mm(gemm, dyq, wq_t, counts, dy.dtype)
-            dw = _blockwise_wgrad(gemm, x, dy, counts, meta, ctx.wdtype)
         else:
-            x_data, x_scale, w_data, w_scale, tpe = ctx.saved_tensors
-            wq_t = Fp8Tensor(w_data, w_scale, ctx.layout)
             dx = gemm.grouped_mm(dyq, wq_t, tpe, dy.dtype)
-            dw = gemm.grouped_wgrad(Fp8Tensor(x_data, x_scale, "tensor"), dyq, tpe, ctx.wdtype)
+        if not meta.recipe.wgrad:  # --no-fp8-wgrad
+            dw = grouped_wgrad(x_data, dy, tpe).to(ctx.wdtype)
+        elif counts is not None:
+            dw = _blockwise_wgrad(gemm, x_data, dy, counts, meta, ctx.wdtype)
+        else:
+            rows, ends = group_row_map(tpe, dy.shape[0], dy.device)
+            xq = Fp8Tensor(x_data, x_scale, "tensor")
+            dw = gemm.grouped_wgrad(meta.transpose(xq, rows), meta.transpose(dyq, rows), ends,
+                                    ctx.wdtype)  # [E, K, M], as w
         return dx, dw, None, None
 
 

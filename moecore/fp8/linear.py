@@ -4,7 +4,9 @@ Forward ``x [..., K] @ W [N, K]^T``; dgrad ``dx = dy @ W`` (``W`` re-laid ``[K, 
 ``dW = dy^T @ x`` (contraction over tokens). Tensorwise/delayed: the forward's FP8 ``x`` and
 ``W`` are reused transposed. Blockwise: the forward also quantises ``x`` along the tokens (1x128
 tiles of ``x^T``, tokens zero-padded to a multiple of 128) for the wgrad; ``dy`` is quantised
-both ways in backward. Outputs and gradients come back in the input / weight dtype.
+both ways in backward. ``--no-fp8-wgrad``: the wgrad runs in ``x``'s precision on ``x`` as it
+is. The weight and its transpose come from :meth:`Fp8Meta.weight` (cached per optimizer step
+where allowed). Outputs and gradients come back in the input / weight dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moecore.fp8.scaling import Fp8Meta
-from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, pad_fp8, transpose
+from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, padded_row_map
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -32,44 +34,39 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, meta: Fp8Meta):
         x2 = x.reshape(-1, x.shape[-1])
         gemm = meta.gemm(x.device)
-        xq, wq = meta.quantize("input", x2), meta.quantize("weight", weight)
+        xq, (wq, wq_t) = meta.quantize("input", x2), meta.weight(weight)
         out = gemm.mm(xq, wq, x.dtype, fast_accum=True)
-        if meta.recipe.recipe == "blockwise":
+        if not meta.recipe.wgrad:  # --no-fp8-wgrad: the wgrad takes x as it is
+            xq = Fp8Tensor(x2, x2.new_empty(0), "none")
+        elif meta.recipe.recipe == "blockwise":
             xq = meta.tiles("input", pad_rows(x2, BLOCK).t())
-        ctx.meta, ctx.layouts = meta, (xq.layout, wq.layout)
+        ctx.meta, ctx.layouts = meta, (xq.layout, wq_t.layout)
         ctx.x_shape, ctx.wdtype = x.shape, weight.dtype
-        ctx.save_for_backward(*_pack(xq), *_pack(wq))
+        ctx.save_for_backward(*_pack(xq), *_pack(wq_t))
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         meta, x_shape = ctx.meta, ctx.x_shape
-        xq, wq = Fp8Tensor(x_data, x_scale, ctx.layouts[0]), Fp8Tensor(w_data, w_scale,
-                                                                       ctx.layouts[1])
+        xq, wq_t = Fp8Tensor(x_data, x_scale, ctx.layouts[0]), Fp8Tensor(w_data, w_scale,
+                                                                         ctx.layouts[1])
         gemm = meta.gemm(dy.device)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyq = meta.quantize("grad", dy2)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = gemm.mm(dyq, transpose(wq), dy.dtype).reshape(x_shape)
+            dx = gemm.mm(dyq, wq_t, dy.dtype).reshape(x_shape)
         if ctx.needs_input_grad[1]:
-            if meta.recipe.recipe == "blockwise":
+            if not meta.recipe.wgrad:
+                dw = (dy2.t() @ x_data).to(ctx.wdtype)
+            elif meta.recipe.recipe == "blockwise":
                 dy_t = meta.tiles("grad", pad_rows(dy2, BLOCK).t())
                 dw = gemm.mm(dy_t, xq, ctx.wdtype)
-            else:
-                dw = gemm.mm(_pad_t(transpose(dyq)), _pad_t(transpose(xq)), ctx.wdtype)
+            else:  # tokens zero-padded to a multiple of 16, as FP8 GEMMs need
+                rows = padded_row_map(dy2.shape[0], 16, dy.device)
+                dw = gemm.mm(meta.transpose(dyq, rows), meta.transpose(xq, rows), ctx.wdtype)
         return dx, dw, None
-
-
-def _pad_t(t: Fp8Tensor) -> Fp8Tensor:
-    """A tensorwise ``[N, T]`` operand with T zero-padded to a multiple of 16 (FP8 GEMMs need
-    it; zeros add nothing)."""
-    pad = -t.data.shape[-1] % 16
-    if not pad:
-        return t
-    data = pad_fp8(t.data, (0, pad))
-    return Fp8Tensor(data, t.scale_inv, t.layout)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -25,6 +25,7 @@ class Fp8Recipe:
     amax_compute_algo: str = "most_recent"
     gemm_backend: str = "auto"
     cast_backend: str = "auto"
+    wgrad: bool = True
 
     @classmethod
     def from_config(cls, config) -> Fp8Recipe | None:
@@ -32,7 +33,7 @@ class Fp8Recipe:
             return None
         return cls(config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len,
                    config.fp8_amax_compute_algo, config.fp8_gemm_backend,
-                   config.fp8_cast_backend)
+                   config.fp8_cast_backend, config.fp8_wgrad)
 
     @property
     def fwd_dtype(self) -> torch.dtype:

@@ -21,10 +21,39 @@ from torch import nn
 
 from moecore.fp8.recipe import Fp8Recipe
 from moecore.kernels.fp8_gemm import select_fp8_gemm
-from moecore.kernels.fp8_quant import FP8_CAST, Fp8Tensor, quantize_blocks, scale_from_amax
+from moecore.kernels.fp8_quant import (
+    FP8_CAST,
+    Fp8Casts,
+    Fp8Tensor,
+    quantize_blocks,
+    scale_from_amax,
+)
 from moecore.kernels.fp8_quant import amax as tensor_amax
 
 ROLES = ("input", "weight", "grad")
+
+
+class WeightCache:
+    """Whether FP8 copies of weights may be reused across calls, and the weights' generation.
+
+    Off by default: every call quantises its weight. A training loop that owns the optimizer
+    turns it on (:meth:`enable`) and calls :meth:`weights_changed` after every optimizer step
+    and checkpoint load; then each weight is quantised (and transposed) once per step, not once
+    per micro-batch, as Transformer Engine does. Never reused: under the ``delayed`` recipe
+    (its scale follows the amax history) and while a CUDA graph is being captured (the graph
+    must hold the casts it replays)."""
+
+    enabled = False
+    generation = 0
+
+    @classmethod
+    def enable(cls, on: bool = True) -> None:
+        cls.enabled = on
+        cls.weights_changed()
+
+    @classmethod
+    def weights_changed(cls) -> None:
+        cls.generation += 1
 
 
 def reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
@@ -53,6 +82,7 @@ class Fp8Meta(nn.Module):
                 self.register_buffer(f"amax_history_{role}",
                                      torch.zeros(recipe.amax_history_len, n), persistent=False)
         self._gemm, self._casts = {}, {}
+        self._weight_cache = None  # (key, (wq, wq_t))
 
     def gemm(self, device: torch.device):
         """The :class:`~moecore.kernels.fp8_gemm.Fp8Gemm` of the requested backend on
@@ -62,15 +92,34 @@ class Fp8Meta(nn.Module):
                                                  self.recipe.recipe, self.grouped).fn
         return self._gemm[device]
 
-    def casts(self, device: torch.device):
-        """``(quantize_tensor, quantize_tiles)`` of the requested cast backend on ``device``."""
+    def casts(self, device: torch.device) -> Fp8Casts:
+        """The casts and transpose of the requested cast backend on ``device``."""
         if device not in self._casts:
             self._casts[device] = FP8_CAST.select(self.recipe.cast_backend, device=device).fn
         return self._casts[device]
 
+    def transpose(self, t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
+        """:func:`~moecore.kernels.fp8_quant.transpose` on the cast backend."""
+        return self.casts(t.data.device).transpose(t, rows)
+
     def tiles(self, role: str, x: torch.Tensor) -> Fp8Tensor:
         """``x [..., K]`` in 1x128 tiles along K, in ``role``'s FP8 dtype (current amax)."""
-        return self.casts(x.device)[1](x, self.dtype(role), self.recipe.margin)
+        return self.casts(x.device).quantize_tiles(x, self.dtype(role), self.recipe.margin)
+
+    def weight(self, w: torch.Tensor) -> tuple[Fp8Tensor, Fp8Tensor]:
+        """``(wq, wq_t)``: ``w`` (``[N, K]``, or ``[E, N, K]`` per expert) quantised as stored
+        and its FP8 transpose; reused while :class:`WeightCache` allows it."""
+        key = (w.data_ptr(), w._version, w.device, WeightCache.generation)
+        cached = self._weight_cache
+        if cached is not None and cached[0] == key and WeightCache.enabled:
+            return cached[1]
+        wq = self.quantize("weight", w)
+        pair = (wq, self.transpose(wq))
+        self._weight_cache = None
+        if (WeightCache.enabled and self.recipe.recipe != "delayed"
+                and not (w.is_cuda and torch.cuda.is_current_stream_capturing())):
+            self._weight_cache = (key, pair)
+        return pair
 
     def dtype(self, role: str) -> torch.dtype:
         """FP8 dtype of ``role``. The experts' grouped GEMMs (tensorwise/delayed) take E4M3 for
@@ -90,7 +139,8 @@ class Fp8Meta(nn.Module):
         amax = reduce_amax(tensor_amax(x, (1, 2) if per_expert else None), self.group)
         if self.recipe.recipe == "delayed":
             amax = self._delayed_amax(role, amax)
-        return self.casts(x.device)[0](x, scale_from_amax(amax, dtype, margin), dtype)
+        return self.casts(x.device).quantize_tensor(x, scale_from_amax(amax, dtype, margin),
+                                                    dtype)
 
     @torch.no_grad()
     def _delayed_amax(self, role: str, amax_now: torch.Tensor) -> torch.Tensor:

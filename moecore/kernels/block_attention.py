@@ -13,12 +13,16 @@ out_2 exp(lse_2 - lse)``. The backward of one block needs only the final ``out``
 ``P = exp(q k^T s - lse)``, ``dv = P^T do``, ``dS = P (do v^T - rowsum(do * out))``,
 ``dq = dS k s``, ``dk = dS^T q s``.
 
-Registry ``BLOCK_ATTENTION``: ``flash`` (PyTorch's FlashAttention-2 forward/backward ops, CUDA,
-fp16/bf16, ``d == dv``), ``torch`` (the fp32 reference above, any device).
+Registry ``BLOCK_ATTENTION``, in ``auto`` order: ``cudnn`` (cuDNN's fused attention ops, CUDA,
+fp16/bf16, ``d == dv <= 128``), ``flash`` (PyTorch's FlashAttention-2 ops, ``d == dv <= 256``),
+``torch`` (the fp32 reference above, any device). A fused backend is offered only after a
+self-check against the reference on this GPU (once per device, dtype and head dim). Fused
+backwards return gradients in ``q``'s dtype; the ring accumulates them in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,15 +33,17 @@ from moecore.backends import Backend, BackendRegistry, always_available
 def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, out_b: torch.Tensor,
                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a partial result ``(out_b [B, h, S, dv], lse_b [B, h, S])`` into the running one
-    (``None`` at first); returns ``(out, lse)`` in fp32 (fp64 for fp64 inputs)."""
-    out_b, lse_b = _acc(out_b), _acc(lse_b)
+    **in place** (``out``/``lse`` may be views of a larger accumulator); at first (``None``)
+    returns fp32 copies (fp64 for fp64 inputs) to accumulate into."""
     if out is None:
-        return out_b, lse_b
+        return to_acc(out_b, copy=True), to_acc(lse_b, copy=True)
     new = torch.logaddexp(lse, lse_b)
     # A row that has seen no key yet has lse = -inf on both sides: keep it at zero weight.
-    w_a = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
-    w_b = torch.exp(lse_b - new).nan_to_num(0.0).unsqueeze(-1)
-    return out * w_a + out_b * w_b, new
+    w_a = torch.exp(lse - new).nan_to_num_(0.0).unsqueeze(-1)
+    w_b = torch.exp(lse_b - new).nan_to_num_(0.0).unsqueeze(-1)
+    out.mul_(w_a).addcmul_(out_b, w_b)
+    lse.copy_(new)
+    return out, lse
 
 
 def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -46,18 +52,19 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _fold_kv_grad(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[B, h, S, d]`` gradient of repeated kv heads -> ``[B, hk, S, d]`` (summed per group)."""
+    """``[B, h, S, d]`` gradient of repeated kv heads -> ``[B, hk, S, d]`` (summed per group in
+    fp32; unchanged without GQA)."""
     B, h, S, d = g.shape
-    return g if h == kv_heads else g.view(B, kv_heads, h // kv_heads, S, d).sum(2)
+    return g if h == kv_heads else to_acc(g).view(B, kv_heads, h // kv_heads, S, d).sum(2)
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
+def to_acc(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
     """``t`` in the reference's accumulation precision: fp32, or fp64 for fp64 inputs."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t.to(torch.promote_types(t.dtype, torch.float32), copy=copy)
 
 
 def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
-    s = torch.matmul(_acc(q), _acc(_expand_kv(k, q.shape[1])).transpose(-1, -2)) * scale
+    s = torch.matmul(to_acc(q), to_acc(_expand_kv(k, q.shape[1])).transpose(-1, -2)) * scale
     if causal:
         Sq, Sk = s.shape[-2:]
         s = s.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool, device=s.device).triu(1),
@@ -72,7 +79,7 @@ def block_attention_forward_torch(q, k, v, causal: bool, scale: float | None = N
     s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
-    out = torch.matmul(p, _acc(_expand_kv(v, q.shape[1])))
+    out = torch.matmul(p, to_acc(_expand_kv(v, q.shape[1])))
     return out.to(q.dtype), lse
 
 
@@ -82,14 +89,14 @@ def block_attention_backward_torch(dout, q, k, v, out, lse, causal: bool,
     ``(dq, dk, dv)`` in fp32 (fp64 for fp64 inputs), shaped like ``q, k, v``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     hk = k.shape[1]
-    p = torch.exp(_scores(q, k, causal, scale) - _acc(lse).unsqueeze(-1))
-    do = _acc(dout)
+    p = torch.exp(_scores(q, k, causal, scale) - to_acc(lse).unsqueeze(-1))
+    do = to_acc(dout)
     dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, _acc(_expand_kv(v, q.shape[1])).transpose(-1, -2))
-    delta = (do * _acc(out)).sum(-1, keepdim=True)
+    dp = torch.matmul(do, to_acc(_expand_kv(v, q.shape[1])).transpose(-1, -2))
+    delta = (do * to_acc(out)).sum(-1, keepdim=True)
     ds = p * (dp - delta) * scale
-    dq = torch.matmul(ds, _acc(_expand_kv(k, q.shape[1])))
-    dk = torch.matmul(ds.transpose(-1, -2), _acc(q))
+    dq = torch.matmul(ds, to_acc(_expand_kv(k, q.shape[1])))
+    dk = torch.matmul(ds.transpose(-1, -2), to_acc(q))
     return dq, _fold_kv_grad(dk, hk), _fold_kv_grad(dv, hk)
 
 
@@ -104,7 +111,7 @@ def block_attention_forward_flash(q, k, v, causal: bool, scale: float | None = N
 def block_attention_backward_flash(dout, q, k, v, out, lse, causal: bool,
                                    scale: float | None = None):
     """FlashAttention-2 backward (``aten._scaled_dot_product_flash_attention_backward``) given
-    the merged ``out``/``lse``; kv-head gradients summed per group, all fp32."""
+    the merged ``out``/``lse``; gradients in ``q``'s dtype (kv heads folded in fp32 under GQA)."""
     h, hk = q.shape[1], k.shape[1]
     Sq, Sk = q.shape[2], k.shape[2]
     # No cumulative sequence lengths (None: dense batch; a defined tensor selects the varlen
@@ -114,22 +121,89 @@ def block_attention_backward_flash(dout, q, k, v, out, lse, causal: bool,
         dout.to(q.dtype).contiguous(), q, _expand_kv(k, h), _expand_kv(v, h),
         out.to(q.dtype).contiguous(), lse.float().contiguous(), None, None, Sq, Sk, 0.0,
         causal, zero, zero, scale=scale)
-    return dq.float(), _fold_kv_grad(dk.float(), hk), _fold_kv_grad(dv.float(), hk)
+    return dq, _fold_kv_grad(dk, hk), _fold_kv_grad(dv, hk)
 
 
-def _flash_available(device=None, dtype=None, head_dims=None, **ctx) -> tuple[bool, str]:
+def block_attention_forward_cudnn(q, k, v, causal: bool, scale: float | None = None):
+    """cuDNN's fused attention forward (``aten._scaled_dot_product_cudnn_attention``)."""
+    h = q.shape[1]
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, _expand_kv(k, h), _expand_kv(v, h), None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].reshape(q.shape[:3])  # cuDNN's stats are [B, h, Sq, 1]
+
+
+def block_attention_backward_cudnn(dout, q, k, v, out, lse, causal: bool,
+                                   scale: float | None = None):
+    """cuDNN's fused attention backward given the merged ``out``/``lse``; gradients in ``q``'s
+    dtype (kv heads folded in fp32 under GQA)."""
+    h, hk = q.shape[1], k.shape[1]
+    B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    # Strided views (a chunk of the local sequence) go in as they are: cuDNN takes strides,
+    # and PyTorch matches dout's layout to out's.
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.to(q.dtype), q, _expand_kv(k, h), _expand_kv(v, h), out.to(q.dtype),
+        lse.float().reshape(B, h, Sq, 1).contiguous(), zero, zero, None, None, None, Sq, Sk,
+        0.0, causal, scale=scale)
+    return dq, _fold_kv_grad(dk, hk), _fold_kv_grad(dv, hk)
+
+
+def _fused_ok(name: str, device, dtype, head_dims, max_head_dim: int) -> tuple[bool, str]:
     if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return False, "FlashAttention-2 block attention needs a CUDA device"
+        return False, f"{name} block attention needs a CUDA device"
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return False, f"FlashAttention-2 takes fp16/bf16, not {dtype}"
-    if head_dims is not None and (head_dims[0] != head_dims[1] or head_dims[0] > 256):
-        return False, f"FlashAttention-2 needs equal q/v head dims <= 256, got {head_dims}"
+        return False, f"{name} takes fp16/bf16, not {dtype}"
+    if head_dims is not None and (head_dims[0] != head_dims[1] or head_dims[0] > max_head_dim):
+        return False, f"{name} needs equal q/v head dims <= {max_head_dim}, got {head_dims}"
     return True, ""
+
+
+@functools.cache
+def _self_check(name: str, device: str, dtype: torch.dtype, d: int) -> str:
+    """Run backend ``name`` on a small causal and a small full block (forward and backward
+    given the merged out/lse) against the fp32 reference; '' when it agrees, else why not."""
+    fwd, bwd = BLOCK_ATTENTION.get(name).fn
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 256, d, device=device, generator=g).to(dtype)
+                     for _ in range(4))
+    try:  # a causal block, a full one, and a full one of strided chunk views (as the ring)
+        for causal, qs, ks in ((True, slice(0, 256), slice(0, 256)),
+                               (False, slice(0, 256), slice(0, 128)),
+                               (False, slice(128, 256), slice(0, 256))):
+            qb, kb, vb, db = q[:, :, qs], k[:, :, ks], v[:, :, ks], dout[:, :, qs]
+            out, lse = fwd(qb, kb, vb, causal, None)
+            ref_out, ref_lse = block_attention_forward_torch(qb, kb, vb, causal)
+            ref_out = torch.cat([ref_out, ref_out], 2)[:, :, :qb.shape[2]]  # a strided view
+            got = [out, lse, *bwd(db, qb, kb, vb, ref_out, ref_lse, causal)]
+            ref = [ref_out, ref_lse, *block_attention_backward_torch(
+                db, qb, kb, vb, ref_out, ref_lse, causal)]
+            for a, b in zip(got, ref):
+                err = (a.float() - b.float()).abs().max().item()
+                if not err <= 5e-2 * max(1.0, b.float().abs().max().item()):
+                    return f"{name} disagrees with the fp32 reference here (max error {err:.3g})"
+    except RuntimeError as e:
+        return f"{name} failed on this GPU: {str(e).strip().splitlines()[0]}"
+    return ""
+
+
+def _fused_available(name: str, max_head_dim: int):
+    def probe(device=None, dtype=None, head_dims=None, **ctx) -> tuple[bool, str]:
+        ok, why = _fused_ok(name, device, dtype, head_dims, max_head_dim)
+        if ok and dtype is not None and head_dims is not None:
+            why = _self_check(name, str(torch.device(device)), dtype, head_dims[0])
+            ok = not why
+        return ok, why
+    return probe
 
 
 BLOCK_ATTENTION = BackendRegistry("block_attention", flag="--attention-backend")
 BLOCK_ATTENTION.register(Backend(
-    "flash", _flash_available, (block_attention_forward_flash, block_attention_backward_flash),
+    "cudnn", _fused_available("cudnn", 128),
+    (block_attention_forward_cudnn, block_attention_backward_cudnn),
+    description="cuDNN's fused attention forward/backward ops (CUDA, fp16/bf16)"))
+BLOCK_ATTENTION.register(Backend(
+    "flash", _fused_available("flash", 256),
+    (block_attention_forward_flash, block_attention_backward_flash),
     description="PyTorch's FlashAttention-2 forward/backward ops (CUDA, fp16/bf16)"))
 BLOCK_ATTENTION.register(Backend(
     "torch", always_available, (block_attention_forward_torch, block_attention_backward_torch),

@@ -5,8 +5,10 @@ Each backend of :data:`FP8_GEMM` is an :class:`Fp8Gemm` with
 - ``mm(a [M, K], b [N, K], out_dtype) -> a @ b^T [M, N]``;
 - ``grouped_mm(a [T, K], b [E, N, K], tokens_per_expert [E], out_dtype) -> [T, N]`` (row block
   ``e`` times ``b[e]^T``; ``tensor`` layout, one scale for ``a``, one per expert for ``b``);
-- ``grouped_wgrad(dy [T, N], x [T, K], tokens_per_expert, out_dtype) -> [E, N, K]``
-  (``dy_e^T @ x_e``; ``tensor`` layout, one scale each).
+- ``grouped_wgrad(dy_t [N, P], x_t [K, P], ends [E], out_dtype) -> [E, N, K]``
+  (``dy_e^T @ x_e``; ``tensor`` layout, one scale each): the operands transposed, their rows
+  re-laid by :func:`~moecore.kernels.fp8_quant.group_row_map` (expert ``e`` owns columns
+  ``ends[e-1]:ends[e]``, at least 16 of them, zeros past its tokens).
 
 Backends:
 
@@ -33,11 +35,13 @@ from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels.fp8_quant import (
     Fp8Tensor,
     dequantize,
+    group_row_map,
     pad_fp8,
     quantize_blocks,
     quantize_tensor,
     quantize_tiles,
     scale_from_amax,
+    transpose,
 )
 
 FP8_GEMM = BackendRegistry("fp8_gemm", flag="--fp8-gemm-backend")
@@ -70,10 +74,14 @@ def _emulated_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtyp
     return torch.cat(out).to(out_dtype) if out else x.new_zeros(0, w.shape[1], dtype=out_dtype)
 
 
-def _emulated_grouped_wgrad(dy: Fp8Tensor, x: Fp8Tensor, tokens_per_expert, out_dtype):
-    splits = _splits(tokens_per_expert)
-    dys, xs = torch.split(dequantize(dy), splits), torch.split(dequantize(x), splits)
-    return torch.stack([g.t() @ r for g, r in zip(dys, xs)]).to(out_dtype)
+def _group_bounds(ends: torch.Tensor) -> list[tuple[int, int]]:
+    stops = [int(c) for c in ends.tolist()]
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def _emulated_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype):
+    g, x = dequantize(dy_t), dequantize(x_t)
+    return torch.stack([g[:, a:b] @ x[:, a:b].t() for a, b in _group_bounds(ends)]).to(out_dtype)
 
 
 EMULATED = Fp8Gemm(_emulated_mm, _emulated_grouped_mm, _emulated_grouped_wgrad)
@@ -156,35 +164,15 @@ def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
     return out.to(out_dtype)
 
 
-def _pad_groups(data: torch.Tensor, tokens_per_expert: torch.Tensor):
-    """Rows of ``data [T, C]`` (grouped by expert) moved so that every group starts at a row
-    that is a multiple of 16, with zero rows between: ``(padded [P, C], offs [E])`` with ``P =
-    round_up(T + 15 E, 16)``. FP8 GEMMs need the contraction dim (here each group's rows) and
-    the row stride in multiples of 16 bytes; zeros add nothing. ``P`` needs no host sync."""
-    counts = tokens_per_expert.to(data.device, torch.int64)
-    e, t = counts.shape[0], data.shape[0]
-    padded_counts = (counts + 15) // 16 * 16
-    ends = torch.cumsum(padded_counts, 0)
-    shift = (ends - padded_counts) - (torch.cumsum(counts, 0) - counts)  # per group
-    expert = torch.repeat_interleave(torch.arange(e, device=data.device), counts, output_size=t)
-    rows = torch.arange(t, device=data.device) + shift[expert]
-    out = data.new_zeros(-(-(t + 15 * e) // 16) * 16, data.shape[1], dtype=torch.uint8)
-    out[rows] = data.view(torch.uint8)
-    return out.view(data.dtype), ends.to(torch.int32)
-
-
-def _torch_grouped_wgrad(dy: Fp8Tensor, x: Fp8Tensor, tokens_per_expert, out_dtype):
-    n, k, e = dy.shape[1], x.shape[1], tokens_per_expert.shape[0]
-    sa = dy.scale_inv.float().reshape(1).expand(e * n).contiguous()
-    sb = x.scale_inv.float().reshape(1).expand(e * k).contiguous()
-    dy_p, offs = _pad_groups(dy.data, tokens_per_expert)
-    x_p, _ = _pad_groups(x.data, tokens_per_expert)
-    out = torch._scaled_grouped_mm(dy_p.t().contiguous(), x_p.t().contiguous().t(), sa, sb,
-                                   offs=offs, out_dtype=torch.bfloat16)
-    # Experts without rows: the kernel may leave their block unwritten (as for bf16, see
-    # moecore.kernels.grouped_gemm); zero them.
-    empty = (tokens_per_expert == 0).to(out.device)
-    return out.masked_fill_(empty[:, None, None], 0).to(out_dtype)
+def _torch_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype):
+    (n, _), k, e = dy_t.shape, x_t.shape[0], ends.shape[0]
+    sa = dy_t.scale_inv.float().reshape(1).expand(e * n).contiguous()
+    sb = x_t.scale_inv.float().reshape(1).expand(e * k).contiguous()
+    # Every group spans >= 16 columns (zeros for an expert without tokens), so the kernel
+    # writes every expert's block.
+    out = torch._scaled_grouped_mm(dy_t.data, x_t.data.t(), sa, sb, offs=ends,
+                                   out_dtype=torch.bfloat16)
+    return out.to(out_dtype)
 
 
 TORCH = Fp8Gemm(_torch_mm, _torch_grouped_mm, _torch_grouped_wgrad)
@@ -224,7 +212,14 @@ def _probe(device: torch.device, what: str) -> str:
             _torch_grouped_mm(q, w, counts, torch.bfloat16)
             dy = quantize_tensor(torch.randn(200, 128, device=device),
                                  torch.ones((), device=device), dt)
-            _torch_grouped_wgrad(dy, q, counts, torch.bfloat16)
+            rows, ends = group_row_map(counts, 200, device)
+            got = _torch_grouped_wgrad(transpose(dy, rows), transpose(q, rows), ends,
+                                       torch.float32)
+            ref = _emulated_grouped_wgrad(transpose(dy, rows), transpose(q, rows), ends,
+                                          torch.float32)
+            err = ((got - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                raise RuntimeError(f"grouped FP8 wgrad off by {err:.3g} (relative)")
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot run here"
         text = str(exc).strip()

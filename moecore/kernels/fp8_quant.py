@@ -11,9 +11,10 @@ three layouts, always with the GEMM's contraction dimension last (``K``):
 - ``block`` (DeepSeek-V3's weights): one scale per 128x128 block,
   ``scale_inv [..., M/128, K/128]``.
 
-``quantize_tensor`` / ``quantize_tiles`` have two backends (:data:`FP8_CAST`, request
-``fp8_cast_backend`` / ``--fp8-cast-backend``): ``torch`` (the reference, any device) and
+``quantize_tensor`` / ``quantize_tiles`` / ``transpose`` have two backends (:data:`FP8_CAST`,
+request ``fp8_cast_backend`` / ``--fp8-cast-backend``): ``torch`` (the reference, any device) and
 ``triton`` (CUDA: one pass that reads ``x`` once and writes FP8, and for tiles the scales too;
+transposes move 1 byte per element in coalesced tiles, where PyTorch's strided copy is slow;
 the rounding to FP8 is done in fp32 arithmetic, round-to-nearest-even, so results are
 bit-identical to the reference and checkable under the Triton interpreter). The scale math
 follows Transformer Engine:
@@ -23,6 +24,7 @@ to ``[-fp8_max, fp8_max]`` before the cast (PyTorch's float8 casts do not satura
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,13 +137,59 @@ def dequantize(t: Fp8Tensor) -> torch.Tensor:
     return t.data.float() * expanded_scale_inv(t)
 
 
-def transpose(t: Fp8Tensor) -> Fp8Tensor:
-    """Swap the last two dims (contiguous copy of the data): valid for ``tensor`` and ``block``
-    layouts, whose scales do not depend on which dim is contracted."""
+def _check_rows(t: Fp8Tensor, rows: torch.Tensor | None) -> None:
     if t.layout == "tile":
         raise ValueError("a 1x128-tiled FP8 tensor cannot be transposed; requantise the source")
+    if rows is not None and (t.layout != "tensor" or t.data.dim() != 2):
+        raise ValueError("a row map needs a 2-D tensor-scaled FP8 tensor")
+
+
+def _transposed_scale(t: Fp8Tensor) -> torch.Tensor:
     scale = t.scale_inv.transpose(-2, -1) if t.layout == "block" else t.scale_inv
-    return Fp8Tensor(t.data.transpose(-2, -1).contiguous(), scale.contiguous(), t.layout)
+    return scale.contiguous()
+
+
+def transpose(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
+    """Swap the last two dims of ``t`` (``tensor`` or ``block`` layout, whose scales do not
+    depend on which dim is contracted): ``[..., R, C] -> [..., C, R]``, contiguous.
+
+    ``rows [P]`` (int, 2-D ``tensor`` layout only) also re-lays the rows first: output column
+    ``p`` is row ``rows[p]`` of ``t``, or zeros where ``rows[p] < 0`` -> ``[C, P]``
+    (:func:`group_row_map`, :func:`padded_row_map`)."""
+    _check_rows(t, rows)
+    data = t.data
+    if rows is not None:
+        u = data.view(torch.uint8).index_select(0, rows.clamp_min(0).long())
+        data = torch.where((rows >= 0)[:, None], u, 0).view(data.dtype)
+    return Fp8Tensor(data.transpose(-2, -1).contiguous(), _transposed_scale(t), t.layout)
+
+
+def padded_row_map(rows: int, multiple: int, device) -> torch.Tensor:
+    """``[P]`` int32 row map of :func:`transpose`: rows ``0..rows-1`` then ``-1`` (zeros) up
+    to ``P``, the next multiple of ``multiple``."""
+    total = -(-rows // multiple) * multiple
+    return torch.where(torch.arange(total, device=device) < rows,
+                       torch.arange(total, device=device, dtype=torch.int32), -1).int()
+
+
+def group_row_map(tokens_per_expert: torch.Tensor, rows: int, device,
+                  multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows grouped by expert (``tokens_per_expert [E]``, summing to ``rows``) re-laid so that
+    every group starts at a multiple of ``multiple`` and spans at least ``multiple`` rows (an
+    expert without tokens gets zero rows, so a grouped GEMM over them writes zeros): returns
+    ``(rows_map [P] int32, ends [E] int32)`` for :func:`transpose` and the grouped wgrad, with
+    ``P = multiple * (ceil(rows / multiple) + E)``, known without a host sync."""
+    counts = tokens_per_expert.to(device, torch.int64)
+    e = counts.shape[0]
+    padded = torch.clamp_min((counts + multiple - 1) // multiple * multiple, multiple)
+    ends = torch.cumsum(padded, 0)
+    shift = (ends - padded) - (torch.cumsum(counts, 0) - counts)  # per group
+    expert = torch.repeat_interleave(torch.arange(e, device=device), counts, output_size=rows)
+    dest = torch.arange(rows, device=device) + shift[expert]
+    total = multiple * (-(-rows // multiple) + e)
+    rows_map = torch.full((total,), -1, dtype=torch.int32, device=device)
+    rows_map[dest] = torch.arange(rows, device=device, dtype=torch.int32)
+    return rows_map, ends.to(torch.int32)
 
 
 # ---- Triton -----------------------------------------------------------------------------------
@@ -196,6 +244,39 @@ if HAVE_TRITON:
         tl.store(scale_inv_ptr + r * (k // TILE) + t, tl.math.div_rn(one, scale), mask=r < rows)
 
 
+    @triton.jit
+    def _transpose_kernel(src_ptr, rows_ptr, out_ptr, R, C, P, HAS_ROWS: tl.constexpr,
+                          BP: tl.constexpr, BC: tl.constexpr):
+        """``out[b, c, p] = src[b, rows[p], c]`` (0 where ``rows[p] < 0``; ``rows[p] = p``
+        without a map), bytes; loads along ``c`` and stores along ``p`` are both contiguous."""
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        b = tl.program_id(2).to(tl.int64)
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + p, mask=p < P, other=-1)
+        else:
+            r = tl.where(p < P, p, -1)
+        tile = tl.load(src_ptr + b * R * C + r.to(tl.int64)[:, None] * C + c[None, :],
+                       mask=(r >= 0)[:, None] & (c < C)[None, :], other=0)
+        tl.store(out_ptr + b * C * P + c.to(tl.int64)[:, None] * P + p[None, :], tl.trans(tile),
+                 mask=(c < C)[:, None] & (p < P)[None, :])
+
+
+def transpose_triton(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
+    """:func:`transpose` in one Triton pass (1 byte read and written per element)."""
+    _check_rows(t, rows)
+    data = t.data.contiguous().view(torch.uint8)
+    *lead, r, c = data.shape
+    p = r if rows is None else rows.shape[0]
+    out = torch.empty(*lead, c, p, dtype=torch.uint8, device=data.device)
+    batch = out.numel() // max(c * p, 1)
+    if out.numel():
+        rows_arg = data if rows is None else rows.to(torch.int32).contiguous()
+        _transpose_kernel[(triton.cdiv(p, 64), triton.cdiv(c, 64), batch)](
+            data, rows_arg, out, r, c, p, HAS_ROWS=rows is not None, BP=64, BC=64)
+    return Fp8Tensor(out.view(t.data.dtype), _transposed_scale(t), t.layout)
+
+
 def quantize_tensor_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Fp8Tensor:
     """:func:`quantize_tensor` in one Triton pass (the output is contiguous)."""
     xc = x.contiguous()
@@ -239,16 +320,37 @@ def _check_triton(device: torch.device) -> None:
         a, b = quantize_tiles_triton(x, dtype, 1), quantize_tiles(x, dtype, 1)
         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), f"tiles {dtype}"
         assert torch.equal(a.scale_inv, b.scale_inv), f"tile scales {dtype}"
+    q = quantize_tensor(x[:, :200], torch.tensor(3.0, device=device), torch.float8_e4m3fn)
+    rows = torch.tensor([4, -1, 0, 32, 7, -1, 1], device=device, dtype=torch.int32)
+    for r in (None, rows):
+        a, b = transpose_triton(q, r), transpose(q, r)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), "transpose"
+    w = quantize_blocks(x[:, :256].reshape(1, 33, 256)[:, :32].repeat(2, 4, 1),
+                        torch.float8_e4m3fn)
+    a, b = transpose_triton(w), transpose(w)
+    assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), "block transpose"
+    assert torch.equal(a.scale_inv, b.scale_inv), "block transpose scales"
 
 
 def _triton_available(device=None, **_) -> tuple[bool, str]:
     return checked_triton_available("fp8_cast", _check_triton, device, torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class Fp8Casts:
+    """The functions of one cast backend: :func:`quantize_tensor`, :func:`quantize_tiles` and
+    :func:`transpose` (same signatures)."""
+
+    quantize_tensor: Callable
+    quantize_tiles: Callable
+    transpose: Callable
+
+
 FP8_CAST = BackendRegistry("fp8_cast", flag="--fp8-cast-backend")
-# Each backend's fn: (quantize_tensor, quantize_tiles).
 FP8_CAST.register(Backend("triton", _triton_available,
-                          (quantize_tensor_triton, quantize_tiles_triton),
-                          description="one fused pass per cast (CUDA)"))
-FP8_CAST.register(Backend("torch", always_available, (quantize_tensor, quantize_tiles),
+                          Fp8Casts(quantize_tensor_triton, quantize_tiles_triton,
+                                   transpose_triton),
+                          description="one fused pass per cast or transpose (CUDA)"))
+FP8_CAST.register(Backend("torch", always_available,
+                          Fp8Casts(quantize_tensor, quantize_tiles, transpose),
                           description="torch ops (the reference)"))

@@ -309,3 +309,17 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
         # graph (zero gradient) so data-parallel gradient hooks still fire on this rank.
         return x @ w[0]
     return backend.fn(x, w, tokens_per_expert)
+
+
+def grouped_wgrad(x: torch.Tensor, dy: torch.Tensor,
+                  tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of :func:`grouped_mm` alone: ``x [N, K]``, ``dy [N, M]`` grouped by
+    ``tokens_per_expert [E]`` -> ``dw [E, K, M]`` (``x_e^T dy_e``; zeros for an expert without
+    rows). ``torch._grouped_mm`` on sm90+ in bf16, else one matmul per expert."""
+    fast = hasattr(torch, "_grouped_mm") and _torch_auto_ok(device=x.device, dtype=x.dtype)
+    if fast and _aligned(x, x.shape[1]) and _aligned(dy, dy.shape[1]) and x.shape[0]:
+        offs, empty = _offsets(tokens_per_expert, x.device)
+        return _torch_wgrad(x.contiguous(), dy.contiguous(), offs, empty,
+                            not _empty_groups_write_zeros(x.device))
+    counts = [int(c) for c in tokens_per_expert.tolist()]
+    return torch.stack([a.t() @ b for a, b in zip(x.split(counts), dy.split(counts))])

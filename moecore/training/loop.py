@@ -33,6 +33,7 @@ from moecore.checkpointing.guards import (
 )
 from moecore.checkpointing.run_lock import RunLock, acquire_run_lock
 from moecore.collectives import all_reduce_inplace, collective_failure, group_size
+from moecore.fp8.scaling import WeightCache
 from moecore.moe.losses import MoELossTracker
 from moecore.moe.router import TopKRouter, update_expert_bias
 from moecore.optimizer import (
@@ -334,6 +335,7 @@ def train_step(model, optimizer: MegatronOptimizer, scheduler, data_iterator,
     finalize_model_grads(chunks, ps, getattr(optimizer, "grad_sync", None))
     timer.mark("grad-sync")
     updated, grad_norm = optimizer.step()
+    WeightCache.weights_changed()
     timer.mark("optimizer")
     if args.num_experts is not None and args.moe_router_enable_expert_bias:
         update_expert_bias([m for c in chunks for m in c.modules()
@@ -425,6 +427,9 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
             loaded = load_checkpoint(model, optimizer, scheduler, checkpoints, ps)
             if loaded is not None:
                 run.restore(loaded)
+        # This loop owns the optimizer: FP8 weights are quantised once per step (weights_changed
+        # after each optimizer step), not once per micro-batch.
+        WeightCache.enable(bool(args.fp8))
         if not args.skip_train:
             on_rank0(check_no_overwrite, checkpoints, run.start_iteration, loaded is not None)
         run.log_startup(tokenizer)
@@ -450,6 +455,7 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
             raise
         raise failure from exc
     finally:
+        WeightCache.enable(False)
         if run is not None:
             run.close()
         mpu.destroy_model_parallel()

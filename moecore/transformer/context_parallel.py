@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moecore.kernels.attention import core_attention
-from moecore.kernels.block_attention import merge_partial, select_block_attention
+from moecore.kernels.block_attention import merge_partial, select_block_attention, to_acc
 
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
@@ -137,38 +137,38 @@ def _wait(reqs) -> None:
 
 def ring_step_forward(fwd, q, kv, src: int, rank: int, out, lse, scale: float):
     """Merge the attention of ``q`` (this rank's chunks) to ``kv`` = rank ``src``'s ``[k, v]``
-    into ``(out, lse)`` (``None`` before the first step, which must be ``src == rank``)."""
+    into ``(out, lse)`` in place (``None`` before the first step, which must be
+    ``src == rank`` and returns the fp32 accumulators)."""
     c = q.shape[2] // 2
     if src == rank:  # our own chunks: plain causal over the local layout
         return merge_partial(None, None, *fwd(q, kv[0], kv[1], True, scale))
     if src < rank:  # its first chunk precedes both of ours, its second follows both
         return merge_partial(out, lse, *fwd(q, kv[0][:, :, :c], kv[1][:, :, :c], False, scale))
     # both of its chunks precede our second chunk and follow our first
-    o2, l2 = merge_partial(out[:, :, c:], lse[:, :, c:],
-                           *fwd(q[:, :, c:], kv[0], kv[1], False, scale))
-    return torch.cat([out[:, :, :c], o2], 2), torch.cat([lse[:, :, :c], l2], 2)
+    merge_partial(out[:, :, c:], lse[:, :, c:], *fwd(q[:, :, c:], kv[0], kv[1], False, scale))
+    return out, lse
 
 
 def ring_step_backward(bwd, dout, q, kv, out, lse, src: int, rank: int, grads, scale: float):
     """Add the gradients of :func:`ring_step_forward`'s step with rank ``src``'s ``kv`` to
-    ``grads = [dq, dk, dv]`` (``dk``/``dv`` of that block; ``None`` at the first step, which
-    must be ``src == rank``); returns the list."""
+    ``grads = [dq, dk, dv]`` in place (fp32; ``dk``/``dv`` of that block; ``None`` at the first
+    step, which must be ``src == rank`` and returns new fp32 accumulators); returns the list."""
     c = q.shape[2] // 2
     if src == rank:
-        return list(bwd(dout, q, kv[0], kv[1], out, lse, True, scale))
+        return [to_acc(g, copy=True) for g in bwd(dout, q, kv[0], kv[1], out, lse, True, scale)]
     dq, dk, dv = grads
     if src < rank:
         gq, gk, gv = bwd(dout, q, kv[0][:, :, :c], kv[1][:, :, :c], out, lse, False, scale)
-        dq = dq + gq
-        dk[:, :, :c] += gk
-        dv[:, :, :c] += gv
+        dq.add_(gq)
+        dk[:, :, :c].add_(gk)
+        dv[:, :, :c].add_(gv)
     else:
         gq, gk, gv = bwd(dout[:, :, c:], q[:, :, c:], kv[0], kv[1], out[:, :, c:],
                          lse[:, :, c:], False, scale)
-        dq[:, :, c:] += gq
-        dk += gk
-        dv += gv
-    return [dq, dk, dv]
+        dq[:, :, c:].add_(gq)
+        dk.add_(gk)
+        dv.add_(gv)
+    return grads
 
 
 class RingAttention(torch.autograd.Function):

@@ -7,7 +7,13 @@ import torch
 
 from moecore.fp8 import Fp8Meta, Fp8Recipe, fp8_grouped_mm, fp8_linear
 from moecore.kernels.fp8_gemm import EMULATED, FP8_GEMM
-from moecore.kernels.fp8_quant import quantize_blocks, quantize_tensor, quantize_tiles
+from moecore.kernels.fp8_quant import (
+    group_row_map,
+    quantize_blocks,
+    quantize_tensor,
+    quantize_tiles,
+    transpose_triton,
+)
 
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU of compute capability >= 8.9")
@@ -58,8 +64,10 @@ def test_scaled_grouped_mm_matches_emulated():
     err = _rel(g.grouped_mm(qx, qw, counts, torch.float32),
                EMULATED.grouped_mm(qx, qw, counts.cpu(), torch.float32))
     assert err < 1e-2, err  # bf16 output
-    got = g.grouped_wgrad(qdy, qx, counts, torch.float32)
-    ref = EMULATED.grouped_wgrad(qdy, qx, counts.cpu(), torch.float32)
+    rows, ends = group_row_map(counts, 256, "cuda")
+    qx_t, qdy_t = transpose_triton(qx, rows), transpose_triton(qdy, rows)
+    got = g.grouped_wgrad(qdy_t, qx_t, ends, torch.float32)
+    ref = EMULATED.grouped_wgrad(qdy_t, qx_t, ends.cpu(), torch.float32)
     assert _rel(got, ref) < 1e-2 and got[1].abs().sum() == 0
 
 
@@ -107,15 +115,16 @@ def test_fp8_linear_and_grouped_close_to_bf16(recipe):
     _check(*_fp8_and_refs(rec, grouped), "grouped")
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "tensorwise+bf16wgrad"])
 def test_fp8_moe_layer_close_to_bf16(recipe):
-    from benchmarks.fp8_moe_layer import build  # noqa: PLC0415 - GPU-only helper
+    from benchmarks.fp8_moe_layer import build, parse_variant  # noqa: PLC0415 - GPU-only
 
     shape = dict(hidden=1024, ffn=512, experts=8, topk=2, tokens=2048)
     x = torch.randn(2048, 1, 1024, device="cuda", dtype=torch.bfloat16)
     outs = []
     for r, backend in ((recipe, "torch"), (recipe, "emulated"), (None, "torch")):
-        layer = build(shape, torch.device("cuda"), torch.bfloat16, r, backend)
+        layer = build(shape, torch.device("cuda"), torch.bfloat16,
+                      parse_variant(r) if r else None, backend)
         xr = x.clone().requires_grad_()
         out = layer(xr)[0]
         out.float().square().mean().backward()
@@ -139,3 +148,11 @@ def test_triton_casts_bit_identical_on_gpu():
         s = 448.0 / w.float().abs().amax((1, 2))
         a, b = Q.quantize_tensor_triton(w, s, dtype), Q.quantize_tensor(w, s, dtype)
         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+    q = Q.quantize_tensor(x, torch.tensor(3.0, device="cuda"), torch.float8_e4m3fn)
+    rows, _ = Q.group_row_map(torch.tensor([1000, 0, 3096], device="cuda"), 4096, "cuda")
+    for r in (None, rows):
+        a, b = Q.transpose_triton(q, r), Q.transpose(q, r)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+    wq = Q.quantize_tensor(w, torch.ones(8, device="cuda"), torch.float8_e4m3fn)
+    assert torch.equal(Q.transpose_triton(wq).data.view(torch.uint8),
+                       Q.transpose(wq).data.view(torch.uint8))

@@ -39,7 +39,24 @@ def check_shapes_and_groups(gen):
         assert Q.quantize_tiles_triton(empty, dtype).data.shape == (0, 256)
 
 
-CHECKS = {"self_check": check_self_check, "shapes_and_groups": check_shapes_and_groups}
+def check_transposes(gen):
+    """Transposes: batched expert weights (tensor and block scales), a row map with padding and
+    an empty group, sizes that do not fill a program."""
+    for dtype in Q.FP8_MAX:
+        w = Q.quantize_tensor(torch.randn(3, 70, 90, generator=gen), torch.tensor([1.0, 2, 3]),
+                              dtype)
+        _same(Q.transpose_triton(w), Q.transpose(w), f"weights {dtype}")
+        b = Q.quantize_blocks(torch.randn(2, 128, 256, generator=gen), dtype)
+        _same(Q.transpose_triton(b), Q.transpose(b), f"blocks {dtype}")
+        x = Q.quantize_tensor(torch.randn(75, 40, generator=gen), torch.tensor(2.0), dtype)
+        rows, _ = Q.group_row_map(torch.tensor([5, 0, 70]), 75, "cpu")
+        _same(Q.transpose_triton(x, rows), Q.transpose(x, rows), f"grouped rows {dtype}")
+        rows = Q.padded_row_map(75, 16, "cpu")
+        _same(Q.transpose_triton(x, rows), Q.transpose(x, rows), f"padded rows {dtype}")
+
+
+CHECKS = {"self_check": check_self_check, "shapes_and_groups": check_shapes_and_groups,
+          "transposes": check_transposes}
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
 from moecore.fp8 import Fp8Meta, Fp8Recipe, fp8_grouped_mm, fp8_linear, layer_uses_fp8
-from moecore.kernels.fp8_gemm import select_fp8_gemm
+from moecore.kernels.fp8_gemm import EMULATED, select_fp8_gemm
 from moecore.kernels.fp8_quant import (
+    Fp8Tensor,
     dequantize,
+    group_row_map,
+    padded_row_map,
     quantize_blocks,
+    quantize_tensor,
     quantize_tiles,
     scale_from_amax,
     transpose,
@@ -283,23 +287,46 @@ def test_fp8_flags(capsys):
 
 
 def test_triton_casts_bit_identical_under_interpreter():
-    assert_checks_pass("tests.unit.fp8_cast_checks", ("self_check", "shapes_and_groups"))
+    assert_checks_pass("tests.unit.fp8_cast_checks",
+                       ("self_check", "shapes_and_groups", "transposes"))
 
 
-def test_wgrad_groups_padded_to_16_rows():
-    from moecore.kernels.fp8_gemm import _pad_groups  # noqa: PLC0415 - the torch path's helper
+def test_group_row_map_pads_each_group_to_16_rows():
+    rows, ends = group_row_map(torch.tensor([3, 0, 17]), 20, "cpu")
+    # each group starts at a multiple of 16 and spans >= 16 rows (the empty expert too);
+    # P = 16 * (ceil(20 / 16) + 3) is known without a host sync
+    assert ends.tolist() == [16, 32, 64] and rows.shape == (80,)
+    assert rows[:3].tolist() == [0, 1, 2] and rows[32:49].tolist() == list(range(3, 20))
+    assert (rows[3:32] == -1).all() and (rows[49:] == -1).all()
 
+
+def test_transpose_with_a_row_map_regroups_and_zero_fills():
     x = (torch.randn(20, 4) * 10).to(E4)
-    padded, offs = _pad_groups(x, torch.tensor([3, 0, 17]))
-    # 20 + 3 * 15 rows rounded up to 16: the transposed operand's row stride is 16-byte aligned
-    assert offs.tolist() == [16, 16, 48] and padded.shape == (80, 4)
-    rows = padded.float()
-    assert torch.equal(rows[:3], x[:3].float()) and torch.equal(rows[16:33], x[3:].float())
-    assert rows[3:16].abs().sum() == 0 and rows[33:].abs().sum() == 0
+    q = Fp8Tensor(x, torch.tensor(0.5), "tensor")
+    rows, ends = group_row_map(torch.tensor([3, 0, 17]), 20, "cpu")
+    t = transpose(q, rows)
+    assert t.shape == (4, 80) and t.data.is_contiguous() and t.scale_inv.item() == 0.5
+    cols = t.data.float().t()
+    assert torch.equal(cols[:3], x[:3].float()) and torch.equal(cols[32:49], x[3:].float())
+    assert cols[3:32].abs().sum() == 0 and cols[49:].abs().sum() == 0
+    assert padded_row_map(20, 16, "cpu").tolist() == list(range(20)) + [-1] * 12
+
+
+def test_emulated_grouped_wgrad_on_regrouped_operands():
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([3, 0, 17])
+    x, dy = torch.randn(20, 8, generator=g), torch.randn(20, 6, generator=g)
+    qx, qdy = (quantize_tensor(t, torch.tensor(448.0) / t.abs().amax(), E4) for t in (x, dy))
+    rows, ends = group_row_map(counts, 20, "cpu")
+    got = EMULATED.grouped_wgrad(transpose(qx, rows), transpose(qdy, rows), ends, torch.float32)
+    xs, dys = (torch.split(dequantize(t), counts.tolist()) for t in (qx, qdy))
+    ref = torch.stack([a.t() @ b for a, b in zip(xs, dys)])
+    assert got.shape == (3, 8, 6) and got[1].abs().sum() == 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_k_padding_for_block_scales_adds_nothing():
-    from moecore.kernels.fp8_gemm import EMULATED, _pad_k  # noqa: PLC0415 - the torch path's helper
+    from moecore.kernels.fp8_gemm import _pad_k  # noqa: PLC0415 - the torch path's helper
 
     g = torch.Generator().manual_seed(5)
     a = quantize_tiles(torch.randn(40, 384, generator=g), E4)
@@ -307,3 +334,68 @@ def test_k_padding_for_block_scales_adds_nothing():
     pa, pb = _pad_k(a, 4), _pad_k(b, 4)
     assert pa.data.shape == (40, 512) and pb.scale_inv.shape == (2, 4)
     assert torch.equal(EMULATED.mm(pa, pb, torch.float32), EMULATED.mm(a, b, torch.float32))
+
+
+# ---- --no-fp8-wgrad and the per-step weight cache ---------------------------------------------
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_no_fp8_wgrad_keeps_weight_gradients_exact(recipe):
+    g = torch.Generator().manual_seed(4)
+    counts = torch.tensor([70, 0, 150, 36])
+    x, dy = torch.randn(256, 128, generator=g), torch.randn(256, 256, generator=g)
+    w = torch.randn(4, 128, 256, generator=g) * 0.1
+    wr, xr = w.clone().requires_grad_(), x.clone().requires_grad_()
+    fp8_grouped_mm(xr, wr, counts, Fp8Meta(_recipe(recipe, wgrad=False), num_weights=4,
+                                           grouped=True)).backward(dy)
+    ref = torch.stack([a.t() @ b for a, b in zip(x.split(counts.tolist()),
+                                                  dy.split(counts.tolist()))])
+    torch.testing.assert_close(wr.grad, ref, rtol=1e-5, atol=1e-5)  # no FP8 rounding
+    x2, w2 = torch.randn(40, 128, generator=g), torch.randn(256, 128, generator=g)
+    dy2 = torch.randn(40, 256, generator=g)
+    w2r, x2r = w2.clone().requires_grad_(), x2.clone().requires_grad_()
+    fp8_linear(x2r, w2r, None, Fp8Meta(_recipe(recipe, wgrad=False))).backward(dy2)
+    torch.testing.assert_close(w2r.grad, dy2.t() @ x2, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(x2r.grad, dy2 @ w2)  # dgrad still in FP8
+
+
+def test_no_fp8_wgrad_flag():
+    from moecore.arguments import parse_args  # noqa: PLC0415
+    from moecore.arguments.config_flags import transformer_config_from_args  # noqa: PLC0415
+
+    args = parse_args(BASE + ["--fp8-format", "hybrid", "--fp8-gemm-backend", "emulated",
+                              "--no-fp8-wgrad"])
+    assert transformer_config_from_args(args).fp8_wgrad is False
+    assert Fp8Recipe.from_config(transformer_config_from_args(args)).wgrad is False
+    assert parse_args(BASE).fp8_wgrad is True
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_weight_cache_quantises_once_per_step(recipe, monkeypatch):
+    from moecore.fp8.scaling import WeightCache  # noqa: PLC0415
+
+    meta = Fp8Meta(_recipe(recipe))
+    calls = []
+    real = meta.quantize
+    monkeypatch.setattr(meta, "quantize", lambda role, t: calls.append(role) or real(role, t))
+    w = torch.randn(256, 128)
+    x = torch.randn(32, 128)
+    try:
+        WeightCache.enable()
+        out1 = fp8_linear(x, w, None, meta)
+        out2 = fp8_linear(x, w, None, meta)
+        cached = 1 if recipe == "tensorwise" else 2  # delayed: the scale follows the history
+        assert calls.count("weight") == cached
+        with torch.no_grad():
+            w.mul_(2)  # an in-place change seen by the version counter
+        fp8_linear(x, w, None, meta)
+        assert calls.count("weight") == cached + 1
+        WeightCache.weights_changed()  # the optimizer stepped (through another view)
+        fp8_linear(x, w, None, meta)
+        assert calls.count("weight") == cached + 2
+        if recipe == "tensorwise":
+            assert torch.equal(out1, out2)
+        WeightCache.enable(False)
+        fp8_linear(x, w, None, meta)
+        fp8_linear(x, w, None, meta)
+        assert calls.count("weight") == cached + 4  # off: every call quantises
+    finally:
+        WeightCache.enable(False)
