@@ -49,8 +49,8 @@ CONTENDERS = ("moecore", "torchtitan", "megatron-core", "moecore-dense")
 # 79 GiB (docs/benchmarks.md: mbs 16 + CUDA graphs + selective recompute, 67 GiB).
 # torchtitan keeps fp32 weights (autocast) and Megatron-Core's unfused attention keeps
 # [mbs, heads, seq, seq] scores per layer: smaller micro-batches.
-GPU_DEFAULTS = {"moecore": (16, 150), "torchtitan": (8, 210), "megatron-core": (2, 240),
-                "moecore-dense": (16, 100)}
+GPU_DEFAULTS = {"moecore": (16, 120), "torchtitan": (8, 160), "megatron-core": (2, 200),
+                "moecore-dense": (16, 90)}
 MOECORE_FAST = ["--bf16", "--cuda-graph-impl", "local", "--cuda-graph-warmup-steps", "2",
                 "--recompute-granularity", "selective"]
 

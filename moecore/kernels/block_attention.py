@@ -13,9 +13,10 @@ out_2 exp(lse_2 - lse)``. The backward of one block needs only the final ``out``
 ``P = exp(q k^T s - lse)``, ``dv = P^T do``, ``dS = P (do v^T - rowsum(do * out))``,
 ``dq = dS k s``, ``dk = dS^T q s``.
 
-Registry ``BLOCK_ATTENTION``, in ``auto`` order: ``cudnn`` (cuDNN's fused attention ops, CUDA,
+Registry ``BLOCK_ATTENTION``, in ``auto`` order: ``fused`` (cuDNN's fused attention ops, CUDA,
 fp16/bf16, ``d == dv <= 128``), ``flash`` (PyTorch's FlashAttention-2 ops, ``d == dv <= 256``),
-``torch`` (the fp32 reference above, any device). A fused backend is offered only after a
+``torch`` (the fp32 reference above, any device); ``--attention-backend`` picks among them by
+the same names (``unfused``/``local``: the reference). A fused backend is offered only after a
 self-check against the reference on this GPU (once per device, dtype and head dim). Fused
 backwards return gradients in ``q``'s dtype; the ring accumulates them in fp32.
 """
@@ -198,7 +199,7 @@ def _fused_available(name: str, max_head_dim: int):
 
 BLOCK_ATTENTION = BackendRegistry("block_attention", flag="--attention-backend")
 BLOCK_ATTENTION.register(Backend(
-    "cudnn", _fused_available("cudnn", 128),
+    "fused", _fused_available("fused", 128),
     (block_attention_forward_cudnn, block_attention_backward_cudnn),
     description="cuDNN's fused attention forward/backward ops (CUDA, fp16/bf16)"))
 BLOCK_ATTENTION.register(Backend(
@@ -210,7 +211,14 @@ BLOCK_ATTENTION.register(Backend(
     description="fp32 reference"))
 
 
-def select_block_attention(q: torch.Tensor, v: torch.Tensor):
-    """``(forward, backward)`` of the fastest block-attention backend for these inputs."""
-    return BLOCK_ATTENTION.resolve("auto", device=q.device, dtype=q.dtype,
+# --attention-backend value -> block-attention backend (the same kernels by the same names)
+_FROM_ATTENTION_BACKEND = {"auto": "auto", "sdpa": "auto", "flash": "flash", "fused": "fused",
+                           "unfused": "torch", "local": "torch"}
+
+
+def select_block_attention(q: torch.Tensor, v: torch.Tensor, backend: str = "auto"):
+    """``(forward, backward)`` of the block-attention backend for these inputs: ``backend`` is
+    an ``--attention-backend`` value (``auto``: the first of the registry that runs here)."""
+    return BLOCK_ATTENTION.resolve(_FROM_ATTENTION_BACKEND.get(backend, backend),
+                                   device=q.device, dtype=q.dtype,
                                    head_dims=(q.shape[-1], v.shape[-1])).fn

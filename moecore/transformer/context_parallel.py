@@ -176,8 +176,8 @@ class RingAttention(torch.autograd.Function):
     ``v [B, hk, 2C, dv]`` (this rank's chunks ``r`` and ``2N-1-r``) -> ``[B, h, 2C, dv]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale):
-        fwd, bwd = select_block_attention(q, v)
+    def forward(ctx, q, k, v, group, scale, backend="auto"):
+        fwd, bwd = select_block_attention(q, v, backend)
         n, r = dist.get_world_size(group), dist.get_rank(group)
         out = lse = None
         kv = [k, v]
@@ -212,7 +212,7 @@ class RingAttention(torch.autograd.Function):
                 _wait(reqs)
                 kv = nxt
         dq, dk, dv = grads
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 # ---------------------------------------------------------------- the three comm types
@@ -251,7 +251,7 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, comm_
     if comm_type == "p2p":
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
         qb, kb, vb = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))
-        out = RingAttention.apply(qb, kb, vb, group, scale)  # [B, h, S/N, dv]
+        out = RingAttention.apply(qb, kb, vb, group, scale, backend)  # [B, h, S/N, dv]
         return out.permute(2, 0, 1, 3).reshape(s_local, b, -1)
     seq = s_local * n
     to_natural = gathered_to_natural(seq, n, q.device)

@@ -19,10 +19,10 @@ def test_auto_picks_a_fused_backend_that_passed_its_self_check():
     ctx = dict(device=torch.device("cuda"), dtype=torch.bfloat16, head_dims=(128, 128))
     availability = BLOCK_ATTENTION.availability(**ctx)
     assert availability["flash"] == (True, ""), availability
-    assert BLOCK_ATTENTION.select("auto", **ctx).name in ("cudnn", "flash"), availability
+    assert BLOCK_ATTENTION.select("auto", **ctx).name in ("fused", "flash"), availability
 
 
-@pytest.mark.parametrize("name", ["cudnn", "flash"])
+@pytest.mark.parametrize("name", ["fused", "flash"])
 @pytest.mark.parametrize("hk", [8, 2])
 def test_fused_block_attention_matches_the_reference(name, hk):
     fwd, bwd = BLOCK_ATTENTION.get(name).fn

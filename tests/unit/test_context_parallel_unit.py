@@ -101,3 +101,18 @@ def test_cp_attention_refuses_what_a_comm_type_cannot_compute(kwargs, match):
     comm = kwargs.pop("comm_type")
     with pytest.raises(ValueError, match=match):
         check_cp_attention(comm, **kwargs)
+
+
+def test_ring_blocks_follow_the_attention_backend_flag():
+    from moecore.backends import BackendUnavailableError  # noqa: PLC0415
+    from moecore.kernels.block_attention import (  # noqa: PLC0415
+        block_attention_forward_torch,
+        select_block_attention,
+    )
+
+    q = torch.zeros(1, 2, 8, 16)
+    for name in ("auto", "unfused", "local"):
+        assert select_block_attention(q, q, name)[0] is block_attention_forward_torch
+    for name in ("flash", "fused"):
+        with pytest.raises(BackendUnavailableError, match="--attention-backend"):
+            select_block_attention(q, q, name)
