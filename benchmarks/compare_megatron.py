@@ -81,7 +81,8 @@ def _forward_step(data_iterator, model):
 
     def loss_func(output):
         loss = output.float().mean()
-        return loss, {"lm loss": loss.detach()}
+        # a copy: the schedule divides the returned loss by the micro-batch count in place
+        return loss, {"lm loss": loss.detach().clone()}
 
     return losses, loss_func
 

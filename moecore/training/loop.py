@@ -428,8 +428,9 @@ def pretrain(args: argparse.Namespace | list[str] | None = None,
             if loaded is not None:
                 run.restore(loaded)
         # This loop owns the optimizer: FP8 weights are quantised once per step (weights_changed
-        # after each optimizer step), not once per micro-batch.
-        WeightCache.enable(bool(args.fp8))
+        # after each optimizer step), not once per micro-batch. Not under CUDA graphs: every
+        # replay runs the casts it captured, and cached copies would only hold memory.
+        WeightCache.enable(bool(args.fp8) and args.cuda_graph_impl != "local")
         if not args.skip_train:
             on_rank0(check_no_overwrite, checkpoints, run.start_iteration, loaded is not None)
         run.log_startup(tokenizer)
