@@ -165,7 +165,7 @@ def _self_check(name: str, device: str, dtype: torch.dtype, d: int) -> str:
     given the merged out/lse) against the fp32 reference; '' when it agrees, else why not."""
     fwd, bwd = BLOCK_ATTENTION.get(name).fn
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, 2, 256, d, device=device, generator=g).to(dtype)
+    q, k, v, dout = (torch.randn(2, 2, 256, d, device=device, generator=g).to(dtype)
                      for _ in range(4))
     try:  # a causal block, a full one, and a full one of strided chunk views (as the ring)
         for causal, qs, ks in ((True, slice(0, 256), slice(0, 256)),
