@@ -36,21 +36,20 @@ class _Fp8Linear(torch.autograd.Function):
         gemm = meta.gemm(x.device)
         xq, (wq, wq_t) = meta.quantize("input", x2), meta.weight(weight)
         out = gemm.mm(xq, wq, x.dtype, fast_accum=True)
-        if not meta.recipe.wgrad:  # --no-fp8-wgrad: the wgrad takes x as it is
-            xq = Fp8Tensor(x2, x2.new_empty(0), "none")
-        elif meta.recipe.recipe == "blockwise":
+        if meta.recipe.recipe == "blockwise" and meta.recipe.wgrad:
             xq = meta.tiles("input", pad_rows(x2, BLOCK).t())
-        ctx.meta, ctx.layouts = meta, (xq.layout, wq_t.layout)
+        # The wgrad's operand: FP8 x, or (--no-fp8-wgrad) x as it is (layout None).
+        saved_x = _pack(xq) if meta.recipe.wgrad else (x2, x2.new_empty(0))
+        ctx.meta, ctx.layouts = meta, (xq.layout if meta.recipe.wgrad else None, wq_t.layout)
         ctx.x_shape, ctx.wdtype = x.shape, weight.dtype
-        ctx.save_for_backward(*_pack(xq), *_pack(wq_t))
+        ctx.save_for_backward(*saved_x, *_pack(wq_t))
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         meta, x_shape = ctx.meta, ctx.x_shape
-        xq, wq_t = Fp8Tensor(x_data, x_scale, ctx.layouts[0]), Fp8Tensor(w_data, w_scale,
-                                                                         ctx.layouts[1])
+        wq_t = Fp8Tensor(w_data, w_scale, ctx.layouts[1])
         gemm = meta.gemm(dy.device)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyq = meta.quantize("grad", dy2)
@@ -58,13 +57,14 @@ class _Fp8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = gemm.mm(dyq, wq_t, dy.dtype).reshape(x_shape)
         if ctx.needs_input_grad[1]:
-            if not meta.recipe.wgrad:
+            if ctx.layouts[0] is None:  # --no-fp8-wgrad
                 dw = (dy2.t() @ x_data).to(ctx.wdtype)
             elif meta.recipe.recipe == "blockwise":
                 dy_t = meta.tiles("grad", pad_rows(dy2, BLOCK).t())
-                dw = gemm.mm(dy_t, xq, ctx.wdtype)
+                dw = gemm.mm(dy_t, Fp8Tensor(x_data, x_scale, ctx.layouts[0]), ctx.wdtype)
             else:  # tokens zero-padded to a multiple of 16, as FP8 GEMMs need
                 rows = padded_row_map(dy2.shape[0], 16, dy.device)
+                xq = Fp8Tensor(x_data, x_scale, ctx.layouts[0])
                 dw = gemm.mm(meta.transpose(dyq, rows), meta.transpose(xq, rows), ctx.wdtype)
         return dx, dw, None
 

@@ -243,7 +243,6 @@ if HAVE_TRITON:
         one = tl.full(scale.shape, 1.0, tl.float32)
         tl.store(scale_inv_ptr + r * (k // TILE) + t, tl.math.div_rn(one, scale), mask=r < rows)
 
-
     @triton.jit
     def _transpose_kernel(src_ptr, rows_ptr, out_ptr, R, C, P, HAS_ROWS: tl.constexpr,
                           BP: tl.constexpr, BC: tl.constexpr):

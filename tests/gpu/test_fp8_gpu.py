@@ -159,3 +159,16 @@ def test_triton_casts_bit_identical_on_gpu():
     wq = Q.quantize_tensor(w, torch.ones(8, device="cuda"), torch.float8_e4m3fn)
     assert torch.equal(Q.transpose_triton(wq).data.view(torch.uint8),
                        Q.transpose(wq).data.view(torch.uint8))
+
+
+def test_bf16_grouped_wgrad_matches_per_expert_products():
+    from moecore.kernels.grouped_gemm import grouped_wgrad  # noqa: PLC0415
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    counts = torch.tensor([64, 0, 150, 42], device="cuda")
+    x = torch.randn(256, 128, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(256, 384, device="cuda", generator=g).bfloat16()
+    got = grouped_wgrad(x, dy, counts)
+    ref = torch.stack([a.float().t() @ b.float() for a, b in
+                       zip(x.split(counts.tolist()), dy.split(counts.tolist()))])
+    assert _rel(got, ref) < 1e-2 and got[1].abs().sum() == 0
