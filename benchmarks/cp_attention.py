@@ -4,8 +4,9 @@ one full-sequence fused attention call of the same total work, forward + backwar
     python benchmarks/cp_attention.py                 # seq 32768 at CP=4, 16 heads, d 128, bf16
     python benchmarks/cp_attention.py --json cp_attention.json
     python benchmarks/cp_attention.py --smoke         # tiny, on CPU (the torch reference)
+    python benchmarks/cp_attention.py --backends fused --profile 25   # + the top kernels
 
-The ring's compute of all ``CP`` ranks runs on one GPU, one rank after the other, with the very
+The ring's compute of all ``CP`` ranks runs on one GPU, ring step by ring step, with the very
 functions the ring runs (:func:`~moecore.transformer.context_parallel.ring_step_forward` /
 ``ring_step_backward``: the block kernels of the ``block_attention`` registry and the
 log-sum-exp merges); only the K/V exchanges are left out (they overlap the compute on real
@@ -13,7 +14,9 @@ ranks and belong to the multi-GPU runs). Its total is compared with ``F.scaled_d
 (is_causal=True)`` over the whole sequence, forward + backward. Causal work: the full call
 computes ``S^2 / 2`` query-key pairs, the ranks together the same. TFLOP/s counts
 ``4 * B * h * d * S^2 / 2`` for the forward and 2.5x that for the backward (FlashAttention's
-convention). Acceptance: ring / full >= 0.9. Outputs are checked against the full call first.
+convention). Acceptance: ring / full >= 0.9, for the fastest block backend; every available
+one (``fused`` = cuDNN, ``flash``) is timed in the same run, its outputs and gradients checked
+against the full call first.
 """
 
 from __future__ import annotations
