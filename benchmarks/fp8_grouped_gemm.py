@@ -7,9 +7,10 @@ For each shape (rows ``T*k`` split evenly over the experts, the first expert pro
 - ``fprop``  ``y = x @ w_e``, ``dgrad`` ``dx = dy @ w_e^T`` (row-grouped), ``wgrad``
   ``dw_e = x_e^T dy_e`` (grouped along the tokens);
 - bf16: ``torch._grouped_mm`` (moecore's bf16 path); FP8: ``moecore.kernels.fp8_gemm``'s torch
-  backend (``torch._scaled_grouped_mm``, E4M3, tensorwise scales) on operands quantised and laid
-  out beforehand (casts and transposes not timed), with fast accumulation off and on (moecore
-  uses it for fprop only, as Transformer Engine does).
+  backend (``TORCH.grouped_mm`` / ``grouped_wgrad``: ``torch._scaled_grouped_mm``, E4M3,
+  tensorwise scales) on operands quantised and laid out beforehand (casts and transposes not
+  timed), with fast accumulation off and on (moecore uses it for fprop only, as Transformer
+  Engine does).
 
 Prints TFLOP/s per GEMM and FP8's speed-up over bf16.
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.moe_layer import CONFIGS  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
+from moecore.kernels.fp8_gemm import TORCH  # noqa: E402
 from moecore.kernels.fp8_quant import (  # noqa: E402
     group_row_map,
     quantize_tensor,
@@ -46,35 +48,16 @@ def _q(t: torch.Tensor, per_expert: bool = False):
 
 
 def _fp8_calls(x, w, dy, counts):
-    """``{gemm: {fast_accum: fn}}`` of the FP8 torch backend on pre-laid-out operands."""
-    e, n = w.shape[0], w.shape[2]
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    xq, dyq, wq = _q(x), _q(dy), _q(w, per_expert=True)  # wq [E, K, N] as stored
-    wq_t = transpose(wq)  # [E, N, K]
+    """``{gemm: fn(fast_accum)}``: moecore's FP8 torch backend on operands quantised and laid
+    out beforehand (``w [E, K, N]`` as stored; its ``[E, N, K]`` transpose for fprop)."""
+    xq, dyq, wq = _q(x), _q(dy), _q(w, per_expert=True)
+    wq_t = transpose(wq)
     rows, ends = group_row_map(counts, x.shape[0], x.device)
     xt, dyt = transpose(xq, rows), transpose(dyq, rows)
-    k = x.shape[1]
-    ones = {key: torch.ones(c, device=x.device)
-            for key, c in (("t", x.shape[0]), ("ek", e * k), ("en", e * n))}
-    sw_n = wq.scale_inv.reshape(e, 1).expand(e, n).contiguous()
-    sw_k = wq.scale_inv.reshape(e, 1).expand(e, k).contiguous()
-
-    def fprop(fast):
-        return torch._scaled_grouped_mm(xq.data, wq_t.data.transpose(-2, -1), ones["t"], sw_n,
-                                        offs=offs, out_dtype=torch.bfloat16,
-                                        use_fast_accum=fast)
-
-    def dgrad(fast):
-        return torch._scaled_grouped_mm(dyq.data, wq.data.transpose(-2, -1), ones["t"], sw_k,
-                                        offs=offs, out_dtype=torch.bfloat16,
-                                        use_fast_accum=fast)
-
-    def wgrad(fast):
-        return torch._scaled_grouped_mm(xt.data, dyt.data.t(), ones["ek"], ones["en"],
-                                        offs=ends, out_dtype=torch.bfloat16,
-                                        use_fast_accum=fast)
-
-    return {"fprop": fprop, "dgrad": dgrad, "wgrad": wgrad}
+    bf16 = torch.bfloat16
+    return {"fprop": lambda fast: TORCH.grouped_mm(xq, wq_t, counts, bf16, fast_accum=fast),
+            "dgrad": lambda fast: TORCH.grouped_mm(dyq, wq, counts, bf16, fast_accum=fast),
+            "wgrad": lambda fast: TORCH.grouped_wgrad(xt, dyt, ends, bf16, fast_accum=fast)}
 
 
 def _bf16_calls(x, w, dy, offs):

@@ -90,9 +90,10 @@ def run(args, device, dtype) -> list[dict]:
         base = time_variant(shape, device, dtype, None, args, probe)
         row = {"config": name, **shape, "bf16_ms": base["ms"]}
         for variant in args.variants:
-            got = time_variant(shape, device, dtype, parse_variant(variant), args, probe)
+            options = parse_variant(variant)
+            got = time_variant(shape, device, dtype, options, args, probe)
             err = ((got["out"] - base["out"]).norm() / base["out"].norm()).item()
-            recipe = parse_variant(variant)["recipe"]
+            recipe = options["recipe"]
             row.update({f"{variant}_ms": got["ms"], f"{variant}_speedup": base["ms"] / got["ms"],
                         f"{variant}_rel_err": err,
                         f"{variant}_target": TARGETS.get(recipe, {}).get(name)})

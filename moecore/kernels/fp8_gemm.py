@@ -5,7 +5,7 @@ Each backend of :data:`FP8_GEMM` is an :class:`Fp8Gemm` with
 - ``mm(a [M, K], b [N, K], out_dtype) -> a @ b^T [M, N]``;
 - ``grouped_mm(a [T, K], b [E, N, K], tokens_per_expert [E], out_dtype) -> [T, N]`` (row block
   ``e`` times ``b[e]^T``; ``tensor`` layout, one scale for ``a``, one per expert for ``b``);
-- ``grouped_wgrad(dy_t [N, P], x_t [K, P], ends [E], out_dtype) -> [E, N, K]``
+- ``grouped_wgrad(dy_t [N, P], x_t [K, P], ends [E], out_dtype, fast_accum=False) -> [E, N, K]``
   (``dy_e^T @ x_e``; ``tensor`` layout, one scale each): the operands transposed, their rows
   re-laid by :func:`~moecore.kernels.fp8_quant.group_row_map` (expert ``e`` owns columns
   ``ends[e-1]:ends[e]``, at least 16 of them, zeros past its tokens).
@@ -79,7 +79,8 @@ def _group_bounds(ends: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0, *stops[:-1]], stops))
 
 
-def _emulated_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype):
+def _emulated_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype,
+                            fast_accum=False):
     g, x = dequantize(dy_t), dequantize(x_t)
     return torch.stack([g[:, a:b] @ x[:, a:b].t() for a, b in _group_bounds(ends)]).to(out_dtype)
 
@@ -164,14 +165,14 @@ def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
     return out.to(out_dtype)
 
 
-def _torch_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype):
+def _torch_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype, fast_accum=False):
     (n, _), k, e = dy_t.shape, x_t.shape[0], ends.shape[0]
     sa = dy_t.scale_inv.float().reshape(1).expand(e * n).contiguous()
     sb = x_t.scale_inv.float().reshape(1).expand(e * k).contiguous()
     # Every group spans >= 16 columns (zeros for an expert without tokens), so the kernel
     # writes every expert's block.
     out = torch._scaled_grouped_mm(dy_t.data, x_t.data.t(), sa, sb, offs=ends,
-                                   out_dtype=torch.bfloat16)
+                                   out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     return out.to(out_dtype)
 
 
@@ -213,10 +214,9 @@ def _probe(device: torch.device, what: str) -> str:
             dy = quantize_tensor(torch.randn(200, 128, device=device),
                                  torch.ones((), device=device), dt)
             rows, ends = group_row_map(counts, 200, device)
-            got = _torch_grouped_wgrad(transpose(dy, rows), transpose(q, rows), ends,
-                                       torch.float32)
-            ref = _emulated_grouped_wgrad(transpose(dy, rows), transpose(q, rows), ends,
-                                          torch.float32)
+            dy_t, q_t = transpose(dy, rows), transpose(q, rows)
+            got = _torch_grouped_wgrad(dy_t, q_t, ends, torch.float32)
+            ref = _emulated_grouped_wgrad(dy_t, q_t, ends, torch.float32)
             err = ((got - ref).norm() / ref.norm()).item()
             if not err < 1e-2:
                 raise RuntimeError(f"grouped FP8 wgrad off by {err:.3g} (relative)")
