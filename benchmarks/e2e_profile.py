@@ -36,12 +36,28 @@ SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
             "aten::nonzero", "aten::masked_select", "aten::to", "aten::copy_")
 
 
-def _argv(mbs: int, iters: int, log_interval: int, extra: list[str]) -> list[str]:
+def _argv(mbs: int, iters: int, log_interval: int, extra: list[str],
+          contender: str | None = None) -> list[str]:
     tiny = not torch.cuda.is_available()  # CPU smoke run
+    if contender is not None:  # exactly what e2e_compare.py runs for that contender
+        from e2e_compare import moecore_argv
+
+        from benchmarks import compare_common as cc
+        recipe = cc.Recipe(steps=iters, warmup=0, log_interval=log_interval,
+                           global_batch=int(contender_gbs(extra) or (mbs if tiny else 32)),
+                           lr_warmup=min(5, iters - 1))
+        return moecore_argv(cc.SMOKE if tiny else cc.FULL, recipe, mbs,
+                            contender == "moecore-dense", "cpu" if tiny else "cuda") + extra
     return (TINY if tiny else MODEL) + COMMON + [
         "--train-iters", str(iters), "--log-interval", str(log_interval),
         "--lr-decay-iters", str(iters), "--micro-batch-size", str(mbs),
         "--global-batch-size", str(mbs)] + ([] if tiny else ["--bf16"]) + extra
+
+
+def contender_gbs(extra: list[str]) -> str | None:
+    """``--global-batch-size`` among the extra flags, if given."""
+    return extra[extra.index("--global-batch-size") + 1] if "--global-batch-size" in extra \
+        else None
 
 
 def _sync() -> None:
@@ -93,7 +109,8 @@ def _kernel_summary(prof, n_iters: int, wall_s: float) -> dict:
 
 
 def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: int,
-        out: Path | None, extra: list[str], rows: int, shapes: bool = False) -> dict:
+        out: Path | None, extra: list[str], rows: int, shapes: bool = False,
+        contender: str | None = None) -> dict:
     state = {"n": 0, "prof": None, "t0": 0.0}
     orig = loop.train_step
 
@@ -118,7 +135,7 @@ def run(mbs: int, iters: int, log_interval: int, prof_start: int, prof_iters: in
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        summary = loop.pretrain(_argv(mbs, iters, log_interval, extra))
+        summary = loop.pretrain(_argv(mbs, iters, log_interval, extra, contender))
     finally:
         loop.train_step = orig
     clean = max(1, (prof_start - 1) // log_interval) if prof_iters else len(
@@ -208,6 +225,10 @@ def main() -> None:
     p.add_argument("--attn-bench", action="store_true")
     p.add_argument("--shapes", action="store_true",
                    help="record input shapes and print the ops by device time per shape")
+    p.add_argument("--contender", choices=("moecore", "moecore-dense"), default=None,
+                   help="profile e2e_compare.py's configuration of this contender (its model, "
+                        "recipe and fastest flags; global batch 32 unless given) instead of "
+                        "e2e.py's model at global batch = micro-batch")
     args, extra = p.parse_known_args()
     if args.attn_bench and torch.cuda.is_available():
         attention_bench(4, 16, 2048, 64)
@@ -215,7 +236,7 @@ def main() -> None:
     for i, mbs in enumerate(args.micro_batch_size):
         prof_iters = args.profile_iters if i == 0 else 0
         results.append(run(mbs, args.iters, args.log_interval, args.profile_start, prof_iters,
-                           args.out, extra, args.rows, args.shapes))
+                           args.out, extra, args.rows, args.shapes, args.contender))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

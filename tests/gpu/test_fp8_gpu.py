@@ -2,6 +2,8 @@
 quantised operands, so only accumulation differs), and FP8 layers against bf16 within FP8
 tolerances. Skipped without a GPU of compute capability >= 8.9."""
 
+import types
+
 import pytest
 import torch
 
@@ -115,26 +117,51 @@ def test_fp8_linear_and_grouped_close_to_bf16(recipe):
     _check(*_fp8_and_refs(rec, grouped), "grouped")
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "tensorwise+bf16wgrad"])
-def test_fp8_moe_layer_close_to_bf16(recipe):
+def _exact_accumulation(monkeypatch) -> None:
+    """Make the FP8 layers' forward GEMMs accumulate exactly (no ``use_fast_accum``)."""
+    from moecore.fp8 import scaling  # noqa: PLC0415
+    from moecore.kernels.fp8_gemm import Fp8Gemm  # noqa: PLC0415
+
+    select = scaling.select_fp8_gemm
+
+    def exact(*a, **k):
+        g = select(*a, **k).fn
+        return types.SimpleNamespace(fn=Fp8Gemm(
+            lambda *x, fast_accum=False, **kw: g.mm(*x, **kw),
+            lambda *x, fast_accum=False, **kw: g.grouped_mm(*x, **kw), g.grouped_wgrad))
+    monkeypatch.setattr(scaling, "select_fp8_gemm", exact)
+
+
+def _layer_outputs(recipe, backend):
     from benchmarks.fp8_moe_layer import build, parse_variant  # noqa: PLC0415 - GPU-only
 
     shape = dict(hidden=1024, ffn=512, experts=8, topk=2, tokens=2048)
     g = torch.Generator(device="cuda").manual_seed(7)
     x = torch.randn(2048, 1, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
-    outs = []
-    for r, backend in ((recipe, "torch"), (recipe, "emulated"), (None, "torch")):
-        layer = build(shape, torch.device("cuda"), torch.bfloat16,
-                      parse_variant(r) if r else None, backend)
-        xr = x.clone().requires_grad_()
-        out = layer(xr)[0]
-        out.float().square().mean().backward()
-        outs.append((out.detach(), xr.grad))
-    for name, got, emulated, bf16 in zip(("out", "dx"), *outs):
-        # the GPU's fast FP8 accumulation against exact fp32 products: ~2% (0.022 measured
-        # on an H100 for one unseeded input); a real bug is O(1)
-        assert _rel(got, emulated) < 3e-2, (name, _rel(got, emulated))
-        assert _rel(got, bf16) < 0.15, (name, _rel(got, bf16))
+    layer = build(shape, torch.device("cuda"), torch.bfloat16,
+                  parse_variant(recipe) if recipe else None, backend)
+    xr = x.clone().requires_grad_()
+    out = layer(xr)[0]
+    out.float().square().mean().backward()
+    return out.detach(), xr.grad
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "tensorwise+bf16wgrad"])
+def test_fp8_moe_layer_close_to_bf16(recipe, monkeypatch):
+    """The layer's output and input gradient under FP8 on the GPU against the same layer with
+    the emulated GEMMs (same FP8 rounding of every operand, exact fp32 products): with exact
+    accumulation only the summation order differs (bf16 output rounding, ~1e-3; a real bug is
+    O(1)); the fast FP8 accumulation of the forward GEMMs (what training runs) drifts by a few
+    percent more (0.032 in dx measured on an H100). Both within FP8's distance of bf16."""
+    emulated, bf16 = _layer_outputs(recipe, "emulated"), _layer_outputs(None, "torch")
+    fast = _layer_outputs(recipe, "torch")
+    with monkeypatch.context() as m:
+        _exact_accumulation(m)
+        exact = _layer_outputs(recipe, "torch")
+    for i, name in enumerate(("out", "dx")):
+        assert _rel(exact[i], emulated[i]) < 1e-2, (name, _rel(exact[i], emulated[i]))
+        assert _rel(fast[i], emulated[i]) < 6e-2, (name, _rel(fast[i], emulated[i]))
+        assert _rel(fast[i], bf16[i]) < 0.15, (name, _rel(fast[i], bf16[i]))
 
 
 def test_triton_casts_bit_identical_on_gpu():
