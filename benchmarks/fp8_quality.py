@@ -149,6 +149,8 @@ def main() -> None:
                    "example's 1000; e2e-bpe 2000)")
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--micro-batch-size", type=int, default=8, help="e2e-bpe (= global batch)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs (shakespeare, "
+                   "larger): FP8 runs only, no comparison")
     p.add_argument("--bpe-vocab", type=int, default=8192)
     p.add_argument("--input", default=None, help="tinyshakespeare input.txt")
     p.add_argument("--log-dir", type=Path, default=None, help="keep every run's output here")
@@ -179,13 +181,16 @@ def main() -> None:
                       f"skipped {r.get('skipped')}, nan {r.get('nan')}", flush=True)
     else:
         for seed in args.seeds:
-            base = example_run(seed, None, args, env)
-            results.append({"size": args.size, "seed": seed, "recipe": "bf16", **base})
-            for recipe in args.recipes:
+            base = None
+            for recipe in ([] if args.no_bf16 else [None]) + args.recipes:
                 r = example_run(seed, recipe, args, env)
-                if r["status"] == "ok" and base["status"] == "ok":
+                if recipe is None:
+                    base = r
+                elif base is not None and r["status"] == base["status"] == "ok":
                     r["best_vs_bf16"] = r["best_val"] / base["best_val"] - 1.0
-                results.append({"size": args.size, "seed": seed, "recipe": recipe, **r})
+                results.append({"size": args.size, "seed": seed, "recipe": recipe or "bf16", **r})
+                print(f"seed {seed} {recipe or 'bf16'}: {r['status']}, best val "
+                      f"{r.get('best_val')}, final val {r.get('final_val')}", flush=True)
         print(f"{'size':<12}{'seed':>6} {'run':<11}{'best val':>10}{'final val':>10}"
               f"{'vs bf16':>9}  status")
         for r in results:

@@ -2,8 +2,6 @@
 quantised operands, so only accumulation differs), and FP8 layers against bf16 within FP8
 tolerances. Skipped without a GPU of compute capability >= 8.9."""
 
-import types
-
 import pytest
 import torch
 
@@ -117,21 +115,6 @@ def test_fp8_linear_and_grouped_close_to_bf16(recipe):
     _check(*_fp8_and_refs(rec, grouped), "grouped")
 
 
-def _exact_accumulation(monkeypatch) -> None:
-    """Make the FP8 layers' forward GEMMs accumulate exactly (no ``use_fast_accum``)."""
-    from moecore.fp8 import scaling  # noqa: PLC0415
-    from moecore.kernels.fp8_gemm import Fp8Gemm  # noqa: PLC0415
-
-    select = scaling.select_fp8_gemm
-
-    def exact(*a, **k):
-        g = select(*a, **k).fn
-        return types.SimpleNamespace(fn=Fp8Gemm(
-            lambda *x, fast_accum=False, **kw: g.mm(*x, **kw),
-            lambda *x, fast_accum=False, **kw: g.grouped_mm(*x, **kw), g.grouped_wgrad))
-    monkeypatch.setattr(scaling, "select_fp8_gemm", exact)
-
-
 def _layer_outputs(recipe, backend):
     from benchmarks.fp8_moe_layer import build, parse_variant  # noqa: PLC0415 - GPU-only
 
@@ -147,21 +130,20 @@ def _layer_outputs(recipe, backend):
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "tensorwise+bf16wgrad"])
-def test_fp8_moe_layer_close_to_bf16(recipe, monkeypatch):
+def test_fp8_moe_layer_close_to_bf16(recipe):
     """The layer's output and input gradient under FP8 on the GPU against the same layer with
-    the emulated GEMMs (same FP8 rounding of every operand, exact fp32 products): with exact
-    accumulation only the summation order differs (bf16 output rounding, ~1e-3; a real bug is
-    O(1)); the fast FP8 accumulation of the forward GEMMs (what training runs) drifts by a few
-    percent more (0.032 in dx measured on an H100). Both within FP8's distance of bf16."""
+    the emulated GEMMs (same FP8 rounding of every operand, exact fp32 products) and against
+    bf16. Each GEMM alone agrees with the emulation to ~1e-3 (tests above); through the layer,
+    where each GEMM's bf16 output is quantised again for the next one, a difference of one bf16
+    ulp moves ~2% of the elements across an FP8 rounding boundary (one FP8 step, ~6%, each):
+    measured on an H100 (2026-12-07), tensorwise out 0.024 with exact accumulation, dx 0.032
+    with the forward's fast accumulation, blockwise (never fast) dx 0.015. A wrong scale or
+    layout is >= 0.1."""
     emulated, bf16 = _layer_outputs(recipe, "emulated"), _layer_outputs(None, "torch")
-    fast = _layer_outputs(recipe, "torch")
-    with monkeypatch.context() as m:
-        _exact_accumulation(m)
-        exact = _layer_outputs(recipe, "torch")
+    got = _layer_outputs(recipe, "torch")
     for i, name in enumerate(("out", "dx")):
-        assert _rel(exact[i], emulated[i]) < 1e-2, (name, _rel(exact[i], emulated[i]))
-        assert _rel(fast[i], emulated[i]) < 6e-2, (name, _rel(fast[i], emulated[i]))
-        assert _rel(fast[i], bf16[i]) < 0.15, (name, _rel(fast[i], bf16[i]))
+        assert _rel(got[i], emulated[i]) < 5e-2, (name, _rel(got[i], emulated[i]))
+        assert _rel(got[i], bf16[i]) < 0.15, (name, _rel(got[i], bf16[i]))
 
 
 def test_triton_casts_bit_identical_on_gpu():
