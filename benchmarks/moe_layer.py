@@ -18,11 +18,15 @@ default) and without them (``--no-moe-router-fusion --no-moe-permute-fusion
 
     python benchmarks/moe_layer.py --json out.json          # CUDA, the three model shapes
     python benchmarks/moe_layer.py --compare-fusion         # unfused vs fused, side by side
+    python benchmarks/moe_layer.py --cuda-graphs            # + both as replayed CUDA graphs
     python benchmarks/moe_layer.py --backends               # grouped-GEMM backends only
     python benchmarks/moe_layer.py --device cpu --tiny      # smoke run on CPU
 
 Timing: CUDA events around each iteration, warm-up iterations first, the median of the
-repeats; fresh random inputs are drawn before each iteration, outside the timed region.
+repeats; fresh random inputs are drawn before each iteration, outside the timed region. Each
+such iteration includes the host's launches, which at the 64-expert shapes take about as long
+as the GPU's work; ``--cuda-graphs`` also times both sides as replayed CUDA graphs (as
+``--cuda-graph-impl local`` trains), GPU time only.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import median_ms  # noqa: E402
+from benchmarks.timing import graph_ms, median_ms  # noqa: E402
 from moecore.config import TransformerConfig  # noqa: E402
 from moecore.kernels.grouped_gemm import GROUPED_GEMM, grouped_mm  # noqa: E402
 from moecore.memory import saved_activations  # noqa: E402
@@ -67,6 +71,27 @@ def pipelined_ms(step, setup, reset, device: torch.device, repeats: int = 10) ->
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def graphed_ms(step, setup, reset, device: torch.device, repeats: int = 10) -> float | str | None:
+    """GPU ms per step with ``repeats`` steps (``reset()`` then ``step(*inputs)``, one set of
+    static inputs) captured in one CUDA graph and replayed: the layer as training runs it under
+    ``--cuda-graph-impl local``, with no host launch cost. CUDA only (None elsewhere); the
+    reason, as a string, when the step cannot be captured."""
+    if device.type != "cuda":
+        return None
+    inputs = setup()
+
+    def run():
+        reset()
+        for t in inputs:
+            t.grad = None
+        step(*inputs)
+
+    try:
+        return graph_ms(run, repeats)
+    except RuntimeError as e:
+        return "capture failed: " + str(e).strip().splitlines()[0][:200]
 
 
 def _peak_reset(device):
@@ -120,11 +145,14 @@ def time_layer(shape, device, dtype, args, fused: bool = True) -> dict:
     ms = median_ms(step, device, args.warmup, args.repeats, setup)
     peak = _peak_gib(device)
     pipe = pipelined_ms(step, setup, lambda: layer.zero_grad(set_to_none=True), device)
+    graphed = graphed_ms(step, setup, lambda: layer.zero_grad(set_to_none=True), device) \
+        if args.cuda_graphs else None
     backend = getattr(layer.experts, "backend", None)
     x, dy = setup()
     (out, _), saved = saved_activations(lambda: layer(x), exclude=layer.parameters())
     out.backward(dy)
-    return {"layer_ms": ms, "layer_pipelined_ms": pipe, "layer_peak_gib": peak,
+    return {"layer_ms": ms, "layer_pipelined_ms": pipe, "layer_graph_ms": graphed,
+            "layer_peak_gib": peak,
             "saved_bytes_per_token": saved.total_bytes / tokens,
             "gemm_backend": backend.name if backend is not None else "sequential"}
 
@@ -151,7 +179,8 @@ def time_dense_equivalent(shape, device, dtype, args) -> dict:
     ms = median_ms(step, device, args.warmup, args.repeats, setup)
     peak = _peak_gib(device)
     return {"dense_ms": ms, "dense_pipelined_ms": pipelined_ms(step, setup, reset, device),
-            "dense_peak_gib": peak}
+            "dense_graph_ms": graphed_ms(step, setup, reset, device) if args.cuda_graphs
+            else None, "dense_peak_gib": peak}
 
 
 def expert_flops(shape) -> float:
@@ -177,6 +206,9 @@ def run_layers(args, device, dtype) -> list[dict]:
                 ms = row["layer_ms" + suffix]
                 row["ratio_dense_over_layer" + suffix] = row["dense_ms"] / ms
                 row["expert_tflops" + suffix] = expert_flops(shape) / (ms * 1e-3) / 1e12
+        g, dg = row.get("layer_graph_ms"), row.get("dense_graph_ms")
+        if isinstance(g, float) and isinstance(dg, float):
+            row["ratio_dense_over_layer_graph"] = dg / g
         results.append(row)
         print(f"{name}: {json.dumps(row)}", flush=True)
     return results
@@ -250,6 +282,14 @@ def print_tables(layers: list[dict], backends: list[dict]) -> None:
             print(f"{r['config']:<10}{r['layer_ms']:>10.2f}{r['dense_ms']:>10.2f}"
                   f"{r['ratio_dense_over_layer']:>12.2f}{r['expert_tflops']:>16.1f}{peak:>10}"
                   f"  {r['gemm_backend']}")
+    if layers and layers[0].get("layer_graph_ms") is not None:
+        print("as replayed CUDA graphs (GPU time only): layer ms, dense ms, dense/layer")
+        for r in layers:
+            g, d = r["layer_graph_ms"], r["dense_graph_ms"]
+            if isinstance(g, float) and isinstance(d, float):
+                print(f"{r['config']:<10}{g:>10.2f}{d:>10.2f}{d / g:>12.2f}")
+            else:
+                print(f"{r['config']:<10}  {g if isinstance(g, str) else d}")
     if layers:
         print("activation memory kept for backward (moecore.memory.saved_activations), "
               "KiB per token:")
@@ -275,6 +315,9 @@ def main(argv=None) -> dict:
                         help="time each layer without and with the fused kernels")
     parser.add_argument("--no-fusion", action="store_true",
                         help="time the layer without the router/permute/SwiGLU kernels")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time the layer and its dense equivalent as replayed CUDA "
+                             "graphs (as --cuda-graph-impl local trains): GPU time only")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
