@@ -1,6 +1,8 @@
 """Profile the end-to-end training step of ``benchmarks/e2e.py`` with ``torch.profiler``.
 
     python benchmarks/e2e_profile.py --micro-batch-size 4 --out /tmp/prof
+    python benchmarks/e2e_profile.py --contender moecore-dense --micro-batch-size 16 --iters 8 \
+        --log-interval 2 --profile-start 7 --profile-iters 1   # e2e_compare's configuration
 
 Runs ``pretrain`` on the e2e model for ``--iters`` iterations; iterations
 ``--profile-start .. --profile-start + --profile-iters - 1`` (1-based) run under the profiler.
@@ -43,9 +45,9 @@ def _argv(mbs: int, iters: int, log_interval: int, extra: list[str],
         from e2e_compare import moecore_argv
 
         from benchmarks import compare_common as cc
+        gbs = contender_gbs(extra) or (mbs if tiny else cc.Recipe().global_batch)
         recipe = cc.Recipe(steps=iters, warmup=0, log_interval=log_interval,
-                           global_batch=int(contender_gbs(extra) or (mbs if tiny else 32)),
-                           lr_warmup=min(5, iters - 1))
+                           global_batch=int(gbs), lr_warmup=min(5, iters - 1))
         return moecore_argv(cc.SMOKE if tiny else cc.FULL, recipe, mbs,
                             contender == "moecore-dense", "cpu" if tiny else "cuda") + extra
     return (TINY if tiny else MODEL) + COMMON + [
