@@ -176,6 +176,7 @@ def main() -> None:
             for recipe in args.recipes:
                 r = e2e_bpe_run(recipe, args, env, data, model)
                 results.append({"size": args.size, "recipe": recipe, **r})
+                save(args.json, results)
                 print(f"{recipe}: {r['status']}, diverged={r.get('diverged')}, train loss "
                       f"first/last {r.get('first_last_train')}, best val {r.get('best_val')}, "
                       f"skipped {r.get('skipped')}, nan {r.get('nan')}", flush=True)
@@ -189,6 +190,7 @@ def main() -> None:
                 elif base is not None and r["status"] == base["status"] == "ok":
                     r["best_vs_bf16"] = r["best_val"] / base["best_val"] - 1.0
                 results.append({"size": args.size, "seed": seed, "recipe": recipe or "bf16", **r})
+                save(args.json, results)
                 print(f"seed {seed} {recipe or 'bf16'}: {r['status']}, best val "
                       f"{r.get('best_val')}, final val {r.get('final_val')}", flush=True)
         print(f"{'size':<12}{'seed':>6} {'run':<11}{'best val':>10}{'final val':>10}"
@@ -199,11 +201,16 @@ def main() -> None:
                   f"{r.get('best_val') or float('nan'):>10.4f}"
                   f"{r.get('final_val') or float('nan'):>10.4f}"
                   f"{'' if d is None else f'{d * 100:+.2f}%':>9}  {r['status']}")
-    if args.json:
-        for r in results:
-            r.pop("train", None)
-            r["val"] = {str(k): v for k, v in r.get("val", {}).items()}
-        args.json.write_text(json.dumps(results, indent=1))
+    save(args.json, results)
+
+
+def save(path: Path | None, results: list[dict]) -> None:
+    """Write the runs so far to ``path`` (after every run: a cut-off call keeps what ended)."""
+    if path is None:
+        return
+    rows = [{k: ({str(i): v for i, v in r[k].items()} if k == "val" else r[k])
+             for k in r if k != "train"} for r in results]
+    path.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
