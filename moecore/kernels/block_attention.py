@@ -9,7 +9,8 @@ Shapes: ``q [B, h, Sq, d]``, ``k [B, hk, Sk, d]``, ``v [B, hk, Sk, dv]`` with ``
 
 Partial results over disjoint key blocks merge exactly by their log-sum-exps
 (:func:`merge_partial`): ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) +
-out_2 exp(lse_2 - lse)``. The backward of one block needs only the final ``out``/``lse``:
+out_2 exp(lse_2 - lse)`` (on CUDA one Triton pass over the fp32 accumulator after a self-check
+against :func:`merge_partial_torch`). The backward of one block needs only the final ``out``/``lse``:
 ``P = exp(q k^T s - lse)``, ``dv = P^T do``, ``dS = P (do v^T - rowsum(do * out))``,
 ``dq = dS k s``, ``dk = dS^T q s``.
 
@@ -28,23 +29,132 @@ import math
 
 import torch
 
-from moecore.backends import Backend, BackendRegistry, always_available
+from moecore.backends import Backend, BackendRegistry, always_available, log_choice
+from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
+
+if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
+    import triton
+    import triton.language as tl
 
 
 def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, out_b: torch.Tensor,
                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a partial result ``(out_b [B, h, S, dv], lse_b [B, h, S])`` into the running one
     **in place** (``out``/``lse`` may be views of a larger accumulator); at first (``None``)
-    returns fp32 copies (fp64 for fp64 inputs) to accumulate into."""
+    returns fp32 copies (fp64 for fp64 inputs) to accumulate into. On CUDA one Triton pass
+    (:func:`merge_partial_triton`, after its self-check) where the layouts fit, else
+    :func:`merge_partial_torch`."""
     if out is None:
         return to_acc(out_b, copy=True), to_acc(lse_b, copy=True)
+    if _merge_fits(out, lse, out_b, lse_b) and _merge_triton_ready(out.device):
+        merge_partial_triton(out, lse, out_b, lse_b)
+    else:
+        merge_partial_torch(out, lse, out_b, lse_b)
+    return out, lse
+
+
+def merge_partial_torch(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                        lse_b: torch.Tensor) -> None:
+    """The reference merge, in place: ``lse = logaddexp(lse, lse_b)``, ``out = out w_a + out_b
+    w_b`` with ``w = exp(lse_part - lse)`` (zero for a row that has seen no key on either
+    side: lse = -inf there)."""
     new = torch.logaddexp(lse, lse_b)
-    # A row that has seen no key yet has lse = -inf on both sides: keep it at zero weight.
     w_a = torch.exp(lse - new).nan_to_num_(0.0).unsqueeze(-1)
     w_b = torch.exp(lse_b - new).nan_to_num_(0.0).unsqueeze(-1)
     out.mul_(w_a).addcmul_(out_b, w_b)
     lse.copy_(new)
-    return out, lse
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _merge_kernel(out_ptr, lse_ptr, ob_ptr, lb_ptr, S, H, so_b, so_h, so_s, sl_b, sl_h, sl_s,
+                      sob_b, sob_h, sob_s, slb_b, slb_h, slb_s, DV: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (b*H + h, row block): BLOCK_S rows of one head, all DV (a head dim: few
+        # distinct values, so a compile-time constant) columns.
+        bh = tl.program_id(0)
+        b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+        rows = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        rmask = rows < S
+        la = tl.load(lse_ptr + b * sl_b + h * sl_h + rows * sl_s, mask=rmask,
+                     other=float("-inf"))
+        lb = tl.load(lb_ptr + b * slb_b + h * slb_h + rows * slb_s, mask=rmask,
+                     other=float("-inf")).to(tl.float32)
+        m = tl.maximum(la, lb)
+        empty = m == float("-inf")  # no key on either side yet: weights 0, lse stays -inf
+        m = tl.where(empty, 0.0, m)
+        ea, eb = tl.exp(la - m), tl.exp(lb - m)
+        total = ea + eb
+        w_a = tl.where(empty, 0.0, ea / total)[:, None]
+        w_b = tl.where(empty, 0.0, eb / total)[:, None]
+        tl.store(lse_ptr + b * sl_b + h * sl_h + rows * sl_s,
+                 tl.where(empty, float("-inf"), m + tl.log(total)), mask=rmask)
+        for d0 in range(0, DV, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = rmask[:, None] & (cols < DV)[None, :]
+            o_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :]
+            ob = tl.load(ob_ptr + b * sob_b + h * sob_h + rows[:, None] * sob_s + cols[None, :],
+                         mask=mask, other=0.0).to(tl.float32)
+            tl.store(o_ptrs, tl.load(o_ptrs, mask=mask, other=0.0) * w_a + ob * w_b, mask=mask)
+
+
+def _merge_layout_ok(out, lse, out_b, lse_b) -> bool:
+    """The kernel's layout: fp32 ``out [B, h, S, dv]`` / ``lse [B, h, S]`` (any strides but a
+    unit last one for ``out`` and ``out_b``), ``out_b`` fp32/bf16/fp16 and fp32 ``lse_b`` of the
+    same shapes."""
+    return (out.dim() == 4 and out.dtype == torch.float32 and lse.dtype == torch.float32
+            and out_b.shape == out.shape and lse.shape == lse_b.shape == out.shape[:3]
+            and out_b.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and lse_b.dtype == torch.float32 and out.stride(-1) == 1 and out_b.stride(-1) == 1)
+
+
+def _merge_fits(out, lse, out_b, lse_b) -> bool:
+    return HAVE_TRITON and out.is_cuda and _merge_layout_ok(out, lse, out_b, lse_b)
+
+
+def merge_partial_triton(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                         lse_b: torch.Tensor) -> None:
+    """:func:`merge_partial_torch` in one pass: reads ``out`` (fp32) and ``out_b`` once, writes
+    ``out`` and ``lse``; equal to the reference up to fp32 rounding of the weights."""
+    if not _merge_layout_ok(out, lse, out_b, lse_b):
+        raise ValueError("merge_partial_triton needs fp32 out [B, h, S, dv] / lse [B, h, S] and "
+                         "a partial of the same shape, unit-stride rows")
+    B, H, S, DV = out.shape
+    if not out.numel():
+        return
+    block_d = min(256, triton.next_power_of_2(DV))
+    block_s = max(1, 4096 // block_d)
+    _merge_kernel[(B * H, triton.cdiv(S, block_s))](
+        out, lse, out_b, lse_b, S, H, *out.stride()[:3], *lse.stride(), *out_b.stride()[:3],
+        *lse_b.stride(), DV=DV, BLOCK_S=block_s, BLOCK_D=block_d)
+
+
+def _check_merge(device: torch.device) -> None:
+    """The fused merge against the reference on strided views with empty rows."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    acc = torch.randn(2, 3, 40, 24, device=device, generator=gen)
+    acc_lse = torch.randn(2, 3, 40, device=device, generator=gen)
+    acc_lse[:, :, :3] = float("-inf")  # rows that have seen no key yet
+    part = torch.randn(2, 3, 20, 24, device=device, generator=gen).bfloat16()
+    part_lse = torch.randn(2, 3, 20, device=device, generator=gen)
+    part_lse[:, :, 1] = float("-inf")
+    got, want = (acc.clone(), acc_lse.clone()), (acc.clone(), acc_lse.clone())
+    merge_partial_triton(got[0][:, :, 20:], got[1][:, :, 20:], part, part_lse)
+    merge_partial_torch(want[0][:, :, 20:], want[1][:, :, 20:], part, part_lse)
+    assert_close_rel(got[0], want[0], 1e-5, "cp merge out")
+    if not torch.equal(torch.isinf(got[1]), torch.isinf(want[1])):
+        raise AssertionError("cp merge: rows without keys differ")
+    finite = torch.isfinite(want[1])
+    assert_close_rel(got[1][finite], want[1][finite], 1e-5, "cp merge lse")
+
+
+@functools.cache
+def _merge_triton_ready(device: torch.device) -> bool:
+    ok, why = checked_triton_available("cp merge", _check_merge, device)
+    log_choice("cp_merge", "triton" if ok else "torch", "auto",
+               {"device": device} if ok else {"device": device, "why": why})
+    return ok
 
 
 def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -7,9 +7,11 @@ import torch
 
 from moecore.kernels.block_attention import (
     BLOCK_ATTENTION,
+    _merge_triton_ready,
     block_attention_backward_torch,
     block_attention_forward_torch,
     merge_partial,
+    merge_partial_torch,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -48,3 +50,18 @@ def test_fused_block_attention_matches_the_reference(name, hk):
                                              causal, None)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2)
+
+
+def test_fused_merge_passes_its_self_check_and_matches_the_reference():
+    assert _merge_triton_ready(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, h, C, d = 1, 16, 4096, 128  # CP=4's block shapes of benchmarks/cp_attention.py
+    acc = torch.randn(B, h, 2 * C, d, device="cuda", generator=g)
+    acc_lse = torch.randn(B, h, 2 * C, device="cuda", generator=g)
+    part = torch.randn(B, h, C, d, device="cuda", generator=g).bfloat16()
+    part_lse = torch.randn(B, h, C, device="cuda", generator=g)
+    got, want = (acc.clone(), acc_lse.clone()), (acc.clone(), acc_lse.clone())
+    merge_partial(got[0][:, :, C:], got[1][:, :, C:], part, part_lse)  # the fused path
+    merge_partial_torch(want[0][:, :, C:], want[1][:, :, C:], part, part_lse)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)

@@ -271,7 +271,7 @@ def test_fusion_flags_reach_the_config():
 # ---- Triton kernels under the interpreter ---------------------------------------------------
 
 CHECKS = ("swiglu", "router", "permute", "expert_positions", "combine", "moe_layer",
-          "router_gating")
+          "router_gating", "cp_merge")
 
 
 def test_triton_kernels_under_interpreter():

@@ -265,10 +265,27 @@ def check_router_gating(gen):
         assert _rel(a, b) < 1e-2
 
 
+def check_cp_merge(gen):
+    from moecore.kernels import block_attention as BA
+
+    BA._check_merge(torch.device("cpu"))  # the kernel's own self-check: strided, empty rows
+    for b, h, s, dv, dtype in [(1, 2, 5, 300, torch.float32), (2, 1, 70, 64, torch.float16),
+                               (1, 1, 1, 8, torch.bfloat16)]:
+        acc = torch.randn(b, h, 2 * s, dv, generator=gen)
+        acc_lse = torch.randn(b, h, 2 * s, generator=gen)
+        part = torch.randn(b, h, s, dv, generator=gen).to(dtype)
+        part_lse = torch.randn(b, h, s, generator=gen)
+        got, want = (acc.clone(), acc_lse.clone()), (acc.clone(), acc_lse.clone())
+        BA.merge_partial_triton(got[0][:, :, s:], got[1][:, :, s:], part, part_lse)
+        BA.merge_partial_torch(want[0][:, :, s:], want[1][:, :, s:], part, part_lse)
+        assert _rel(got[0], want[0]) < 1e-6 and _rel(got[1], want[1]) < 1e-6, (s, dv, dtype)
+        assert torch.equal(got[0][:, :, :s], acc[:, :, :s])  # rows outside the view untouched
+
+
 CHECKS = {"swiglu": check_swiglu, "router": check_router, "permute": check_permute,
           "expert_positions": check_expert_positions,
           "combine": check_combine, "moe_layer": check_moe_layer,
-          "router_gating": check_router_gating}
+          "router_gating": check_router_gating, "cp_merge": check_cp_merge}
 
 
 if __name__ == "__main__":
