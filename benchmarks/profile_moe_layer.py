@@ -57,8 +57,8 @@ def main() -> None:
         torch.cuda.synchronize()
     table = prof.key_averages()
     print(table.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    # The host's side: at the 64-expert shapes the eager layer's launches take about as long as
-    # its kernels (docs/benchmarks.md), so where the CPU time goes matters as much.
+    # The host's side: at the 64-expert shapes the eager layer's GPU waits for its launches for
+    # 1.1-1.5 ms of each iteration (docs/benchmarks.md).
     print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows,
                       max_name_column_width=70))
 
