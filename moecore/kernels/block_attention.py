@@ -10,9 +10,9 @@ Shapes: ``q [B, h, Sq, d]``, ``k [B, hk, Sk, d]``, ``v [B, hk, Sk, dv]`` with ``
 Partial results over disjoint key blocks merge exactly by their log-sum-exps
 (:func:`merge_partial`): ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) +
 out_2 exp(lse_2 - lse)`` (on CUDA one Triton pass over the fp32 accumulator after a self-check
-against :func:`merge_partial_torch`). The backward of one block needs only the final ``out``/``lse``:
-``P = exp(q k^T s - lse)``, ``dv = P^T do``, ``dS = P (do v^T - rowsum(do * out))``,
-``dq = dS k s``, ``dk = dS^T q s``.
+against :func:`merge_partial_torch`). The backward of one block needs only the final
+``out``/``lse``: ``P = exp(q k^T s - lse)``, ``dv = P^T do``, ``dS = P (do v^T - rowsum(do *
+out))``, ``dq = dS k s``, ``dk = dS^T q s``.
 
 Registry ``BLOCK_ATTENTION``, in ``auto`` order: ``fused`` (cuDNN's fused attention ops, CUDA,
 fp16/bf16, ``d == dv <= 128``), ``flash`` (PyTorch's FlashAttention-2 ops, ``d == dv <= 256``),
