@@ -87,6 +87,15 @@ COMMON = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type",
           "--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
 
 
+def without(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` without each ``flag`` of ``flags`` and the number of values it takes."""
+    out = list(argv)
+    for flag, n in flags.items():
+        i = out.index(flag)
+        del out[i:i + 1 + n]
+    return out
+
+
 def _model_argv(args) -> list[str]:
     """The model's flags and COMMON, for ``--model`` (``--tiny``: its small version)."""
     if args.model == "moe-1b":

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import compare_common as cc  # noqa: E402
-from benchmarks.e2e import COMMON  # noqa: E402
+from benchmarks.e2e import COMMON, without  # noqa: E402
 from moecore.training import pretrain  # noqa: E402
 
 CONTENDERS = ("moecore", "torchtitan", "megatron-core", "moecore-dense")
@@ -59,17 +59,14 @@ def moecore_argv(shape: cc.Shape, recipe: cc.Recipe, micro_batch: int, dense: bo
                  device: str) -> list[str]:
     """pretrain_gpt.py flags: e2e.py's COMMON recipe at ``shape``, the shared optimizer
     settings, and (on CUDA) the fastest one-GPU configuration."""
-    common = list(COMMON)
+    common = without(COMMON, {"--moe-grouped-gemm": 0, "--moe-token-dispatcher-type": 1,
+                              "--moe-router-load-balancing-type": 1,
+                              "--moe-aux-loss-coeff": 1}) if dense else list(COMMON)
     model = ["--num-layers", shape.layers, "--hidden-size", shape.hidden,
              "--num-attention-heads", shape.heads, "--seq-length", shape.seq,
              "--max-position-embeddings", shape.seq, "--vocab-size", shape.vocab,
              "--ffn-hidden-size", shape.dense_ffn if dense else shape.expert_ffn]
-    if dense:
-        for flag, n in (("--moe-grouped-gemm", 0), ("--moe-token-dispatcher-type", 1),
-                        ("--moe-router-load-balancing-type", 1), ("--moe-aux-loss-coeff", 1)):
-            i = common.index(flag)
-            del common[i:i + 1 + n]
-    else:
+    if not dense:
         model += ["--num-experts", shape.experts, "--moe-router-topk", shape.topk,
                   "--moe-ffn-hidden-size", shape.expert_ffn]
     run = ["--train-iters", recipe.steps, "--lr-decay-iters", recipe.steps,

@@ -42,9 +42,8 @@ def _argv(mbs: int, iters: int, log_interval: int, extra: list[str],
           contender: str | None = None) -> list[str]:
     tiny = not torch.cuda.is_available()  # CPU smoke run
     if contender is not None:  # exactly what e2e_compare.py runs for that contender
-        from e2e_compare import moecore_argv
-
         from benchmarks import compare_common as cc
+        from benchmarks.e2e_compare import moecore_argv
         gbs = contender_gbs(extra) or (mbs if tiny else cc.Recipe().global_batch)
         recipe = cc.Recipe(steps=iters, warmup=0, log_interval=log_interval,
                            global_batch=int(gbs), lr_warmup=min(5, iters - 1))

@@ -112,13 +112,10 @@ def prepare_bpe(args, work: Path) -> tuple[str, Path]:
 
 def e2e_bpe_run(recipe: str | None, args, env: dict, data: str, model: Path) -> dict:
     """``benchmarks/e2e.py``'s model on the BPE-tokenised text for ``--iters`` steps."""
-    from e2e import COMMON, MODEL, TINY  # noqa: PLC0415
+    from e2e import COMMON, MODEL, TINY, without  # noqa: PLC0415
 
-    common = list(COMMON)
-    for flag, n in (("--mock-data", 0), ("--tokenizer-type", 1), ("--vocab-size", 1),
-                    ("--split", 1), ("--eval-iters", 1), ("--eval-interval", 1)):
-        i = common.index(flag)
-        del common[i:i + 1 + n]
+    common = without(COMMON, {"--mock-data": 0, "--tokenizer-type": 1, "--vocab-size": 1,
+                              "--split": 1, "--eval-iters": 1, "--eval-interval": 1})
     iters = args.iters or 2000
     argv = (TINY if args.smoke else MODEL) + common + [
         "--data-path", data, "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",

@@ -30,7 +30,12 @@ import math
 import torch
 
 from moecore.backends import Backend, BackendRegistry, always_available, log_choice
-from moecore.kernels import HAVE_TRITON, assert_close_rel, checked_triton_available
+from moecore.kernels import (
+    HAVE_TRITON,
+    TRITON_DTYPES,
+    assert_close_rel,
+    checked_triton_available,
+)
 
 if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
     import triton
@@ -105,7 +110,7 @@ def _merge_layout_ok(out, lse, out_b, lse_b) -> bool:
     same shapes."""
     return (out.dim() == 4 and out.dtype == torch.float32 and lse.dtype == torch.float32
             and out_b.shape == out.shape and lse.shape == lse_b.shape == out.shape[:3]
-            and out_b.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and out_b.dtype in TRITON_DTYPES
             and lse_b.dtype == torch.float32 and out.stride(-1) == 1 and out_b.stride(-1) == 1)
 
 

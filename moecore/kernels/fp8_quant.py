@@ -167,9 +167,8 @@ def transpose(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
 def padded_row_map(rows: int, multiple: int, device) -> torch.Tensor:
     """``[P]`` int32 row map of :func:`transpose`: rows ``0..rows-1`` then ``-1`` (zeros) up
     to ``P``, the next multiple of ``multiple``."""
-    total = -(-rows // multiple) * multiple
-    return torch.where(torch.arange(total, device=device) < rows,
-                       torch.arange(total, device=device, dtype=torch.int32), -1).int()
+    index = torch.arange(-(-rows // multiple) * multiple, device=device, dtype=torch.int32)
+    return torch.where(index < rows, index, -1)
 
 
 def group_row_map(tokens_per_expert: torch.Tensor, rows: int, device,
