@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.fp8_moe_layer import parse_variant  # noqa: E402
 from moecore.training import pretrain  # noqa: E402
 
 MODEL = ["--num-layers", "16", "--hidden-size", "1024", "--num-attention-heads", "16",
@@ -114,16 +115,24 @@ SMOKE = ["--hidden-size", "128", "--ffn-hidden-size", "256", "--moe-ffn-hidden-s
 FP8_TARGET = 1.3  # issue #21: FP8 tokens/s over bf16 in the same run
 
 
+def fp8_flags(variant: str) -> list[str]:
+    """``recipe[+bf16wgrad]`` (``fp8_moe_layer.parse_variant``'s names) -> training flags."""
+    opts = parse_variant(variant)
+    if opts["cache"]:
+        raise argparse.ArgumentTypeError(
+            f"--compare-fp8 {variant}: +cache is a layer-benchmark option (the training loop "
+            "quantises each weight once per optimizer step already); drop it")
+    return ["--fp8-format", "hybrid", "--fp8-recipe", opts["recipe"],
+            *([] if opts["wgrad"] else ["--no-fp8-wgrad"])]
+
+
 def compare_fp8(recipes: list[str], argv: list[str], smoke: bool) -> list[dict]:
     """Run this script once in bf16 and once per FP8 ``recipe`` (hybrid format), each in its own
     process with the same other flags; print tokens/s and the ratio to bf16."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in [None, *recipes]:
-            extra = [] if recipe is None else ["--fp8-format", "hybrid", "--fp8-recipe",
-                                               recipe.split("+")[0]]
-            if recipe is not None and recipe.endswith("+bf16wgrad"):
-                extra.append("--no-fp8-wgrad")
+            extra = [] if recipe is None else fp8_flags(recipe)
             if recipe is not None and smoke:
                 extra += ["--fp8-gemm-backend", "emulated"]
             out = Path(tmp) / f"{recipe or 'bf16'}.json"
@@ -157,7 +166,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None,
                    help="deepseek-v2-lite's layers, the first dense (default 5; 3 with --tiny)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--compare-fp8", default=None, type=lambda s: [c for c in s.split(",") if c],
+    p.add_argument("--compare-fp8", default=None,
+                   type=lambda s: [c for c in s.split(",") if c and fp8_flags(c)],
                    help="comma-separated FP8 recipes (a recipe+bf16wgrad adds --no-fp8-wgrad): "
                         "run bf16 and each of them (hybrid) and print the tokens/s ratios")
     p.add_argument("--smoke", action="store_true",

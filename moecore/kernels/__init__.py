@@ -34,7 +34,8 @@ self-check there; CPU runs take the torch references. The kernels import nothing
 layers above them (``moe``, ``transformer``, ``tensor_parallel``).
 
 This file holds what the kernel modules share: the Triton import, the fusion-flag -> request
-mapping and the cached self-check.
+mapping, the cached self-check, and :func:`triton_kernel_ready` for a kernel that is not a
+registry backend of its own (it logs its choice once, as a registry does).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import functools
 from collections.abc import Callable
 
 import torch
+
+from moecore.backends import log_choice
 
 try:  # Triton is optional: CPU installs and CI run the torch paths.
     import triton  # noqa: F401
@@ -109,3 +112,16 @@ def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     if not err <= tol:  # also catches NaN
         raise AssertionError(f"{what}: relative error {err:.3g} > {tol}")
+
+
+@functools.cache
+def triton_kernel_ready(op: str, check: Callable[[torch.device], None], device: torch.device,
+                        log: bool = True) -> bool:
+    """Whether ``op``'s Triton kernel runs on ``device`` (Triton, CUDA, ``check`` passed once);
+    the choice (``triton``, or ``torch`` with the reason) is logged once per CUDA device unless
+    ``log`` is off (a registry that logs the op itself)."""
+    ok, reason = checked_triton_available(op, check, device)
+    if log and torch.device(device).type != "cpu":
+        log_choice(op, "triton" if ok else "torch", "auto",
+                   {"device": device} if ok else {"device": device, "why": reason})
+    return ok

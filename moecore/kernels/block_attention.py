@@ -29,12 +29,12 @@ import math
 
 import torch
 
-from moecore.backends import Backend, BackendRegistry, always_available, log_choice
+from moecore.backends import Backend, BackendRegistry, always_available
 from moecore.kernels import (
     HAVE_TRITON,
     TRITON_DTYPES,
     assert_close_rel,
-    checked_triton_available,
+    triton_kernel_ready,
 )
 
 if HAVE_TRITON:  # optional: CPU installs and CI run the torch reference
@@ -76,14 +76,15 @@ if HAVE_TRITON:
     def _merge_kernel(out_ptr, lse_ptr, ob_ptr, lb_ptr, S, H, so_b, so_h, so_s, sl_b, sl_h, sl_s,
                       sob_b, sob_h, sob_s, slb_b, slb_h, slb_s, DV: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Program (b*H + h, row block): BLOCK_S rows of one head, all DV (a head dim: few
-        # distinct values, so a compile-time constant) columns.
+        # Program (b*H + h, row block): a [BLOCK_S, BLOCK_D >= DV] tile of one head. The
+        # log-sum-exps are loaded as [BLOCK_S, 1] columns, so the weights need no layout change.
         bh = tl.program_id(0)
         b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-        rows = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        rows = (tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
+        cols = tl.arange(0, BLOCK_D)[None, :]
         rmask = rows < S
-        la = tl.load(lse_ptr + b * sl_b + h * sl_h + rows * sl_s, mask=rmask,
-                     other=float("-inf"))
+        lse_ptrs = lse_ptr + b * sl_b + h * sl_h + rows * sl_s
+        la = tl.load(lse_ptrs, mask=rmask, other=float("-inf"))
         lb = tl.load(lb_ptr + b * slb_b + h * slb_h + rows * slb_s, mask=rmask,
                      other=float("-inf")).to(tl.float32)
         m = tl.maximum(la, lb)
@@ -91,24 +92,26 @@ if HAVE_TRITON:
         m = tl.where(empty, 0.0, m)
         ea, eb = tl.exp(la - m), tl.exp(lb - m)
         total = ea + eb
-        w_a = tl.where(empty, 0.0, ea / total)[:, None]
-        w_b = tl.where(empty, 0.0, eb / total)[:, None]
-        tl.store(lse_ptr + b * sl_b + h * sl_h + rows * sl_s,
-                 tl.where(empty, float("-inf"), m + tl.log(total)), mask=rmask)
-        for d0 in range(0, DV, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = rmask[:, None] & (cols < DV)[None, :]
-            o_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :]
-            ob = tl.load(ob_ptr + b * sob_b + h * sob_h + rows[:, None] * sob_s + cols[None, :],
-                         mask=mask, other=0.0).to(tl.float32)
-            tl.store(o_ptrs, tl.load(o_ptrs, mask=mask, other=0.0) * w_a + ob * w_b, mask=mask)
+        w_a = tl.where(empty, 0.0, ea / total)
+        w_b = tl.where(empty, 0.0, eb / total)
+        mask = rmask & (cols < DV)
+        o_ptrs = out_ptr + b * so_b + h * so_h + rows * so_s + cols
+        ob = tl.load(ob_ptr + b * sob_b + h * sob_h + rows * sob_s + cols, mask=mask,
+                     other=0.0).to(tl.float32)
+        o = tl.load(o_ptrs, mask=mask, other=0.0)
+        tl.store(o_ptrs, o * w_a + ob * w_b, mask=mask)
+        tl.store(lse_ptrs, tl.where(empty, float("-inf"), m + tl.log(total)), mask=rmask)
+
+
+MERGE_MAX_DV = 1024  # the kernel holds a whole row of the head dim in one tile
 
 
 def _merge_layout_ok(out, lse, out_b, lse_b) -> bool:
     """The kernel's layout: fp32 ``out [B, h, S, dv]`` / ``lse [B, h, S]`` (any strides but a
     unit last one for ``out`` and ``out_b``), ``out_b`` fp32/bf16/fp16 and fp32 ``lse_b`` of the
-    same shapes."""
-    return (out.dim() == 4 and out.dtype == torch.float32 and lse.dtype == torch.float32
+    same shapes, ``dv <= MERGE_MAX_DV``."""
+    return (out.dim() == 4 and out.shape[-1] <= MERGE_MAX_DV and out.dtype == torch.float32
+            and lse.dtype == torch.float32
             and out_b.shape == out.shape and lse.shape == lse_b.shape == out.shape[:3]
             and out_b.dtype in TRITON_DTYPES
             and lse_b.dtype == torch.float32 and out.stride(-1) == 1 and out_b.stride(-1) == 1)
@@ -124,11 +127,11 @@ def merge_partial_triton(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tens
     ``out`` and ``lse``; equal to the reference up to fp32 rounding of the weights."""
     if not _merge_layout_ok(out, lse, out_b, lse_b):
         raise ValueError("merge_partial_triton needs fp32 out [B, h, S, dv] / lse [B, h, S] and "
-                         "a partial of the same shape, unit-stride rows")
+                         f"a partial of the same shape, unit-stride rows, dv <= {MERGE_MAX_DV}")
     B, H, S, DV = out.shape
     if not out.numel():
         return
-    block_d = min(256, triton.next_power_of_2(DV))
+    block_d = triton.next_power_of_2(DV)
     block_s = max(1, 4096 // block_d)
     _merge_kernel[(B * H, triton.cdiv(S, block_s))](
         out, lse, out_b, lse_b, S, H, *out.stride()[:3], *lse.stride(), *out_b.stride()[:3],
@@ -154,12 +157,9 @@ def _check_merge(device: torch.device) -> None:
     assert_close_rel(got[1][finite], want[1][finite], 1e-5, "cp merge lse")
 
 
-@functools.cache
 def _merge_triton_ready(device: torch.device) -> bool:
-    ok, why = checked_triton_available("cp merge", _check_merge, device)
-    log_choice("cp_merge", "triton" if ok else "torch", "auto",
-               {"device": device} if ok else {"device": device, "why": why})
-    return ok
+    """Whether the fused merge runs on ``device`` (self-checked once; the choice logged once)."""
+    return triton_kernel_ready("cp_merge", _check_merge, device)
 
 
 def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:

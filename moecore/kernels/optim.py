@@ -26,14 +26,19 @@ Registry ``ADAMW`` (``--adamw-backend``, an optimizer setting): ``triton`` (:cla
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from moecore.backends import AUTO, Backend, BackendRegistry, always_available, log_choice
-from moecore.kernels import HAVE_TRITON, TRITON_DTYPES, assert_close_rel, checked_triton_available
+from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.kernels import (
+    HAVE_TRITON,
+    TRITON_DTYPES,
+    assert_close_rel,
+    checked_triton_available,
+    triton_kernel_ready,
+)
 
 if HAVE_TRITON:
     import triton
@@ -271,14 +276,10 @@ def _check_adamw(device: torch.device) -> None:
 _CHECKS = {"main_grad_accumulate": _check_accumulate, "adamw": _check_adamw}
 
 
-@functools.cache
 def _triton_ready(op: str, device: torch.device) -> bool:
     """Whether ``op``'s Triton kernel runs on ``device`` (Triton, CUDA, self-check passed)."""
-    ok, reason = checked_triton_available(op, _CHECKS[op], device)
-    if device.type != "cpu" and op != "adamw":  # the adamw registry logs its own choice
-        log_choice(op, "triton" if ok else "torch", "auto",
-                   {"device": device} if ok else {"device": device, "why": reason})
-    return ok
+    # the adamw registry logs its own choice
+    return triton_kernel_ready(op, _CHECKS[op], device, log=op != "adamw")
 
 
 def triton_adamw_available(device) -> bool:

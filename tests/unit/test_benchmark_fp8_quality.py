@@ -1,6 +1,7 @@
 """benchmarks/fp8_quality.py: its log parsing against the trainer's own log lines, and the
 BPE run end to end on CPU (--smoke: a SentencePiece BPE model trained on a small text, the tiny
-e2e model, emulated FP8 GEMMs); benchmarks/e2e_profile.py's --contender argv."""
+e2e model, emulated FP8 GEMMs); benchmarks/e2e_profile.py's --contender argv;
+benchmarks/e2e.py's --compare-fp8 names."""
 
 from __future__ import annotations
 
@@ -64,3 +65,17 @@ def test_e2e_profile_contender_argv():
     assert "--num-experts" not in dense and "--num-experts" in moe
     i = dense.index("--global-batch-size")  # e2e_compare's recipe takes the global batch given
     assert dense[i + 1] == "4" and moe[moe.index("--global-batch-size") + 1] == "2"
+
+
+def test_e2e_compare_fp8_flags_come_from_the_layer_benchmarks_variant_names():
+    import argparse
+
+    import pytest
+
+    e2e = _module("e2e")
+    assert e2e.fp8_flags("blockwise+bf16wgrad") == [
+        "--fp8-format", "hybrid", "--fp8-recipe", "blockwise", "--no-fp8-wgrad"]
+    assert e2e.fp8_flags("tensorwise")[-1] == "tensorwise"
+    for bad in ("tensorwise+cache", "e5m2", "tensorwise+fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            e2e.fp8_flags(bad)

@@ -19,3 +19,13 @@ def test_moe_layer_benchmark_tiny_on_cpu(tmp_path):
     assert row["layer_ms"] > 0 and row["dense_ms"] > 0 and row["saved_bytes_per_token"] > 0
     assert row["layer_graph_ms"] is None and row["dense_graph_ms"] is None
     assert "ratio_dense_over_layer_graph" not in row and (tmp_path / "r.json").exists()
+
+
+def test_profile_moe_layer_host_python_on_cpu(capsys):
+    path = SCRIPT.with_name("profile_moe_layer.py")
+    spec = importlib.util.spec_from_file_location("profile_moe_layer_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--config", "tiny", "--device", "cpu", "--host-python", "2", "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "ms per iteration to issue" in out and "moe/layer.py" in out
