@@ -76,8 +76,8 @@ if HAVE_TRITON:
     def _merge_kernel(out_ptr, lse_ptr, ob_ptr, lb_ptr, S, H, so_b, so_h, so_s, sl_b, sl_h, sl_s,
                       sob_b, sob_h, sob_s, slb_b, slb_h, slb_s, DV: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Program (b*H + h, row block): a [BLOCK_S, BLOCK_D >= DV] tile of one head. The
-        # log-sum-exps are loaded as [BLOCK_S, 1] columns, so the weights need no layout change.
+        # Program (b*H + h, row block): a [BLOCK_S, BLOCK_D >= DV] tile of one head, the
+        # log-sum-exps loaded as [BLOCK_S, 1] columns.
         bh = tl.program_id(0)
         b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
         rows = (tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
@@ -100,6 +100,9 @@ if HAVE_TRITON:
                      other=0.0).to(tl.float32)
         o = tl.load(o_ptrs, mask=mask, other=0.0)
         tl.store(o_ptrs, o * w_a + ob * w_b, mask=mask)
+        # Every thread of the program has read the old lse (the compiler may re-load it in the
+        # tile's layout instead of moving it between threads) before any thread overwrites it.
+        tl.debug_barrier()
         tl.store(lse_ptrs, tl.where(empty, float("-inf"), m + tl.log(total)), mask=rmask)
 
 
