@@ -142,22 +142,28 @@ def merge_partial_triton(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tens
 
 
 def _check_merge(device: torch.device) -> None:
-    """The fused merge against the reference on strided views with empty rows."""
+    """The fused merge against the reference: strided views with empty rows, then the ring's
+    tile (head dim 128) over 2 x 1024 rows, where a kernel that let a thread read a log-sum-exp
+    another had overwritten gave wrong rows on an H100 (a tiny input did not show it)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    acc = torch.randn(2, 3, 40, 24, device=device, generator=gen)
-    acc_lse = torch.randn(2, 3, 40, device=device, generator=gen)
-    acc_lse[:, :, :3] = float("-inf")  # rows that have seen no key yet
-    part = torch.randn(2, 3, 20, 24, device=device, generator=gen).bfloat16()
-    part_lse = torch.randn(2, 3, 20, device=device, generator=gen)
-    part_lse[:, :, 1] = float("-inf")
-    got, want = (acc.clone(), acc_lse.clone()), (acc.clone(), acc_lse.clone())
-    merge_partial_triton(got[0][:, :, 20:], got[1][:, :, 20:], part, part_lse)
-    merge_partial_torch(want[0][:, :, 20:], want[1][:, :, 20:], part, part_lse)
-    assert_close_rel(got[0], want[0], 1e-5, "cp merge out")
-    if not torch.equal(torch.isinf(got[1]), torch.isinf(want[1])):
-        raise AssertionError("cp merge: rows without keys differ")
-    finite = torch.isfinite(want[1])
-    assert_close_rel(got[1][finite], want[1][finite], 1e-5, "cp merge lse")
+    for (b, h, s, dv), empty in (((2, 3, 20, 24), True), ((1, 2, 1024, 128), False)):
+        acc = torch.randn(b, h, 2 * s, dv, device=device, generator=gen)
+        acc_lse = torch.randn(b, h, 2 * s, device=device, generator=gen)
+        part = torch.randn(b, h, s, dv, device=device, generator=gen).bfloat16()
+        part_lse = torch.randn(b, h, s, device=device, generator=gen)
+        if empty:
+            acc_lse[:, :, :3] = float("-inf")  # rows that have seen no key yet
+            part_lse[:, :, 1] = float("-inf")
+        got, want = (acc.clone(), acc_lse.clone()), (acc.clone(), acc_lse.clone())
+        merge_partial_triton(got[0][:, :, s:], got[1][:, :, s:], part, part_lse)
+        merge_partial_torch(want[0][:, :, s:], want[1][:, :, s:], part, part_lse)
+        assert_close_rel(got[0], want[0], 1e-5, "cp merge out")
+        if not torch.equal(torch.isinf(got[1]), torch.isinf(want[1])):
+            raise AssertionError("cp merge: rows without keys differ")
+        finite = torch.isfinite(want[1])
+        assert_close_rel(got[1][finite], want[1][finite], 1e-5, "cp merge lse")
+        if not torch.equal(got[0][:, :, :s], acc[:, :, :s]):
+            raise AssertionError("cp merge wrote outside its view")
 
 
 def _merge_triton_ready(device: torch.device) -> bool:
