@@ -115,15 +115,17 @@ SMOKE = ["--hidden-size", "128", "--ffn-hidden-size", "256", "--moe-ffn-hidden-s
 FP8_TARGET = 1.3  # issue #21: FP8 tokens/s over bf16 in the same run
 
 
-def fp8_flags(variant: str) -> list[str]:
-    """``recipe[+bf16wgrad]`` (``fp8_moe_layer.parse_variant``'s names) -> training flags."""
+def fp8_flags(variant: str, emulated: bool = False) -> list[str]:
+    """``recipe[+bf16wgrad]`` (``fp8_moe_layer.parse_variant``'s names) -> training flags,
+    hybrid format; ``emulated``: the emulated FP8 GEMMs (CPU smoke runs)."""
     opts = parse_variant(variant)
     if opts["cache"]:
         raise argparse.ArgumentTypeError(
             f"--compare-fp8 {variant}: +cache is a layer-benchmark option (the training loop "
             "quantises each weight once per optimizer step already); drop it")
     return ["--fp8-format", "hybrid", "--fp8-recipe", opts["recipe"],
-            *([] if opts["wgrad"] else ["--no-fp8-wgrad"])]
+            *([] if opts["wgrad"] else ["--no-fp8-wgrad"]),
+            *(["--fp8-gemm-backend", "emulated"] if emulated else [])]
 
 
 def compare_fp8(recipes: list[str], argv: list[str], smoke: bool) -> list[dict]:
@@ -132,9 +134,7 @@ def compare_fp8(recipes: list[str], argv: list[str], smoke: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in [None, *recipes]:
-            extra = [] if recipe is None else fp8_flags(recipe)
-            if recipe is not None and smoke:
-                extra += ["--fp8-gemm-backend", "emulated"]
+            extra = [] if recipe is None else fp8_flags(recipe, emulated=smoke)
             out = Path(tmp) / f"{recipe or 'bf16'}.json"
             subprocess.run([sys.executable, __file__, *argv, *extra, "--json", str(out)],
                            check=True)

@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples" / "shakespeare_moe"))
 
+from e2e import COMMON, MODEL, TINY, fp8_flags, without  # noqa: E402
+
 LARGER = ["--num-layers", "8", "--hidden-size", "768", "--num-attention-heads", "12",
           "--ffn-hidden-size", "3072", "--moe-ffn-hidden-size", "1024"]
 VAL_RE = re.compile(r"validation loss at iteration (\d+)(?: on validation set)? \| "
@@ -42,11 +44,9 @@ TRAIN_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|.*?"
                       r"number of skipped iterations:\s+(\d+) \| number of nan iterations:\s+(\d+)")
 
 
-def fp8_flags(recipe: str | None, smoke: bool) -> list[str]:
-    if recipe is None:
-        return []
-    return ["--fp8-format", "hybrid", "--fp8-recipe", recipe] + (
-        ["--fp8-gemm-backend", "emulated"] if smoke else [])
+def recipe_flags(recipe: str | None, smoke: bool) -> list[str]:
+    """None (bf16): no flags; else :func:`e2e.fp8_flags` (emulated GEMMs in a smoke run)."""
+    return [] if recipe is None else fp8_flags(recipe, emulated=smoke)
 
 
 def parse_log(text: str) -> dict:
@@ -79,7 +79,7 @@ def run(cmd: list[str], env: dict, log: Path | None) -> dict:
 def example_run(seed: int, recipe: str | None, args, env: dict) -> dict:
     """One run of the Shakespeare example (run.sh's own sizes; ``--size larger`` on top)."""
     extra = (LARGER if args.size == "larger" and not args.smoke else []) + [
-        "--seed", str(seed), "--log-interval", str(args.log_interval)] + fp8_flags(
+        "--seed", str(seed), "--log-interval", str(args.log_interval)] + recipe_flags(
         recipe, args.smoke) + (["--train-iters", str(args.iters), "--lr-decay-iters",
                                 str(args.iters), "--lr-warmup-iters", str(max(1, args.iters // 10))]
                               if args.iters else [])
@@ -112,8 +112,6 @@ def prepare_bpe(args, work: Path) -> tuple[str, Path]:
 
 def e2e_bpe_run(recipe: str | None, args, env: dict, data: str, model: Path) -> dict:
     """``benchmarks/e2e.py``'s model on the BPE-tokenised text for ``--iters`` steps."""
-    from e2e import COMMON, MODEL, TINY, without  # noqa: PLC0415
-
     common = without(COMMON, {"--mock-data": 0, "--tokenizer-type": 1, "--vocab-size": 1,
                               "--split": 1, "--eval-iters": 1, "--eval-interval": 1})
     iters = args.iters or 2000
@@ -126,7 +124,8 @@ def e2e_bpe_run(recipe: str | None, args, env: dict, data: str, model: Path) -> 
     argv += ["--device", "cpu", "--num-workers", "0"] if args.smoke else [
         "--bf16", "--cuda-graph-impl", "local", "--cuda-graph-warmup-steps", "2"]
     log = args.log_dir / f"e2e-bpe-{recipe or 'bf16'}.log" if args.log_dir else None
-    res = run([sys.executable, "pretrain_gpt.py", *argv, *fp8_flags(recipe, args.smoke)], env, log)
+    res = run([sys.executable, "pretrain_gpt.py", *argv, *recipe_flags(recipe, args.smoke)], env,
+              log)
     if res["status"] == "ok" and res["train"]:
         losses = [loss for _, loss in res["train"]]
         early = min(losses[: max(1, len(losses) // 10)])
