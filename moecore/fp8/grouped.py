@@ -59,23 +59,29 @@ class _Fp8GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, tokens_per_expert, meta: Fp8Meta):
         gemm = meta.gemm(x.device)
-        blockwise = meta.recipe.recipe == "blockwise"
+        recipe = meta.recipe
+        blockwise, fp8_wgrad = recipe.recipe == "blockwise", recipe.wgrad
         counts = [int(c) for c in tokens_per_expert.tolist()] if blockwise else None
+        rows = ends = None
+        if fp8_wgrad and not blockwise:  # one read of x: the GEMM's and the wgrad's operand
+            rows, ends = group_row_map(tokens_per_expert, x.shape[0], x.device)
+            xq, x_wgrad = meta.quantize_transposed("input", x, rows)
+        else:
+            xq = meta.quantize("input", x)
         # Quantised as stored, [E, K, M] (what dgrad contracts over M); the forward's [E, M, K]
         # is its FP8 transpose (1 byte per element moved, not 2).
         wq, wq_fwd = meta.weight(w)
-        xq = meta.quantize("input", x)
         if blockwise:
             out = _blockwise_mm(gemm, xq, wq_fwd, counts, x.dtype)
         else:
             out = gemm.grouped_mm(xq, wq_fwd, tokens_per_expert, x.dtype, fast_accum=True)
         # The wgrad's operand: x itself (blockwise tiles it along the tokens; without FP8
-        # wgrad it stays in x's precision), else the FP8 x.
-        if blockwise or not meta.recipe.wgrad:
+        # wgrad it stays in x's precision), else the FP8 x^T regrouped by expert.
+        if rows is None:
             ctx.save_for_backward(x, x.new_empty(0), wq.data, wq.scale_inv, tokens_per_expert)
         else:
-            ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv,
-                                  tokens_per_expert)
+            ctx.save_for_backward(x_wgrad.data, x_wgrad.scale_inv, wq.data, wq.scale_inv,
+                                  tokens_per_expert, rows, ends)
         ctx.meta, ctx.counts, ctx.layout, ctx.wdtype = meta, counts, wq.layout, w.dtype
         return out
 
@@ -84,8 +90,11 @@ class _Fp8GroupedMM(torch.autograd.Function):
         meta, counts = ctx.meta, ctx.counts
         gemm = meta.gemm(dy.device)
         dy = dy.contiguous()
-        dyq = meta.quantize("grad", dy)
-        x_data, x_scale, w_data, w_scale, tpe = ctx.saved_tensors
+        x_data, x_scale, w_data, w_scale, tpe, *row_map = ctx.saved_tensors
+        if row_map:  # FP8 wgrad: dy in both layouts from one read
+            dyq, dyq_t = meta.quantize_transposed("grad", dy, row_map[0])
+        else:
+            dyq = meta.quantize("grad", dy)
         wq_t = Fp8Tensor(w_data, w_scale, ctx.layout)  # [E, K, M]
         if counts is not None:
             dx = _blockwise_mm(gemm, dyq, wq_t, counts, dy.dtype)
@@ -96,10 +105,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
         elif counts is not None:
             dw = _blockwise_wgrad(gemm, x_data, dy, counts, meta, ctx.wdtype)
         else:
-            rows, ends = group_row_map(tpe, dy.shape[0], dy.device)
-            xq = Fp8Tensor(x_data, x_scale, "tensor")
-            dw = gemm.grouped_wgrad(meta.transpose(xq, rows), meta.transpose(dyq, rows), ends,
-                                    ctx.wdtype)  # [E, K, M], as w
+            x_t = Fp8Tensor(x_data, x_scale, "tensor")
+            dw = gemm.grouped_wgrad(x_t, dyq_t, row_map[1], ctx.wdtype)  # [E, K, M], as w
         return dx, dw, None, None
 
 

@@ -1,8 +1,10 @@
 """FP8 linear ``y = x W^T`` (forward, dgrad and wgrad in FP8), saving FP8 operands for backward.
 
 Forward ``x [..., K] @ W [N, K]^T``; dgrad ``dx = dy @ W`` (``W`` re-laid ``[K, N]``); wgrad
-``dW = dy^T @ x`` (contraction over tokens). Tensorwise/delayed: the forward's FP8 ``x`` and
-``W`` are reused transposed. Blockwise: the forward also quantises ``x`` along the tokens (1x128
+``dW = dy^T @ x`` (contraction over tokens). Tensorwise/delayed: ``x`` and ``dy`` are each cast
+once into both FP8 layouts (:meth:`Fp8Meta.quantize_transposed`: the GEMM's, and the wgrad's
+with tokens zero-padded to a multiple of 16); the forward saves only the transposed ``x``.
+Blockwise: the forward also quantises ``x`` along the tokens (1x128
 tiles of ``x^T``, tokens zero-padded to a multiple of 128) for the wgrad; ``dy`` is quantised
 both ways in backward. ``--no-fp8-wgrad``: the wgrad runs in ``x``'s precision on ``x`` as it
 is. The weight and its transpose come from :meth:`Fp8Meta.weight` (cached per optimizer step
@@ -34,13 +36,17 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, meta: Fp8Meta):
         x2 = x.reshape(-1, x.shape[-1])
         gemm = meta.gemm(x.device)
-        xq, (wq, wq_t) = meta.quantize("input", x2), meta.weight(weight)
+        blockwise, wgrad = meta.recipe.recipe == "blockwise", meta.recipe.wgrad
+        if wgrad and not blockwise:  # one read of x for the GEMM's and the wgrad's operand
+            xq, x_wgrad = meta.quantize_transposed("input", x2, _token_rows(x2))
+        else:
+            xq = meta.quantize("input", x2)
+            x_wgrad = meta.tiles("input", pad_rows(x2, BLOCK).t()) if wgrad else None
+        wq, wq_t = meta.weight(weight)
         out = gemm.mm(xq, wq, x.dtype, fast_accum=True)
-        if meta.recipe.recipe == "blockwise" and meta.recipe.wgrad:
-            xq = meta.tiles("input", pad_rows(x2, BLOCK).t())
-        # The wgrad's operand: FP8 x, or (--no-fp8-wgrad) x as it is (layout None).
-        saved_x = _pack(xq) if meta.recipe.wgrad else (x2, x2.new_empty(0))
-        ctx.meta, ctx.layouts = meta, (xq.layout if meta.recipe.wgrad else None, wq_t.layout)
+        # The wgrad's operand: FP8 x^T, or (--no-fp8-wgrad) x as it is (layout None).
+        saved_x = _pack(x_wgrad) if wgrad else (x2, x2.new_empty(0))
+        ctx.meta, ctx.layouts = meta, (x_wgrad.layout if wgrad else None, wq_t.layout)
         ctx.x_shape, ctx.wdtype = x.shape, weight.dtype
         ctx.save_for_backward(*saved_x, *_pack(wq_t))
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -52,7 +58,11 @@ class _Fp8Linear(torch.autograd.Function):
         wq_t = Fp8Tensor(w_data, w_scale, ctx.layouts[1])
         gemm = meta.gemm(dy.device)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dyq = meta.quantize("grad", dy2)
+        fp8_wgrad = ctx.needs_input_grad[1] and ctx.layouts[0] == "tensor"
+        if fp8_wgrad:
+            dyq, dyq_t = meta.quantize_transposed("grad", dy2, _token_rows(dy2))
+        else:
+            dyq = meta.quantize("grad", dy2)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = gemm.mm(dyq, wq_t, dy.dtype).reshape(x_shape)
@@ -62,11 +72,15 @@ class _Fp8Linear(torch.autograd.Function):
             elif meta.recipe.recipe == "blockwise":
                 dy_t = meta.tiles("grad", pad_rows(dy2, BLOCK).t())
                 dw = gemm.mm(dy_t, Fp8Tensor(x_data, x_scale, ctx.layouts[0]), ctx.wdtype)
-            else:  # tokens zero-padded to a multiple of 16, as FP8 GEMMs need
-                rows = padded_row_map(dy2.shape[0], 16, dy.device)
-                xq = Fp8Tensor(x_data, x_scale, ctx.layouts[0])
-                dw = gemm.mm(meta.transpose(dyq, rows), meta.transpose(xq, rows), ctx.wdtype)
+            else:
+                dw = gemm.mm(dyq_t, Fp8Tensor(x_data, x_scale, ctx.layouts[0]), ctx.wdtype)
         return dx, dw, None
+
+
+def _token_rows(x2: torch.Tensor) -> torch.Tensor:
+    """The wgrad's row map of ``x2 [T, K]``: tokens zero-padded to a multiple of 16, as FP8
+    GEMMs need."""
+    return padded_row_map(x2.shape[0], 16, x2.device)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -136,11 +136,27 @@ class Fp8Meta(nn.Module):
             return quantize_blocks(x, dtype, margin) if role == "weight" else \
                 self.tiles(role, x)
         per_expert = role == "weight" and x.dim() == 3
-        amax = reduce_amax(tensor_amax(x, (1, 2) if per_expert else None), self.group)
+        scale = self._scale(role, tensor_amax(x, (1, 2) if per_expert else None))
+        return self.casts(x.device).quantize_tensor(x, scale, dtype)
+
+    def quantize_transposed(self, role: str, x: torch.Tensor, rows: torch.Tensor,
+                            amax: torch.Tensor | None = None) -> tuple[Fp8Tensor, Fp8Tensor]:
+        """``(xq [R, C], xq_t [C, P])``: ``x [R, C]`` in FP8 for ``role`` and its transpose by
+        the row map ``rows [P]`` (the wgrad's operand), from one read of ``x`` on the Triton
+        cast backend. ``amax``: ``max |x|`` when the producer of ``x`` already has it (else
+        computed here). Tensorwise and delayed recipes only."""
+        if self.recipe.recipe == "blockwise":
+            raise ValueError("quantize_transposed is for one scale per tensor, not blockwise")
+        scale = self._scale(role, tensor_amax(x) if amax is None else amax.reshape(()))
+        return self.casts(x.device).quantize_transposed(x, scale, self.dtype(role), rows)
+
+    def _scale(self, role: str, amax: torch.Tensor) -> torch.Tensor:
+        """The quantisation scale of ``role`` from this call's ``amax`` (reduced over the group;
+        under ``delayed`` the history's amax is used and this one recorded)."""
+        amax = reduce_amax(amax.float(), self.group)
         if self.recipe.recipe == "delayed":
             amax = self._delayed_amax(role, amax)
-        return self.casts(x.device).quantize_tensor(x, scale_from_amax(amax, dtype, margin),
-                                                    dtype)
+        return scale_from_amax(amax, self.dtype(role), self.recipe.margin)
 
     @torch.no_grad()
     def _delayed_amax(self, role: str, amax_now: torch.Tensor) -> torch.Tensor:

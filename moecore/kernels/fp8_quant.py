@@ -11,13 +11,14 @@ three layouts, always with the GEMM's contraction dimension last (``K``):
 - ``block`` (DeepSeek-V3's weights): one scale per 128x128 block,
   ``scale_inv [..., M/128, K/128]``.
 
-``quantize_tensor`` / ``quantize_tiles`` / ``transpose`` have two backends (:data:`FP8_CAST`,
-request ``fp8_cast_backend`` / ``--fp8-cast-backend``): ``torch`` (the reference, any device) and
-``triton`` (CUDA: one pass that reads ``x`` once and writes FP8, and for tiles the scales too;
-transposes move 1 byte per element in coalesced tiles, where PyTorch's strided copy is slow;
-the rounding to FP8 is done in fp32 arithmetic, round-to-nearest-even, so results are
-bit-identical to the reference and checkable under the Triton interpreter). The scale math
-follows Transformer Engine:
+``quantize_tensor`` / ``quantize_tiles`` / ``transpose`` / ``quantize_transposed`` have two
+backends (:data:`FP8_CAST`, request ``fp8_cast_backend`` / ``--fp8-cast-backend``): ``torch``
+(the reference, any device) and ``triton`` (CUDA: one pass that reads ``x`` once and writes
+FP8, and for tiles the scales too; transposes move 1 byte per element in coalesced tiles, where
+PyTorch's strided copy is slow; ``quantize_transposed`` writes a tensor's GEMM operand and its
+wgrad operand from one read; the rounding to FP8 is done in fp32 arithmetic,
+round-to-nearest-even, so results are bit-identical to the reference and checkable under the
+Triton interpreter). The scale math follows Transformer Engine:
 ``scale = fp8_max / amax / 2**margin`` (1 where ``amax`` is 0 or not finite), values are clamped
 to ``[-fp8_max, fp8_max]`` before the cast (PyTorch's float8 casts do not saturate).
 """
@@ -164,6 +165,19 @@ def transpose(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
     return Fp8Tensor(data.transpose(-2, -1).contiguous(), _transposed_scale(t), t.layout)
 
 
+def quantize_transposed(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                        rows: torch.Tensor) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """``x [R, C]`` with one ``scale []`` -> ``(xq [R, C], xq_t [C, P])``: :func:`quantize_tensor`
+    and its :func:`transpose` by the row map ``rows [P]`` (the GEMM operand and the wgrad's
+    operand of one tensor). ``rows`` must name every row of ``x`` once, as
+    :func:`group_row_map` and :func:`padded_row_map` do."""
+    if x.dim() != 2 or scale.numel() != 1:
+        raise ValueError(f"quantize_transposed needs x [R, C] and one scale; got "
+                         f"{tuple(x.shape)} and {tuple(scale.shape)}")
+    xq = quantize_tensor(x, scale.reshape(()), dtype)
+    return xq, transpose(xq, rows)
+
+
 def padded_row_map(rows: int, multiple: int, device) -> torch.Tensor:
     """``[P]`` int32 row map of :func:`transpose`: rows ``0..rows-1`` then ``-1`` (zeros) up
     to ``P``, the next multiple of ``multiple``."""
@@ -260,6 +274,27 @@ if HAVE_TRITON:
                  mask=(c < C)[:, None] & (p < P)[None, :])
 
 
+    @triton.jit
+    def _cast_transpose_kernel(x_ptr, scale_ptr, rows_ptr, out_ptr, out_t_ptr, R, C, P,
+                               stride_x, BP: tl.constexpr, BC: tl.constexpr,
+                               FP8_MAX: tl.constexpr, MBITS: tl.constexpr,
+                               MIN_EXP: tl.constexpr):
+        """``out[r, c] = q(x[r, c])`` and ``out_t[c, p] = q(x[rows[p], c])`` (0 where
+        ``rows[p] < 0``): one read of ``x``, both FP8 layouts written (each row of ``x`` appears
+        once in ``rows``)."""
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        r = tl.load(rows_ptr + p, mask=p < P, other=-1).to(tl.int64)
+        valid = (r >= 0)[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + r[:, None] * stride_x + c[None, :], mask=valid,
+                    other=0.0).to(tl.float32)
+        q = _round_fp8(x * tl.load(scale_ptr), FP8_MAX, MBITS, MIN_EXP)
+        q = q.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * C + c[None, :], q, mask=valid)
+        tl.store(out_t_ptr + c.to(tl.int64)[:, None] * P + p[None, :], tl.trans(q),
+                 mask=(c < C)[:, None] & (p < P)[None, :])
+
+
 def transpose_triton(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
     """:func:`transpose` in one Triton pass (1 byte read and written per element)."""
     _check_rows(t, rows)
@@ -287,6 +322,28 @@ def quantize_tensor_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
                                               BLOCK=1024, FP8_MAX=FP8_MAX[dtype], MBITS=mbits,
                                               MIN_EXP=min_exp)
     return Fp8Tensor(out, reciprocal(scale), "tensor")
+
+
+def quantize_transposed_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                               rows: torch.Tensor) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """:func:`quantize_transposed` in one Triton pass: ``x`` read once, both layouts written
+    (the cast then the transpose would read the FP8 copy again)."""
+    if x.dim() != 2 or scale.numel() != 1:
+        raise ValueError(f"quantize_transposed needs x [R, C] and one scale; got "
+                         f"{tuple(x.shape)} and {tuple(scale.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    (r, c), p = x.shape, rows.shape[0]
+    out = torch.empty(r, c, device=x.device, dtype=dtype)
+    out_t = torch.empty(c, p, device=x.device, dtype=dtype)
+    scale = scale.float().reshape(1).contiguous()
+    if c and p:
+        mbits, min_exp = _FORMAT[dtype]
+        _cast_transpose_kernel[(triton.cdiv(p, 64), triton.cdiv(c, 64))](
+            x, scale, rows.to(torch.int32).contiguous(), out, out_t, r, c, p, x.stride(0),
+            BP=64, BC=64, FP8_MAX=FP8_MAX[dtype], MBITS=mbits, MIN_EXP=min_exp)
+    scale_inv = reciprocal(scale.reshape(()))
+    return Fp8Tensor(out, scale_inv, "tensor"), Fp8Tensor(out_t, scale_inv, "tensor")
 
 
 def quantize_tiles_triton(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8Tensor:
@@ -323,6 +380,13 @@ def _check_triton(device: torch.device) -> None:
     for r in (None, rows):
         a, b = transpose_triton(q, r), transpose(q, r)
         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), "transpose"
+    rows, _ = group_row_map(torch.tensor([20, 0, 13], device=device), 33, device)
+    for dtype in FP8_MAX:
+        got = quantize_transposed_triton(x.bfloat16()[:, :200], scale, dtype, rows)
+        ref = quantize_transposed(x.bfloat16()[:, :200], scale, dtype, rows)
+        for a, b in zip(got, ref):
+            assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), \
+                f"cast + transpose {dtype}"
     w = quantize_blocks(x[:, :256].reshape(1, 33, 256)[:, :32].repeat(2, 4, 1),
                         torch.float8_e4m3fn)
     a, b = transpose_triton(w), transpose(w)
@@ -336,19 +400,21 @@ def _triton_available(device=None, **_) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class Fp8Casts:
-    """The functions of one cast backend: :func:`quantize_tensor`, :func:`quantize_tiles` and
-    :func:`transpose` (same signatures)."""
+    """The functions of one cast backend: :func:`quantize_tensor`, :func:`quantize_tiles`,
+    :func:`transpose` and :func:`quantize_transposed` (same signatures)."""
 
     quantize_tensor: Callable
     quantize_tiles: Callable
     transpose: Callable
+    quantize_transposed: Callable
 
 
 FP8_CAST = BackendRegistry("fp8_cast", flag="--fp8-cast-backend")
 FP8_CAST.register(Backend("triton", _triton_available,
                           Fp8Casts(quantize_tensor_triton, quantize_tiles_triton,
-                                   transpose_triton),
+                                   transpose_triton, quantize_transposed_triton),
                           description="one fused pass per cast or transpose (CUDA)"))
 FP8_CAST.register(Backend("torch", always_available,
-                          Fp8Casts(quantize_tensor, quantize_tiles, transpose),
+                          Fp8Casts(quantize_tensor, quantize_tiles, transpose,
+                                   quantize_transposed),
                           description="torch ops (the reference)"))

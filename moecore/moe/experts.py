@@ -21,6 +21,7 @@ from torch import nn
 from moecore.backends import BackendUnavailableError
 from moecore.config import TransformerConfig
 from moecore.fp8 import Fp8Meta, check_fp8_sizes, fp8_grouped_mm
+from moecore.fp8.swiglu_experts import fp8_swiglu_experts, fused_fp8_swiglu_applies
 from moecore.kernels.grouped_gemm import (
     default_compute_device,
     grouped_mm,
@@ -165,6 +166,10 @@ class GroupedMLP(nn.Module):
         """``permuted [N, H]`` grouped by local expert, ``tokens_per_expert [E_local]`` int64
         (host or device) -> ``(out [N, H], None)``; under ETP ``out`` is a partial sum."""
         _check_counts(tokens_per_expert, self.num_local_experts)
+        if (self.bias1 is None and self.bias2 is None and fused_swiglu(self.config)
+                and fused_fp8_swiglu_applies(self.fp8_fc1, self.fp8_fc2)):
+            return fp8_swiglu_experts(permuted, self.weight1, self.weight2, tokens_per_expert,
+                                      self.fp8_fc1, self.fp8_fc2), None
         backend = self._resolve(permuted.device, permuted.dtype)
         h = self._add_bias(self._mm(permuted, self.weight1, tokens_per_expert, backend,
                                     self.fp8_fc1), self.bias1, tokens_per_expert)

@@ -168,6 +168,40 @@ def test_triton_casts_bit_identical_on_gpu():
     wq = Q.quantize_tensor(w, torch.ones(8, device="cuda"), torch.float8_e4m3fn)
     assert torch.equal(Q.transpose_triton(wq).data.view(torch.uint8),
                        Q.transpose(wq).data.view(torch.uint8))
+    for dtype in Q.FP8_MAX:  # one read, both layouts, at a size of many programs
+        for a, b in zip(Q.quantize_transposed_triton(x, torch.tensor(3.0, device="cuda"),
+                                                     dtype, rows),
+                        Q.quantize_transposed(x, torch.tensor(3.0, device="cuda"), dtype,
+                                              rows)):
+            assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+
+
+def test_fused_fp8_swiglu_experts_equal_the_unfused_gemms():
+    """The fused expert MLP (SwiGLU kernel amaxes, one-read casts) against fp8_grouped_mm twice
+    around swiglu, on the GPU's kernels and torch's FP8 grouped GEMMs: the same operands, so
+    the same results bit for bit."""
+    from moecore.fp8.swiglu_experts import fp8_swiglu_experts  # noqa: PLC0415
+    from moecore.kernels.swiglu import swiglu  # noqa: PLC0415
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    counts = torch.tensor([700, 0, 1500, 1896], device="cuda")
+    x = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
+    w1 = (torch.randn(4, 512, 2 * 384, device="cuda", generator=g) * 0.05).bfloat16()
+    w2 = (torch.randn(4, 384, 512, device="cuda", generator=g) * 0.05).bfloat16()
+    dy = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
+    results = []
+    for fused in (True, False):
+        m1, m2 = (Fp8Meta(Fp8Recipe("hybrid", "tensorwise"), num_weights=4, grouped=True)
+                  for _ in range(2))
+        xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
+        if fused:
+            out = fp8_swiglu_experts(xr, w1r, w2r, counts, m1, m2)
+        else:
+            out = fp8_grouped_mm(swiglu(fp8_grouped_mm(xr, w1r, counts, m1)), w2r, counts, m2)
+        out.backward(dy)
+        results.append((out, xr.grad, w1r.grad, w2r.grad))
+    for name, a, b in zip(("out", "dx", "dw1", "dw2"), *results):
+        assert torch.equal(a, b), (name, _rel(a, b))
 
 
 def test_bf16_grouped_wgrad_matches_per_expert_products():

@@ -55,8 +55,65 @@ def check_transposes(gen):
         _same(Q.transpose_triton(x, rows), Q.transpose(x, rows), f"padded rows {dtype}")
 
 
+def check_cast_and_transpose(gen):
+    """``quantize_transposed``: both layouts from one read, against the cast then the transpose;
+    grouped row maps (an empty group, groups that do not fill a program), the padded map, a
+    strided (column-sliced) bf16 input, sizes past one program, no rows."""
+    for dtype in Q.FP8_MAX:
+        x = (torch.randn(150, 200, generator=gen) * 20).bfloat16()[:, 30:170]
+        scale = torch.tensor(7.5)
+        for counts in ([5, 0, 70, 75], [150], [0, 150, 0]):
+            rows, _ = Q.group_row_map(torch.tensor(counts), 150, "cpu")
+            got = Q.quantize_transposed_triton(x, scale, dtype, rows)
+            ref = Q.quantize_transposed(x, scale, dtype, rows)
+            _same(got[0], ref[0], f"row-major {dtype} {counts}")
+            _same(got[1], ref[1], f"transposed {dtype} {counts}")
+        rows = Q.padded_row_map(150, 16, "cpu")
+        for a, b in zip(Q.quantize_transposed_triton(x, scale, dtype, rows),
+                        Q.quantize_transposed(x, scale, dtype, rows)):
+            _same(a, b, f"padded {dtype}")
+        empty = torch.zeros(0, 64)
+        rows, _ = Q.group_row_map(torch.tensor([0, 0]), 0, "cpu")
+        a, b = Q.quantize_transposed_triton(empty, scale, dtype, rows)
+        assert a.shape == (0, 64) and b.shape == (64, 32) and not b.data.float().any()
+
+
+def check_fused_swiglu_experts(gen):
+    """The fused FP8 expert MLP on the Triton kernels (casts writing both layouts, SwiGLU
+    recording amaxes) against the two grouped GEMMs around the same SwiGLU on the torch casts:
+    bit for bit, forward and backward, bf16, with an empty expert."""
+    import moecore.kernels as K
+    from moecore.fp8 import Fp8Meta, Fp8Recipe, fp8_grouped_mm
+    from moecore.fp8.swiglu_experts import fp8_swiglu_experts
+    from moecore.kernels.swiglu import select_swiglu, swiglu
+
+    K.cuda_triton_available = lambda *a, **kw: (True, "")  # the interpreter runs on CPU
+    cpu = torch.device("cpu")
+    assert select_swiglu(cpu, torch.bfloat16).name == "triton"
+    counts = torch.tensor([50, 0, 90, 16])
+    x = (torch.randn(156, 64, generator=gen) * 4).bfloat16()
+    w1 = (torch.randn(4, 64, 160, generator=gen) * 0.2).bfloat16()
+    w2 = (torch.randn(4, 80, 64, generator=gen) * 0.2).bfloat16()
+    dy = torch.randn(156, 64, generator=gen).bfloat16()
+    results = []
+    for cast in ("triton", "torch"):
+        recipe = Fp8Recipe("hybrid", "tensorwise", gemm_backend="emulated", cast_backend=cast)
+        m1, m2 = (Fp8Meta(recipe, num_weights=4, grouped=True) for _ in range(2))
+        xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
+        if cast == "triton":
+            out = fp8_swiglu_experts(xr, w1r, w2r, counts, m1, m2)
+        else:
+            h = fp8_grouped_mm(xr, w1r, counts, m1)
+            out = fp8_grouped_mm(swiglu(h, "triton"), w2r, counts, m2)
+        out.backward(dy)
+        results.append((out, xr.grad, w1r.grad, w2r.grad))
+    for name, a, b in zip(("out", "dx", "dw1", "dw2"), *results):
+        assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().max().item()}"
+
+
 CHECKS = {"self_check": check_self_check, "shapes_and_groups": check_shapes_and_groups,
-          "transposes": check_transposes}
+          "transposes": check_transposes, "cast_and_transpose": check_cast_and_transpose,
+          "fused_swiglu_experts": check_fused_swiglu_experts}
 
 
 if __name__ == "__main__":

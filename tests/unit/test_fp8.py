@@ -179,6 +179,64 @@ def test_fp8_grouped_mm_matches_per_expert_reference(recipe):
     assert wr.grad[1].abs().sum() == 0  # the empty expert
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_experts_equal_the_two_grouped_gemms_bit_for_bit(recipe, dtype):
+    """fc1 -> SwiGLU -> fc2 as one op (amax from the SwiGLU kernel, casts writing both layouts)
+    gives the values of fp8_grouped_mm twice around swiglu, over three steps (the delayed
+    recipe's histories move), with an empty expert."""
+    from moecore.fp8.swiglu_experts import fp8_swiglu_experts
+    from moecore.kernels.swiglu import swiglu
+
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([40, 0, 75, 21])
+    w1 = (torch.randn(4, 64, 2 * 48, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(4, 48, 64, generator=g) * 0.2).to(dtype)
+    kw = dict(amax_history_len=3, amax_compute_algo="max") if recipe == "delayed" else {}
+    metas = [[Fp8Meta(_recipe(recipe, **kw), num_weights=4, grouped=True) for _ in range(2)]
+             for _ in range(2)]
+    for step in range(3):
+        x = (torch.randn(136, 64, generator=g) * (1 + step)).to(dtype)
+        dy = torch.randn(136, 64, generator=g).to(dtype)
+        results = []
+        for fused, (m1, m2) in zip((True, False), metas):
+            xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
+            if fused:
+                out = fp8_swiglu_experts(xr, w1r, w2r, counts, m1, m2)
+            else:
+                out = fp8_grouped_mm(swiglu(fp8_grouped_mm(xr, w1r, counts, m1)), w2r, counts,
+                                     m2)
+            out.backward(dy)
+            results.append((out, xr.grad, w1r.grad, w2r.grad))
+        for name, a, b in zip(("out", "dx", "dw1", "dw2"), *results):
+            assert torch.equal(a, b), f"step {step}: {name} differs"
+        assert results[0][2][1].abs().sum() == 0  # the empty expert
+    if recipe == "delayed":
+        for role in ("input", "grad"):
+            assert torch.equal(getattr(metas[0][1], f"amax_history_{role}"),
+                               getattr(metas[1][1], f"amax_history_{role}"))
+
+
+def test_grouped_mlp_takes_the_fused_fp8_path_only_where_it_applies(monkeypatch):
+    import moecore.moe.experts as experts_mod
+
+    calls = []
+    real = experts_mod.fp8_swiglu_experts
+    monkeypatch.setattr(experts_mod, "fp8_swiglu_experts",
+                        lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(40, 128)
+    for kw, fused in ((dict(), True), (dict(fp8_recipe="blockwise"), False),
+                      (dict(fp8_wgrad=False), False), (dict(bias_swiglu_fusion=False), False)):
+        calls.clear()
+        cfg = _layer_cfg(num_layers=1, moe_layer_freq=1, **kw)
+        torch.manual_seed(0)
+        mlp = GroupedMLP(4, cfg, parallel_state=SINGLE)
+        mlp.enable_fp8(Fp8Recipe.from_config(cfg))
+        out, _ = mlp(x, torch.tensor([10, 0, 30, 0]))
+        assert bool(calls) == fused, kw
+        assert out.shape == (40, 128)
+
+
 # ---- which layers run FP8 ----------------------------------------------------------------------
 def _layer_cfg(**kw):
     base = dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
@@ -288,7 +346,8 @@ def test_fp8_flags(capsys):
 
 def test_triton_casts_bit_identical_under_interpreter():
     assert_checks_pass("tests.unit.fp8_cast_checks",
-                       ("self_check", "shapes_and_groups", "transposes"))
+                       ("self_check", "shapes_and_groups", "transposes",
+                        "cast_and_transpose", "fused_swiglu_experts"))
 
 
 def test_group_row_map_pads_each_group_to_16_rows():

@@ -46,6 +46,17 @@ def check_swiglu(gen):
                 assert _rel(x.grad, x_ref.grad) < tol, (n, f, dtype)
             dx, act = S.swiglu_backward_and_forward_triton(x.detach(), g)
             assert torch.equal(dx, x.grad) and torch.equal(act, out.detach()), (n, f, dtype)
+            # the amax of what each direction writes, from the kernel, exactly
+            amax = torch.full((2,), 0.5)  # raised in place, never lowered
+            S.swiglu_forward_triton(x.detach(), amax=amax[:1])
+            S.swiglu_backward_triton(x.detach(), g, amax=amax[1:])
+            want = [max(0.5, t.abs().max().item()) if n else 0.5 for t in (out, x.grad)]
+            assert amax.tolist() == want, (n, f, dtype, amax.tolist(), want)
+    x = torch.randn(40, 2 * 300, generator=gen).bfloat16()
+    x[17, 3] = float("nan")  # NaN counts as inf: the FP8 scale is then 1, as from torch
+    amax = torch.zeros(1)
+    S.swiglu_forward_triton(x, amax=amax)
+    assert amax.item() == float("inf")
 
 
 def check_router(gen):
