@@ -516,7 +516,7 @@ class KernelConfig:
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("tensorwise", "delayed", "blockwise")
 FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
-FP8_GEMM_BACKENDS = ("auto", "torch", "emulated")
+FP8_GEMM_BACKENDS = ("auto", "triton", "torch", "emulated")
 FP8_CAST_BACKENDS = ("auto", "triton", "torch")
 
 
@@ -543,7 +543,9 @@ class Fp8Config:
     """Trailing layers kept in bf16 under ``first_last_layers_bf16``."""
     fp8_gemm_backend: str = "auto"
     """FP8 GEMM implementation (moecore.kernels.fp8_gemm): ``torch`` (torch._scaled_mm,
-    sm89+), ``emulated`` (dequantise + fp32 matmul, the CPU reference), ``auto``: torch."""
+    sm89+), ``triton`` (torch's, and one Triton kernel per blockwise expert GEMM instead of a
+    loop over experts), ``emulated`` (dequantise + fp32 matmul, the CPU reference); ``auto``:
+    triton for blockwise experts, torch elsewhere."""
     fp8_cast_backend: str = "auto"
     """FP8 casts (moecore.kernels.fp8_quant): ``triton`` (one fused pass, CUDA), ``torch``
     (the reference); ``auto``: triton where it runs."""

@@ -38,6 +38,25 @@ def assert_checks_pass(module: str, checks: tuple[str, ...]) -> None:
     assert not failed, f"{failed} did not pass under the Triton interpreter:\n{out}"
 
 
+def _patch_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array)``, which
+    NumPy >= 2.4 refuses for its 1-element arrays: a ``range`` over a run-time bound (an
+    argument or a loaded value) then fails under the interpreter only. Take the element."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "moecore_scalar_index", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__",
+                       lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.moecore_scalar_index = True
+    interpreter._patch_lang_tensor = patched
+
+
 def run_checks(checks: dict[str, Callable], names: list[str]) -> int:
     """A checks module's ``main``: run ``checks`` (all, or those ``names``) under the
     interpreter, each given a seeded CPU ``torch.Generator`` if it takes an argument; print
@@ -47,6 +66,7 @@ def run_checks(checks: dict[str, Callable], names: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    _patch_interpreter_scalar_index()
     failed = 0
     for name in names or checks:
         fn = checks[name]

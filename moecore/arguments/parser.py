@@ -675,7 +675,9 @@ def _add_fp8_args(p):
                    help="Run the weight gradients in higher precision (bf16) even in FP8 runs.")
     g.add_argument("--fp8-gemm-backend", default="auto", choices=list(FP8_GEMM_BACKENDS),
                    help="(moecore) FP8 GEMMs: torch (torch._scaled_mm / _scaled_grouped_mm), "
-                   "emulated (dequantise + fp32 matmul: the slow CPU reference); auto: torch.")
+                   "triton (torch's, and one Triton grouped GEMM for blockwise experts instead "
+                   "of a loop over experts), emulated (dequantise + fp32 matmul: the slow CPU "
+                   "reference); auto: triton for blockwise experts, torch elsewhere.")
     g.add_argument("--fp8-cast-backend", default="auto", choices=list(FP8_CAST_BACKENDS),
                    help="(moecore) FP8 casts: triton (one fused pass, CUDA), torch (reference); "
                    "auto: triton where it runs.")

@@ -4,27 +4,19 @@ Forward ``x [..., K] @ W [N, K]^T``; dgrad ``dx = dy @ W`` (``W`` re-laid ``[K, 
 ``dW = dy^T @ x`` (contraction over tokens). Tensorwise/delayed: ``x`` and ``dy`` are each cast
 once into both FP8 layouts (:meth:`Fp8Meta.quantize_transposed`: the GEMM's, and the wgrad's
 with tokens zero-padded to a multiple of 16); the forward saves only the transposed ``x``.
-Blockwise: the forward also quantises ``x`` along the tokens (1x128
-tiles of ``x^T``, tokens zero-padded to a multiple of 128) for the wgrad; ``dy`` is quantised
-both ways in backward. ``--no-fp8-wgrad``: the wgrad runs in ``x``'s precision on ``x`` as it
-is. The weight and its transpose come from :meth:`Fp8Meta.weight` (cached per optimizer step
-where allowed). Outputs and gradients come back in the input / weight dtype.
+Blockwise: the forward also quantises ``x`` along the tokens (1x128 tiles of ``x^T``, tokens
+zero-padded to a multiple of 128, one pass) for the wgrad; ``dy`` is quantised both ways in
+backward. ``--no-fp8-wgrad``: the wgrad runs in ``x``'s precision on ``x`` as it is. The weight
+and its transpose come from :meth:`Fp8Meta.weight` (cached per optimizer step where allowed).
+Outputs and gradients come back in the input / weight dtype.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moecore.fp8.scaling import Fp8Meta
 from moecore.kernels.fp8_quant import BLOCK, Fp8Tensor, padded_row_map
-
-
-def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x [T, K]`` with zero rows appended up to a multiple of ``multiple`` (zeros add nothing
-    to a contraction over rows)."""
-    pad = -x.shape[0] % multiple
-    return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
 def _pack(t: Fp8Tensor) -> tuple:
@@ -41,7 +33,8 @@ class _Fp8Linear(torch.autograd.Function):
             xq, x_wgrad = meta.quantize_transposed("input", x2, _token_rows(x2))
         else:
             xq = meta.quantize("input", x2)
-            x_wgrad = meta.tiles("input", pad_rows(x2, BLOCK).t()) if wgrad else None
+            x_wgrad = meta.tiles_transposed("input", x2, _token_rows(x2, BLOCK)) if wgrad \
+                else None
         wq, wq_t = meta.weight(weight)
         out = gemm.mm(xq, wq, x.dtype, fast_accum=True)
         # The wgrad's operand: FP8 x^T, or (--no-fp8-wgrad) x as it is (layout None).
@@ -70,17 +63,17 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.layouts[0] is None:  # --no-fp8-wgrad
                 dw = (dy2.t() @ x_data).to(ctx.wdtype)
             elif meta.recipe.recipe == "blockwise":
-                dy_t = meta.tiles("grad", pad_rows(dy2, BLOCK).t())
+                dy_t = meta.tiles_transposed("grad", dy2, _token_rows(dy2, BLOCK))
                 dw = gemm.mm(dy_t, Fp8Tensor(x_data, x_scale, ctx.layouts[0]), ctx.wdtype)
             else:
                 dw = gemm.mm(dyq_t, Fp8Tensor(x_data, x_scale, ctx.layouts[0]), ctx.wdtype)
         return dx, dw, None
 
 
-def _token_rows(x2: torch.Tensor) -> torch.Tensor:
+def _token_rows(x2: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     """The wgrad's row map of ``x2 [T, K]``: tokens zero-padded to a multiple of 16, as FP8
-    GEMMs need."""
-    return padded_row_map(x2.shape[0], 16, x2.device)
+    GEMMs need (of 128 for 1x128 tiles along the tokens)."""
+    return padded_row_map(x2.shape[0], multiple, x2.device)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -106,6 +106,13 @@ class Fp8Meta(nn.Module):
         """``x [..., K]`` in 1x128 tiles along K, in ``role``'s FP8 dtype (current amax)."""
         return self.casts(x.device).quantize_tiles(x, self.dtype(role), self.recipe.margin)
 
+    def tiles_transposed(self, role: str, x: torch.Tensor, rows: torch.Tensor) -> Fp8Tensor:
+        """``x [R, C]`` re-laid by ``rows [P]`` and transposed, in 1x128 tiles along ``P``
+        (:func:`~moecore.kernels.fp8_quant.quantize_tiles_transposed`): a blockwise wgrad's
+        operand."""
+        return self.casts(x.device).quantize_tiles_transposed(x, rows, self.dtype(role),
+                                                              self.recipe.margin)
+
     def weight(self, w: torch.Tensor) -> tuple[Fp8Tensor, Fp8Tensor]:
         """``(wq, wq_t)``: ``w`` (``[N, K]``, or ``[E, N, K]`` per expert) quantised as stored
         and its FP8 transpose; reused while :class:`WeightCache` allows it."""

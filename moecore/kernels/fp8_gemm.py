@@ -4,23 +4,31 @@ Each backend of :data:`FP8_GEMM` is an :class:`Fp8Gemm` with
 
 - ``mm(a [M, K], b [N, K], out_dtype) -> a @ b^T [M, N]``;
 - ``grouped_mm(a [T, K], b [E, N, K], tokens_per_expert [E], out_dtype) -> [T, N]`` (row block
-  ``e`` times ``b[e]^T``; ``tensor`` layout, one scale for ``a``, one per expert for ``b``);
+  ``e`` times ``b[e]^T``; ``tensor`` layout, one scale for ``a``, one per expert for ``b``, or
+  blockwise: ``a`` in 1x128 tiles, ``b`` in 128x128 blocks);
 - ``grouped_wgrad(dy_t [N, P], x_t [K, P], ends [E], out_dtype, fast_accum=False) -> [E, N, K]``
-  (``dy_e^T @ x_e``; ``tensor`` layout, one scale each): the operands transposed, their rows
-  re-laid by :func:`~moecore.kernels.fp8_quant.group_row_map` (expert ``e`` owns columns
-  ``ends[e-1]:ends[e]``, at least 16 of them, zeros past its tokens).
+  (``dy_e^T @ x_e``; ``tensor`` layout, one scale each, or blockwise: 1x128 tiles along ``P``):
+  the operands transposed, their rows re-laid by
+  :func:`~moecore.kernels.fp8_quant.group_row_map` (expert ``e`` owns columns
+  ``ends[e-1]:ends[e]``, at least 16 of them, 128-aligned for tiles, zeros past its tokens).
 
 Backends:
 
 - ``torch``: ``torch._scaled_mm`` (tensorwise; 1x128 x 128x128 and 1x128 x 1x128 blockwise
   scales, cuBLAS on sm90) and ``torch._scaled_grouped_mm`` (CUTLASS, sm90; E4M3 operands, bf16
-  output; per-row scales carry our per-tensor/per-expert ones). Needs CUDA compute capability
-  >= 8.9; the probe runs each kind once per device at shapes with no degenerate dims.
+  output; per-row scales carry our per-tensor/per-expert ones); blockwise grouped GEMMs as one
+  ``_scaled_mm`` per expert (the counts come to the host). Needs CUDA compute capability >= 8.9;
+  the probe runs each kind once per device at shapes with no degenerate dims.
+- ``triton``: ``torch`` for dense GEMMs and tensorwise grouped ones; the blockwise grouped
+  GEMMs run as one Triton kernel each (:mod:`moecore.kernels.fp8_block_gemm`) instead of one
+  ``_scaled_mm`` per expert, without a host sync. ``auto`` picks it for blockwise experts (once
+  its self-check against ``emulated`` passes on the device).
 - ``emulated``: dequantise to fp32 and matmul. The documented CPU reference: the same FP8
   rounding of every operand as on the GPU, exact fp32 products, so the recipes' logic runs in CI.
 
-``auto`` picks ``torch`` where it runs, never ``emulated`` (that one must be asked for, with
-``--fp8-gemm-backend emulated``, since it is slower than bf16). The request is the config's
+``auto`` picks ``triton`` for blockwise experts and ``torch`` elsewhere, where they run; never
+``emulated`` (that one must be asked for, with ``--fp8-gemm-backend emulated``, since it is
+slower than bf16). The request is the config's
 ``fp8_gemm_backend``.
 """
 
@@ -32,6 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from moecore.backends import AUTO, Backend, BackendRegistry, always_available
+from moecore.kernels import checked_triton_available
+from moecore.kernels.fp8_block_gemm import grouped_block_mm, grouped_tile_wgrad
 from moecore.kernels.fp8_quant import (
     Fp8Tensor,
     dequantize,
@@ -40,12 +50,13 @@ from moecore.kernels.fp8_quant import (
     quantize_blocks,
     quantize_tensor,
     quantize_tiles,
+    quantize_tiles_transposed,
     scale_from_amax,
     transpose,
 )
 
 FP8_GEMM = BackendRegistry("fp8_gemm", flag="--fp8-gemm-backend")
-FP8_GEMM_BACKENDS = ("auto", "torch", "emulated")
+FP8_GEMM_BACKENDS = ("auto", "triton", "torch", "emulated")
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,35 @@ def _offsets(tokens_per_expert, device) -> torch.Tensor:
     return torch.cumsum(tokens_per_expert.to(torch.int64), 0).to(device, torch.int32)
 
 
+def _torch_blockwise_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype):
+    """One blockwise ``_scaled_mm`` per expert (tiled ``a``, blocked ``b``; the counts come to
+    the host)."""
+    outs, start = [], 0
+    for e, n in enumerate(_splits(tokens_per_expert)):
+        if n:
+            rows = Fp8Tensor(a.data[start:start + n], a.scale_inv[start:start + n], a.layout)
+            outs.append(_torch_mm(rows, Fp8Tensor(b.data[e], b.scale_inv[e], b.layout),
+                                  out_dtype))
+        start += n
+    if not outs:
+        return a.data.new_zeros(0, b.shape[1], dtype=out_dtype)
+    return torch.cat(outs)
+
+
+def _torch_blockwise_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype):
+    """One blockwise ``_scaled_mm`` per expert over its columns (1x128 tiles on both sides)."""
+    def cols(t: Fp8Tensor, a: int, b: int) -> Fp8Tensor:
+        return Fp8Tensor(t.data[:, a:b].contiguous(),
+                         t.scale_inv[:, a // 128:b // 128].contiguous(), t.layout)
+
+    return torch.stack([_torch_mm(cols(dy_t, a, b), cols(x_t, a, b), out_dtype)
+                        for a, b in _group_bounds(ends)])
+
+
 def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
                       fast_accum=False):
+    if a.layout != "tensor":
+        return _torch_blockwise_grouped_mm(a, b, tokens_per_expert, out_dtype)
     t, (e, n, _) = a.shape[0], b.shape
     sa = a.scale_inv.float().reshape(1).expand(t).contiguous()
     sb = b.scale_inv.float().reshape(e, 1).expand(e, n).contiguous()
@@ -166,6 +204,8 @@ def _torch_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
 
 
 def _torch_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype, fast_accum=False):
+    if dy_t.layout != "tensor":
+        return _torch_blockwise_grouped_wgrad(dy_t, x_t, ends, out_dtype)
     (n, _), k, e = dy_t.shape, x_t.shape[0], ends.shape[0]
     sa = dy_t.scale_inv.float().reshape(1).expand(e * n).contiguous()
     sb = x_t.scale_inv.float().reshape(1).expand(e * k).contiguous()
@@ -251,6 +291,60 @@ def _torch_available(device=None, recipe: str = "tensorwise", grouped: bool = Fa
     return True, ""
 
 
+def _triton_grouped_mm(a: Fp8Tensor, b: Fp8Tensor, tokens_per_expert, out_dtype,
+                       fast_accum=False):
+    if a.layout == "tensor":
+        return _torch_grouped_mm(a, b, tokens_per_expert, out_dtype, fast_accum)
+    return grouped_block_mm(a, b, tokens_per_expert, out_dtype)
+
+
+def _triton_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dtype, fast_accum=False):
+    if dy_t.layout == "tensor":
+        return _torch_grouped_wgrad(dy_t, x_t, ends, out_dtype, fast_accum)
+    return grouped_tile_wgrad(dy_t, x_t, ends, out_dtype)
+
+
+TRITON = Fp8Gemm(_torch_mm, _triton_grouped_mm, _triton_grouped_wgrad)
+
+
+def check_block_kernels(device) -> None:
+    """The Triton blockwise grouped GEMMs against the emulated reference at shapes with an
+    empty expert, a group smaller than a row tile and one of several tiles, hybrid operands
+    (raises ``AssertionError``)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    counts = torch.tensor([70, 0, 150, 1, 35], device=device)
+    t = int(counts.sum())
+    x = torch.randn(t, 256, device=device, generator=gen).bfloat16()
+    w = torch.randn(5, 384, 256, device=device, generator=gen)
+    dy = torch.randn(t, 384, device=device, generator=gen).bfloat16()
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    for a_dtype in (e4, e5):
+        a, b = quantize_tiles(x, a_dtype), quantize_blocks(w, e4)
+        got = grouped_block_mm(a, b, counts, torch.float32)
+        ref = _emulated_grouped_mm(a, b, counts, torch.float32)
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, f"grouped blockwise GEMM ({a_dtype}) off by {err:.3g}"
+    rows, ends = group_row_map(counts, t, device, 128)
+    a, b = quantize_tiles_transposed(dy, rows, e5), quantize_tiles_transposed(x, rows, e4)
+    got = grouped_tile_wgrad(a, b, ends, torch.float32)
+    ref = _emulated_grouped_wgrad(a, b, ends, torch.float32)
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 1e-3 and got[1].abs().sum() == 0, f"grouped blockwise wgrad off by {err:.3g}"
+
+
+def _triton_gemm_available(device=None, recipe: str = "tensorwise", grouped: bool = False,
+                           **ctx) -> tuple[bool, str]:
+    ok, reason = _torch_available(device, recipe, grouped, **ctx)
+    if not ok:
+        return ok, reason
+    return checked_triton_available("fp8_block_gemm", check_block_kernels, device)
+
+
+FP8_GEMM.register(Backend(
+    "triton", _triton_gemm_available, TRITON,
+    auto_ok=lambda recipe="tensorwise", grouped=False, **_: recipe == "blockwise" and grouped,
+    description="torch's FP8 GEMMs, and for blockwise experts one Triton grouped GEMM each "
+                "(no per-expert loop)"))
 FP8_GEMM.register(Backend("torch", _torch_available, TORCH,
                           description="torch._scaled_mm / torch._scaled_grouped_mm"))
 FP8_GEMM.register(Backend("emulated", always_available, EMULATED,

@@ -11,14 +11,14 @@ three layouts, always with the GEMM's contraction dimension last (``K``):
 - ``block`` (DeepSeek-V3's weights): one scale per 128x128 block,
   ``scale_inv [..., M/128, K/128]``.
 
-``quantize_tensor`` / ``quantize_tiles`` / ``transpose`` / ``quantize_transposed`` have two
-backends (:data:`FP8_CAST`, request ``fp8_cast_backend`` / ``--fp8-cast-backend``): ``torch``
-(the reference, any device) and ``triton`` (CUDA: one pass that reads ``x`` once and writes
-FP8, and for tiles the scales too; transposes move 1 byte per element in coalesced tiles, where
-PyTorch's strided copy is slow; ``quantize_transposed`` writes a tensor's GEMM operand and its
-wgrad operand from one read; the rounding to FP8 is done in fp32 arithmetic,
-round-to-nearest-even, so results are bit-identical to the reference and checkable under the
-Triton interpreter). The scale math follows Transformer Engine:
+``quantize_tensor`` / ``quantize_tiles`` / ``transpose`` / ``quantize_transposed`` /
+``quantize_tiles_transposed`` have two backends (:data:`FP8_CAST`, request ``fp8_cast_backend``
+/ ``--fp8-cast-backend``): ``torch`` (the reference, any device) and ``triton`` (CUDA: one pass
+that reads ``x`` once and writes FP8, and for tiles the scales too; transposes move 1 byte per
+element in coalesced tiles, where PyTorch's strided copy is slow; ``quantize_transposed`` writes
+a tensor's GEMM operand and its wgrad operand from one read; the rounding to FP8 is done in fp32
+arithmetic, round-to-nearest-even, so results are bit-identical to the reference and checkable
+under the Triton interpreter). The scale math follows Transformer Engine:
 ``scale = fp8_max / amax / 2**margin`` (1 where ``amax`` is 0 or not finite), values are clamped
 to ``[-fp8_max, fp8_max]`` before the cast (PyTorch's float8 casts do not saturate).
 """
@@ -178,6 +178,20 @@ def quantize_transposed(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return xq, transpose(xq, rows)
 
 
+def quantize_tiles_transposed(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
+                              margin: int = 0) -> Fp8Tensor:
+    """``x [R, C]`` re-laid by the row map ``rows [P]`` (``P`` a multiple of 128; zeros where
+    ``rows[p] < 0``) and transposed, in 1x128 tiles along ``P``: ``tile`` layout ``[C, P]``,
+    ``scale_inv [C, P/128]``. The blockwise wgrad's operand (its contraction runs over tokens);
+    with :func:`group_row_map` at ``multiple=128`` no tile spans two experts."""
+    if x.dim() != 2 or rows.dim() != 1:
+        raise ValueError(f"quantize_tiles_transposed needs x [R, C] and rows [P]; got "
+                         f"{tuple(x.shape)} and {tuple(rows.shape)}")
+    picked = x.index_select(0, rows.clamp_min(0).long())
+    picked = torch.where((rows >= 0)[:, None], picked, torch.zeros((), dtype=x.dtype))
+    return quantize_tiles(picked.t(), dtype, margin)
+
+
 def padded_row_map(rows: int, multiple: int, device) -> torch.Tensor:
     """``[P]`` int32 row map of :func:`transpose`: rows ``0..rows-1`` then ``-1`` (zeros) up
     to ``P``, the next multiple of ``multiple``."""
@@ -295,6 +309,32 @@ if HAVE_TRITON:
                  mask=(c < C)[:, None] & (p < P)[None, :])
 
 
+    @triton.jit
+    def _tile_transpose_kernel(x_ptr, rows_ptr, out_ptr, scale_inv_ptr, C, P, stride_x,
+                               inv_margin, BC: tl.constexpr, TILE: tl.constexpr,
+                               FP8_MAX: tl.constexpr, MBITS: tl.constexpr,
+                               MIN_EXP: tl.constexpr):
+        """``out[c, p] = q(x[rows[p], c])`` (0 where ``rows[p] < 0``), one scale per ``c`` and
+        128 ``p``: the program's [TILE, BC] block of gathered rows is those tiles, transposed."""
+        tp = tl.program_id(0)
+        p = tp * TILE + tl.arange(0, TILE)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        r = tl.load(rows_ptr + p).to(tl.int64)
+        cmask = c < C
+        x = tl.load(x_ptr + r[:, None] * stride_x + c[None, :],
+                    mask=(r >= 0)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        top = tl.full(amax.shape, FP8_MAX, tl.float32)
+        scale = tl.math.div_rn(top, amax) * inv_margin  # as _tile_kernel
+        ok = (amax > 0) & (amax < float("inf")) & (scale < float("inf"))
+        scale = tl.where(ok, scale, 1.0)
+        q = _round_fp8(x * scale[None, :], FP8_MAX, MBITS, MIN_EXP)
+        tl.store(out_ptr + c.to(tl.int64)[:, None] * P + p[None, :],
+                 tl.trans(q.to(out_ptr.dtype.element_ty)), mask=cmask[:, None])
+        one = tl.full(scale.shape, 1.0, tl.float32)
+        tl.store(scale_inv_ptr + c * (P // TILE) + tp, tl.math.div_rn(one, scale), mask=cmask)
+
+
 def transpose_triton(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
     """:func:`transpose` in one Triton pass (1 byte read and written per element)."""
     _check_rows(t, rows)
@@ -346,6 +386,27 @@ def quantize_transposed_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torc
     return Fp8Tensor(out, scale_inv, "tensor"), Fp8Tensor(out_t, scale_inv, "tensor")
 
 
+def quantize_tiles_transposed_triton(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
+                                     margin: int = 0) -> Fp8Tensor:
+    """:func:`quantize_tiles_transposed` in one Triton pass (no bf16 copy of the gathered
+    rows)."""
+    if x.dim() != 2 or rows.dim() != 1 or rows.shape[0] % BLOCK:
+        raise ValueError(f"quantize_tiles_transposed needs x [R, C] and rows [P], P a multiple "
+                         f"of {BLOCK}; got {tuple(x.shape)} and {tuple(rows.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    c, p = x.shape[1], rows.shape[0]
+    out = torch.empty(c, p, device=x.device, dtype=dtype)
+    scale_inv = torch.empty(c, p // BLOCK, device=x.device, dtype=torch.float32)
+    if c and p:
+        mbits, min_exp = _FORMAT[dtype]
+        _tile_transpose_kernel[(p // BLOCK, triton.cdiv(c, 32))](
+            x, rows.to(torch.int32).contiguous(), out, scale_inv, c, p, x.stride(0),
+            2.0 ** -margin, BC=32, TILE=BLOCK, FP8_MAX=FP8_MAX[dtype], MBITS=mbits,
+            MIN_EXP=min_exp)
+    return Fp8Tensor(out, scale_inv, "tile")
+
+
 def quantize_tiles_triton(x: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> Fp8Tensor:
     """:func:`quantize_tiles` in one Triton pass (amax, scale and cast per 1x128 tile)."""
     _check_multiple(x, (-1,), "1x128 tiles")
@@ -380,7 +441,13 @@ def _check_triton(device: torch.device) -> None:
     for r in (None, rows):
         a, b = transpose_triton(q, r), transpose(q, r)
         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), "transpose"
-    rows, _ = group_row_map(torch.tensor([20, 0, 13], device=device), 33, device)
+    rows, _ = group_row_map(torch.tensor([20, 0, 13], device=device), 33, device, BLOCK)
+    for dtype in FP8_MAX:
+        a = quantize_tiles_transposed_triton(x.bfloat16(), rows, dtype, 1)
+        b = quantize_tiles_transposed(x.bfloat16(), rows, dtype, 1)
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), \
+            f"tiles along rows {dtype}"
+        assert torch.equal(a.scale_inv, b.scale_inv), f"tile scales along rows {dtype}"
     for dtype in FP8_MAX:
         got = quantize_transposed_triton(x.bfloat16()[:, :200], scale, dtype, rows)
         ref = quantize_transposed(x.bfloat16()[:, :200], scale, dtype, rows)
@@ -401,20 +468,23 @@ def _triton_available(device=None, **_) -> tuple[bool, str]:
 @dataclass(frozen=True)
 class Fp8Casts:
     """The functions of one cast backend: :func:`quantize_tensor`, :func:`quantize_tiles`,
-    :func:`transpose` and :func:`quantize_transposed` (same signatures)."""
+    :func:`transpose`, :func:`quantize_transposed` and :func:`quantize_tiles_transposed` (same
+    signatures)."""
 
     quantize_tensor: Callable
     quantize_tiles: Callable
     transpose: Callable
     quantize_transposed: Callable
+    quantize_tiles_transposed: Callable
 
 
 FP8_CAST = BackendRegistry("fp8_cast", flag="--fp8-cast-backend")
 FP8_CAST.register(Backend("triton", _triton_available,
                           Fp8Casts(quantize_tensor_triton, quantize_tiles_triton,
-                                   transpose_triton, quantize_transposed_triton),
+                                   transpose_triton, quantize_transposed_triton,
+                                   quantize_tiles_transposed_triton),
                           description="one fused pass per cast or transpose (CUDA)"))
 FP8_CAST.register(Backend("torch", always_available,
                           Fp8Casts(quantize_tensor, quantize_tiles, transpose,
-                                   quantize_transposed),
+                                   quantize_transposed, quantize_tiles_transposed),
                           description="torch ops (the reference)"))

@@ -344,10 +344,11 @@ def test_fp8_flags(capsys):
     assert "invalid choice" in parse_error(BASE + ["--fp8-recipe", "mxfp8"], capsys)
 
 
-def test_triton_casts_bit_identical_under_interpreter():
+def test_fp8_triton_kernels_under_interpreter():
     assert_checks_pass("tests.unit.fp8_cast_checks",
                        ("self_check", "shapes_and_groups", "transposes",
-                        "cast_and_transpose", "fused_swiglu_experts"))
+                        "cast_and_transpose", "tiles_along_rows", "fused_swiglu_experts",
+                        "block_gemm", "blockwise_experts_on_triton"))
 
 
 def test_group_row_map_pads_each_group_to_16_rows():
