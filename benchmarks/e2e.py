@@ -116,8 +116,8 @@ FP8_TARGET = 1.3  # issue #21: FP8 tokens/s over bf16 in the same run
 
 
 def fp8_flags(variant: str, emulated: bool = False) -> list[str]:
-    """``recipe[+bf16wgrad]`` (``fp8_moe_layer.parse_variant``'s names) -> training flags,
-    hybrid format; ``emulated``: the emulated FP8 GEMMs (CPU smoke runs)."""
+    """``recipe[+bf16wgrad][@backend]`` (``fp8_moe_layer.parse_variant``'s names) -> training
+    flags, hybrid format; ``emulated``: the emulated FP8 GEMMs (CPU smoke runs)."""
     opts = parse_variant(variant)
     if opts["cache"]:
         raise argparse.ArgumentTypeError(
@@ -125,7 +125,8 @@ def fp8_flags(variant: str, emulated: bool = False) -> list[str]:
             "quantises each weight once per optimizer step already); drop it")
     return ["--fp8-format", "hybrid", "--fp8-recipe", opts["recipe"],
             *([] if opts["wgrad"] else ["--no-fp8-wgrad"]),
-            *(["--fp8-gemm-backend", "emulated"] if emulated else [])]
+            *(["--fp8-gemm-backend", "emulated"] if emulated else
+              ["--fp8-gemm-backend", opts["gemm_backend"]] if opts["gemm_backend"] else [])]
 
 
 def compare_fp8(recipes: list[str], argv: list[str], smoke: bool) -> list[dict]:

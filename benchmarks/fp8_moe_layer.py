@@ -8,6 +8,7 @@ deepseek/olmoe; blockwise >= 1.25x / 1.1x). The relative error of the FP8 layer 
 bf16 on the same input is reported too.
 
     python benchmarks/fp8_moe_layer.py --json fp8.json     # one GPU, all shapes and recipes
+    python benchmarks/fp8_moe_layer.py --variants blockwise+cache@triton,blockwise+cache@torch
     python benchmarks/fp8_moe_layer.py --smoke              # CPU, tiny shape, emulated GEMMs
 """
 
@@ -26,6 +27,7 @@ from benchmarks.moe_layer import CONFIGS, make_config  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
 from moecore.fp8 import apply_fp8  # noqa: E402
 from moecore.fp8.scaling import WeightCache  # noqa: E402
+from moecore.kernels.fp8_gemm import FP8_GEMM_BACKENDS  # noqa: E402
 from moecore.moe.layer import MoELayer  # noqa: E402
 
 SMOKE = {"smoke": dict(hidden=128, ffn=128, experts=4, topk=2, tokens=256)}
@@ -34,14 +36,21 @@ TARGETS = {"tensorwise": {"mixtral": 1.4, "deepseek": 1.2, "olmoe": 1.2},
 
 
 def parse_variant(name: str) -> dict:
-    """``recipe[+cache][+bf16wgrad]`` -> build options: ``cache`` = weights quantised once per
-    optimizer step and reused (the training loop's steady state over micro-batches; without it
-    every call quantises its weights, as with one micro-batch per step), ``bf16wgrad`` =
-    ``--no-fp8-wgrad``."""
-    recipe, *opts = name.split("+")
-    if recipe not in ("tensorwise", "delayed", "blockwise") or set(opts) - {"cache", "bf16wgrad"}:
-        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: recipe[+cache][+bf16wgrad]")
-    return {"recipe": recipe, "cache": "cache" in opts, "wgrad": "bf16wgrad" not in opts}
+    """``recipe[+cache][+bf16wgrad][@backend]`` -> build options: ``cache`` = weights quantised
+    once per optimizer step and reused (the training loop's steady state over micro-batches;
+    without it every call quantises its weights, as with one micro-batch per step),
+    ``bf16wgrad`` = ``--no-fp8-wgrad``, ``backend`` = this variant's ``--fp8-gemm-backend``
+    (else the script's)."""
+    spec, _, backend = name.partition("@")
+    recipe, *opts = spec.split("+")
+    if (recipe not in ("tensorwise", "delayed", "blockwise")
+            or set(opts) - {"cache", "bf16wgrad"}
+            or backend not in ("", *FP8_GEMM_BACKENDS)):
+        raise argparse.ArgumentTypeError(
+            f"unknown variant {name!r}: recipe[+cache][+bf16wgrad][@backend], backend one of "
+            f"{list(FP8_GEMM_BACKENDS)}")
+    return {"recipe": recipe, "cache": "cache" in opts, "wgrad": "bf16wgrad" not in opts,
+            "gemm_backend": backend or None}
 
 
 def build(shape: dict, device, dtype, variant: dict | None, gemm_backend: str):
@@ -60,7 +69,8 @@ def build(shape: dict, device, dtype, variant: dict | None, gemm_backend: str):
 
 
 def time_variant(shape, device, dtype, variant, args, probe) -> dict:
-    layer = build(shape, device, dtype, variant, args.fp8_gemm_backend)
+    backend = (variant or {}).get("gemm_backend") or args.fp8_gemm_backend
+    layer = build(shape, device, dtype, variant, "emulated" if args.smoke else backend)
     tokens, h = shape["tokens"], shape["hidden"]
 
     def setup():
@@ -123,7 +133,7 @@ def main(argv=None) -> dict:
                    type=lambda s: [c for c in s.split(",") if c and parse_variant(c)],
                    help="FP8 variants to time: recipe (tensorwise, delayed, blockwise), then "
                    "+cache (weights quantised once per step) and/or +bf16wgrad "
-                   "(--no-fp8-wgrad)")
+                   "(--no-fp8-wgrad), then @backend for this variant's --fp8-gemm-backend")
     p.add_argument("--fp8-gemm-backend", default="auto")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, one tiny shape, emulated FP8 GEMMs, 1 repeat")

@@ -23,11 +23,13 @@ def test_fp8_moe_layer_variants_smoke(tmp_path):
 
     mod = _module()
     assert mod.parse_variant("blockwise+cache+bf16wgrad") == {
-        "recipe": "blockwise", "cache": True, "wgrad": False}
-    with pytest.raises(argparse.ArgumentTypeError, match="recipe"):
-        mod.parse_variant("tensorwise+fast")
-    out = mod.main(["--smoke", "--variants", "tensorwise,tensorwise+cache+bf16wgrad",
-                    "--json", str(tmp_path / "r.json")])
+        "recipe": "blockwise", "cache": True, "wgrad": False, "gemm_backend": None}
+    assert mod.parse_variant("blockwise+cache@triton")["gemm_backend"] == "triton"
+    for bad in ("tensorwise+fast", "blockwise@cublas"):
+        with pytest.raises(argparse.ArgumentTypeError, match="recipe"):
+            mod.parse_variant(bad)
+    out = mod.main(["--smoke", "--variants", "tensorwise,tensorwise+cache+bf16wgrad,"
+                    "blockwise@torch", "--json", str(tmp_path / "r.json")])
     row = out["rows"][0]
     assert row["tensorwise_rel_err"] < 0.15 and row["tensorwise+cache+bf16wgrad_ms"] > 0
     assert WeightCache.enabled is False and (tmp_path / "r.json").exists()

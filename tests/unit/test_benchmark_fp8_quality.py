@@ -76,6 +76,8 @@ def test_e2e_compare_fp8_flags_come_from_the_layer_benchmarks_variant_names():
     assert e2e.fp8_flags("blockwise+bf16wgrad") == [
         "--fp8-format", "hybrid", "--fp8-recipe", "blockwise", "--no-fp8-wgrad"]
     assert e2e.fp8_flags("tensorwise")[-1] == "tensorwise"
+    assert e2e.fp8_flags("blockwise@torch")[-2:] == ["--fp8-gemm-backend", "torch"]
+    assert e2e.fp8_flags("blockwise@torch", emulated=True)[-1] == "emulated"
     for bad in ("tensorwise+cache", "e5m2", "tensorwise+fast"):
         with pytest.raises(argparse.ArgumentTypeError):
             e2e.fp8_flags(bad)
