@@ -128,12 +128,12 @@ def time_exchange(args, experts, name, ps, world, rank, gen):
     probs, routing = random_routing(args, experts, args.device, gen)
 
     def fwd():
-        tokens, _, handle = disp.dispatch(x, probs, routing)
+        tokens, _, probs_N, handle = disp.dispatch(x, probs, routing)
         return disp.combine(tokens, handle)
 
-    def fwd_bwd():
+    def fwd_bwd():  # the rows' probabilities travel too (forward only: unused here)
         xg, pg = x.detach().requires_grad_(True), probs.detach().requires_grad_(True)
-        tokens, _, handle = disp.dispatch(xg, pg, routing)
+        tokens, _, probs_N, handle = disp.dispatch(xg, pg, routing)
         disp.combine(tokens, handle).backward(dy)
 
     with torch.no_grad():

@@ -97,12 +97,12 @@ def math_rope(t, cos, sin):
 
 def moe_swiglu(x):  # the Triton backend through the op's autograd function (no device probe)
     fns = (_swiglu.swiglu_forward_triton, _swiglu.swiglu_backward_triton)
-    return _swiglu._SwiGLU.apply(x, fns)
+    return _swiglu._SwiGLU.apply(x, None, fns)
 
 
 def ref_swiglu(x):
     fns = (_swiglu.swiglu_forward_torch, _swiglu.swiglu_backward_torch)
-    return _swiglu._SwiGLU.apply(x, fns)
+    return _swiglu._SwiGLU.apply(x, None, fns)
 
 
 math_swiglu = _swiglu.swiglu_forward_torch

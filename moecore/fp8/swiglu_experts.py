@@ -11,7 +11,8 @@ fewer passes over memory:
   in one pass (:meth:`~moecore.fp8.scaling.Fp8Meta.quantize_transposed`).
 
 Shapes: ``x [N, H]`` grouped by expert (``tokens_per_expert [E]``), ``w1 [E, H, 2F]``
-(``[gate | up]``), ``w2 [E, F, H]`` -> ``[N, H]``. Saved for backward: fc1's output ``h`` (as the
+(``[gate | up]``), ``w2 [E, F, H]``, ``probs [N]`` (each row's routing weight, applied in the
+SwiGLU, or None) -> ``[N, H]``. Saved for backward: fc1's output ``h`` (as the
 unfused SwiGLU saves it), the transposed FP8 ``x`` and activation, and the FP8 weights.
 """
 
@@ -37,7 +38,7 @@ def _fp8(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Tensor:
 
 class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w2, tokens_per_expert, meta1: Fp8Meta, meta2: Fp8Meta):
+    def forward(ctx, x, w1, w2, tokens_per_expert, probs, meta1: Fp8Meta, meta2: Fp8Meta):
         device = x.device
         swiglu_fwd, swiglu_bwd = select_swiglu(device, x.dtype).fn[:2]
         rows, ends = group_row_map(tokens_per_expert, x.shape[0], device)
@@ -47,7 +48,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
                                           fast_accum=True)
         del xq
         amax = torch.zeros(1, device=device)
-        act = swiglu_fwd(h, amax=amax)
+        act = swiglu_fwd(h, amax=amax, probs=probs)
         aq, act_t = meta2.quantize_transposed("input", act, rows, amax=amax)
         del act
         w2q, w2q_fwd = meta2.weight(w2)
@@ -55,14 +56,14 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
                                             fast_accum=True)
         ctx.save_for_backward(h, x_t.data, x_t.scale_inv, act_t.data, act_t.scale_inv,
                               w1q.data, w1q.scale_inv, w2q.data, w2q.scale_inv,
-                              tokens_per_expert, rows, ends)
+                              tokens_per_expert, rows, ends, probs)
         ctx.metas, ctx.swiglu_bwd, ctx.wdtypes = (meta1, meta2), swiglu_bwd, (w1.dtype, w2.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        (h, x_t, x_t_s, act_t, act_t_s, w1q, w1q_s, w2q, w2q_s, tpe, rows,
-         ends) = ctx.saved_tensors
+        (h, x_t, x_t_s, act_t, act_t_s, w1q, w1q_s, w2q, w2q_s, tpe, rows, ends,
+         probs) = ctx.saved_tensors
         meta1, meta2 = ctx.metas
         gemm1, gemm2 = meta1.gemm(dy.device), meta2.gemm(dy.device)
         dyq, dy_t = meta2.quantize_transposed("grad", dy.contiguous(), rows)
@@ -70,23 +71,25 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         dw2 = gemm2.grouped_wgrad(_fp8(act_t, act_t_s), dy_t, ends, ctx.wdtypes[1])
         del dyq, dy_t
         amax = torch.zeros(1, device=dy.device)
-        dh = ctx.swiglu_bwd(h, d_act, amax=amax)
+        dh, dprobs = ctx.swiglu_bwd(h, d_act, amax=amax, probs=probs)
         del d_act
         dhq, dh_t = meta1.quantize_transposed("grad", dh, rows, amax=amax)
         del dh
         dx = gemm1.grouped_mm(dhq, _fp8(w1q, w1q_s), tpe, dy.dtype)
         dw1 = gemm1.grouped_wgrad(_fp8(x_t, x_t_s), dh_t, ends, ctx.wdtypes[0])
-        return dx, dw1, dw2, None, None, None
+        return dx, dw1, dw2, None, dprobs, None, None
 
 
 def fp8_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                       tokens_per_expert: torch.Tensor, meta1: Fp8Meta,
-                       meta2: Fp8Meta) -> torch.Tensor:
-    """``grouped_mm(swiglu(grouped_mm(x, w1)), w2)`` with both projections in FP8 (module
-    docstring); requires :func:`fused_fp8_swiglu_applies`."""
+                       tokens_per_expert: torch.Tensor, meta1: Fp8Meta, meta2: Fp8Meta,
+                       probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``grouped_mm(swiglu(grouped_mm(x, w1), probs=probs), w2)`` with both projections in FP8
+    (module docstring; ``probs [N]`` fp32 row weights or None); requires
+    :func:`fused_fp8_swiglu_applies`."""
     if not fused_fp8_swiglu_applies(meta1, meta2):
         raise ValueError("fp8_swiglu_experts needs the tensorwise or delayed FP8 recipe with "
                          "FP8 wgrad on both projections")
     if x.shape[0] == 0:  # keep the weights in the graph with zero gradients
         return x @ w1[0][:, : w2.shape[1]] @ w2[0]
-    return _Fp8SwiGLUExperts.apply(x.contiguous(), w1, w2, tokens_per_expert, meta1, meta2)
+    return _Fp8SwiGLUExperts.apply(x.contiguous(), w1, w2, tokens_per_expert, probs, meta1,
+                                   meta2)

@@ -36,11 +36,13 @@ def combine_forward_torch(rows: torch.Tensor, slot_rows: torch.Tensor, probs: to
 
 
 def combine_backward_torch(grad_out, rows, slot_rows, probs, need_probs_grad: bool):
-    """grad_out [T, H], rows [N = T*k, H], slot_rows [T*k] (row of token t's j-th copy),
-    probs [T, k] -> (grad_rows [N, H], grad_probs [T, k] fp32 or None)."""
+    """grad_out [T, H], rows [N = T*k, H] (read only when ``need_probs_grad``), slot_rows [T*k]
+    (row of token t's j-th copy), probs [T, k] -> (grad_rows [N, H], grad_probs [T, k] fp32 or
+    None)."""
     t, k = probs.shape
     g = grad_out.unsqueeze(1) * probs.to(grad_out.dtype).unsqueeze(2)  # [T, k, H]
-    grad_rows = torch.empty_like(rows).index_copy_(0, slot_rows, g.reshape(t * k, g.shape[-1]))
+    grad_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device).index_copy_(
+        0, slot_rows, g.reshape(t * k, g.shape[-1]))
     grad_probs = None
     if need_probs_grad:
         picked = rows.index_select(0, slot_rows).view(t, k, rows.shape[-1])
@@ -105,13 +107,15 @@ def combine_forward_triton(rows, slot_rows, probs):
 def combine_backward_triton(grad_out, rows, slot_rows, probs, need_probs_grad: bool):
     t, k = probs.shape
     h = rows.shape[-1]
-    grad_rows = torch.empty_like(rows)
+    grad_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     block = min(2048, triton.next_power_of_2(max(h, 1)))
     nhb = triton.cdiv(h, block)
     part = torch.empty(t * k * nhb if need_probs_grad else 1, dtype=torch.float32,
                        device=rows.device)
     if t and h:
-        _combine_bwd_kernel[(t, nhb)](grad_out.contiguous(), rows.contiguous(),
+        # rows are read only for the probabilities' gradient (else they may be a stand-in)
+        _combine_bwd_kernel[(t, nhb)](grad_out.contiguous(),
+                                      rows.contiguous() if need_probs_grad else grad_rows,
                                       slot_rows.contiguous(), probs.float().contiguous(),
                                       grad_rows, part, h, nhb, K=k, NEED_PROBS=need_probs_grad,
                                       BLOCK_H=block, num_warps=8 if block >= 2048 else 4)

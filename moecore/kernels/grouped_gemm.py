@@ -163,7 +163,8 @@ def _torch_grouped_mm(x, w, tokens_per_expert):
 
 
 class _TorchSwiGLUGroupedMM(torch.autograd.Function):
-    """``torch._grouped_mm(swiglu(h), w)`` keeping only ``h`` and ``w`` for backward.
+    """``torch._grouped_mm(swiglu(h, probs), w)`` keeping only ``h``, ``probs`` and ``w`` for
+    backward.
 
     Backward: ``d_act = dy @ w^T``, then one SwiGLU backward pass that also rewrites the
     activation (bit-identical to the forward's), then the weight gradient from it. So
@@ -171,25 +172,27 @@ class _TorchSwiGLUGroupedMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, offs, empty, fns):
+    def forward(ctx, h, w, offs, empty, probs, fns):
         forward_fn, _, ctx.backward_and_forward = fns
-        ctx.save_for_backward(h, w, offs, empty)
+        ctx.save_for_backward(h, w, offs, empty, probs)
         ctx.zero_empty = not _empty_groups_write_zeros(h.device)
-        return torch._grouped_mm(forward_fn(h), w, offs=offs)
+        return torch._grouped_mm(forward_fn(h, probs=probs), w, offs=offs)
 
     @staticmethod
     def backward(ctx, dy):
-        h, w, offs, empty = ctx.saved_tensors
+        h, w, offs, empty, probs = ctx.saved_tensors
         dy = dy.contiguous()
-        dh, act = ctx.backward_and_forward(h, _torch_dgrad(dy, w, offs))
+        dh, act, dprobs = ctx.backward_and_forward(h, _torch_dgrad(dy, w, offs), probs=probs)
         dw = _torch_wgrad(act, dy, offs, empty, ctx.zero_empty) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, dprobs, None
 
 
 def swiglu_grouped_mm(h: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
-                      backend: Backend) -> torch.Tensor | None:
-    """``grouped_mm(swiglu(h), w, tokens_per_expert)`` for ``h [N, 2F]`` (``[gate | up]``),
-    ``w [E, F, M]``, without keeping ``swiglu(h)`` for backward (:class:`_TorchSwiGLUGroupedMM`).
+                      backend: Backend, probs: torch.Tensor | None = None
+                      ) -> torch.Tensor | None:
+    """``grouped_mm(swiglu(h, probs=probs), w, tokens_per_expert)`` for ``h [N, 2F]``
+    (``[gate | up]``), ``w [E, F, M]``, ``probs [N]`` (row weights, or None), without keeping
+    ``swiglu(h)`` for backward (:class:`_TorchSwiGLUGroupedMM`).
     None where that path does not apply (another backend, no rows, sizes the kernel would need
     padded): the caller then runs the activation and ``grouped_mm`` itself."""
     if (backend.name != "torch" or h.dim() != 2 or h.shape[0] == 0
@@ -198,7 +201,7 @@ def swiglu_grouped_mm(h: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch
     _check_inputs(h[:, : w.shape[1]], w, tokens_per_expert)
     offs, empty = _offsets(tokens_per_expert, h.device)
     fns = select_swiglu(h.device, h.dtype).fn
-    return _TorchSwiGLUGroupedMM.apply(h.contiguous(), w.contiguous(), offs, empty, fns)
+    return _TorchSwiGLUGroupedMM.apply(h.contiguous(), w.contiguous(), offs, empty, probs, fns)
 
 
 # --------------------------------------------------------------------------------------------

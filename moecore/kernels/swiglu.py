@@ -1,12 +1,17 @@
-"""SwiGLU on the fc1 output: ``act = silu(x[:, :F]) * x[:, F:]`` and its backward.
+"""SwiGLU on the fc1 output: ``act = silu(x[:, :F]) * x[:, F:]`` and its backward, optionally
+times a per-row weight (the routing probability: ``act = silu(gate) * up * probs[:, None]``).
 
-``swiglu(x [N, 2F]) -> [N, F]`` is an autograd function that saves only ``x`` (which the fc1
-GEMM's output already is) and recomputes ``silu`` in backward, so no ``silu(gate)`` [N, F]
-intermediate is kept. Two implementations behind the ``moe_swiglu`` registry:
+``swiglu(x [N, 2F], probs [N] | None) -> [N, F]`` is an autograd function that saves only ``x``
+(which the fc1 GEMM's output already is) and ``probs``, and recomputes ``silu`` in backward, so
+no ``silu(gate)`` [N, F] intermediate is kept. With ``probs`` the backward also gives
+``d probs [N] = sum_f grad * silu(gate) * up`` (fp32) from the values in hand: the MoE experts
+weight their rows here instead of in the combine, whose backward then needs no [N, H] rows.
+Two implementations behind the ``moe_swiglu`` registry:
 
-- ``torch``: the unfused ops (``F.silu(gate) * up``; backward ``grad * up`` through
-  ``silu_backward`` and ``grad * silu(gate)``, then one ``cat``); bitwise what autograd computes
-  for the unfused expression. Any device and dtype; the reference.
+- ``torch``: the unfused ops (``F.silu(gate) * up``, then ``* probs`` in fp32 and one cast back;
+  backward ``grad * up`` through ``silu_backward`` and ``grad * silu(gate)``, then one ``cat``);
+  bitwise what autograd computes for the unfused expression. Any device and dtype; the
+  reference.
 - ``triton``: one pass each way on CUDA (fp32, bf16, fp16), math in fp32: forward reads ``x``
   once and writes ``act``; backward reads ``x`` and ``grad`` once and writes the [N, 2F] grad.
   In 16-bit dtypes it rounds once where the unfused ops round two or three times.
@@ -14,6 +19,11 @@ intermediate is kept. Two implementations behind the ``moe_swiglu`` registry:
 Both directions can also record the amax (``max |value|``, fp32) of what they write, as the
 next FP8 cast needs (``amax=`` a one-element fp32 tensor, raised in place): the Triton kernels
 take it from the values in hand, so that cast needs no extra read of the [N, F] / [N, 2F] tensor.
+
+Each backend's functions: ``forward(x, out=None, amax=None, probs=None) -> act``,
+``backward(x, grad, amax=None, probs=None) -> (dx, dprobs | None)``,
+``backward_and_forward(x, grad, probs=None) -> (dx, act, dprobs | None)`` (the gradient and the
+recomputed activation in one pass).
 """
 
 from __future__ import annotations
@@ -47,30 +57,50 @@ def _raise_amax(amax: torch.Tensor | None, t: torch.Tensor) -> None:
         torch.maximum(amax, tensor_amax(t).reshape(1), out=amax)
 
 
+def _check_probs(x: torch.Tensor, probs: torch.Tensor | None) -> None:
+    if probs is not None and (probs.shape != x.shape[:1] or probs.dtype not in (
+            torch.float32, torch.float64)):
+        raise ValueError(f"swiglu probs must be fp32 (or fp64) [{x.shape[0]}], one per row; "
+                         f"got {tuple(probs.shape)} {probs.dtype}")
+
+
 def swiglu_forward_torch(x: torch.Tensor, out: torch.Tensor | None = None,
-                         amax: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, 2F] (``[gate | up]``) -> ``silu(gate) * up`` [N, F] (written into ``out`` when
-    given; its amax into ``amax [1]`` when given)."""
+                         amax: torch.Tensor | None = None,
+                         probs: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, 2F] (``[gate | up]``) -> ``silu(gate) * up`` [N, F] (times ``probs [N]`` in fp32
+    when given; written into ``out`` when given; its amax into ``amax [1]`` when given)."""
     gate, up = torch.chunk(x, 2, dim=-1)
-    act = torch.mul(F.silu(gate), up, **({} if out is None else {"out": out}))
+    kw = {} if out is None else {"out": out}
+    if probs is None:
+        act = torch.mul(F.silu(gate), up, **kw)
+    else:
+        weighted = F.silu(gate) * up * probs.unsqueeze(-1)  # promoted to fp32
+        act = weighted.to(x.dtype) if out is None else out.copy_(weighted)
     _raise_amax(amax, act)
     return act
 
 
-def swiglu_backward_torch(x: torch.Tensor, grad: torch.Tensor,
-                          amax: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, 2F], grad [N, F] -> grad_x [N, 2F] (x's dtype; its amax into ``amax [1]``)."""
+def swiglu_backward_torch(x: torch.Tensor, grad: torch.Tensor, amax: torch.Tensor | None = None,
+                          probs: torch.Tensor | None = None):
+    """x [N, 2F], grad [N, F] -> ``(grad_x [N, 2F] (x's dtype; its amax into amax [1]),
+    grad_probs [N] fp32 or None)``."""
     gate, up = torch.chunk(x, 2, dim=-1)
+    dprobs = None
+    if probs is not None:
+        dprobs = (grad.float() * (F.silu(gate) * up).float()).sum(-1)
+        grad = (grad * probs.unsqueeze(-1)).to(x.dtype)  # promoted to fp32, then cast
     grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
     dx = torch.cat([grad_gate, grad * F.silu(gate)], dim=-1)
     _raise_amax(amax, dx)
-    return dx
+    return dx, dprobs
 
 
-def swiglu_backward_and_forward_torch(x: torch.Tensor, grad: torch.Tensor):
-    """``(swiglu_backward_torch(x, grad), swiglu_forward_torch(x))``: the gradient and the
-    recomputed activation."""
-    return swiglu_backward_torch(x, grad), swiglu_forward_torch(x)
+def swiglu_backward_and_forward_torch(x: torch.Tensor, grad: torch.Tensor,
+                                      probs: torch.Tensor | None = None):
+    """``(*swiglu_backward_torch(x, grad, probs=probs), swiglu_forward_torch(x, probs=probs))``
+    as ``(dx, act, dprobs)``: the gradient and the recomputed activation."""
+    dx, dprobs = swiglu_backward_torch(x, grad, probs=probs)
+    return dx, swiglu_forward_torch(x, probs=probs), dprobs
 
 
 # ---- triton --------------------------------------------------------------------------------
@@ -99,22 +129,42 @@ if HAVE_TRITON:
         return tl.max(tl.max(a, axis=1), axis=0)
 
     @triton.jit
-    def _swiglu_fwd_kernel(x_ptr, out_ptr, amax_ptr, N, FF, stride_x, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr, AMAX: tl.constexpr):
+    def _row_probs(probs_ptr, rows64, N, WEIGHTED: tl.constexpr):
+        """``probs`` of the tile's rows as a [R, 1] column (1 when not weighted)."""
+        if WEIGHTED:
+            p = tl.load(probs_ptr + rows64, mask=rows64 < N, other=0.0)
+        else:
+            p = tl.full(rows64.shape, 1.0, tl.float32)
+        return p
+
+    @triton.jit
+    def _swiglu_fwd_kernel(x_ptr, probs_ptr, out_ptr, amax_ptr, N, FF, stride_x,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, AMAX: tl.constexpr,
+                           WEIGHTED: tl.constexpr):
         rows64, cols, mask, g, u = _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R, BLOCK_C)
-        act = (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty)
+        act = g * tl.sigmoid(g) * u
+        if WEIGHTED:
+            act = act * _row_probs(probs_ptr, rows64, N, WEIGHTED)
+        act = act.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows64 * FF + cols[None, :], act, mask=mask)
         if AMAX:  # of the values as stored
             tl.atomic_max(amax_ptr, _tile_amax(act, mask))
 
     @triton.jit
-    def _swiglu_bwd_kernel(x_ptr, grad_ptr, dx_ptr, act_ptr, amax_ptr, N, FF, stride_x,
-                           stride_g, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                           STORE_ACT: tl.constexpr, AMAX: tl.constexpr):
+    def _swiglu_bwd_kernel(x_ptr, grad_ptr, probs_ptr, dx_ptr, act_ptr, amax_ptr, part_ptr, N,
+                           FF, stride_x, stride_g, NCB, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr, STORE_ACT: tl.constexpr, AMAX: tl.constexpr,
+                           WEIGHTED: tl.constexpr):
         rows64, cols, mask, g, u = _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R, BLOCK_C)
         dy = tl.load(grad_ptr + rows64 * stride_g + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
+        if WEIGHTED:  # d probs: this column block's share of sum_f dy * silu(g) * u
+            p = _row_probs(probs_ptr, rows64, N, WEIGHTED)
+            part = tl.sum(tl.where(mask, dy * (g * s * u), 0.0), axis=1)
+            tl.store(part_ptr + rows64.reshape([BLOCK_R]) * NCB + tl.program_id(1), part,
+                     mask=rows64.reshape([BLOCK_R]) < N)
+            dy = dy * p
         d_gate = dy * u * s * (1.0 + g * (1.0 - s))
         d_up = dy * g * s
         dx_off = rows64 * (2 * FF) + cols[None, :]
@@ -126,6 +176,8 @@ if HAVE_TRITON:
                                                _tile_amax(d_up, mask)))
         if STORE_ACT:  # the forward's value: the same products in the same order
             act = g * s * u
+            if WEIGHTED:
+                act = act * p
             tl.store(act_ptr + rows64 * FF + cols[None, :], act.to(act_ptr.dtype.element_ty),
                      mask=mask)
 
@@ -151,9 +203,11 @@ def _amax_arg(amax: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_forward_triton(x: torch.Tensor, out: torch.Tensor | None = None,
-                          amax: torch.Tensor | None = None) -> torch.Tensor:
+                          amax: torch.Tensor | None = None,
+                          probs: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as :func:`swiglu_forward_torch` (one fused pass; ``out`` contiguous)."""
     ff = _check(x)
+    _check_probs(x, probs)
     x = _rows_contiguous(x)
     if out is None:
         out = torch.empty(x.shape[0], ff, dtype=x.dtype, device=x.device)
@@ -163,55 +217,68 @@ def swiglu_forward_triton(x: torch.Tensor, out: torch.Tensor | None = None,
     if out.numel() == 0:
         return out
     grid, block_r, block_c = _grid(x.shape[0], ff)
-    _swiglu_fwd_kernel[grid](x, out, _amax_arg(amax, out), x.shape[0], ff, x.stride(0),
-                             BLOCK_R=block_r, BLOCK_C=block_c, AMAX=amax is not None)
+    _swiglu_fwd_kernel[grid](x, out if probs is None else probs.float().contiguous(), out,
+                             _amax_arg(amax, out), x.shape[0], ff, x.stride(0),
+                             BLOCK_R=block_r, BLOCK_C=block_c, AMAX=amax is not None,
+                             WEIGHTED=probs is not None)
     return out
 
 
 def _backward_triton(x: torch.Tensor, grad: torch.Tensor, with_act: bool,
-                     amax: torch.Tensor | None = None):
+                     amax: torch.Tensor | None = None, probs: torch.Tensor | None = None):
     ff = _check(x)
+    _check_probs(x, probs)
     x, grad = _rows_contiguous(x), _rows_contiguous(grad)
-    dx = torch.empty(x.shape[0], 2 * ff, dtype=x.dtype, device=x.device)
-    act = torch.empty(x.shape[0], ff, dtype=x.dtype, device=x.device) if with_act else None
+    n = x.shape[0]
+    dx = torch.empty(n, 2 * ff, dtype=x.dtype, device=x.device)
+    act = torch.empty(n, ff, dtype=x.dtype, device=x.device) if with_act else None
+    dprobs = None if probs is None else torch.zeros(n, dtype=torch.float32, device=x.device)
     if dx.numel():
-        grid, block_r, block_c = _grid(x.shape[0], ff)
-        _swiglu_bwd_kernel[grid](x, grad, dx, dx if act is None else act,
-                                 _amax_arg(amax, dx), x.shape[0], ff, x.stride(0),
-                                 grad.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
-                                 STORE_ACT=with_act, AMAX=amax is not None)
-    return dx, act
+        grid, block_r, block_c = _grid(n, ff)
+        part = dx if probs is None else torch.empty(n, grid[1], dtype=torch.float32,
+                                                    device=x.device)
+        _swiglu_bwd_kernel[grid](x, grad, dx if probs is None else probs.float().contiguous(), dx,
+                                 dx if act is None else act, _amax_arg(amax, dx), part, n, ff,
+                                 x.stride(0), grad.stride(0), grid[1], BLOCK_R=block_r,
+                                 BLOCK_C=block_c, STORE_ACT=with_act, AMAX=amax is not None,
+                                 WEIGHTED=probs is not None)
+        if probs is not None:
+            dprobs = part.sum(-1) if grid[1] > 1 else part.view(n)
+    return dx, act, dprobs
 
 
 def swiglu_backward_triton(x: torch.Tensor, grad: torch.Tensor,
-                           amax: torch.Tensor | None = None) -> torch.Tensor:
+                           amax: torch.Tensor | None = None, probs: torch.Tensor | None = None):
     """Same contract as :func:`swiglu_backward_torch` (one fused pass)."""
-    return _backward_triton(x, grad, False, amax)[0]
+    dx, _, dprobs = _backward_triton(x, grad, False, amax, probs)
+    return dx, dprobs
 
 
-def swiglu_backward_and_forward_triton(x: torch.Tensor, grad: torch.Tensor):
+def swiglu_backward_and_forward_triton(x: torch.Tensor, grad: torch.Tensor,
+                                       probs: torch.Tensor | None = None):
     """Same contract as :func:`swiglu_backward_and_forward_torch`: one pass that also writes
     the activation (bit-identical to :func:`swiglu_forward_triton`'s), for one extra write
     instead of a separate forward pass."""
-    return _backward_triton(x, grad, True)
+    return _backward_triton(x, grad, True, probs=probs)
 
 
 # ---- autograd + registry -------------------------------------------------------------------
 
 
 class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` saving only the input ``x [N, 2F]``."""
+    """``silu(gate) * up`` (times ``probs``) saving only the input ``x [N, 2F]`` and ``probs``."""
 
     @staticmethod
-    def forward(ctx, x, fns):
+    def forward(ctx, x, probs, fns):
         forward_fn, ctx.backward_fn = fns[:2]
-        ctx.save_for_backward(x)
-        return forward_fn(x)
+        ctx.save_for_backward(x, probs)
+        return forward_fn(x, probs=probs)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return ctx.backward_fn(x, grad), None
+        x, probs = ctx.saved_tensors
+        dx, dprobs = ctx.backward_fn(x, grad, probs=probs)
+        return dx, dprobs, None
 
 
 def _check_triton(device: torch.device) -> None:
@@ -220,13 +287,21 @@ def _check_triton(device: torch.device) -> None:
         x = torch.randn(37, 2 * 24, device=device, generator=gen).to(dtype)
         g = torch.randn(37, 24, device=device, generator=gen).to(dtype)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert_close_rel(swiglu_forward_triton(x), swiglu_forward_torch(x.double()), tol, "fwd")
-        dx, act = swiglu_backward_and_forward_triton(x, g)
-        assert_close_rel(dx, swiglu_backward_torch(x.double(), g.double()), tol, "bwd")
-        assert_close_rel(act, swiglu_forward_torch(x.double()), tol, "bwd activation")
+        probs = torch.rand(37, device=device, generator=gen)
+        for p in (None, probs):
+            pd = None if p is None else p.double()
+            assert_close_rel(swiglu_forward_triton(x, probs=p),
+                             swiglu_forward_torch(x.double(), probs=pd), tol, "fwd")
+            dx, act, dp = swiglu_backward_and_forward_triton(x, g, probs=p)
+            dx_ref, dp_ref = swiglu_backward_torch(x.double(), g.double(), probs=pd)
+            assert_close_rel(dx, dx_ref, tol, "bwd")
+            assert_close_rel(act, swiglu_forward_torch(x.double(), probs=pd), tol,
+                             "bwd activation")
+            if p is not None:
+                assert_close_rel(dp, dp_ref, tol, "probs gradient")
         amax = torch.zeros(2, device=device)  # the fwd's and the bwd's
         out = swiglu_forward_triton(x, amax=amax[:1])
-        dx = swiglu_backward_triton(x, g, amax=amax[1:])
+        dx = swiglu_backward_triton(x, g, amax=amax[1:])[0]
         want = torch.stack([tensor_amax(out), tensor_amax(dx)])
         assert torch.equal(amax, want), f"amax {amax.tolist()} != {want.tolist()}"
 
@@ -253,16 +328,21 @@ def select_swiglu(device: torch.device, dtype: torch.dtype, requested: str = "au
     return SWIGLU.select(requested, device=device, dtype=dtype)
 
 
-def swiglu_into(x: torch.Tensor, out: torch.Tensor, requested: str = "auto") -> None:
+def swiglu_into(x: torch.Tensor, out: torch.Tensor, requested: str = "auto",
+                probs: torch.Tensor | None = None) -> None:
     """The forward of :func:`swiglu` (same backend, same values), no autograd, written into
     ``out [N, F]`` (contiguous): the recompute of a discarded activation."""
     _check(x)
-    select_swiglu(x.device, x.dtype, requested).fn[0](x, out=out)
+    _check_probs(x, probs)
+    select_swiglu(x.device, x.dtype, requested).fn[0](x, out=out, probs=probs)
 
 
-def swiglu(x: torch.Tensor, requested: str = "auto") -> torch.Tensor:
-    """``silu(x[:, :F]) * x[:, F:]`` for ``x [N, 2F]`` -> ``[N, F]``, through the backend
-    ``requested`` (a name or ``"auto"``); autograd saves only ``x``."""
+def swiglu(x: torch.Tensor, requested: str = "auto",
+           probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x[:, :F]) * x[:, F:]`` (times ``probs [N]`` fp32, one weight per row, when given)
+    for ``x [N, 2F]`` -> ``[N, F]``, through the backend ``requested`` (a name or ``"auto"``);
+    autograd saves only ``x`` and ``probs`` and gives ``probs`` its gradient."""
     _check(x)
+    _check_probs(x, probs)
     backend = select_swiglu(x.device, x.dtype, requested)
-    return _SwiGLU.apply(x, backend.fn)
+    return _SwiGLU.apply(x, probs, backend.fn)

@@ -1,6 +1,9 @@
 """Expert MLPs: ``GroupedMLP`` (one grouped GEMM per projection) and ``SequentialMLP`` (one
 small MLP per expert, the readable reference). Both map expert-grouped rows ``[N, H]`` with
 ``tokens_per_expert [E_local]`` to ``([N, H], None)`` and hold identical weights (transposed).
+Given ``probs [N]`` (the rows' routing weights, from the dispatcher), each row's activation is
+multiplied by its weight before the second projection (as Megatron-Core's grouped MLP does), so
+the outputs are already weighted and the combine only sums them.
 
 Sharding: this rank holds global experts ``ep_rank * E_local ... + E_local - 1`` and, under
 expert tensor parallelism (ETP), a ``1/etp`` slice of every expert's FFN dimension. The output is
@@ -87,6 +90,12 @@ def _mark_expert_param(param: nn.Parameter, partition_dim: int, stride: int = 1)
     param.partition_stride = stride
 
 
+def _check_probs(probs: torch.Tensor | None, rows: torch.Tensor) -> None:
+    if probs is not None and (probs.shape != rows.shape[:1] or not probs.is_floating_point()):
+        raise ValueError(f"expert probs must be a float tensor [{rows.shape[0]}] (one routing "
+                         f"weight per row); got {tuple(probs.shape)} {probs.dtype}")
+
+
 def _check_counts(tokens_per_expert: torch.Tensor, num_local_experts: int) -> None:
     if tokens_per_expert.shape != (num_local_experts,):
         raise ValueError(f"tokens_per_expert has shape {tuple(tokens_per_expert.shape)}; "
@@ -162,14 +171,17 @@ class GroupedMLP(nn.Module):
                 errors.append(exc)
         raise errors[0]
 
-    def forward(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor):
+    def forward(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                probs: torch.Tensor | None = None):
         """``permuted [N, H]`` grouped by local expert, ``tokens_per_expert [E_local]`` int64
-        (host or device) -> ``(out [N, H], None)``; under ETP ``out`` is a partial sum."""
+        (host or device), ``probs [N]`` fp32 (each row's routing weight, applied to its
+        activation, or None) -> ``(out [N, H], None)``; under ETP ``out`` is a partial sum."""
         _check_counts(tokens_per_expert, self.num_local_experts)
+        _check_probs(probs, permuted)
         if (self.bias1 is None and self.bias2 is None and fused_swiglu(self.config)
                 and fused_fp8_swiglu_applies(self.fp8_fc1, self.fp8_fc2)):
             return fp8_swiglu_experts(permuted, self.weight1, self.weight2, tokens_per_expert,
-                                      self.fp8_fc1, self.fp8_fc2), None
+                                      self.fp8_fc1, self.fp8_fc2, probs), None
         backend = self._resolve(permuted.device, permuted.dtype)
         h = self._add_bias(self._mm(permuted, self.weight1, tokens_per_expert, backend,
                                     self.fp8_fc1), self.bias1, tokens_per_expert)
@@ -177,24 +189,28 @@ class GroupedMLP(nn.Module):
         out = None
         if (recompute and fused_swiglu(self.config) and torch.is_grad_enabled()
                 and self.bias2 is None and self.fp8_fc2 is None):
-            out = swiglu_grouped_mm(h, self.weight2, tokens_per_expert, backend)
+            out = swiglu_grouped_mm(h, self.weight2, tokens_per_expert, backend, probs)
         if out is None:
             out = activation_then(
                 self.config, h, lambda act: self._add_bias(
                     self._mm(act, self.weight2, tokens_per_expert, backend, self.fp8_fc2),
-                    self.bias2,
-                    tokens_per_expert), recompute)
+                    self.bias2, tokens_per_expert, probs), recompute, probs)
         return out, None
 
     @staticmethod
     def _add_bias(rows: torch.Tensor, bias: torch.Tensor | None,
-                  tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """``rows [N, X]`` grouped by expert plus each row's expert's ``bias [E_local, X]``."""
+                  tokens_per_expert: torch.Tensor,
+                  probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows [N, X]`` grouped by expert plus each row's expert's ``bias [E_local, X]``
+        (times the row's ``probs [N]``, in fp32, when given: the output's bias is weighted as
+        the activation was)."""
         if bias is None:
             return rows
         counts = tokens_per_expert.to(device=bias.device, dtype=torch.long)
-        return rows + bias.to(rows.dtype).repeat_interleave(counts, dim=0,
-                                                            output_size=rows.shape[0])
+        per_row = bias.to(rows.dtype).repeat_interleave(counts, dim=0, output_size=rows.shape[0])
+        if probs is None:
+            return rows + per_row
+        return (rows + per_row * probs.unsqueeze(-1)).to(rows.dtype)
 
 
 class _ExpertLinear(nn.Module):
@@ -218,9 +234,10 @@ class ExpertMLP(nn.Module):
         self.linear_fc1 = _ExpertLinear(w1)
         self.linear_fc2 = _ExpertLinear(w2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [n, H]``, ``probs [n]`` (row weights for the activation, or None) -> ``[n, H]``."""
         return activation_then(self.config, self.linear_fc1(x), self.linear_fc2,
-                               self.config.recomputes("moe_act"))
+                               self.config.recomputes("moe_act"), probs)
 
 
 class SequentialMLP(nn.Module):
@@ -250,13 +267,17 @@ class SequentialMLP(nn.Module):
                                2 if config.gated_linear_unit else 1)
             _mark_expert_param(expert.linear_fc2.weight, 1)
 
-    def forward(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor):
+    def forward(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                probs: torch.Tensor | None = None):
         """Same contract as :meth:`GroupedMLP.forward`."""
         _check_counts(tokens_per_expert, self.num_local_experts)
+        _check_probs(probs, permuted)
         counts = tokens_per_expert.tolist()
         if sum(counts) != permuted.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(counts)} but there are "
                              f"{permuted.shape[0]} rows")
         chunks = torch.split(permuted, counts)
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.local_experts, chunks)])
+        weights = [None] * len(chunks) if probs is None else torch.split(probs, counts)
+        out = torch.cat([expert(chunk, w) for expert, chunk, w
+                         in zip(self.local_experts, chunks, weights)])
         return out, None

@@ -3,10 +3,11 @@
 Data flow for hidden [S, B, H] (S is the local shard under sequence parallel), T = S*B:
 router: probs [T, E] fp32 + routing_map [T, E] (aux losses attached through autograd)
 -> dispatcher.dispatch: tokens [N, H] grouped by local expert, tokens_per_expert [E_local],
-   and a frozen handle of this call
--> experts: one grouped GEMM per projection over all local experts
--> dispatcher.combine(expert_out, handle): rows back to their tokens, weighted by probs,
-   summed over top-k [T, H]
+   the rows' probabilities [N], and a frozen handle of this call
+-> experts: one grouped GEMM per projection over all local experts, each row's activation
+   times its probability (Megatron-Core's grouped MLP does the same)
+-> dispatcher.combine(expert_out, handle): rows back to their tokens, summed over top-k [T, H]
+   (the combine's backward then needs no expert outputs: they are not kept)
 -> + shared experts (dense MLP on every token) -> [S, B, H].
 """
 
@@ -85,9 +86,9 @@ class MoELayer(nn.Module):
             routed = hidden * probs.sum(-1).to(hidden.dtype).view(*hidden.shape[:-1], 1)
             probs = routing_map.to(probs.dtype)
         x_TH = routed.reshape(-1, routed.shape[-1])
-        tokens_NH, tokens_per_expert, handle = self.token_dispatcher.dispatch(
+        tokens_NH, tokens_per_expert, probs_N, handle = self.token_dispatcher.dispatch(
             x_TH, probs, routing_map)
-        expert_out_NH, _ = self.experts(tokens_NH, tokens_per_expert)
+        expert_out_NH, _ = self.experts(tokens_NH, tokens_per_expert, probs_N)
         out = self.token_dispatcher.combine(expert_out_NH, handle).reshape(hidden.shape)
         if overlap is not None:
             main = torch.cuda.current_stream(hidden.device)

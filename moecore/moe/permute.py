@@ -3,7 +3,9 @@
 ``permute`` turns tokens [T, H] and a routing map [T, E] into rows [N, H] grouped by expert
 (expert 0's rows first, each expert's rows in token order), as Megatron-Core does: the token
 indices are ``arange(T)`` masked by ``routing_map.T``. ``unpermute`` weights every row by its
-probability and sums the rows of each token back into [T, H].
+probability (when given) and sums the rows of each token back into [T, H]. The MoE layer's
+dispatchers (:func:`permute_tokens` / :func:`unpermute_tokens`) hand the rows' probabilities to
+the experts instead, which weight their activations, and sum unweighted.
 
 Determinism: the scatter-add in ``unpermute`` (and the backward of the gather in ``permute``)
 uses atomics on CUDA; run with ``torch.use_deterministic_algorithms(True)`` for bitwise
@@ -120,9 +122,25 @@ def unpermute(permuted: torch.Tensor, sorted_indices: torch.Tensor, num_tokens: 
     # Padding rows go to an extra dump row, so nothing from them (even NaN from never-written
     # kernel output) reaches a real token, and no host sync is needed to find them.
     index = torch.where(sorted_indices < 0, num_tokens, sorted_indices)
-    out = rows.new_zeros(num_tokens + 1, permuted.shape[1])
-    out = out.index_add(0, index, rows)
-    return out[:num_tokens].to(permuted.dtype)
+    return _SumRowsByIndex.apply(rows, index, num_tokens).to(permuted.dtype)
+
+
+class _SumRowsByIndex(torch.autograd.Function):
+    """``out [T, H]``: row ``i`` of ``rows [N, H]`` added to ``out[index[i]]`` (``index == T``:
+    dropped). Backward gathers ``grad[index]`` (0 for dropped rows) and keeps only ``index``,
+    not the rows (autograd's ``index_add`` would keep them)."""
+
+    @staticmethod
+    def forward(ctx, rows, index, num_tokens: int):
+        ctx.save_for_backward(index)
+        out = rows.new_zeros(num_tokens + 1, rows.shape[1]).index_add_(0, index, rows)
+        return out[:num_tokens]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])
+        return padded.index_select(0, index), None, None
 
 
 # ---- dropless top-k fast path: gathers and a batched matmul, no atomics --------------------
@@ -176,12 +194,19 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, permuted, probs_tk, plan: TopKPlan):
         forward_fn, ctx.backward_fn = combine_backend(permuted.device, plan.request).fn
         ctx.plan = plan
-        ctx.save_for_backward(permuted, probs_tk)
+        # The rows are read back only for the probabilities' gradient: without one (weights
+        # applied by the experts, or none), backward keeps only their shape.
+        need_rows = ctx.needs_input_grad[1]
+        ctx.rows_like = None if need_rows else (permuted.shape, permuted.dtype)
+        ctx.save_for_backward(permuted if need_rows else None, probs_tk)
         return forward_fn(permuted, plan.slot_rows, probs_tk)
 
     @staticmethod
     def backward(ctx, grad_out):
         permuted, probs_tk = ctx.saved_tensors
+        if permuted is None:  # a stand-in with the rows' shape and dtype; never read
+            shape, dtype = ctx.rows_like
+            permuted = grad_out.new_empty((), dtype=dtype).expand(shape)
         grad_rows, grad_probs = ctx.backward_fn(grad_out, permuted, ctx.plan.slot_rows, probs_tk,
                                                 ctx.needs_input_grad[1])
         if grad_probs is not None:
@@ -221,37 +246,44 @@ def unpermute_topk(permuted: torch.Tensor, plan: TopKPlan) -> torch.Tensor:
 @dataclass(frozen=True)
 class PermutePlan:
     """How :func:`permute_tokens`'s rows go back to their tokens (what :func:`unpermute_tokens`
-    needs): the top-k ``topk_plan`` when dropless, else ``sorted_indices`` [N] and
-    ``permuted_probs`` [N] (or None) of :func:`permute`; ``num_tokens`` T."""
+    needs): the top-k ``topk_plan`` when dropless, else ``sorted_indices`` [N] of
+    :func:`permute`; ``num_tokens`` T."""
 
     num_tokens: int
     topk_plan: TopKPlan | None = None
     sorted_indices: torch.Tensor | None = None
-    permuted_probs: torch.Tensor | None = None
 
 
-def permute_tokens(x_TH: torch.Tensor, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor,
-                   topk: int | None = None, capacity: int | None = None,
-                   fusion: bool | None = None):
-    """Rows of ``x_TH`` grouped by expert: ``(rows_NH, tokens_per_expert_E, PermutePlan)``.
+def permute_tokens(x_TH: torch.Tensor, probs_TE: torch.Tensor | None,
+                   routing_map_TE: torch.Tensor, topk: int | None = None,
+                   capacity: int | None = None, fusion: bool | None = None):
+    """Rows of ``x_TH`` grouped by expert: ``(rows_NH, tokens_per_expert_E, probs_N,
+    PermutePlan)``, ``probs_N`` [N] the rows' routing weights (differentiable in ``probs_TE``;
+    None without ``probs_TE``), for the experts to apply.
 
     ``topk`` (dropless routing, exactly ``topk`` experts per token) takes the gather/bmm path
     :func:`permute_topk` (``fusion`` picks its backend); otherwise :func:`permute` with
-    ``capacity`` (None: no padding). Rows are in the same order either way.
+    ``capacity`` (None: no padding; padding rows get weight 0). Rows are in the same order
+    either way.
     """
     if topk is not None:
-        rows_NH, plan, tokens_per_expert = permute_topk(x_TH, routing_map_TE, probs_TE, topk,
+        rows_NH, plan, tokens_per_expert = permute_topk(x_TH, routing_map_TE, None, topk,
                                                         fusion=fusion)
-        return rows_NH, tokens_per_expert, PermutePlan(x_TH.shape[0], topk_plan=plan)
+        probs_N = None
+        if probs_TE is not None:  # [T, E] -> [T, k] at the token's experts -> row order
+            probs_N = probs_TE.gather(1, plan.expert_ids).reshape(-1).index_select(
+                0, plan.row_slots)
+        return rows_NH, tokens_per_expert, probs_N, PermutePlan(x_TH.shape[0], topk_plan=plan)
     rows_NH, probs_N, sorted_indices, tokens_per_expert = permute(
         x_TH, routing_map_TE, probs=probs_TE, capacity=capacity)
-    return rows_NH, tokens_per_expert, PermutePlan(x_TH.shape[0], sorted_indices=sorted_indices,
-                                                   permuted_probs=probs_N)
+    return rows_NH, tokens_per_expert, probs_N, PermutePlan(x_TH.shape[0],
+                                                            sorted_indices=sorted_indices)
 
 
 def unpermute_tokens(rows_NH: torch.Tensor, plan: PermutePlan) -> torch.Tensor:
-    """Inverse of :func:`permute_tokens`: rows weighted by their probabilities and summed per
-    token, ``[T, H]``."""
+    """Inverse of :func:`permute_tokens`: each token's rows summed, ``[T, H]`` (in fp32 for
+    16-bit rows, cast back once). The rows are already weighted (the experts applied
+    ``probs_N``)."""
     if plan.topk_plan is not None:
         return unpermute_topk(rows_NH, plan.topk_plan)
-    return unpermute(rows_NH, plan.sorted_indices, plan.num_tokens, plan.permuted_probs)
+    return unpermute(rows_NH, plan.sorted_indices, plan.num_tokens)

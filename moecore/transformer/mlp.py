@@ -36,15 +36,18 @@ def fused_swiglu(config) -> bool:
             and config.activation_func_clamp_value is None)
 
 
-def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
-    """``act(gate) * up`` on ``h [..., 2F]`` (gated, laid out ``[gate | up]``) or ``act(h)``.
+def apply_activation(config, h: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(gate) * up`` on ``h [..., 2F]`` (gated, laid out ``[gate | up]``) or ``act(h)``;
+    with ``probs`` (``[N]`` fp32 for ``h [N, *]``: the experts' routing weights) each row times
+    its weight, in fp32 and cast back once.
 
     SwiGLU goes through ``moecore.kernels.swiglu`` (one fused pass each way on CUDA; autograd
-    saves only ``h``; on CPU bitwise the unfused ops) unless ``config.bias_swiglu_fusion`` is
-    off. Shared by the dense MLP and the experts.
+    saves only ``h`` and ``probs``; on CPU bitwise the unfused ops) unless
+    ``config.bias_swiglu_fusion`` is off. Shared by the dense MLP and the experts.
     """
     if fused_swiglu(config):
-        return swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
+        act = swiglu(h.reshape(-1, h.shape[-1]), probs=probs)
+        return act.view(*h.shape[:-1], h.shape[-1] // 2)
     if config.gated_linear_unit:
         gate, up = torch.chunk(h, 2, dim=-1)
         clamp = config.activation_func_clamp_value
@@ -52,28 +55,35 @@ def apply_activation(config, h: torch.Tensor) -> torch.Tensor:
             gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
         if config.glu_linear_offset:
             up = up + config.glu_linear_offset
-        return config.activation_func(gate) * up
-    return config.activation_func(h)
+        act = config.activation_func(gate) * up
+    else:
+        act = config.activation_func(h)
+    if probs is None:
+        return act
+    return (act * probs.unsqueeze(-1)).to(act.dtype)
 
 
-def _activation_into(config, h: torch.Tensor, out: torch.Tensor) -> None:
-    """Write :func:`apply_activation` ``(config, h)`` into ``out`` (no autograd; the same
+def _activation_into(config, h: torch.Tensor, out: torch.Tensor,
+                     probs: torch.Tensor | None = None) -> None:
+    """Write :func:`apply_activation` ``(config, h, probs)`` into ``out`` (no autograd; the same
     kernels, so the same values)."""
     if fused_swiglu(config) and out.is_contiguous():
-        swiglu_into(h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1]))
+        swiglu_into(h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1]), probs=probs)
     else:
-        out.copy_(apply_activation(config, h))
+        out.copy_(apply_activation(config, h, probs))
 
 
 def activation_then(config, h: torch.Tensor, fc2: Callable[[torch.Tensor], torch.Tensor],
-                    recompute: bool = False) -> torch.Tensor:
-    """``fc2(apply_activation(config, h))``. With ``recompute`` the activation output (which
-    ``fc2`` keeps only for its weight gradient) is freed after ``fc2``'s forward and recomputed
-    from ``h`` just before ``fc2``'s backward (``--recompute-modules moe_act``)."""
-    act = apply_activation(config, h)
+                    recompute: bool = False, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``fc2(apply_activation(config, h, probs))``. With ``recompute`` the activation output
+    (which ``fc2`` keeps only for its weight gradient) is freed after ``fc2``'s forward and
+    recomputed from ``h`` (and ``probs``) just before ``fc2``'s backward (``--recompute-modules
+    moe_act``)."""
+    act = apply_activation(config, h, probs)
     out = fc2(act)
     if recompute:
-        discard_until_backward(act, out, lambda dst: _activation_into(config, h, dst))
+        probs_now = None if probs is None else probs.detach()
+        discard_until_backward(act, out, lambda dst: _activation_into(config, h, dst, probs_now))
     return out
 
 

@@ -42,16 +42,27 @@ def test_swiglu_triton_matches_reference(n, f, dtype):
     _poison()
     out = S.swiglu_forward_triton(x)
     _poison()
-    dx = S.swiglu_backward_triton(x, dy)
+    dx = S.swiglu_backward_triton(x, dy)[0]
     assert out.dtype == dtype and dx.shape == (n, 2 * f)
     assert not out.isnan().any() and not dx.isnan().any()
     if n:
         assert _rel(out, S.swiglu_forward_torch(x.double())) < tol
-        assert _rel(dx, S.swiglu_backward_torch(x.double(), dy.double())) < tol
+        assert _rel(dx, S.swiglu_backward_torch(x.double(), dy.double())[0]) < tol
     _poison()
-    dx2, act = S.swiglu_backward_and_forward_triton(x, dy)
+    dx2, act, _ = S.swiglu_backward_and_forward_triton(x, dy)
     # the recomputed activation (--recompute-modules moe_act) is the forward's, bit for bit
     assert torch.equal(dx2, dx) and torch.equal(act, out)
+    # weighted by per-row routing probabilities (the experts' SwiGLU), and their gradient
+    probs = torch.rand(n, device=DEV, generator=g)
+    out = S.swiglu_forward_triton(x, probs=probs)
+    dx, dp = S.swiglu_backward_triton(x, dy, probs=probs)
+    dx2, act, dp2 = S.swiglu_backward_and_forward_triton(x, dy, probs=probs)
+    assert torch.equal(dx2, dx) and torch.equal(act, out) and torch.equal(dp2, dp)
+    if n:
+        pd = probs.double()
+        dx_ref, dp_ref = S.swiglu_backward_torch(x.double(), dy.double(), probs=pd)
+        assert _rel(out, S.swiglu_forward_torch(x.double(), probs=pd)) < tol
+        assert _rel(dx, dx_ref) < tol and _rel(dp, dp_ref) < max(tol, 1e-5)
 
 
 CASES = [dict(score_function="softmax"), dict(score_function="softmax", use_pre_softmax=True),

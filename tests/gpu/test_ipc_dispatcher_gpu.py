@@ -51,13 +51,14 @@ def _inputs(rank: int, device):
 def _check_dispatch(rank, world, ps, device):
     hidden, probs, routing = _inputs(rank, device)
     a2a = MoEAlltoAllTokenDispatcher(_config("alltoall", world), parallel_state=ps)
-    ref_tokens, ref_tpe, ref_handle = a2a.dispatch(hidden, probs, routing)
+    ref_tokens, ref_tpe, ref_probs, ref_handle = a2a.dispatch(hidden, probs, routing)
     ref_out = a2a.combine(ref_tokens * 2, ref_handle)
     for copy in ("triton", "torch"):
         disp = MoEIPCTokenDispatcher(_config("ipc", world), parallel_state=ps)
         disp.options = ipc.ExchangeOptions(limit=disp.options.limit, copy=copy)
-        tokens, tpe, handle = disp.dispatch(hidden, probs, routing)
+        tokens, tpe, probs_N, handle = disp.dispatch(hidden, probs, routing)
         assert torch.equal(tokens, ref_tokens), f"dispatched rows differ ({copy})"
+        assert torch.equal(probs_N, ref_probs), f"dispatched probabilities differ ({copy})"
         assert torch.equal(tpe.cpu(), ref_tpe.cpu())
         assert torch.equal(disp.combine(tokens * 2, handle), ref_out), (
             f"combine differs ({copy})")

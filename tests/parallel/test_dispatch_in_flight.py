@@ -51,8 +51,8 @@ def _one_after_the_other(layer, batches):
     results = []
     for batch in batches:
         x, p, routing, grad = _leaves(batch)
-        tokens, tpe, handle = disp.dispatch(x, p, routing)
-        out = disp.combine(experts(tokens, tpe)[0], handle)
+        tokens, tpe, probs_N, handle = disp.dispatch(x, p, routing)
+        out = disp.combine(experts(tokens, tpe, probs_N)[0], handle)
         (out * grad).sum().backward()
         results.append(_result(x, p, out))
     return results
@@ -65,15 +65,15 @@ def _in_flight(layer, batches):
     leaves = [_leaves(b) for b in batches]
     dispatched = [disp.dispatch(x, p, routing) for x, p, routing, _ in leaves]
     assert {k: id(v) for k, v in vars(disp).items()} == state, "dispatch changed the dispatcher"
-    for _, _, handle in dispatched:
+    for *_, handle in dispatched:
         assert dataclasses.is_dataclass(handle) and handle.__dataclass_params__.frozen
     expert_out = [None, None]
     for i in (1, 0):
-        tokens, tpe, _ = dispatched[i]
-        expert_out[i] = experts(tokens, tpe)[0]
+        tokens, tpe, probs_N, _ = dispatched[i]
+        expert_out[i] = experts(tokens, tpe, probs_N)[0]
     outs = [None, None]
     for i in (1, 0):
-        outs[i] = disp.combine(expert_out[i], dispatched[i][2])
+        outs[i] = disp.combine(expert_out[i], dispatched[i][3])
     for i in (1, 0):
         (outs[i] * leaves[i][3]).sum().backward()
     return [_result(x, p, out) for (x, p, _, _), out in zip(leaves, outs)]

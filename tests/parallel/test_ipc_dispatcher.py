@@ -83,14 +83,15 @@ def check_dispatch(tokens, tokens_per_expert, rank, world, everyone):
     assert len(set(got)) == len(got) and sorted(got) == sorted(triples)
 
 
-def check_combine(ipc_disp, a2a_disp, handles, tokens, tokens_per_expert, rank, world, mine):
-    """Experts scale each row by (global expert + 1); combine returns exactly the weighted
-    sum of what they produced."""
+def check_combine(ipc_disp, a2a_disp, handles, tokens, tokens_per_expert, probs_N, rank,
+                  world, mine):
+    """Experts scale each row by (global expert + 1) and by its dispatched probability; combine
+    returns exactly the sum of what they produced: the probability-weighted sum."""
     e_local = E // world
     ipc_handle, a2a_handle = handles
     expert_of_row = rank * e_local + torch.repeat_interleave(torch.arange(e_local),
                                                              tokens_per_expert)
-    expert_out = tokens * (expert_of_row + 1).unsqueeze(1).float()
+    expert_out = tokens * ((expert_of_row + 1).float() * probs_N).unsqueeze(1)
     out = ipc_disp.combine(expert_out, ipc_handle)
     hidden, probs, _ = mine
     want = hidden * (probs * torch.arange(1, E + 1).float()).sum(1, keepdim=True)
@@ -110,12 +111,13 @@ def _check_exchanges(rank, world, ps):
         everyone = _gather(mine, ps.ep_group)
         ipc_disp = MoEIPCTokenDispatcher(cfg, parallel_state=ps)
         a2a_disp = MoEAlltoAllTokenDispatcher(cfg, parallel_state=ps)
-        tokens, tpe, ipc_handle = ipc_disp.dispatch(*mine)
-        ref_tokens, ref_tpe, a2a_handle = a2a_disp.dispatch(*mine)
+        tokens, tpe, probs_N, ipc_handle = ipc_disp.dispatch(*mine)
+        ref_tokens, ref_tpe, ref_probs, a2a_handle = a2a_disp.dispatch(*mine)
         assert torch.equal(tokens, ref_tokens) and torch.equal(tpe, ref_tpe)
+        assert torch.equal(probs_N, ref_probs)
         check_dispatch(tokens, tpe, rank, world, everyone)
-        check_combine(ipc_disp, a2a_disp, (ipc_handle, a2a_handle), tokens, tpe, rank, world,
-                      mine)
+        check_combine(ipc_disp, a2a_disp, (ipc_handle, a2a_handle), tokens, tpe, probs_N, rank,
+                      world, mine)
 
     # Gradients of the pure exchange: identical to the all-to-all's.
     hidden, probs, routing = mine
@@ -125,8 +127,8 @@ def _check_exchanges(rank, world, ps):
                  MoEAlltoAllTokenDispatcher(cfg, parallel_state=ps)):
         x = hidden.clone().requires_grad_(True)
         p = probs.clone().requires_grad_(True)
-        tokens, _, handle = disp.dispatch(x, p, routing)
-        out = disp.combine(tokens * 2.0 + 1.0, handle)
+        tokens, _, probs_N, handle = disp.dispatch(x, p, routing)
+        out = disp.combine((tokens * 2.0 + 1.0) * probs_N.unsqueeze(1), handle)
         gen.manual_seed(5 + rank)
         (out * torch.randn(out.shape, generator=gen)).sum().backward()
         grads.append((x.grad, p.grad))

@@ -52,6 +52,26 @@ def test_swiglu_reference_is_the_unfused_expression(n, f, dtype):
     assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_swiglu_reference_is_the_unfused_expression(dtype):
+    """``probs`` weights each row (fp32 product, one cast back), as the experts apply their
+    routing probabilities; the probabilities get ``sum_f grad * silu(gate) * up``."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 2 * 6, generator=gen).to(dtype).requires_grad_()
+    p = torch.rand(13, generator=gen).requires_grad_()
+    g = torch.randn(13, 6, generator=gen).to(dtype)
+    out = swiglu(x, "torch", probs=p)
+    out.backward(g)
+    x_ref, p_ref = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    gate, up = x_ref.chunk(2, dim=-1)
+    ref = (F.silu(gate) * up * p_ref[:, None]).to(dtype)
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-6)  # sum order
+    with pytest.raises(ValueError, match="probs"):
+        swiglu(x, "torch", probs=p.half())
+
+
 def test_swiglu_registry_on_cpu():
     assert SWIGLU.select("auto", device=CPU, dtype=torch.float32, log=False).name == "torch"
     with pytest.raises(BackendUnavailableError, match="CUDA"):

@@ -47,11 +47,17 @@ def test_dropless_sends_tokens_times_topk_rows():
     x = torch.randn(5, 3, 16)
     probs, routing_map = layer.router(x)
     x_TH = x.reshape(-1, 16)
-    tokens, tokens_per_expert, handle = layer.token_dispatcher.dispatch(x_TH, probs, routing_map)
+    tokens, tokens_per_expert, probs_N, handle = layer.token_dispatcher.dispatch(
+        x_TH, probs, routing_map)
     assert tokens.shape[0] == 5 * 3 * 3 == int(tokens_per_expert.sum())
     assert int(routing_map.sum()) == 45
-    out = layer.token_dispatcher.combine(layer.experts(tokens, tokens_per_expert)[0], handle)
+    # each row's probability is its token's for that row's expert
+    rows_of = torch.nonzero(routing_map.T)  # (expert, token) in permuted order
+    assert torch.equal(probs_N, probs[rows_of[:, 1], rows_of[:, 0]])
+    out = layer.token_dispatcher.combine(
+        layer.experts(tokens, tokens_per_expert, probs_N)[0], handle)
     assert out.shape == x_TH.shape
+    torch.testing.assert_close(out.reshape(x.shape), layer(x)[0])
 
 
 def test_shared_expert_overlap_needs_shared_experts_and_keeps_numerics():

@@ -145,6 +145,25 @@ def test_moe_act_frees_the_activation_output(gated):
     assert kept[()] - kept[("moe_act",)] == T * k * F * 4  # the fp32 [T*k, F] activation
 
 
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_experts_weight_rows_so_the_combine_keeps_no_expert_outputs(dispatcher):
+    """The routing probabilities are applied in the experts' activation: the combine's
+    backward needs no [T*k, H] expert outputs, so the only saved [T*k, H] tensor is the experts'
+    input (fc1's GEMM operand)."""
+    T, H, F, E, k = 96, 64, 40, 8, 2
+    cfg = tiny_moe_config(hidden_size=H, moe_ffn_hidden_size=F, num_moe_experts=E,
+                          moe_router_topk=k, moe_grouped_gemm_backend="torch",
+                          moe_token_dispatcher_type=dispatcher)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, layer_number=1, parallel_state=ParallelState.single())
+    x = torch.randn(T // 4, 4, H, requires_grad=True)
+    (out, _), saved = saved_activations(partial(layer, x), exclude=layer.parameters())
+    rows = [shape for shape, _, _ in saved.shapes if shape == (T * k, H)]
+    assert len(rows) == 1, saved.shapes
+    out.sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0  # the probabilities still get gradients
+
+
 def test_layernorm_frees_both_norm_outputs():
     T, H = 48, 32
     kept = {}

@@ -34,7 +34,7 @@ def check_swiglu(gen):
             base = torch.randn(n, 2 * f + 3, generator=gen).to(dtype)
             x = base[:, : 2 * f].detach().requires_grad_()  # strided rows, as a padded GEMM out
             g = torch.randn(n, f, generator=gen).to(dtype)
-            out = S._SwiGLU.apply(x, fns)
+            out = S._SwiGLU.apply(x, None, fns)
             out.backward(g)
             x_ref = x.detach().double().requires_grad_()
             gate, up = x_ref.chunk(2, dim=-1)
@@ -44,7 +44,7 @@ def check_swiglu(gen):
             if n:
                 assert _rel(out, ref) < tol, (n, f, dtype, _rel(out, ref))
                 assert _rel(x.grad, x_ref.grad) < tol, (n, f, dtype)
-            dx, act = S.swiglu_backward_and_forward_triton(x.detach(), g)
+            dx, act, _ = S.swiglu_backward_and_forward_triton(x.detach(), g)
             assert torch.equal(dx, x.grad) and torch.equal(act, out.detach()), (n, f, dtype)
             # the amax of what each direction writes, from the kernel, exactly
             amax = torch.full((2,), 0.5)  # raised in place, never lowered
@@ -52,6 +52,21 @@ def check_swiglu(gen):
             S.swiglu_backward_triton(x.detach(), g, amax=amax[1:])
             want = [max(0.5, t.abs().max().item()) if n else 0.5 for t in (out, x.grad)]
             assert amax.tolist() == want, (n, f, dtype, amax.tolist(), want)
+    # weighted by per-row probabilities (the experts' SwiGLU): against autograd of the
+    # unfused expression in float64, several column blocks (f = 1030), and bit-identical
+    # recomputed activations
+    for n, f in [(7, 5), (33, 1030)]:
+        x = torch.randn(n, 2 * f, generator=gen).requires_grad_()
+        p = torch.rand(n, generator=gen).requires_grad_()
+        g = torch.randn(n, f, generator=gen)
+        out = S._SwiGLU.apply(x, p, fns)
+        out.backward(g)
+        xd, pd = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+        gate, up = xd.chunk(2, dim=-1)
+        (F.silu(gate) * up * pd[:, None]).backward(g.double())
+        assert _rel(x.grad, xd.grad) < 1e-6 and _rel(p.grad, pd.grad) < 1e-6, (n, f)
+        dx, act, dp = S.swiglu_backward_and_forward_triton(x.detach(), g, probs=p.detach())
+        assert torch.equal(act, out.detach()) and torch.equal(dp, p.grad), (n, f)
     x = torch.randn(40, 2 * 300, generator=gen).bfloat16()
     x[17, 3] = float("nan")  # NaN counts as inf: the FP8 scale is then 1, as from torch
     amax = torch.zeros(1)

@@ -32,9 +32,9 @@ class MoEAllGatherTokenDispatcher(MoETokenDispatcher):
     """
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, AllGatherHandle]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AllGatherHandle]:
         """``hidden`` [T, H], ``probs`` / ``routing_map`` [T, E] -> ``(tokens [N, H],
-        tokens_per_expert [E_local], handle)``; all-gathers over the token group."""
+        tokens_per_expert [E_local], probs [N], handle)``; all-gathers over the token group."""
         check_dispatch_inputs(hidden, probs, routing_map)
         group = self.token_group
         # Autograd gathers: the backward reduce-scatters grads to the ranks that own the tokens.
@@ -46,13 +46,13 @@ class MoEAllGatherTokenDispatcher(MoETokenDispatcher):
         capacity = self.capacity_for(x_GH.shape[0] // self.token_group_size)
         if capacity is not None:
             capacity *= self.token_group_size
-        tokens, tokens_per_expert, plan = permute_tokens(
+        tokens, tokens_per_expert, probs_N, plan = permute_tokens(
             x_GH, probs_GE[:, lo:hi], routing_map_GE[:, lo:hi], capacity=capacity)
-        return tokens, tokens_per_expert, AllGatherHandle(plan)
+        return tokens, tokens_per_expert, probs_N, AllGatherHandle(plan)
 
     def combine(self, expert_output: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
-        """``expert_output`` [N, H] -> ``[T, H]``: this rank's tokens, summed over every rank's
-        experts (reduce-scatter over the token group)."""
+        """``expert_output`` [N, H] (weighted rows) -> ``[T, H]``: this rank's tokens, summed
+        over every rank's experts (reduce-scatter over the token group)."""
         out_GH = unpermute_tokens(expert_output, handle.plan)
         # Sums the other EP ranks' experts and the ETP partial sums, returns our tokens.
         return reduce_scatter_to_sequence_parallel_region(out_GH, group=self.token_group)

@@ -43,8 +43,9 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
 
     Row order on the expert side: received rows come as [etp_rank, src_ep_rank, local_expert];
     they are regrouped to [local_expert, etp_rank, src_ep_rank] so each expert's rows are
-    contiguous for the grouped GEMM. Probabilities never travel: they weight the outputs back
-    on the owning rank in ``combine``.
+    contiguous for the grouped GEMM. The rows' probabilities [N] travel with them (the same
+    exchanges, one value per row), the experts weight their activations with them, and
+    ``combine`` sums each token's returned rows.
     """
 
     def _exchange_counts(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -63,34 +64,38 @@ class MoEAlltoAllTokenDispatcher(MoETokenDispatcher):
         return self.ep_size == 1 and self.etp_size == 1
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, AlltoAllHandle]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AlltoAllHandle]:
         """``hidden`` [T, H], ``probs`` / ``routing_map`` [T, E] -> ``(tokens [N, H],
-        tokens_per_expert [E_local], handle)``; all-to-all over the EP group, all-gather over
-        the ETP group."""
+        tokens_per_expert [E_local], probs [N], handle)``; all-to-all over the EP group,
+        all-gather over the ETP group."""
         check_dispatch_inputs(hidden, probs, routing_map)
-        permuted, tokens_per_expert, plan = self.permute_local(hidden, probs, routing_map)
+        permuted, tokens_per_expert, probs_N, plan = self.permute_local(hidden, probs,
+                                                                        routing_map)
         if self.local_only:
-            return permuted, tokens_per_expert, AlltoAllHandle(plan)
+            return permuted, tokens_per_expert, probs_N, AlltoAllHandle(plan)
         recv = self._exchange_counts(tokens_per_expert)  # [etp, ep, E_local]
         # The only host sync of the layer: split sizes must be known on the host.
         recv_cpu = recv.cpu()
         input_splits = tokens_per_expert.reshape(self.ep_size, -1).sum(1).tolist()
         output_splits = recv_cpu[self.ps.etp_rank].sum(1).tolist()
-        tokens = all_to_all(permuted, output_splits, input_splits, group=self.ep_group)
+        # One exchange per tensor: the rows, and their probabilities as a [N, 1] column.
+        moved = [all_to_all(t, output_splits, input_splits, group=self.ep_group)
+                 for t in (permuted, probs_N.unsqueeze(1))]
         etp_splits = None
         if self.etp_size > 1:
             etp_splits = recv_cpu.sum((1, 2)).tolist()
-            tokens = gather_from_sequence_parallel_region(
-                tokens, group=self.etp_group, output_split_sizes=etp_splits)
-        sort_index, unsort_index = _regroup_by_expert(recv_cpu, tokens.device)
-        tokens = reorder_rows(tokens, sort_index, unsort_index)
+            # (backward: the ETP ranks' partial probability gradients are summed here)
+            moved = [gather_from_sequence_parallel_region(
+                t, group=self.etp_group, output_split_sizes=etp_splits) for t in moved]
+        sort_index, unsort_index = _regroup_by_expert(recv_cpu, permuted.device)
+        tokens, probs_N1 = (reorder_rows(t, sort_index, unsort_index) for t in moved)
         handle = AlltoAllHandle(plan, input_splits, output_splits, etp_splits, sort_index,
                                 unsort_index)
-        return tokens, recv_cpu.sum((0, 1)), handle
+        return tokens, recv_cpu.sum((0, 1)), probs_N1.squeeze(1), handle
 
     def combine(self, expert_output: torch.Tensor, handle: AlltoAllHandle) -> torch.Tensor:
-        """``expert_output`` [N, H] -> ``[T, H]``: the reverse exchange, then the weighted top-k
-        sum of each token's rows."""
+        """``expert_output`` [N, H] (weighted rows) -> ``[T, H]``: the reverse exchange, then
+        the sum of each token's rows."""
         if self.local_only:
             return unpermute_tokens(expert_output, handle.plan)
         restored = reorder_rows(expert_output, handle.unsort_index, handle.sort_index)

@@ -66,8 +66,10 @@ class MoETokenDispatcher:
     """Moves routed tokens to the ranks holding their experts and the results back.
 
     ``dispatch(hidden [T, H], probs [T, E], routing_map [T, E]) ->
-    (tokens [N, H], tokens_per_expert [E_local], handle)``;
-    ``combine(expert_out [N, H], handle) -> [T, H]``. The handle is a frozen record of one
+    (tokens [N, H], tokens_per_expert [E_local], probs [N], handle)``: ``probs [N]`` (fp32) are
+    the rows' routing weights, travelling with them (differentiable), for the experts to apply
+    to their activations; ``combine(expert_out [N, H], handle) -> [T, H]`` sums each token's
+    (weighted) rows. The handle is a frozen record of one
     call (each dispatcher has its own type); the dispatcher keeps nothing of it, so several
     dispatches may be in flight before their combines (run the collective ones in the same
     order on every rank).
@@ -97,9 +99,10 @@ class MoETokenDispatcher:
 
     def permute_local(self, x_TH: torch.Tensor, probs_TE: torch.Tensor,
                       routing_map_TE: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, PermutePlan]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PermutePlan]:
         """This rank's tokens grouped by global expert, before an exchange:
-        ``(rows_NH, tokens_per_expert_E, plan)``; the gather/bmm top-k path when dropless."""
+        ``(rows_NH, tokens_per_expert_E, probs_N, plan)``; the gather/bmm top-k path when
+        dropless."""
         cfg = self.config
         if cfg.moe_expert_capacity_factor is None:
             return permute_tokens(x_TH, probs_TE, routing_map_TE, topk=cfg.moe_router_topk,

@@ -13,7 +13,9 @@ Per layer, over the expert-parallel (EP) group of ``W`` ranks, ``E`` experts, ``
    copies its rows out (the experts save their input for backward, and later exchanges reuse
    the buffer, so they must not alias it);
 5. **pull** (combine): owners copy expert outputs into their own buffer, barrier, each source
-   gathers its rows back from every owner; then ``unpermute`` (weighted top-k sum).
+   gathers its rows back from every owner; then ``unpermute`` (each token's rows summed; the
+   experts weighted them by their probabilities, pushed with the rows as a [N, 1] fp32 column
+   in an exchange of their own).
 
 One barrier per exchange: successive exchanges alternate between two halves of the buffers
 (see ``peer_buffers``), so an exchange never overwrites rows a peer may still be reading.
@@ -194,8 +196,8 @@ class MoEIPCTokenDispatcher(MoETokenDispatcher):
 
     Same permutation, row order and outputs as :class:`MoEAlltoAllTokenDispatcher`; only the
     exchange differs. ``dispatch(hidden [T, H], probs [T, E], routing_map [T, E]) ->
-    (tokens [N, H], tokens_per_expert [E_l], IPCHandle)``, ``combine(expert_out [N, H],
-    handle) -> [T, H]``.
+    (tokens [N, H], tokens_per_expert [E_l], probs [N], IPCHandle)``, ``combine(expert_out
+    [N, H], handle) -> [T, H]``.
     """
 
     def __init__(self, config: TransformerConfig, parallel_state: ParallelState | None = None):
@@ -216,21 +218,25 @@ class MoEIPCTokenDispatcher(MoETokenDispatcher):
         return self.ep_size == 1
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, IPCHandle]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, IPCHandle]:
         """``hidden`` [T, H], ``probs`` / ``routing_map`` [T, E] -> ``(tokens [N, H],
-        tokens_per_expert [E_l], handle)``; pushes rows to their owners over the EP group."""
+        tokens_per_expert [E_l], probs [N], handle)``; pushes rows (and their probabilities)
+        to their owners over the EP group."""
         check_dispatch_inputs(hidden, probs, routing_map)
-        permuted, tokens_per_expert, plan = self.permute_local(hidden, probs, routing_map)
+        permuted, tokens_per_expert, probs_N, plan = self.permute_local(hidden, probs,
+                                                                        routing_map)
         if self.local_only:
-            return permuted, tokens_per_expert, IPCHandle(plan)
+            return permuted, tokens_per_expert, probs_N, IPCHandle(plan)
         route = build_route(tokens_per_expert, self.ep_group, self.ep_rank, self.ep_size)
         bufs = get_peer_buffers(self.ep_group, hidden.device)
         tokens = _PushRows.apply(permuted, route, bufs, self.options)
-        return tokens, route.tokens_per_local_expert, IPCHandle(plan, route, bufs)
+        probs_N1 = _PushRows.apply(probs_N.unsqueeze(1), route, bufs, self.options)
+        return (tokens, route.tokens_per_local_expert, probs_N1.squeeze(1),
+                IPCHandle(plan, route, bufs))
 
     def combine(self, expert_output: torch.Tensor, handle: IPCHandle) -> torch.Tensor:
-        """``expert_output`` [N, H] -> ``[T, H]``: pulls this rank's rows back from their owners
-        (EP group), then the weighted top-k sum of each token's rows."""
+        """``expert_output`` [N, H] (weighted rows) -> ``[T, H]``: pulls this rank's rows back
+        from their owners (EP group), then the sum of each token's rows."""
         if not self.local_only:
             expert_output = _PullRows.apply(expert_output.contiguous(), handle.route,
                                             handle.bufs, self.options)
