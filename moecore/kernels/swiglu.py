@@ -129,13 +129,9 @@ if HAVE_TRITON:
         return tl.max(tl.max(a, axis=1), axis=0)
 
     @triton.jit
-    def _row_probs(probs_ptr, rows64, N, WEIGHTED: tl.constexpr):
-        """``probs`` of the tile's rows as a [R, 1] column (1 when not weighted)."""
-        if WEIGHTED:
-            p = tl.load(probs_ptr + rows64, mask=rows64 < N, other=0.0)
-        else:
-            p = tl.full(rows64.shape, 1.0, tl.float32)
-        return p
+    def _row_probs(probs_ptr, rows64, N):
+        """``probs`` of the tile's rows (``rows64 [R, 1]``) as a [R, 1] fp32 column."""
+        return tl.load(probs_ptr + rows64, mask=rows64 < N, other=0.0)
 
     @triton.jit
     def _swiglu_fwd_kernel(x_ptr, probs_ptr, out_ptr, amax_ptr, N, FF, stride_x,
@@ -144,7 +140,7 @@ if HAVE_TRITON:
         rows64, cols, mask, g, u = _gate_up_tile(x_ptr, N, FF, stride_x, BLOCK_R, BLOCK_C)
         act = g * tl.sigmoid(g) * u
         if WEIGHTED:
-            act = act * _row_probs(probs_ptr, rows64, N, WEIGHTED)
+            act = act * _row_probs(probs_ptr, rows64, N)
         act = act.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows64 * FF + cols[None, :], act, mask=mask)
         if AMAX:  # of the values as stored
@@ -160,7 +156,7 @@ if HAVE_TRITON:
                      other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
         if WEIGHTED:  # d probs: this column block's share of sum_f dy * silu(g) * u
-            p = _row_probs(probs_ptr, rows64, N, WEIGHTED)
+            p = _row_probs(probs_ptr, rows64, N)
             part = tl.sum(tl.where(mask, dy * (g * s * u), 0.0), axis=1)
             tl.store(part_ptr + rows64.reshape([BLOCK_R]) * NCB + tl.program_id(1), part,
                      mask=rows64.reshape([BLOCK_R]) < N)

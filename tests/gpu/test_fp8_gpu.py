@@ -180,8 +180,7 @@ def test_fused_fp8_swiglu_experts_equal_the_unfused_gemms():
     """The fused expert MLP (SwiGLU kernel amaxes, one-read casts) against fp8_grouped_mm twice
     around swiglu, on the GPU's kernels and torch's FP8 grouped GEMMs: the same operands, so
     the same results bit for bit."""
-    from moecore.fp8.swiglu_experts import fp8_swiglu_experts  # noqa: PLC0415
-    from moecore.kernels.swiglu import swiglu  # noqa: PLC0415
+    from tests.fp8_experts import assert_same, swiglu_experts_grads  # noqa: PLC0415
 
     g = torch.Generator(device="cuda").manual_seed(5)
     counts = torch.tensor([700, 0, 1500, 1896], device="cuda")
@@ -189,19 +188,13 @@ def test_fused_fp8_swiglu_experts_equal_the_unfused_gemms():
     w1 = (torch.randn(4, 512, 2 * 384, device="cuda", generator=g) * 0.05).bfloat16()
     w2 = (torch.randn(4, 384, 512, device="cuda", generator=g) * 0.05).bfloat16()
     dy = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
+    probs = torch.rand(4096, device="cuda", generator=g)
     results = []
     for fused in (True, False):
-        m1, m2 = (Fp8Meta(Fp8Recipe("hybrid", "tensorwise"), num_weights=4, grouped=True)
-                  for _ in range(2))
-        xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
-        if fused:
-            out = fp8_swiglu_experts(xr, w1r, w2r, counts, m1, m2)
-        else:
-            out = fp8_grouped_mm(swiglu(fp8_grouped_mm(xr, w1r, counts, m1)), w2r, counts, m2)
-        out.backward(dy)
-        results.append((out, xr.grad, w1r.grad, w2r.grad))
-    for name, a, b in zip(("out", "dx", "dw1", "dw2"), *results):
-        assert torch.equal(a, b), (name, _rel(a, b))
+        metas = [Fp8Meta(Fp8Recipe("hybrid", "tensorwise"), num_weights=4, grouped=True)
+                 for _ in range(2)]
+        results.append(swiglu_experts_grads(fused, x, w1, w2, dy, counts, metas, probs))
+    assert_same(*results)
 
 
 def test_bf16_grouped_wgrad_matches_per_expert_products():

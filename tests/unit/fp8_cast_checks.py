@@ -99,9 +99,9 @@ def check_fused_swiglu_experts(gen):
     recording amaxes) against the two grouped GEMMs around the same SwiGLU on the torch casts:
     bit for bit, forward and backward, bf16, with an empty expert."""
     import moecore.kernels as K
-    from moecore.fp8 import Fp8Meta, Fp8Recipe, fp8_grouped_mm
-    from moecore.fp8.swiglu_experts import fp8_swiglu_experts
-    from moecore.kernels.swiglu import select_swiglu, swiglu
+    from moecore.fp8 import Fp8Meta, Fp8Recipe
+    from moecore.kernels.swiglu import select_swiglu
+    from tests.fp8_experts import assert_same, swiglu_experts_grads
 
     K.cuda_triton_available = lambda *a, **kw: (True, "")  # the interpreter runs on CPU
     cpu = torch.device("cpu")
@@ -111,20 +111,14 @@ def check_fused_swiglu_experts(gen):
     w1 = (torch.randn(4, 64, 160, generator=gen) * 0.2).bfloat16()
     w2 = (torch.randn(4, 80, 64, generator=gen) * 0.2).bfloat16()
     dy = torch.randn(156, 64, generator=gen).bfloat16()
+    probs = torch.rand(156, generator=gen)  # the rows' routing weights
     results = []
     for cast in ("triton", "torch"):
         recipe = Fp8Recipe("hybrid", "tensorwise", gemm_backend="emulated", cast_backend=cast)
-        m1, m2 = (Fp8Meta(recipe, num_weights=4, grouped=True) for _ in range(2))
-        xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
-        if cast == "triton":
-            out = fp8_swiglu_experts(xr, w1r, w2r, counts, m1, m2)
-        else:
-            h = fp8_grouped_mm(xr, w1r, counts, m1)
-            out = fp8_grouped_mm(swiglu(h, "triton"), w2r, counts, m2)
-        out.backward(dy)
-        results.append((out, xr.grad, w1r.grad, w2r.grad))
-    for name, a, b in zip(("out", "dx", "dw1", "dw2"), *results):
-        assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().max().item()}"
+        metas = [Fp8Meta(recipe, num_weights=4, grouped=True) for _ in range(2)]
+        results.append(swiglu_experts_grads(cast == "triton", x, w1, w2, dy, counts, metas,
+                                            probs, swiglu_backend="triton"))
+    assert_same(*results)
 
 
 def check_block_gemm():

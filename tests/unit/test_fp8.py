@@ -185,8 +185,7 @@ def test_fused_swiglu_experts_equal_the_two_grouped_gemms_bit_for_bit(recipe, dt
     """fc1 -> SwiGLU -> fc2 as one op (amax from the SwiGLU kernel, casts writing both layouts)
     gives the values of fp8_grouped_mm twice around swiglu, over three steps (the delayed
     recipe's histories move), with an empty expert."""
-    from moecore.fp8.swiglu_experts import fp8_swiglu_experts
-    from moecore.kernels.swiglu import swiglu
+    from tests.fp8_experts import assert_same, swiglu_experts_grads
 
     g = torch.Generator().manual_seed(3)
     counts = torch.tensor([40, 0, 75, 21])
@@ -198,18 +197,10 @@ def test_fused_swiglu_experts_equal_the_two_grouped_gemms_bit_for_bit(recipe, dt
     for step in range(3):
         x = (torch.randn(136, 64, generator=g) * (1 + step)).to(dtype)
         dy = torch.randn(136, 64, generator=g).to(dtype)
-        results = []
-        for fused, (m1, m2) in zip((True, False), metas):
-            xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
-            if fused:
-                out = fp8_swiglu_experts(xr, w1r, w2r, counts, m1, m2)
-            else:
-                out = fp8_grouped_mm(swiglu(fp8_grouped_mm(xr, w1r, counts, m1)), w2r, counts,
-                                     m2)
-            out.backward(dy)
-            results.append((out, xr.grad, w1r.grad, w2r.grad))
-        for name, a, b in zip(("out", "dx", "dw1", "dw2"), *results):
-            assert torch.equal(a, b), f"step {step}: {name} differs"
+        probs = torch.rand(136, generator=g) if step else None  # the rows' routing weights
+        results = [swiglu_experts_grads(fused, x, w1, w2, dy, counts, m, probs)
+                   for fused, m in zip((True, False), metas)]
+        assert_same(*results, f"step {step}:")
         assert results[0][2][1].abs().sum() == 0  # the empty expert
     if recipe == "delayed":
         for role in ("input", "grad"):
