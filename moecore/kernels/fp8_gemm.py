@@ -43,6 +43,7 @@ from moecore.backends import AUTO, Backend, BackendRegistry, always_available
 from moecore.kernels import checked_triton_available
 from moecore.kernels.fp8_block_gemm import grouped_block_mm, grouped_tile_wgrad
 from moecore.kernels.fp8_quant import (
+    BLOCK,
     Fp8Tensor,
     dequantize,
     group_row_map,
@@ -184,7 +185,7 @@ def _torch_blockwise_grouped_wgrad(dy_t: Fp8Tensor, x_t: Fp8Tensor, ends, out_dt
     """One blockwise ``_scaled_mm`` per expert over its columns (1x128 tiles on both sides)."""
     def cols(t: Fp8Tensor, a: int, b: int) -> Fp8Tensor:
         return Fp8Tensor(t.data[:, a:b].contiguous(),
-                         t.scale_inv[:, a // 128:b // 128].contiguous(), t.layout)
+                         t.scale_inv[:, a // BLOCK:b // BLOCK].contiguous(), t.layout)
 
     return torch.stack([_torch_mm(cols(dy_t, a, b), cols(x_t, a, b), out_dtype)
                         for a, b in _group_bounds(ends)])
@@ -324,7 +325,7 @@ def check_block_kernels(device) -> None:
         ref = _emulated_grouped_mm(a, b, counts, torch.float32)
         err = ((got - ref).norm() / ref.norm()).item()
         assert err < 1e-3, f"grouped blockwise GEMM ({a_dtype}) off by {err:.3g}"
-    rows, ends = group_row_map(counts, t, device, 128)
+    rows, ends = group_row_map(counts, t, device, BLOCK)
     a, b = quantize_tiles_transposed(dy, rows, e5), quantize_tiles_transposed(x, rows, e4)
     got = grouped_tile_wgrad(a, b, ends, torch.float32)
     ref = _emulated_grouped_wgrad(a, b, ends, torch.float32)

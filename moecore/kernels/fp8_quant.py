@@ -165,15 +165,19 @@ def transpose(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
     return Fp8Tensor(data.transpose(-2, -1).contiguous(), _transposed_scale(t), t.layout)
 
 
+def _check_one_scale(x: torch.Tensor, scale: torch.Tensor) -> None:
+    if x.dim() != 2 or scale.numel() != 1:
+        raise ValueError(f"quantize_transposed needs x [R, C] and one scale; got "
+                         f"{tuple(x.shape)} and {tuple(scale.shape)}")
+
+
 def quantize_transposed(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                         rows: torch.Tensor) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``x [R, C]`` with one ``scale []`` -> ``(xq [R, C], xq_t [C, P])``: :func:`quantize_tensor`
     and its :func:`transpose` by the row map ``rows [P]`` (the GEMM operand and the wgrad's
     operand of one tensor). ``rows`` must name every row of ``x`` once, as
     :func:`group_row_map` and :func:`padded_row_map` do."""
-    if x.dim() != 2 or scale.numel() != 1:
-        raise ValueError(f"quantize_transposed needs x [R, C] and one scale; got "
-                         f"{tuple(x.shape)} and {tuple(scale.shape)}")
+    _check_one_scale(x, scale)
     xq = quantize_tensor(x, scale.reshape(()), dtype)
     return xq, transpose(xq, rows)
 
@@ -251,6 +255,17 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _tile_scales(amax, inv_margin, FP8_MAX: tl.constexpr):
+        """``(scale, scale_inv)`` of tiles with ``amax`` (fp32, any shape), bit for bit
+        :func:`scale_from_amax` and :func:`reciprocal`: IEEE divisions, as torch's; 1 where
+        ``amax`` is 0 or not finite."""
+        top = tl.full(amax.shape, FP8_MAX, tl.float32)
+        scale = tl.math.div_rn(top, amax) * inv_margin
+        ok = (amax > 0) & (amax < float("inf")) & (scale < float("inf"))
+        scale = tl.where(ok, scale, 1.0)
+        return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+    @triton.jit
     def _tile_kernel(x_ptr, out_ptr, scale_inv_ptr, rows, k, inv_margin, BLOCK_R: tl.constexpr,
                      TILE: tl.constexpr, FP8_MAX: tl.constexpr, MBITS: tl.constexpr,
                      MIN_EXP: tl.constexpr):
@@ -260,15 +275,10 @@ if HAVE_TRITON:
         mask = (r < rows)[:, None]
         offs = r[:, None] * k + c[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        top = tl.full(amax.shape, FP8_MAX, tl.float32)
-        scale = tl.math.div_rn(top, amax) * inv_margin  # IEEE division, as torch's
-        ok = (amax > 0) & (amax < float("inf")) & (scale < float("inf"))
-        scale = tl.where(ok, scale, 1.0)
+        scale, scale_inv = _tile_scales(tl.max(tl.abs(x), axis=1), inv_margin, FP8_MAX)
         q = _round_fp8(x * scale[:, None], FP8_MAX, MBITS, MIN_EXP)
         tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
-        one = tl.full(scale.shape, 1.0, tl.float32)
-        tl.store(scale_inv_ptr + r * (k // TILE) + t, tl.math.div_rn(one, scale), mask=r < rows)
+        tl.store(scale_inv_ptr + r * (k // TILE) + t, scale_inv, mask=r < rows)
 
     @triton.jit
     def _transpose_kernel(src_ptr, rows_ptr, out_ptr, R, C, P, HAS_ROWS: tl.constexpr,
@@ -323,16 +333,11 @@ if HAVE_TRITON:
         cmask = c < C
         x = tl.load(x_ptr + r[:, None] * stride_x + c[None, :],
                     mask=(r >= 0)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-        top = tl.full(amax.shape, FP8_MAX, tl.float32)
-        scale = tl.math.div_rn(top, amax) * inv_margin  # as _tile_kernel
-        ok = (amax > 0) & (amax < float("inf")) & (scale < float("inf"))
-        scale = tl.where(ok, scale, 1.0)
+        scale, scale_inv = _tile_scales(tl.max(tl.abs(x), axis=0), inv_margin, FP8_MAX)
         q = _round_fp8(x * scale[None, :], FP8_MAX, MBITS, MIN_EXP)
         tl.store(out_ptr + c.to(tl.int64)[:, None] * P + p[None, :],
                  tl.trans(q.to(out_ptr.dtype.element_ty)), mask=cmask[:, None])
-        one = tl.full(scale.shape, 1.0, tl.float32)
-        tl.store(scale_inv_ptr + c * (P // TILE) + tp, tl.math.div_rn(one, scale), mask=cmask)
+        tl.store(scale_inv_ptr + c * (P // TILE) + tp, scale_inv, mask=cmask)
 
 
 def transpose_triton(t: Fp8Tensor, rows: torch.Tensor | None = None) -> Fp8Tensor:
@@ -368,9 +373,7 @@ def quantize_transposed_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torc
                                rows: torch.Tensor) -> tuple[Fp8Tensor, Fp8Tensor]:
     """:func:`quantize_transposed` in one Triton pass: ``x`` read once, both layouts written
     (the cast then the transpose would read the FP8 copy again)."""
-    if x.dim() != 2 or scale.numel() != 1:
-        raise ValueError(f"quantize_transposed needs x [R, C] and one scale; got "
-                         f"{tuple(x.shape)} and {tuple(scale.shape)}")
+    _check_one_scale(x, scale)
     if x.stride(-1) != 1:
         x = x.contiguous()
     (r, c), p = x.shape, rows.shape[0]
